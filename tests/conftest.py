@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny synthetic data so unit tests never download anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad.data.datasets import FewShotDataset
+
+
+def real_data_dir() -> Path | None:
+    """The folder holding the real ``omniglot/`` archives: ``$METAGRAD_DATA``, else ``../shared/data``."""
+    candidates = []
+    if os.environ.get("METAGRAD_DATA"):
+        candidates.append(Path(os.environ["METAGRAD_DATA"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    for path in candidates:
+        if (path / "omniglot").is_dir():
+            return path
+    return None
+
+
+@pytest.fixture
+def tiny_dataset() -> FewShotDataset:
+    """10 classes x 20 images of 1x8x8 random uint8 pixels."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 20, 1, 8, 8), dtype=torch.uint8, generator=g)
+    return FewShotDataset("tiny", "train", images, [f"class{i}" for i in range(10)])
