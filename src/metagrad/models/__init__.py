@@ -1,0 +1,51 @@
+"""The standard few-shot networks and a name -> constructor registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from metagrad.errors import ConfigError
+from metagrad.models.conv4 import MiniImagenetCNN, OmniglotCNN, OmniglotFC
+from metagrad.models.layers import BatchNorm
+
+__all__ = [
+    "HEAD_PREFIX", "MODELS", "BatchNorm", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "build_model",
+]
+
+HEAD_PREFIX = "classifier."
+"""Names of head (last linear layer) parameters start with this; ANIL's inner loop adapts only these."""
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "omniglot-cnn": OmniglotCNN,
+    "omniglot-fc": OmniglotFC,
+    "mini-imagenet-cnn": MiniImagenetCNN,
+}
+"""Model name -> constructor taking ``ways`` first."""
+
+
+def build_model(name: str, ways: int, **kwargs: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: one of ``MODELS`` ("omniglot-cnn", "omniglot-fc", "mini-imagenet-cnn").
+        ways: number of classes the head outputs.
+        **kwargs: passed to the constructor (e.g. ``hidden_size``, ``layers``, ``strided``).
+
+    Returns:
+        The model, initialized from torch's global generator.
+
+    Raises:
+        ConfigError: unknown name (the message lists the valid ones) or bad constructor arguments.
+
+    Example:
+        >>> model = build_model("omniglot-cnn", ways=5, strided=True)
+    """
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](ways, **kwargs)
+    except TypeError as err:  # an option the constructor does not take
+        raise ConfigError(f"model {name!r}: {err}") from err
