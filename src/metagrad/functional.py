@@ -1,0 +1,179 @@
+"""The pure core: run a model with given parameters, take inner-loop gradient steps.
+
+Parameters and buffers are dicts keyed by ``named_parameters()`` / ``named_buffers()`` names, and no
+function here reads or writes the module's own tensors: a module only supplies the computation.
+Every function returns new dicts and never mutates its inputs.
+
+Two ways to take the inner gradient, chosen by ``under_vmap``:
+
+* ``under_vmap=False`` (the per-task reference path): ``torch.autograd.grad`` with
+  ``create_graph=not first_order``.
+* ``under_vmap=True`` (inside ``torch.func.vmap`` over tasks): ``torch.func.grad``, because
+  ``torch.autograd.grad`` cannot differentiate through vmap's batched tensors. ``torch.func.grad`` always
+  returns gradients that the enclosing autograd can differentiate again (second order); first order
+  detaches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagrad.types import Buffers, Params
+
+__all__ = ["adapt", "forward_with", "inner_step", "sgd_step", "support_loss"]
+
+
+def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
+    """Run ``model`` on ``x`` with the given parameters and buffers instead of its own.
+
+    Args:
+        model: supplies the computation only; its own tensors are not used for names in ``params``.
+        params: name -> tensor, as ``dict(model.named_parameters())``.
+        buffers: name -> tensor, as ``dict(model.named_buffers())`` (empty for the standard models).
+        x: (B, C, H, W) inputs (or whatever the model takes).
+
+    Returns:
+        The model's output, e.g. (B, ways) logits.
+    """
+    return torch.func.functional_call(model, (params, buffers), (x,))
+
+
+def support_loss(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of ``model`` run with ``params`` on ``x`` (B, ...) against labels ``y`` (B,)."""
+    return F.cross_entropy(forward_with(model, params, buffers, x), y)
+
+
+def sgd_step(params: Params, grads: Params, *, lr: float) -> Params:
+    """``p - lr * g`` for each name in ``grads``; the other parameters are returned unchanged (a new dict)."""
+    return {**params, **{k: params[k] - lr * g for k, g in grads.items()}}
+
+
+def _check_keys(params: Params, keys: Iterable[str] | None) -> list[str]:
+    if keys is None:
+        return list(params)
+    keys = list(keys)
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ValueError(f"keys {missing} are not parameter names; valid names include {sorted(params)[:4]}")
+    if not keys:
+        raise ValueError("keys is empty, so the inner loop would adapt nothing; pass None to adapt all")
+    return keys
+
+
+def inner_step(
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    x: Tensor,
+    y: Tensor,
+    *,
+    inner_lr: float,
+    first_order: bool = False,
+    keys: Iterable[str] | None = None,
+    under_vmap: bool = False,
+) -> Params:
+    """One gradient step on the cross-entropy of ``(x, y)``: ``p - inner_lr * grad`` for ``p`` in ``keys``.
+
+    Args:
+        model: supplies the computation.
+        params: current parameters; not modified.
+        buffers: buffers passed through to ``forward_with``.
+        x: (B, C, H, W) support inputs of one task.
+        y: (B,) int64 support labels.
+        inner_lr: the inner learning rate alpha.
+        first_order: detach the inner gradient (first-order MAML); otherwise keep its graph so the
+            meta-gradient includes the second-order term.
+        keys: names of the parameters to adapt (ANIL: the head's); None adapts all. The others are
+            returned unchanged (the same tensors).
+        under_vmap: True when called inside ``torch.func.vmap``; uses ``torch.func.grad``.
+
+    Returns:
+        A new dict holding every name of ``params``.
+
+    Raises:
+        ValueError: a name in ``keys`` is not in ``params``, or ``keys`` is empty.
+    """
+    keys = _check_keys(params, keys)
+    if under_vmap:
+        def loss_of(adapted: Params) -> Tensor:
+            return support_loss(model, {**params, **adapted}, buffers, x, y)
+
+        grads = torch.func.grad(loss_of)({k: params[k] for k in keys})
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        return sgd_step(params, grads, lr=inner_lr)
+
+    # The reference path. enable_grad and fresh leaves for constants let it run at test time too
+    # (under no_grad, or on detached parameters); they change nothing when params already require grad.
+    with torch.enable_grad():
+        leaves = {k: p if (p := params[k]).requires_grad else p.detach().requires_grad_() for k in keys}
+        loss = support_loss(model, {**params, **leaves}, buffers, x, y)
+        # create_graph keeps the gradient differentiable, so the outer loss sees d(grad)/d(params):
+        # that is the second-order term. First order drops it (the gradient is a constant).
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order)
+        return sgd_step({**params, **leaves}, dict(zip(keys, grads)), lr=inner_lr)
+
+
+def adapt(
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    inner_lr: float,
+    steps: int,
+    first_order: bool = False,
+    keys: Iterable[str] | None = None,
+    under_vmap: bool = False,
+) -> Params:
+    """Adapt ``params`` to one task with ``steps`` gradient steps on its support set (MAML's inner loop).
+
+    Pure: returns new parameters and never mutates ``params``. The result stays differentiable with
+    respect to ``params`` (through the inner gradients too unless ``first_order``), so a query loss
+    computed with it back-propagates the meta-gradient.
+
+    Args:
+        model: supplies the computation.
+        params: name -> tensor, the initialization being meta-learned.
+        buffers: name -> tensor, passed through.
+        support_x: (N*K, C, H, W) support images of one task.
+        support_y: (N*K,) int64 labels in [0, N).
+        inner_lr: inner learning rate alpha.
+        steps: number of inner gradient steps (0 returns the parameters unchanged).
+        first_order: first-order approximation (inner gradients detached).
+        keys: parameter names the inner loop adapts; None = all (MAML), the head's = ANIL.
+        under_vmap: True inside ``torch.func.vmap`` (see the module docstring).
+
+    Returns:
+        Adapted parameters: a new dict with every name of ``params``.
+
+    Raises:
+        ValueError: negative ``steps``, mismatched support shapes, or bad ``keys``.
+
+    Example:
+        >>> params = dict(model.named_parameters())
+        >>> fast = adapt(model, params, {}, sx, sy, inner_lr=0.4, steps=1)
+        >>> F.cross_entropy(forward_with(model, fast, {}, qx), qy).backward()  # meta-gradient in p.grad
+
+    References:
+        Finn et al. 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if support_x.shape[0] != support_y.shape[0]:
+        raise ValueError(
+            f"support_x has {support_x.shape[0]} samples but support_y has {support_y.shape[0]} labels"
+        )
+    keys = _check_keys(params, keys)
+    adapted = dict(params)
+    for _ in range(steps):
+        adapted = inner_step(
+            model, adapted, buffers, support_x, support_y,
+            inner_lr=inner_lr, first_order=first_order, keys=keys, under_vmap=under_vmap,
+        )
+    return adapted

@@ -1,0 +1,155 @@
+"""The pure core: forward_with, inner_step and adapt against hand-unrolled autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from metagrad.functional import adapt, forward_with, inner_step, sgd_step
+from metagrad.models import OmniglotFC
+from metagrad.types import Params
+
+
+def _model() -> OmniglotFC:
+    torch.manual_seed(0)
+    return OmniglotFC(3, input_size=16, sizes=(8, 6)).double()
+
+
+def _task(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(6, 1, 4, 4, generator=g, dtype=torch.float64), torch.arange(3).repeat_interleave(2)
+
+
+def _by_hand(model: OmniglotFC, params: Params, x: torch.Tensor, y: torch.Tensor, *, lr: float, steps: int,
+             first_order: bool) -> Params:
+    fast = dict(params)
+    for _ in range(steps):
+        loss = F.cross_entropy(torch.func.functional_call(model, fast, (x,)), y)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+        if first_order:
+            grads = tuple(g.detach() for g in grads)
+        fast = {k: p - lr * g for (k, p), g in zip(fast.items(), grads)}
+    return fast
+
+
+def test_forward_with_uses_the_given_params() -> None:
+    model = _model()
+    x, _ = _task()
+    params = dict(model.named_parameters())
+    assert_close(forward_with(model, params, {}, x), model(x))
+    doubled = {k: 2 * v for k, v in params.items()}
+    other = _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(2)
+    assert_close(forward_with(model, doubled, {}, x), other(x))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_adapt_matches_unrolled_autograd(first_order: bool, steps: int) -> None:
+    model = _model()
+    params = dict(model.named_parameters())
+    x, y = _task()
+    ours = adapt(model, params, {}, x, y, inner_lr=0.5, steps=steps, first_order=first_order)
+    expected = _by_hand(model, params, x, y, lr=0.5, steps=steps, first_order=first_order)
+    assert ours.keys() == params.keys()
+    for k in params:
+        assert_close(ours[k], expected[k])
+    # Same meta-gradient of a function of the adapted parameters.
+    qx, qy = _task(seed=2)
+    meta = [torch.autograd.grad(F.cross_entropy(forward_with(model, fast, {}, qx), qy), list(params.values()))
+            for fast in (ours, expected)]
+    for a, b in zip(*meta):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_adapt_under_vmap_matches_per_task(first_order: bool) -> None:
+    model = _model()
+    params = dict(model.named_parameters())
+    xs = torch.stack([_task(s)[0] for s in range(3)])  # (T, B, C, H, W)
+    ys = torch.stack([_task(s)[1] for s in range(3)])
+    qx, qy = _task(seed=9)
+
+    def query_loss(x: torch.Tensor, y: torch.Tensor, under_vmap: bool) -> torch.Tensor:
+        fast = adapt(model, params, {}, x, y, inner_lr=0.5, steps=2, first_order=first_order,
+                     under_vmap=under_vmap)
+        return F.cross_entropy(forward_with(model, fast, {}, qx), qy)
+
+    vmapped = torch.func.vmap(lambda x, y: query_loss(x, y, True))(xs, ys)
+    looped = torch.stack([query_loss(x, y, False) for x, y in zip(xs, ys)])
+    assert_close(vmapped, looped)
+    for a, b in zip(torch.autograd.grad(vmapped.sum(), list(params.values())),
+                    torch.autograd.grad(looped.sum(), list(params.values()))):
+        assert_close(a, b)
+
+
+def test_adapt_is_pure() -> None:
+    model = _model()
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    identity = {k: id(v) for k, v in params.items()}
+    x, y = _task()
+    x_before = x.clone()
+    adapted = adapt(model, params, {}, x, y, inner_lr=0.5, steps=2)
+    assert adapted is not params
+    assert {k: id(v) for k, v in params.items()} == identity
+    for k, v in params.items():
+        assert_close(v.detach(), before[k])
+        assert v.grad is None
+        assert not torch.equal(adapted[k], v) or k.endswith(".bias")
+    assert_close(x, x_before)
+    for k, v in model.named_parameters():
+        assert_close(v.detach(), before[k])
+
+
+def test_adapt_keys_and_zero_steps() -> None:
+    model = _model()
+    params = dict(model.named_parameters())
+    x, y = _task()
+    head = ["classifier.weight", "classifier.bias"]
+    adapted = adapt(model, params, {}, x, y, inner_lr=0.5, steps=2, keys=head)
+    for k in params:
+        assert (adapted[k] is params[k]) == (k not in head)
+    same = adapt(model, params, {}, x, y, inner_lr=0.5, steps=0)
+    assert same == params and same is not params
+
+
+def test_adapt_at_test_time_without_grad() -> None:
+    model = _model()
+    detached = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _task()
+    with torch.no_grad():
+        adapted = adapt(model, detached, {}, x, y, inner_lr=0.5, steps=2, first_order=True)
+    expected = adapt(model, dict(model.named_parameters()), {}, x, y, inner_lr=0.5, steps=2)
+    for k in detached:
+        assert_close(adapted[k].detach(), expected[k].detach())
+
+
+def test_inner_step_and_sgd_step() -> None:
+    model = _model()
+    params = dict(model.named_parameters())
+    x, y = _task()
+    one = inner_step(model, params, {}, x, y, inner_lr=0.5)
+    assert_close(one, adapt(model, params, {}, x, y, inner_lr=0.5, steps=1))
+    grads = {"classifier.bias": torch.ones(3, dtype=torch.float64)}
+    stepped = sgd_step(params, grads, lr=0.1)
+    assert_close(stepped["classifier.bias"], params["classifier.bias"] - 0.1)
+    assert stepped["classifier.weight"] is params["classifier.weight"]
+
+
+def test_errors() -> None:
+    model = _model()
+    params = dict(model.named_parameters())
+    x, y = _task()
+    with pytest.raises(ValueError, match="steps"):
+        adapt(model, params, {}, x, y, inner_lr=0.5, steps=-1)
+    with pytest.raises(ValueError, match="labels"):
+        adapt(model, params, {}, x, y[:-1], inner_lr=0.5, steps=1)
+    with pytest.raises(ValueError, match="not parameter names"):
+        adapt(model, params, {}, x, y, inner_lr=0.5, steps=1, keys=["head.weight"])
+    with pytest.raises(ValueError, match="empty"):
+        adapt(model, params, {}, x, y, inner_lr=0.5, steps=1, keys=[])
