@@ -1,11 +1,38 @@
-"""Few-shot datasets: classes x samples image tensors, plus a name -> constructor registry."""
+"""Few-shot datasets: classes x samples image tensors, plus a name -> loader registry.
+
+Entry points: :func:`load_dataset` (one split as a :class:`FewShotDataset`), :func:`dataset_info`
+(the facts ``metagrad data info`` prints) and :func:`download`. Data comes from ``data_dir``
+(:func:`resolve_data_dir`); decoded tensors are cached in ``cache_dir`` (:func:`resolve_cache_dir`),
+so the data folder may be read-only. Each dataset's module documents its formats, class order and splits:
+:mod:`metagrad.data.omniglot`, :mod:`metagrad.data.miniimagenet`.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from metagrad.data import miniimagenet, omniglot
+from metagrad.errors import ConfigError, DataError
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "FewShotDataset",
+    "dataset_info",
+    "download",
+    "load_dataset",
+    "resolve_cache_dir",
+    "resolve_data_dir",
+]
+
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -43,3 +70,168 @@ class FewShotDataset:
     def image_shape(self) -> tuple[int, int, int]:
         c, h, w = self.images.shape[2:]
         return (c, h, w)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How to find, load, describe and download one dataset."""
+
+    find_root: Callable[[Path], Path]
+    load_split: Callable[..., tuple[Tensor, list[str]]]  # (root, split, cache_dir, **options)
+    info: Callable[..., dict]  # (root, cache_dir, **options)
+    download: Callable[[Path], Path] | None
+    options: dict[str, tuple[Any, ...]]  # option name -> allowed values
+
+
+DATASETS: dict[str, _Spec] = {
+    "omniglot": _Spec(
+        find_root=omniglot.find_root,
+        load_split=omniglot.load_split,
+        info=omniglot.info,
+        download=omniglot.download,
+        options={"split_scheme": omniglot.SPLIT_SCHEMES, "rotations": (True, False)},
+    ),
+    "mini-imagenet": _Spec(
+        find_root=miniimagenet.find_root,
+        load_split=miniimagenet.load_split,
+        info=miniimagenet.info,
+        download=None,
+        options={"split_scheme": ("ravi",)},  # Ravi & Larochelle's 64/16/20, the only one in use
+    ),
+}
+"""Dataset name -> how to load it. ``name in DATASETS`` checks a name."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data folder: ``data_dir``, else ``$METAGRAD_DATA``, else ``$XDG_DATA_HOME/metagrad``
+    (``~/.local/share/metagrad`` when ``XDG_DATA_HOME`` is unset).
+
+    Each dataset lives in a subfolder (``omniglot/``, ``mini-imagenet/``).
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    if os.environ.get("METAGRAD_DATA"):
+        return Path(os.environ["METAGRAD_DATA"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "metagrad"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder: ``cache_dir``, else ``$METAGRAD_CACHE``, else ``$XDG_CACHE_HOME/metagrad``
+    (``~/.cache/metagrad`` when ``XDG_CACHE_HOME`` is unset)."""
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    if os.environ.get("METAGRAD_CACHE"):
+        return Path(os.environ["METAGRAD_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "metagrad"
+
+
+def _spec(name: str) -> _Spec:
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _check_options(name: str, spec: _Spec, options: dict[str, Any]) -> None:
+    for key, value in options.items():
+        if key not in spec.options:
+            valid = ", ".join(spec.options) or "none"
+            raise ConfigError(f"dataset {name!r} has no option {key!r}; its options: {valid}")
+        allowed = spec.options[key]
+        # bool is an int subclass and 1 == True: compare types too, so rotations=1 is refused
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(
+                f"{name} option {key}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}"
+            )
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    **options: Any,
+) -> FewShotDataset:
+    """Load one split of a dataset as a single uint8 tensor, decoding (once) and caching as needed.
+
+    Args:
+        name: a key of :data:`DATASETS`: ``"omniglot"`` or ``"mini-imagenet"``.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        data_dir: folder holding ``omniglot/`` or ``mini-imagenet/``; see :func:`resolve_data_dir`.
+        cache_dir: folder for decoded caches; see :func:`resolve_cache_dir`.
+        download: fetch missing files when the dataset has an official download (Omniglot only).
+        **options: Omniglot: ``split_scheme="maml"`` (1100/100/423 characters) or ``"vinyals"``
+            (1028/172/423), and ``rotations=True`` (each 90-degree rotation is its own class: 4x the
+            classes). Mini-ImageNet: ``split_scheme="ravi"`` (64/16/20, the only choice).
+
+    Returns:
+        A :class:`FewShotDataset` with ``images`` (classes, images_per_class, C, H, W) uint8:
+        Omniglot (4400 | 400 | 1692, 20, 1, 28, 28) with rotations, ink = 255;
+        Mini-ImageNet (64 | 16 | 20, 600, 3, 84, 84) RGB.
+
+    Raises:
+        ConfigError: unknown dataset, split or option.
+        DataError: missing, corrupt or incomplete data (the message says how to get it).
+
+    Example:
+        >>> train = load_dataset("omniglot", "train", data_dir="data")  # doctest: +SKIP
+        >>> train.images.shape
+        torch.Size([4400, 20, 1, 28, 28])
+    """
+    spec = _spec(name)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r} for {name}; valid splits: {', '.join(SPLITS)}")
+    _check_options(name, spec, options)
+    data_root = resolve_data_dir(data_dir)
+    if download and spec.download is not None:
+        root = spec.download(data_root)  # fetches only what is missing
+    else:
+        root = spec.find_root(data_root)
+    images, class_names = spec.load_split(root, split, resolve_cache_dir(cache_dir), **options)
+    return FewShotDataset(name, split, images, class_names)
+
+
+def dataset_info(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> dict:
+    """The facts ``metagrad data info`` prints. Never downloads.
+
+    Returns:
+        A JSON-ready dict: ``{"dataset": name, "image_shape": [C, H, W], "splits": {"train":
+        {"classes": n, "images_per_class": k}, "validation": {...}, "test": {...}}, "root": ..., ...}``.
+        Omniglot counts characters before rotation (1100 / 100 / 423 with the default split) and reads
+        only the file listing; Mini-ImageNet loads each split (building its cache if needed).
+
+    Raises:
+        ConfigError: unknown dataset or option.
+        DataError: missing, corrupt or incomplete data.
+    """
+    spec = _spec(name)
+    _check_options(name, spec, options)
+    options.pop("rotations", None)  # counts are before rotation either way
+    return spec.info(spec.find_root(resolve_data_dir(data_dir)), resolve_cache_dir(cache_dir), **options)
+
+
+def download(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Fetch a dataset's missing files into ``data_dir`` and verify them; return the dataset folder.
+
+    Raises:
+        ConfigError: unknown dataset.
+        DataError: the dataset has no official download (Mini-ImageNet: the message says where the files
+            come from), no network, or a checksum mismatch.
+    """
+    spec = _spec(name)
+    data_root = resolve_data_dir(data_dir)
+    if spec.download is None:
+        root = spec.find_root(data_root)
+        raise DataError(f"{name} cannot be downloaded automatically. {miniimagenet.sources_hint(root)}")
+    root = spec.download(data_root)
+    spec.info(root, resolve_cache_dir(None))  # validate what is there now (layout and counts)
+    return root

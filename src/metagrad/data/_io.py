@@ -1,0 +1,232 @@
+"""File plumbing shared by the dataset readers: atomic writes, cache files, downloads, safety checks.
+
+Nothing here knows about a particular dataset. Every failure a user can fix becomes a
+:class:`~metagrad.errors.DataError` whose message names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from metagrad.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+"""Bump when the decoded tensors change (resize, inversion, class order): old caches then go stale."""
+
+
+def show_progress() -> bool:
+    """Progress bars only for a person watching: stderr must be a terminal."""
+    return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    A reader never sees a half-written file: the rename (``os.replace``) is atomic on one file system,
+    and an interrupted writer leaves only a hidden ``.<name>.*.part`` file that nothing reads.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE_FORMAT_VERSION) -> str:
+    """A hex digest of file names, sizes and modification times, plus the cache format version.
+
+    Args:
+        files: ``(name, stat)`` pairs; names should be relative so a moved data folder keeps its cache.
+        version: cache format version, mixed in so a format change invalidates old caches.
+    """
+    digest = hashlib.sha256(f"metagrad-cache-v{version}\n".encode())
+    for name, st in sorted(files, key=lambda item: item[0]):
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """Read a cache file written by :func:`save_cache`; ``None`` when absent, stale or corrupt.
+
+    Loading uses ``torch.load(weights_only=True)``, which admits only tensors and plain containers,
+    so a tampered cache cannot run code. A corrupt or stale file is reported once and rebuilt.
+    """
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to read means "rebuild", never "crash"
+        logger.warning("cache %s is unreadable (%s); rebuilding it", path, exc)
+        return None
+    if not isinstance(payload, dict) or payload.get("key") != key or payload.get("version") != CACHE_FORMAT_VERSION:
+        logger.warning("cache %s does not match its source files; rebuilding it", path)
+        return None
+    return payload
+
+
+def save_cache(path: Path, key: str, **tensors_and_lists: Any) -> None:
+    """Write ``{"key", "version", **tensors_and_lists}`` atomically; warn (not fail) if the folder is read-only."""
+    payload = {"key": key, "version": CACHE_FORMAT_VERSION, **tensors_and_lists}
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(payload, tmp)
+    except OSError as exc:
+        logger.warning(
+            "could not write the cache %s (%s); the data will be decoded again next time. "
+            "Pass a writable cache_dir (--cache-dir or $METAGRAD_CACHE) to keep it.", path, exc,
+        )
+
+
+def check_member_name(name: str, archive: Path) -> list[str]:
+    """The parts of archive entry ``name``; refuse absolute paths and ``..`` (zip slip) with a DataError."""
+    normalized = name.replace("\\", "/")
+    parts = [p for p in normalized.split("/") if p not in ("", ".")]
+    if normalized.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
+        raise DataError(
+            f"{archive} has an unsafe entry {name!r} (an absolute path or '..' could write outside the data "
+            "folder); refusing to read it. Get the archive again from its official source."
+        )
+    return parts
+
+
+def looks_like_html(head: bytes) -> bool:
+    """True when the first bytes of a file are an HTML page (a failed download saved under the data's name)."""
+    text = head.lstrip().lower()
+    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<!--"))
+
+
+def read_head(path: Path, size: int = 512) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` through a temporary file, verify its MD5, then rename it into place.
+
+    Args:
+        url: where to fetch from.
+        dest: final path; it appears only once the download is complete and verified.
+        md5: expected hex digest of the file.
+        manual_hint: appended to every error: how to get the file by hand.
+        timeout: seconds to wait for the server to answer.
+
+    Raises:
+        DataError: no network, a server error, a checksum mismatch, or an unwritable folder.
+    """
+    logger.info("downloading %s to %s", url, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(dest) as tmp:
+            digest = hashlib.md5()
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress()) as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+            if digest.hexdigest() != md5:
+                raise DataError(
+                    f"the download of {url} has MD5 {digest.hexdigest()}, expected {md5} "
+                    f"(truncated or altered); nothing was saved. {manual_hint}"
+                )
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(f"could not download {url} ({reason}). {manual_hint}") from None
+    except OSError as exc:
+        raise DataError(f"could not save {dest} ({exc.strerror or exc}). {manual_hint}") from None
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Restricted unpickling: numpy arrays and plain containers only.
+
+def _numpy_global(module: str, name: str) -> Any:
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 moved numpy.core to numpy._core
+    return getattr(getattr(core, module), name)
+
+
+# module, name -> how to get the object. numpy 1.x pickles say "numpy.core", numpy 2.x "numpy._core".
+_SAFE_GLOBALS = {
+    **{
+        (f"{prefix}.multiarray", name): ("multiarray", name)
+        for prefix in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")
+    },
+    **{(f"{prefix}.numeric", "_frombuffer"): ("numeric", "_frombuffer") for prefix in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): None,
+    ("numpy", "dtype"): None,
+    ("_codecs", "encode"): None,  # protocol-2 pickles store bytes as _codecs.encode(str, "latin1")
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays, dicts, lists, strings and numbers, and nothing else.
+
+    ``pickle.load`` would call any importable function a file names (``os.system`` included). This
+    unpickler resolves only numpy's array-reconstruction helpers, ``numpy.ndarray``, ``numpy.dtype``
+    and ``_codecs.encode``; any other global raises :class:`DataError` before anything is called.
+    """
+
+    def __init__(self, file: BinaryIO, source: Path) -> None:
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise DataError(
+                f"{self._source} contains a pickled '{module}.{name}', which is not a numpy array or "
+                "plain container; refusing to load it (unpickling it could run arbitrary code). "
+                "Use a file with only numpy arrays and plain dicts/lists, from a source you trust."
+            )
+        target = _SAFE_GLOBALS[(module, name)]
+        if target is not None:
+            return _numpy_global(*target)
+        if module == "numpy":
+            return getattr(np, name)
+        return super().find_class(module, name)
+
+
+def restricted_load(path: Path) -> Any:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler`, turning every failure into a clear DataError."""
+    head = read_head(path)
+    if not head:
+        raise DataError(f"{path} is empty (an interrupted download?); delete it and get the file again.")
+    if looks_like_html(head):
+        raise DataError(
+            f"{path} is an HTML page, not a pickle: the download link returned a web page (Google Drive "
+            "and Dropbox do this for large files). Delete it and download the file again by hand."
+        )
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f, path).load()
+    except DataError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path} is not a readable pickle ({type(exc).__name__}: {exc}); it is probably truncated or "
+            "corrupt. Delete it and get the file again."
+        ) from None
