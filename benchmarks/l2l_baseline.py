@@ -37,24 +37,30 @@ from typing import Any
 
 import torch
 
-# The standard configurations. compare_learn2learn.py passes the same numbers to metagrad's bench.
-# image_shape follows from the model: Omniglot 1x28x28, Mini-ImageNet 3x84x84.
+# The standard configurations of the speed comparison. "preset" is the metagrad preset with these shapes;
+# compare_learn2learn.py runs `metagrad bench --preset` on it and checks that the shapes agree.
+# The image shape follows from the model: Omniglot 1x28x28, Mini-ImageNet 3x84x84.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "a": dict(description="Omniglot MAML 5-way 1-shot, meta-batch 32, 1 step, second order",
-              algorithm="maml", model="omniglot-cnn", ways=5, shots=1, query_shots=1,
-              meta_batch_size=32, inner_steps=1, inner_lr=0.4, first_order=False),
-    "a-fo": dict(description="Omniglot MAML 5-way 1-shot, meta-batch 32, 1 step, first order",
-                 algorithm="maml", model="omniglot-cnn", ways=5, shots=1, query_shots=1,
-                 meta_batch_size=32, inner_steps=1, inner_lr=0.4, first_order=True),
-    "b": dict(description="Omniglot MAML 20-way 1-shot, meta-batch 16, 5 steps, second order",
-              algorithm="maml", model="omniglot-cnn", ways=20, shots=1, query_shots=1,
-              meta_batch_size=16, inner_steps=5, inner_lr=0.1, first_order=False),
-    "c": dict(description="Omniglot ANIL 5-way 1-shot, meta-batch 32, 1 step, second order",
-              algorithm="anil", model="omniglot-cnn", ways=5, shots=1, query_shots=1,
-              meta_batch_size=32, inner_steps=1, inner_lr=0.4, first_order=False),
-    "d": dict(description="Mini-ImageNet MAML 5-way 1-shot, 15 queries, meta-batch 4, 5 steps, 32 filters",
-              algorithm="maml", model="mini-imagenet-cnn", ways=5, shots=1, query_shots=15,
-              meta_batch_size=4, inner_steps=5, inner_lr=0.01, first_order=False),
+    "a": {"description": "Omniglot MAML 5-way 1-shot, meta-batch 32, 1 step, second order",
+          "preset": "omniglot-maml-5w1s", "algorithm": "maml", "model": "omniglot-cnn",
+          "ways": 5, "shots": 1, "query_shots": 1, "meta_batch_size": 32, "inner_steps": 1,
+          "inner_lr": 0.4, "first_order": False},
+    "a-fo": {"description": "Omniglot MAML 5-way 1-shot, meta-batch 32, 1 step, first order",
+             "preset": "omniglot-fomaml-5w1s", "algorithm": "maml", "model": "omniglot-cnn",
+             "ways": 5, "shots": 1, "query_shots": 1, "meta_batch_size": 32, "inner_steps": 1,
+             "inner_lr": 0.4, "first_order": True},
+    "b": {"description": "Omniglot MAML 20-way 1-shot, meta-batch 16, 5 steps, second order",
+          "preset": "omniglot-maml-20w1s", "algorithm": "maml", "model": "omniglot-cnn",
+          "ways": 20, "shots": 1, "query_shots": 1, "meta_batch_size": 16, "inner_steps": 5,
+          "inner_lr": 0.1, "first_order": False},
+    "c": {"description": "Omniglot ANIL 5-way 1-shot, meta-batch 32, 1 step, second order",
+          "preset": "omniglot-anil-5w1s", "algorithm": "anil", "model": "omniglot-cnn",
+          "ways": 5, "shots": 1, "query_shots": 1, "meta_batch_size": 32, "inner_steps": 1,
+          "inner_lr": 0.4, "first_order": False},
+    "d": {"description": "Mini-ImageNet MAML 5-way 1-shot, 15 queries, meta-batch 4, 5 steps, 32 filters",
+          "preset": "mini-imagenet-maml-5w1s", "algorithm": "maml", "model": "mini-imagenet-cnn",
+          "ways": 5, "shots": 1, "query_shots": 15, "meta_batch_size": 4, "inner_steps": 5,
+          "inner_lr": 0.01, "first_order": False},
 }
 
 IMAGE_SHAPES = {"omniglot-cnn": (1, 28, 28), "mini-imagenet-cnn": (3, 84, 84)}

@@ -1,0 +1,55 @@
+"""metagrad.bench: a tiny config runs end to end and reports the documented fields (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from metagrad.bench import run_bench
+from metagrad.errors import ConfigError
+from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig, RunConfig
+
+REQUIRED = ("sec_per_iter", "tasks_per_sec", "peak_mem_mb")
+
+
+def tiny_config(algorithm: str = "maml") -> Config:
+    return Config(
+        preset="tiny",
+        data=DataConfig(dataset="omniglot", ways=2, shots=1, query_shots=1),
+        model=ModelConfig(name="omniglot-cnn", hidden_size=4),
+        meta=MetaConfig(algorithm=algorithm, inner_steps=1, meta_batch_size=2),
+        run=RunConfig(device="cpu"),
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil"])
+def test_run_bench_reports_fields(algorithm: str) -> None:
+    result = run_bench(tiny_config(algorithm), iterations=2, warmup=1, report=False)
+    for key in REQUIRED + ("gflop_per_iter", "gflops", "matmul_gflops", "peak_fraction"):
+        assert result[key] > 0, key
+    assert len(result["times"]) == 2
+    assert result["tasks_per_sec"] == pytest.approx(2 / result["sec_per_iter"])
+    assert (result["algorithm"], result["ways"], result["meta_batch_size"]) == (algorithm, 2, 2)
+    assert result["first_order"] == (algorithm == "fomaml")
+
+
+def test_json_output_is_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    run_bench(tiny_config(), iterations=1, warmup=0, json_output=True, count_flops=False)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert all(key in result for key in REQUIRED)
+    assert result["gflops"] is None
+
+
+def test_rejects_no_iterations() -> None:
+    with pytest.raises(ConfigError, match="iterations"):
+        run_bench(tiny_config(), iterations=0)
+
+
+def test_rejects_unknown_dataset_shape() -> None:
+    config = tiny_config()
+    config = replace(config, data=replace(config.data, dataset="tiny"))
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        run_bench(config, iterations=1, report=False)
