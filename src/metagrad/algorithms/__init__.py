@@ -1,0 +1,18 @@
+"""Meta-learning algorithms (MAML, first-order MAML, ANIL) over a meta-batch of tasks."""
+
+from metagrad.algorithms.anil import anil_task_loss
+from metagrad.algorithms.maml import maml_task_loss
+from metagrad.algorithms.meta_batch import (
+    ALGORITHMS,
+    Algorithm,
+    MetaBatchOutput,
+    evaluate,
+    meta_batch_loss,
+    meta_train_step,
+    task_losses,
+)
+
+__all__ = [
+    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "evaluate", "maml_task_loss",
+    "meta_batch_loss", "meta_train_step", "task_losses",
+]

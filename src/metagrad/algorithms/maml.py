@@ -1,0 +1,69 @@
+"""MAML and first-order MAML: adapt every parameter on the support set, score the query set.
+
+The per-task loss below is all of MAML; ``metagrad.algorithms.meta_batch_loss`` averages it over a
+meta-batch, vmapped over tasks or looped. First-order MAML is the same function with
+``first_order=True`` (inner gradients detached).
+
+References:
+    Finn et al. 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagrad.functional import adapt, forward_with
+from metagrad.types import Buffers, Params
+
+__all__ = ["accuracy", "maml_task_loss"]
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of ``labels`` (B,) that ``logits`` (B, N) rank first, as a float scalar tensor."""
+    return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
+
+
+def maml_task_loss(
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool = False,
+    keys: Iterable[str] | None = None,
+    under_vmap: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Query loss and accuracy of one task after adapting ``params`` on its support set.
+
+    Args:
+        model: supplies the computation (its own tensors are not used).
+        params: name -> tensor, the meta-learned initialization.
+        buffers: name -> tensor, passed through.
+        support_x: (N*K, C, H, W) support images.
+        support_y: (N*K,) int64 labels in [0, N).
+        query_x: (N*Q, C, H, W) query images.
+        query_y: (N*Q,) int64 labels.
+        inner_lr: inner learning rate alpha.
+        inner_steps: inner gradient steps.
+        first_order: detach the inner gradients (first-order MAML).
+        keys: parameter names the inner loop adapts; None = all.
+        under_vmap: True when vmapped over tasks (``torch.func.grad`` in the inner loop).
+
+    Returns:
+        ``(query_loss, query_acc)``: scalar mean cross-entropy, differentiable w.r.t. ``params``,
+        and scalar accuracy.
+    """
+    adapted = adapt(
+        model, params, buffers, support_x, support_y,
+        inner_lr=inner_lr, steps=inner_steps, first_order=first_order, keys=keys, under_vmap=under_vmap,
+    )
+    logits = forward_with(model, adapted, buffers, query_x)  # (N*Q, N)
+    return F.cross_entropy(logits, query_y), accuracy(logits, query_y)

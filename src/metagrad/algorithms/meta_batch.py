@@ -1,0 +1,270 @@
+"""A meta-batch of tasks as one computation: the meta-training loss, evaluation and the outer step.
+
+``meta_batch_loss`` evaluates an algorithm's per-task loss on every task of an ``Episode`` in one of
+two ways behind the ``vectorize`` flag:
+
+* ``vectorize=True``: ``torch.func.vmap`` over the task dimension, the inner gradients taken with
+  ``torch.func.grad``. While the weights are shared by all tasks (the body in ANIL, the first inner
+  forward in MAML) vmap runs each layer as one ordinary batch of all tasks' images; BatchNorm still
+  normalizes each task with its own statistics because its mean and variance are vmapped per task.
+* ``vectorize=False``: a plain Python loop over tasks with ``torch.autograd.grad``, kept as the
+  reference the tests compare the vectorized path against.
+
+Faster paths that exploit more structure can replace ``_vectorized`` behind the same interface; the
+exactness tests in ``tests/algorithms`` must pass on each.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from metagrad.algorithms.anil import anil_task_loss
+from metagrad.algorithms.maml import maml_task_loss
+from metagrad.errors import ConfigError, TrainingError
+from metagrad.types import Buffers, Episode, Params
+
+__all__ = [
+    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "evaluate", "meta_batch_loss", "meta_train_step",
+    "task_losses",
+]
+
+logger = logging.getLogger(__name__)
+
+TaskLoss = Callable[..., tuple[Tensor, Tensor]]
+"""``f(model, params, buffers, support_x, support_y, query_x, query_y, *, inner_lr, inner_steps,
+first_order, under_vmap) -> (query_loss, query_acc)`` for one task."""
+
+VMAP_RANDOMNESS = "different"
+"""vmap's randomness mode: each task draws its own random numbers, as independent tasks would (e.g.
+different dropout masks). The standard models use no randomness; a model that does gets different
+draws from the per-task loop, so the two paths then agree only in distribution."""
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered meta-learning algorithm.
+
+    Attributes:
+        task_loss: the per-task loss (see ``TaskLoss``).
+        first_order: True if the algorithm is first order whatever the caller asks ("fomaml").
+    """
+
+    task_loss: TaskLoss
+    first_order: bool = False
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "maml": Algorithm(maml_task_loss),
+    "fomaml": Algorithm(maml_task_loss, first_order=True),
+    "anil": Algorithm(anil_task_loss),
+}
+"""Algorithm name -> definition: "maml" (second order unless asked otherwise), "fomaml", "anil"."""
+
+
+@dataclass(frozen=True)
+class MetaBatchOutput:
+    """The result of ``meta_batch_loss`` on a meta-batch of T tasks.
+
+    Attributes:
+        loss: scalar mean query loss over the tasks, differentiable w.r.t. the params it was given.
+        task_losses: (T,) detached query loss of each task.
+        task_accs: (T,) detached query accuracy of each task.
+    """
+
+    loss: Tensor
+    task_losses: Tensor
+    task_accs: Tensor
+
+
+def _resolve(algorithm: str, first_order: bool | None) -> tuple[Algorithm, bool]:
+    if algorithm not in ALGORITHMS:
+        valid = ", ".join(sorted(ALGORITHMS))
+        raise ConfigError(f"unknown algorithm {algorithm!r}; valid algorithms: {valid}")
+    spec = ALGORITHMS[algorithm]
+    return spec, spec.first_order or bool(first_order)
+
+
+def _check_episode(episode: Episode, inner_lr: float, inner_steps: int) -> None:
+    if inner_steps < 0:
+        raise ConfigError(f"inner_steps must be >= 0, got {inner_steps}")
+    if not math.isfinite(inner_lr) or inner_lr < 0:
+        raise ConfigError(f"inner_lr must be a finite non-negative number, got {inner_lr}")
+    sx, sy, qx, qy = episode.support_x, episode.support_y, episode.query_x, episode.query_y
+    if sx.dim() < 2 or sy.dim() != 2 or qy.dim() != 2 or sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape:
+        raise ValueError(
+            "episode must hold support_x (T, N*K, ...), support_y (T, N*K), query_x (T, N*Q, ...), "
+            f"query_y (T, N*Q); got {tuple(sx.shape)}, {tuple(sy.shape)}, {tuple(qx.shape)}, "
+            f"{tuple(qy.shape)}"
+        )
+    if episode.num_tasks == 0 or qx.shape[0] != sx.shape[0]:
+        raise ValueError(f"episode needs the same positive number of tasks in support and query, got "
+                         f"{sx.shape[0]} and {qx.shape[0]}")
+
+
+def _vectorized(task_loss: Callable[..., tuple[Tensor, Tensor]], episode: Episode) -> tuple[Tensor, Tensor]:
+    # Parameters are closed over, so vmap treats them as shared by all tasks (unbatched).
+    return torch.func.vmap(task_loss, randomness=VMAP_RANDOMNESS)(
+        episode.support_x, episode.support_y, episode.query_x, episode.query_y
+    )
+
+
+def _looped(task_loss: Callable[..., tuple[Tensor, Tensor]], episode: Episode) -> tuple[Tensor, Tensor]:
+    losses, accs = zip(*(task_loss(*episode.task(i)) for i in range(episode.num_tasks)))
+    return torch.stack(losses), torch.stack(accs)
+
+
+def task_losses(
+    algorithm: str,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool | None = None,
+    vectorize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-task query losses (T,) and accuracies (T,) of ``algorithm``, both still attached to the graph.
+
+    Arguments as for ``meta_batch_loss``.
+    """
+    spec, first_order = _resolve(algorithm, first_order)
+    _check_episode(episode, inner_lr, inner_steps)
+
+    def one_task(
+        support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return spec.task_loss(
+            model, params, buffers, support_x, support_y, query_x, query_y,
+            inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=vectorize,
+        )
+
+    return (_vectorized if vectorize else _looped)(one_task, episode)
+
+
+def meta_batch_loss(
+    algorithm: str,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool | None = None,
+    vectorize: bool = True,
+) -> MetaBatchOutput:
+    """The meta-training loss of a meta-batch: mean query loss after adapting to each task.
+
+    Args:
+        algorithm: a name in ``ALGORITHMS`` ("maml", "fomaml", "anil").
+        model: supplies the computation; pass its tensors as ``params``/``buffers``.
+        params: name -> tensor, usually ``dict(model.named_parameters())`` so that
+            ``out.loss.backward()`` fills the parameters' ``.grad`` with the meta-gradient.
+        buffers: name -> tensor, usually ``dict(model.named_buffers())`` (empty for the standard models).
+        episode: T tasks: support_x (T, N*K, C, H, W), support_y (T, N*K), query_x (T, N*Q, C, H, W),
+            query_y (T, N*Q).
+        inner_lr: inner learning rate alpha.
+        inner_steps: inner gradient steps per task.
+        first_order: True makes "maml" and "anil" first order (inner gradients detached); None or
+            False keeps their second-order meta-gradient. "fomaml" is first order whatever this says.
+        vectorize: vmap over tasks (fast path) or loop over them (reference path); same numbers.
+
+    Returns:
+        ``MetaBatchOutput(loss, task_losses, task_accs)``.
+
+    Raises:
+        ConfigError: unknown algorithm, negative ``inner_steps`` or ``inner_lr``.
+        ValueError: an episode whose tensors do not have the documented shapes.
+
+    Example:
+        >>> out = meta_batch_loss("maml", model, dict(model.named_parameters()), {}, episode,
+        ...                       inner_lr=0.4, inner_steps=1)
+        >>> out.loss.backward()
+    """
+    losses, accs = task_losses(
+        algorithm, model, params, buffers, episode,
+        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
+    )
+    return MetaBatchOutput(losses.mean(), losses.detach(), accs.detach())
+
+
+def evaluate(
+    algorithm: str,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    vectorize: bool = True,
+) -> Tensor:
+    """Query accuracy of each task after adaptation, keeping no meta-gradient graph.
+
+    The inner loop runs as in training (test-time ``inner_lr``/``inner_steps`` may differ: the MAML
+    paper adapts 10 steps at test). First- and second-order adaptation compute the same values, so
+    the cheaper first-order inner loop is used and nothing is kept for an outer backward.
+
+    Args:
+        algorithm, model, params, buffers, episode, inner_lr, inner_steps, vectorize: as for
+            ``meta_batch_loss``.
+
+    Returns:
+        (T,) detached query accuracies.
+    """
+    _resolve(algorithm, None)
+    params = {k: v.detach() for k, v in params.items()}
+    buffers = {k: v.detach() for k, v in buffers.items()}
+    with torch.no_grad():  # the inner loop re-enables what it needs (functional.inner_step)
+        _, accs = task_losses(
+            algorithm, model, params, buffers, episode,
+            inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, vectorize=vectorize,
+        )
+    return accs.detach()
+
+
+def meta_train_step(
+    algorithm: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool | None = None,
+    vectorize: bool = True,
+) -> MetaBatchOutput:
+    """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
+
+    The loss is the mean over tasks, so the gradient is the average of the tasks' query-loss gradients.
+    The optimizer (Adam with rate beta in the MAML paper) must hold ``model.parameters()``.
+
+    Args:
+        algorithm, episode, inner_lr, inner_steps, first_order, vectorize: as for ``meta_batch_loss``.
+        model: the meta-learned model; its parameters are updated in place by the optimizer.
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+
+    Returns:
+        The ``MetaBatchOutput`` of the step (computed before the update).
+
+    Raises:
+        TrainingError: the loss is NaN or infinite (the parameters are left unchanged).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    out = meta_batch_loss(
+        algorithm, model, dict(model.named_parameters()), dict(model.named_buffers()), episode,
+        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
+    )
+    if not torch.isfinite(out.loss):
+        raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
+    out.loss.backward()
+    optimizer.step()
+    return out

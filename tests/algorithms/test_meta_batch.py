@@ -1,0 +1,226 @@
+"""Meta-gradients of the vectorized and looped paths against an independent, hand-unrolled MAML."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from maml_reference import random_episode, reference_meta_gradient
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+from metagrad.algorithms import ALGORITHMS, MetaBatchOutput, evaluate, meta_batch_loss, meta_train_step
+from metagrad.errors import ConfigError, TrainingError
+from metagrad.models import HEAD_PREFIX, MiniImagenetCNN, OmniglotCNN, OmniglotFC
+from metagrad.types import Episode
+
+INNER_LR = 0.4
+HEAD = ["classifier.weight", "classifier.bias"]
+
+# name -> (model factory, image shape, tasks, ways, shots, query shots); small but real model classes.
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int, int]] = {
+    "omniglot-cnn": (lambda: OmniglotCNN(3, hidden_size=16), (1, 28, 28), 3, 3, 1, 2),
+    "omniglot-cnn-strided": (lambda: OmniglotCNN(3, hidden_size=16, strided=True), (1, 28, 28), 3, 3, 2, 1),
+    "omniglot-fc": (lambda: OmniglotFC(3), (1, 28, 28), 3, 3, 2, 2),
+    "mini-imagenet-cnn": (lambda: MiniImagenetCNN(2, hidden_size=8), (3, 84, 84), 2, 2, 1, 2),
+}
+
+
+def _setup(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor], Episode]:
+    factory, shape, tasks, ways, shots, query_shots = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().double()
+    episode = random_episode(tasks, ways, shots, query_shots, shape, seed=seed)
+    return model, dict(model.named_parameters()), episode
+
+
+def _reference(algorithm: str, model: nn.Module, params: dict[str, Tensor], episode: Episode, steps: int,
+               first_order: bool | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    # ANIL is MAML whose inner loop adapts only the head; FOMAML detaches the inner gradients.
+    return reference_meta_gradient(
+        model, params, episode, inner_lr=INNER_LR, inner_steps=steps,
+        first_order=bool(first_order) or algorithm == "fomaml", keys=HEAD if algorithm == "anil" else None,
+    )
+
+
+def _grads(out: MetaBatchOutput, params: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(out.loss, list(params.values()))
+
+
+def assert_grads_close(actual: tuple[Tensor, ...], expected: tuple[Tensor, ...]) -> None:
+    # Biases followed by BatchNorm have an exactly-zero gradient, so compare against the overall scale.
+    scale = max(g.abs().max().item() for g in expected)
+    for a, b in zip(actual, expected):
+        assert_close(a, b, rtol=1e-7, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", ["omniglot-cnn", "omniglot-fc"])
+def test_meta_gradient_matches_reference(name: str, algorithm: str, steps: int, vectorize: bool) -> None:
+    model, params, episode = _setup(name)
+    out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
+                          vectorize=vectorize)
+    loss, expected = _reference(algorithm, model, params, episode, steps)
+    assert_close(out.loss.detach(), loss)
+    assert out.task_losses.shape == out.task_accs.shape == (episode.num_tasks,)
+    assert not out.task_losses.requires_grad and not out.task_accs.requires_grad
+    assert_close(out.task_losses.mean(), loss)
+    assert_grads_close(_grads(out, params), expected)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", ["omniglot-cnn-strided", "mini-imagenet-cnn"])
+def test_meta_gradient_matches_reference_other_models(name: str, algorithm: str) -> None:
+    model, params, episode = _setup(name)
+    out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2)
+    assert_grads_close(_grads(out, params), _reference(algorithm, model, params, episode, 2)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", ["omniglot-cnn", "mini-imagenet-cnn"])
+def test_meta_gradient_full_size_models(name: str, algorithm: str) -> None:
+    torch.manual_seed(0)
+    model = (OmniglotCNN(5) if name == "omniglot-cnn" else MiniImagenetCNN(5)).double()
+    params = dict(model.named_parameters())
+    shape = (1, 28, 28) if name == "omniglot-cnn" else (3, 84, 84)
+    episode = random_episode(2, 5, 1, 2, shape)
+    for vectorize in (True, False):
+        out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=3,
+                              vectorize=vectorize)
+        assert_grads_close(_grads(out, params), _reference(algorithm, model, params, episode, 3)[1])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_second_order_matches_finite_differences(algorithm: str) -> None:
+    torch.manual_seed(0)
+    model = OmniglotCNN(3, hidden_size=4, layers=2).double()
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    episode = random_episode(2, 3, 2, 2, (1, 8, 8), seed=3)
+
+    def loss_at(p: dict[str, Tensor]) -> Tensor:
+        return meta_batch_loss(algorithm, model, p, {}, episode, inner_lr=INNER_LR, inner_steps=2).loss
+
+    grads = torch.autograd.grad(loss_at(params), list(params.values()))
+    g = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    for _ in range(3):
+        direction = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+        with torch.no_grad():
+            plus = loss_at({k: v + eps * direction[k] for k, v in params.items()})
+            minus = loss_at({k: v - eps * direction[k] for k, v in params.items()})
+        numeric = (plus - minus) / (2 * eps)
+        analytic = sum((gr * direction[k]).sum() for gr, k in zip(grads, params))
+        assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_first_order_differs_from_second_order(algorithm: str) -> None:
+    model, params, episode = _setup("omniglot-fc")
+    second_out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2)
+    second = _grads(second_out, params)
+    first_out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2,
+                                first_order=True)
+    first = _grads(first_out, params)
+    diff = max((a - b).abs().max().item() for a, b in zip(first, second))
+    assert diff > 1e-3 * max(g.abs().max().item() for g in second)
+    # ... and first order is exactly the computation with detached inner gradients.
+    assert_grads_close(first, _reference(algorithm, model, params, episode, 2, first_order=True)[1])
+    if algorithm == "maml":
+        fomaml = meta_batch_loss("fomaml", model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2,
+                                 first_order=False)  # fomaml stays first order
+        assert_grads_close(_grads(fomaml, params), first)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_each_task_has_its_own_batch_statistics_and_weights(algorithm: str) -> None:
+    model, params, episode = _setup("omniglot-cnn")
+    # Replace tasks 1.. by images with very different statistics: task 0 must not notice.
+    other = Episode(
+        torch.cat([episode.support_x[:1], episode.support_x[1:] * 7 + 3]), episode.support_y,
+        torch.cat([episode.query_x[:1], episode.query_x[1:] * 7 + 3]), episode.query_y,
+    )
+    alone = episode.slice(0, 1)
+    for vectorize in (True, False):
+        outs = [meta_batch_loss(algorithm, model, params, {}, ep, inner_lr=INNER_LR, inner_steps=2,
+                                vectorize=vectorize) for ep in (episode, other, alone)]
+        assert_close(outs[0].task_losses[0], outs[2].task_losses[0])
+        assert_close(outs[1].task_losses[0], outs[2].task_losses[0])
+        assert not torch.allclose(outs[0].task_losses[1:], outs[1].task_losses[1:])
+        # Adapted weights never leak into the next task: each task equals itself run alone.
+        for i in range(1, episode.num_tasks):
+            single = meta_batch_loss(algorithm, model, params, {}, episode.slice(i, i + 1), inner_lr=INNER_LR,
+                                     inner_steps=2, vectorize=vectorize)
+            assert_close(outs[0].task_losses[i], single.task_losses[0])
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_model_parameters_untouched(vectorize: bool) -> None:
+    model, params, episode = _setup("omniglot-fc")
+    before = {k: v.detach().clone() for k, v in params.items()}
+    out = meta_batch_loss("maml", model, params, {}, episode, inner_lr=INNER_LR, inner_steps=3,
+                          vectorize=vectorize)
+    out.loss.backward()
+    for k, v in model.named_parameters():
+        assert v is params[k]
+        assert_close(v.detach(), before[k])
+        assert v.grad is not None
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_evaluate(algorithm: str) -> None:
+    model, params, episode = _setup("omniglot-fc")
+    for steps in (1, 5):  # test-time steps may differ from training
+        out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps)
+        for vectorize in (True, False):
+            accs = evaluate(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
+                            vectorize=vectorize)
+            assert accs.shape == (episode.num_tasks,) and not accs.requires_grad
+            assert_close(accs, out.task_accs)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_meta_train_step_averages_task_gradients_and_learns() -> None:
+    model, params, episode = _setup("omniglot-fc")
+    before = {k: v.detach().clone() for k, v in params.items()}
+    expected = _reference("maml", model, params, episode, 1)[1]
+    meta_train_step("maml", model, torch.optim.SGD(model.parameters(), lr=1.0), episode, inner_lr=INNER_LR,
+                    inner_steps=1)
+    assert_grads_close(tuple(before[k] - v.detach() for k, v in model.named_parameters()), expected)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = [meta_train_step("maml", model, optimizer, episode, inner_lr=INNER_LR, inner_steps=1).loss.item()
+              for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_meta_train_step_refuses_nan() -> None:
+    model, params, episode = _setup("omniglot-fc")
+    bad = Episode(episode.support_x * float("nan"), episode.support_y, episode.query_x, episode.query_y)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    with pytest.raises(TrainingError, match="nan"):
+        meta_train_step("maml", model, torch.optim.SGD(model.parameters(), lr=1.0), bad, inner_lr=INNER_LR,
+                        inner_steps=1)
+    for k, v in model.named_parameters():
+        assert_close(v.detach(), before[k])
+
+
+def test_errors() -> None:
+    model, params, episode = _setup("omniglot-fc")
+    with pytest.raises(ConfigError, match="anil, fomaml, maml"):
+        meta_batch_loss("reptile", model, params, {}, episode, inner_lr=INNER_LR, inner_steps=1)
+    with pytest.raises(ConfigError, match="inner_steps"):
+        meta_batch_loss("maml", model, params, {}, episode, inner_lr=INNER_LR, inner_steps=-1)
+    with pytest.raises(ConfigError, match="inner_lr"):
+        meta_batch_loss("maml", model, params, {}, episode, inner_lr=float("nan"), inner_steps=1)
+    flat = Episode(episode.support_x[0], episode.support_y[0], episode.query_x[0], episode.query_y[0])
+    with pytest.raises(ValueError, match="episode"):
+        meta_batch_loss("maml", model, params, {}, flat, inner_lr=INNER_LR, inner_steps=1)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 3)).double()
+    with pytest.raises(ConfigError, match="features and .classifier"):
+        meta_batch_loss("anil", plain, dict(plain.named_parameters()), {}, episode, inner_lr=INNER_LR,
+                        inner_steps=1)
+    assert HEAD_PREFIX == "classifier."
