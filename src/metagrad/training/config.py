@@ -1,0 +1,442 @@
+"""Experiment configuration: one frozen dataclass per concern, named presets, files and overrides.
+
+A configuration is resolved in this order, each layer overriding the one before:
+
+1. the dataclass defaults below (the MAML paper's Omniglot 5-way 1-shot settings);
+2. a named preset from ``src/metagrad/configs/<name>.toml`` (``--preset``);
+3. a config file, TOML or the ``config.json`` a run folder holds (``--config``);
+4. single options (``--inner-lr 0.1``, ``--set meta.inner_lr=0.1``).
+
+Every value is checked once, in :func:`validate_config`; a bad one raises
+:class:`~metagrad.errors.ConfigError` with a message that says what to change.
+
+Example:
+    >>> from metagrad.training import load_preset
+    >>> config = load_preset("omniglot-maml-20w1s")
+    >>> config.meta.inner_lr, config.meta.meta_batch_size
+    (0.1, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from metagrad.algorithms import ALGORITHMS
+from metagrad.data.datasets import DATASETS
+from metagrad.errors import ConfigError
+from metagrad.models import MODELS
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "LR_SCHEDULES",
+    "RESUMABLE_CHANGES",
+    "Config",
+    "DataConfig",
+    "MetaConfig",
+    "ModelConfig",
+    "RunConfig",
+    "check_resume_compatible",
+    "config_from_dict",
+    "config_to_dict",
+    "list_presets",
+    "load_config_file",
+    "load_preset",
+    "parse_assignment",
+    "resolve_config",
+    "save_config",
+    "validate_config",
+]
+
+DEFAULT_PRESET = "omniglot-maml-5w1s"
+"""The preset ``metagrad train`` uses when given none: the README's main job."""
+
+LR_SCHEDULES = ("constant", "cosine")
+
+SPLIT_SCHEMES = {"omniglot": ("maml", "vinyals"), "mini-imagenet": ("ravi",)}
+"""Class splits each dataset offers. Mini-ImageNet has one, Ravi & Larochelle's 64/16/20."""
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and the shape of each few-shot task."""
+
+    dataset: str = "omniglot"  # a name in metagrad.data.datasets.DATASETS
+    data_dir: str | None = None  # None: $METAGRAD_DATA, else the default user folder
+    cache_dir: str | None = None  # None: $METAGRAD_CACHE, else $XDG_CACHE_HOME/metagrad
+    ways: int = 5  # N: classes per task
+    shots: int = 1  # K: support samples per class
+    query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
+    rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
+    split_scheme: str = "maml"  # Omniglot: "maml" (1100/100/423) or "vinyals"; Mini-ImageNet: "ravi"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network meta-learned. Its classifier head is ``classifier.*`` (what ANIL adapts)."""
+
+    name: str = "omniglot-cnn"  # a name in metagrad.models.build_model
+    hidden_size: int = 64  # filters per conv layer (MAML: 64 on Omniglot, 32 on Mini-ImageNet)
+    strided: bool = True  # omniglot-cnn only: stride-2 convs instead of max-pooling (MAML on Omniglot)
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The meta-learning algorithm and both optimization loops."""
+
+    algorithm: str = "maml"  # "maml", "fomaml" (first-order MAML) or "anil" (adapt the head only)
+    first_order: bool = False  # drop second-order terms of the meta-gradient (always true for fomaml)
+    inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop
+    inner_steps: int = 1  # inner SGD steps during meta-training
+    test_inner_steps: int = 10  # inner SGD steps on validation and test tasks
+    meta_lr: float = 0.001  # Adam learning rate of the outer loop
+    meta_batch_size: int = 32  # tasks per outer step
+    iterations: int = 60_000  # outer steps
+    lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to 0 at the last iteration)
+    vectorize: bool = True  # vmap the meta-batch; False runs tasks one by one (the reference path)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run goes and how it is monitored."""
+
+    seed: int = 0  # seeds the model initialization and every task stream
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"
+    run_dir: str | None = None  # None: runs/<preset>-<timestamp>; not written to config.json
+    eval_every: int = 500  # validate every this many iterations (and after the last one)
+    eval_tasks: int = 100  # validation tasks per evaluation (the same tasks every time)
+    test_tasks: int = 600  # meta-test tasks at the end (600 as in the papers)
+    checkpoint_every: int = 500  # write latest.pt every this many iterations (and on SIGINT/SIGTERM)
+    log_every: int = 100  # without a terminal: one progress line every this many iterations
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment. ``preset`` names the preset it started from (for run folders and reports)."""
+
+    preset: str = DEFAULT_PRESET
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "meta": MetaConfig, "run": RunConfig}
+
+RESUMABLE_CHANGES = frozenset(
+    {"data.data_dir", "data.cache_dir", "run.device", "run.run_dir", "run.checkpoint_every", "run.log_every"}
+)
+"""Settings ``--resume`` may change: they do not alter what the run computes (on one device type)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and files
+# --------------------------------------------------------------------------------------------------
+
+
+def list_presets() -> list[str]:
+    """Names of the packaged presets, sorted."""
+    folder = resources.files("metagrad") / "configs"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> Config:
+    """Load a packaged preset by name.
+
+    Args:
+        name: a preset name such as ``"omniglot-maml-5w1s"``; see :func:`list_presets`.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: the name is unknown (the message lists the valid ones) or the preset is invalid.
+    """
+    return resolve_config(preset=name)
+
+
+def _preset_dict(name: str) -> dict[str, Any]:
+    presets = list_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
+    text = (resources.files("metagrad") / "configs" / f"{name}.toml").read_text(encoding="utf-8")
+    return _parse_toml(text, f"preset {name}")
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a config file into nested sections, unchecked (:func:`resolve_config` checks it).
+
+    Args:
+        path: a ``.toml`` file with ``[data]``, ``[model]``, ``[meta]``, ``[run]`` tables and an optional
+            top-level ``preset = "..."``, or a run folder's ``config.json`` (the same keys as JSON).
+
+    Returns:
+        The file's content as a dict of sections.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or is neither TOML nor JSON.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if path.suffix == ".json":
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    else:
+        content = _parse_toml(text, f"config file {path}")
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a table of sections, not {type(content).__name__}")
+    return content
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write ``config`` as JSON (without ``run.run_dir``: a copy of the run goes to a new folder)."""
+    data = config_to_dict(config)
+    del data["run"]["run_dir"]
+    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dicts <-> dataclasses
+# --------------------------------------------------------------------------------------------------
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """``config`` as nested plain dicts (JSON-ready)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Config:
+    """Build a validated :class:`Config` from nested dicts; missing keys take the dataclass defaults.
+
+    Raises:
+        ConfigError: an unknown section or key, a value of the wrong type, or an invalid value.
+    """
+    return validate_config(_build(data, source))
+
+
+def _build(data: dict[str, Any], source: str) -> Config:
+    unknown = sorted(set(data) - set(_SECTIONS) - {"preset"})
+    if unknown:
+        raise ConfigError(
+            f"unknown section {unknown[0]!r} in {source}; valid sections: preset, {', '.join(_SECTIONS)}"
+        )
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of settings, not {values!r}")
+        sections[name] = _build_section(cls, name, values, source)
+    preset = data.get("preset", DEFAULT_PRESET)
+    if not isinstance(preset, str):
+        raise ConfigError(f"{source}: preset must be a string, got {preset!r}")
+    return Config(preset=preset, **sections)
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown setting {section}.{key} in {source}; valid [{section}] settings: {', '.join(names)}"
+            )
+        kwargs[key] = _check_type(f"{section}.{key}", value, hints[key], source)
+    return cls(**kwargs)
+
+
+def _check_type(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Return ``value`` if it fits ``hint`` (int for float is widened), else raise ConfigError."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        # bool is a subclass of int: "iterations = true" must not pass as 1.
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    wanted = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"{name} must be {wanted}, got {value!r} (in {source})")
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse ``--set`` text ``section.key=value``; the value is read as TOML (``0.1``, ``true``, ``"x"``).
+
+    A value that is not valid TOML is taken as a plain string (``--set data.dataset=omniglot``).
+
+    Raises:
+        ConfigError: the text is not of the form ``section.key=value``.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or key.count(".") != 1:
+        raise ConfigError(f"--set expects SECTION.KEY=VALUE such as meta.inner_lr=0.1, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a configuration: dataclass defaults < preset < config file < overrides.
+
+    Args:
+        preset: preset name; None takes the file's ``preset`` key, else :data:`DEFAULT_PRESET`.
+        config_file: optional TOML or JSON file (see :func:`load_config_file`).
+        overrides: dotted keys to values, e.g. ``{"meta.inner_lr": 0.1, "run.seed": 3}``.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: unknown preset, file, section or key; a wrong type; an invalid value.
+    """
+    file_data = load_config_file(config_file) if config_file is not None else {}
+    if preset is None:
+        preset = file_data.get("preset", DEFAULT_PRESET)
+        if not isinstance(preset, str):
+            raise ConfigError(f"config file {config_file}: preset must be a string, got {preset!r}")
+    merged = _preset_dict(preset)
+    merged["preset"] = preset
+    _merge(merged, {k: v for k, v in file_data.items() if k != "preset"})
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(
+                f"unknown setting {dotted!r}; settings are SECTION.KEY with SECTION one of {', '.join(_SECTIONS)}"
+            )
+        merged.setdefault(section, {})[key] = value
+    source = f"preset {preset}" + (f" + {config_file}" if config_file is not None else "")
+    return validate_config(_build(merged, source))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key].update(value)
+        else:
+            base[key] = value
+
+
+def _positive(name: str, value: float, hint: str = "") -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be positive, got {value}{hint}")
+
+
+def validate_config(config: Config) -> Config:
+    """Check every value of ``config``; return it unchanged when valid.
+
+    Task shapes are checked against the dataset itself later, when the data is loaded
+    (``EpisodeSampler`` raises for more ways than a split has classes).
+
+    Raises:
+        ConfigError: the first invalid value, with what to change.
+    """
+    data, model, meta, run = config.data, config.model, config.meta, config.run
+    if data.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {data.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    for name in ("ways", "shots", "query_shots"):
+        _positive(f"data.{name} (--{name.replace('_', '-')})", getattr(data, name))
+    schemes = SPLIT_SCHEMES[data.dataset]
+    if data.split_scheme not in schemes:
+        raise ConfigError(
+            f"data.split_scheme {data.split_scheme!r} is not one of {data.dataset}'s: {', '.join(schemes)}"
+        )
+    if data.rotations and data.dataset != "omniglot":
+        raise ConfigError(f"data.rotations applies to omniglot only; set it to false for {data.dataset}")
+
+    if model.name not in MODELS:
+        raise ConfigError(f"unknown model {model.name!r}; valid models: {', '.join(MODELS)}")
+    _positive("model.hidden_size", model.hidden_size)
+    if model.strided and model.name != "omniglot-cnn":
+        raise ConfigError(f"model.strided applies to omniglot-cnn only; set it to false for {model.name}")
+
+    if meta.algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {meta.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
+    if meta.algorithm == "fomaml" and not meta.first_order:
+        raise ConfigError("fomaml is first-order MAML: set meta.first_order to true, or use algorithm maml")
+    _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
+    _positive("meta.meta_lr (--meta-lr)", meta.meta_lr)
+    for name in ("inner_steps", "test_inner_steps", "meta_batch_size", "iterations"):
+        _positive(f"meta.{name} (--{name.replace('_', '-')})", getattr(meta, name))
+    if meta.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+
+    if not 0 <= run.seed < 2**63:
+        raise ConfigError(f"run.seed (--seed) must be in [0, 2**63), got {run.seed}")
+    if not _DEVICE_PATTERN.match(run.device):
+        raise ConfigError(f"unknown device {run.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    for name in ("eval_every", "eval_tasks", "checkpoint_every", "log_every"):
+        _positive(f"run.{name} (--{name.replace('_', '-')})", getattr(run, name))
+    if run.test_tasks < 2:
+        raise ConfigError(
+            f"run.test_tasks (--test-tasks) must be at least 2 (a confidence interval needs 2 tasks), "
+            f"got {run.test_tasks}"
+        )
+    return config
+
+
+def check_resume_compatible(saved: Config, requested: Config) -> None:
+    """Raise unless ``requested`` differs from ``saved`` only in :data:`RESUMABLE_CHANGES`.
+
+    Raises:
+        ConfigError: naming the first setting that a resumed run cannot change.
+    """
+    old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(requested))
+    for key in old:
+        if old[key] != new[key] and key not in RESUMABLE_CHANGES:
+            raise ConfigError(
+                f"cannot change {key} when resuming (the run used {old[key]!r}, got {new[key]!r}); "
+                f"drop the option, or start a new run in another --run-dir"
+            )
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

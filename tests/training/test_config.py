@@ -1,0 +1,192 @@
+"""Configs: presets and their paper values, precedence, files, and every invalid value."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from metagrad.errors import ConfigError
+from metagrad.training import Config, load_preset, resolve_config
+from metagrad.training.config import (
+    DEFAULT_PRESET,
+    check_resume_compatible,
+    config_to_dict,
+    list_presets,
+    parse_assignment,
+    save_config,
+)
+
+PRESETS = [
+    f"omniglot-{algorithm}-{ways}w{shots}s"
+    for algorithm in ("maml", "anil", "fomaml") for ways in (5, 20) for shots in (1, 5)
+] + [f"mini-imagenet-{algorithm}-5w{shots}s" for algorithm in ("maml", "anil") for shots in (1, 5)]
+
+
+def test_every_preset_of_the_issue_is_packaged() -> None:
+    assert list_presets() == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_values_follow_the_papers(name: str) -> None:
+    config = load_preset(name)
+    data, model, meta = config.data, config.model, config.meta
+    algorithm = name.split("-")[-2]
+    assert config.preset == name
+    assert meta.algorithm == algorithm
+    assert meta.first_order == (algorithm == "fomaml")
+    assert (meta.meta_lr, meta.test_inner_steps, meta.iterations) == (0.001, 10, 60_000)
+    assert (meta.lr_schedule, meta.vectorize) == ("constant", True)
+    if name.startswith("omniglot"):
+        ways, shots = (int(part) for part in name.split("-")[-1][:-1].split("w"))
+        assert (data.dataset, data.ways, data.shots, data.query_shots) == ("omniglot", ways, shots, shots)
+        assert data.rotations and data.split_scheme == "maml"
+        assert (model.name, model.hidden_size, model.strided) == ("omniglot-cnn", 64, True)
+        expected = (32, 0.4, 1) if ways == 5 else (16, 0.1, 5)
+        assert (meta.meta_batch_size, meta.inner_lr, meta.inner_steps) == expected
+    else:
+        shots = int(name[-2])
+        assert (data.dataset, data.ways, data.shots, data.query_shots) == ("mini-imagenet", 5, shots, 15)
+        assert not data.rotations and data.split_scheme == "ravi"
+        assert (model.name, model.hidden_size, model.strided) == ("mini-imagenet-cnn", 32, False)
+        assert (meta.meta_batch_size, meta.inner_lr, meta.inner_steps) == (4 if shots == 1 else 2, 0.01, 5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_cites_its_source(name: str) -> None:
+    from importlib import resources
+
+    text = (resources.files("metagrad") / "configs" / f"{name}.toml").read_text()
+    assert "# Source:" in text and "Table" in text
+
+
+def test_dataclass_defaults_are_the_default_preset() -> None:
+    assert Config() == load_preset(DEFAULT_PRESET)
+
+
+def test_precedence_preset_then_file_then_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "exp.toml"
+    file.write_text('preset = "omniglot-maml-20w1s"\n[meta]\ninner_lr = 0.2\ninner_steps = 3\n[run]\nseed = 7\n')
+    config = resolve_config(config_file=file, overrides={"meta.inner_steps": 2})
+    assert config.preset == "omniglot-maml-20w1s"  # the file's preset is the base
+    assert config.data.ways == 20 and config.meta.meta_batch_size == 16  # from the preset
+    assert config.meta.inner_lr == 0.2 and config.run.seed == 7  # from the file
+    assert config.meta.inner_steps == 2  # the override wins
+    # An explicit preset replaces the file's.
+    assert resolve_config(preset="omniglot-anil-5w1s", config_file=file).data.ways == 5
+
+
+def test_config_json_repeats_the_run(tmp_path: Path) -> None:
+    config = resolve_config(preset="omniglot-fomaml-20w5s",
+                            overrides={"meta.iterations": 123, "run.seed": 5, "run.run_dir": str(tmp_path)})
+    save_config(config, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "run_dir" not in saved["run"]  # a repeat goes to a new folder
+    again = resolve_config(config_file=tmp_path / "config.json")
+    assert again == dataclasses.replace(config, run=dataclasses.replace(config.run, run_dir=None))
+
+
+def test_int_widens_to_float_and_types_are_checked() -> None:
+    assert resolve_config(overrides={"meta.inner_lr": 1}).meta.inner_lr == 1.0
+    with pytest.raises(ConfigError, match=r"meta.iterations must be int, got True"):
+        resolve_config(overrides={"meta.iterations": True})
+    with pytest.raises(ConfigError, match=r"meta.first_order must be bool, got 'yes'"):
+        resolve_config(overrides={"meta.first_order": "yes"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("meta.inner_lr=0.1", ("meta.inner_lr", 0.1)), ("run.seed=3", ("run.seed", 3)),
+     ("meta.vectorize=false", ("meta.vectorize", False)), ("data.dataset=omniglot", ("data.dataset", "omniglot")),
+     ('run.device="cpu"', ("run.device", "cpu"))],
+)
+def test_parse_assignment(text: str, expected: tuple) -> None:
+    assert parse_assignment(text) == expected
+
+
+@pytest.mark.parametrize("text", ["inner_lr=0.1", "meta.inner_lr", "a.b.c=1"])
+def test_parse_assignment_rejects_malformed_text(text: str) -> None:
+    with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
+        parse_assignment(text)
+
+
+BAD_OVERRIDES = [
+    ({"data.ways": 0}, "data.ways .* must be positive, got 0"),
+    ({"data.shots": -1}, "data.shots .* must be positive, got -1"),
+    ({"data.query_shots": 0}, "data.query_shots .* must be positive"),
+    ({"data.dataset": "cifar"}, "unknown dataset 'cifar'; valid datasets: omniglot, mini-imagenet"),
+    ({"data.split_scheme": "random"}, "split_scheme 'random' is not one of omniglot's: maml, vinyals"),
+    ({"data.dataset": "mini-imagenet", "data.split_scheme": "ravi"}, "rotations applies to omniglot only"),
+    ({"model.name": "resnet"}, "unknown model 'resnet'; valid models: omniglot-cnn"),
+    ({"model.hidden_size": 0}, "model.hidden_size must be positive"),
+    ({"model.name": "mini-imagenet-cnn"}, "strided applies to omniglot-cnn only"),
+    ({"meta.algorithm": "reptile"}, "unknown algorithm 'reptile'; valid algorithms: maml, fomaml, anil"),
+    ({"meta.algorithm": "fomaml"}, "fomaml is first-order MAML: set meta.first_order to true"),
+    ({"meta.inner_lr": 0.0}, r"meta.inner_lr \(--inner-lr\) must be positive, got 0.0"),
+    ({"meta.inner_lr": -0.4}, "inner_lr .* must be positive"),
+    ({"meta.inner_lr": float("nan")}, "inner_lr .* must be positive, got nan"),
+    ({"meta.meta_lr": float("inf")}, "meta_lr .* must be positive, got inf"),
+    ({"meta.meta_lr": 0}, "meta_lr .* must be positive"),
+    ({"meta.inner_steps": 0}, "inner_steps .* must be positive"),
+    ({"meta.test_inner_steps": 0}, "test_inner_steps .* must be positive"),
+    ({"meta.meta_batch_size": 0}, "meta_batch_size .* must be positive"),
+    ({"meta.iterations": -5}, "iterations .* must be positive"),
+    ({"meta.lr_schedule": "step"}, "unknown lr_schedule 'step'; valid: constant, cosine"),
+    ({"run.seed": -1}, r"seed \(--seed\) must be in"),
+    ({"run.device": "tpu"}, "unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+    ({"run.eval_every": 0}, "eval_every .* must be positive"),
+    ({"run.eval_tasks": 0}, "eval_tasks .* must be positive"),
+    ({"run.test_tasks": 1}, "test_tasks .* must be at least 2"),
+    ({"run.checkpoint_every": 0}, "checkpoint_every .* must be positive"),
+    ({"run.log_every": 0}, "log_every .* must be positive"),
+    ({"meta.inner_lrr": 0.1}, r"unknown setting meta.inner_lrr .*valid \[meta\] settings: algorithm"),
+    ({"optim.lr": 0.1}, "unknown setting 'optim.lr'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_OVERRIDES)
+def test_bad_values_raise_config_error(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=overrides)
+
+
+def test_unknown_preset_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'omniglot-maml-5w2s'; valid presets: mini-imagenet-anil-5w1s"):
+        load_preset("omniglot-maml-5w2s")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [("bad.toml", "[meta\ninner_lr = ", "is not valid TOML"),
+     ("bad.json", "{", "is not valid JSON"),
+     ("list.json", "[1, 2]", "must hold a table of sections"),
+     ("section.toml", "[optim]\nlr = 1", "unknown section 'optim'"),
+     ("flat.toml", "meta = 3", r"\[meta\] must be a table"),
+     ("preset.toml", "preset = 3", "preset must be a string")],
+)
+def test_bad_config_files(tmp_path: Path, name: str, content: str, message: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(config_file=tmp_path / name)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.toml"):
+        resolve_config(config_file=tmp_path / "missing.toml")
+
+
+def test_resume_may_change_only_harmless_settings() -> None:
+    saved = load_preset(DEFAULT_PRESET)
+    harmless = resolve_config(overrides={"run.device": "cpu", "run.checkpoint_every": 7, "data.data_dir": "/d",
+                                         "run.run_dir": "runs/x", "run.log_every": 3})
+    check_resume_compatible(saved, harmless)
+    with pytest.raises(ConfigError, match=r"cannot change meta.inner_lr when resuming \(the run used 0.4, got 0.1\)"):
+        check_resume_compatible(saved, resolve_config(overrides={"meta.inner_lr": 0.1}))
+    with pytest.raises(ConfigError, match="cannot change preset"):
+        check_resume_compatible(saved, load_preset("omniglot-anil-5w1s"))
+
+
+def test_config_to_dict_is_json_ready() -> None:
+    assert json.loads(json.dumps(config_to_dict(Config())))["meta"]["inner_lr"] == 0.4
