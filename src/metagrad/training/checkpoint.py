@@ -1,0 +1,124 @@
+"""Checkpoints that survive crashes: atomic writes, one previous copy, and safe loading.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads with
+``torch.load(weights_only=True)``: no code runs from a checkpoint file. Writing goes to a temporary
+file in the same folder, which is flushed to disk and then renamed over the target; the file it
+replaces is kept as ``<name>.prev.pt``. A checkpoint cut short by ``kill -9`` or a full disk is thus
+never the only copy: :func:`load_checkpoint` reports it and falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metagrad.errors import TrainingError
+
+__all__ = ["FORMAT_VERSION", "capture_rng_state", "load_checkpoint", "previous_path", "restore_rng_state",
+           "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bumped when the checkpoint layout changes incompatibly."""
+
+
+def previous_path(path: Path) -> Path:
+    """Where the copy a new checkpoint replaced is kept: ``latest.pt`` -> ``latest.prev.pt``."""
+    return path.with_suffix(".prev" + path.suffix)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` atomically to ``path``, keeping the file it replaces as ``<name>.prev.pt``.
+
+    Args:
+        state: tensors and plain Python values only (dicts, lists, tuples, numbers, strings, None).
+        path: target file; its folder must exist.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the renames durable on power loss; not possible on every platform, harmless to skip there.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """Load a checkpoint, falling back to ``<name>.prev.pt`` when ``path`` is missing or unreadable.
+
+    Args:
+        path: the checkpoint, e.g. ``RUN_DIR/latest.pt``.
+
+    Returns:
+        The checkpoint dict (tensors on CPU), or None when neither file exists.
+
+    Raises:
+        TrainingError: the files exist but none of them loads (each problem is named).
+    """
+    path = Path(path)
+    problems = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+                raise ValueError(f"not a metagrad checkpoint of format {FORMAT_VERSION}")
+        except Exception as exc:  # a truncated zip, a pickle refused by weights_only, garbage bytes ...
+            reason = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
+            logger.warning("checkpoint %s is unreadable (%s)", candidate, reason)
+            problems.append(f"{candidate} ({reason})")
+            continue
+        if problems:
+            logger.warning("using the previous checkpoint %s (iteration %s)", candidate, state.get("iteration"))
+        return state
+    if problems:
+        raise TrainingError("no readable checkpoint: " + "; ".join(problems))
+    return None
+
+
+def capture_rng_state(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, Any]:
+    """Every random state a run depends on: torch's global CPU RNG, the task generators, CUDA's RNG."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "generators": {name: gen.get_state() for name, gen in generators.items()},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator], device: torch.device) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    for name, gen in generators.items():
+        gen.set_state(state["generators"][name])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,127 @@
+"""Metric rows in a run folder (JSON lines and CSV), and the confidence interval of a test score.
+
+Every row has the same keys, :data:`COLUMNS`: ``step`` (the iteration after which it was measured),
+``split`` (``train``, ``validation`` or ``test``), ``loss`` and ``acc`` (means over the row's tasks),
+``sec_per_iter`` (train rows only), ``tasks_per_sec`` and ``lr``. Missing values are ``null`` in JSON
+and empty in CSV. Both files are appended one flushed line at a time; a checkpoint records their
+sizes so that a resumed run cuts them back to what the checkpoint saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metagrad.errors import TrainingError
+
+__all__ = ["COLUMNS", "MetricsWriter", "mean_ci95", "read_metrics"]
+
+COLUMNS = ("step", "split", "loss", "acc", "sec_per_iter", "tasks_per_sec", "lr")
+
+JSONL_NAME = "metrics.jsonl"
+CSV_NAME = "metrics.csv"
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and half-width of the 95% confidence interval of the mean, ``1.96 * std / sqrt(n)``.
+
+    ``std`` is the sample standard deviation (Bessel's correction, ``ddof=1``), as in the MAML code
+    and most few-shot papers' 600-task evaluations.
+
+    Args:
+        values: (n,) per-task scores, n >= 2.
+
+    Returns:
+        ``(mean, ci95)`` as Python floats.
+
+    Example:
+        >>> mean_ci95(torch.tensor([0.5, 1.0, 1.0, 0.5]))
+        (0.75, 0.28290...)
+    """
+    values = values.detach().to(torch.float64).flatten()
+    n = values.numel()
+    if n < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {n}")
+    return values.mean().item(), 1.96 * values.std(correction=1).item() / math.sqrt(n)
+
+
+class MetricsWriter:
+    """Appends metric rows to ``metrics.jsonl`` and ``metrics.csv`` in a run folder.
+
+    Args:
+        run_dir: the run folder.
+        offsets: ``{"jsonl": bytes, "csv": bytes}`` to cut both files back to (a checkpoint's
+            :meth:`offsets`), or None to start new files.
+
+    Raises:
+        TrainingError: a file is shorter than ``offsets`` says (it was edited or lost since).
+    """
+
+    def __init__(self, run_dir: Path, offsets: dict[str, int] | None = None) -> None:
+        self.jsonl_path = run_dir / JSONL_NAME
+        self.csv_path = run_dir / CSV_NAME
+        if offsets is None:
+            self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")
+            self._csv = open(self.csv_path, "w", encoding="utf-8", newline="")
+            self._csv.write(",".join(COLUMNS) + "\n")
+            self._csv.flush()
+        else:
+            self._jsonl = _open_truncated(self.jsonl_path, offsets["jsonl"])
+            self._csv = _open_truncated(self.csv_path, offsets["csv"])
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row (keys from :data:`COLUMNS`; missing keys are written as null)."""
+        row = {key: row.get(key) for key in COLUMNS}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(["" if row[k] is None else row[k] for k in COLUMNS])
+        self._csv.write(buffer.getvalue())
+        self._csv.flush()
+
+    def offsets(self) -> dict[str, int]:
+        """Current sizes of both files, after forcing them to disk (for a checkpoint)."""
+        for handle in (self._jsonl, self._csv):
+            handle.flush()
+            os.fsync(handle.fileno())
+        return {"jsonl": self._jsonl.tell(), "csv": self._csv.tell()}
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv.close()
+
+
+def _open_truncated(path: Path, size: int) -> io.TextIOWrapper:
+    actual = path.stat().st_size if path.exists() else -1
+    if actual < size:
+        raise TrainingError(
+            f"{path} holds {max(actual, 0)} bytes but the checkpoint recorded {size}: the metrics were lost "
+            f"or edited; restore the file or start a new run"
+        )
+    handle = open(path, "r+", encoding="utf-8", newline="")
+    handle.truncate(size)
+    handle.seek(size)
+    return handle
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All rows of ``RUN_DIR/metrics.jsonl`` (a last line cut short by a crash is skipped).
+
+    Raises:
+        FileNotFoundError: the folder holds no ``metrics.jsonl``.
+    """
+    rows = []
+    with open(Path(run_dir) / JSONL_NAME, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            rows.append(json.loads(line))
+    return rows
