@@ -1,0 +1,658 @@
+"""The experiment: meta-train, validate, checkpoint, meta-test, all in one run folder.
+
+:func:`run` follows the walkthrough this project implements. It seeds torch and one task generator
+per purpose, picks the device (CUDA, then Apple MPS, then CPU), loads the train, validation and test
+splits, builds the model, and runs the outer loop: each iteration samples a meta-batch of training
+tasks, adapts to each, averages the query losses and takes an Adam step. Every ``eval_every``
+iterations the same ``eval_tasks`` validation tasks are adapted to and scored; the parameters with the
+best validation accuracy are kept in ``best.pt`` beside the full state in ``latest.pt``. At the end
+the best parameters are meta-tested on ``test_tasks`` tasks with ``test_inner_steps`` inner steps.
+
+A run folder holds::
+
+    config.json      the resolved config; ``metagrad train --config RUN/config.json`` repeats the run
+    metrics.jsonl    one metric row per line (see metagrad.training.metrics); metrics.csv: the same rows
+    latest.pt        everything needed to resume (latest.prev.pt: the one before)
+    best.pt          the parameters with the best validation accuracy (best.prev.pt: the one before)
+    results.json     the meta-test result
+
+Reproducibility: a run is a deterministic function of its config on CPU. A resumed run (after
+SIGINT, SIGTERM or ``kill -9``) restores the parameters, Adam's state, every random state and the
+metrics files as they were at the checkpoint, so it ends with the same parameters, metrics and
+results, bit for bit, as a run that was never interrupted (wall-clock columns excepted).
+
+The step is split in two so that data-parallel training can slot in between: each process would run
+:func:`compute_meta_gradients` on its slice of the meta-batch (``episode.slice``), all-reduce the
+``.grad`` of every parameter, then run :func:`apply_meta_update`; only one process would write the
+run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import platform
+import signal
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import metagrad
+from metagrad import algorithms
+from metagrad.algorithms import MetaBatchOutput
+from metagrad.data.datasets import FewShotDataset, load_dataset
+from metagrad.data.episodes import EpisodeSampler
+from metagrad.errors import ConfigError, MetagradError, TrainingError
+from metagrad.models import build_model
+from metagrad.training.checkpoint import (
+    FORMAT_VERSION,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from metagrad.training.config import (
+    Config,
+    DataConfig,
+    MetaConfig,
+    ModelConfig,
+    check_resume_compatible,
+    config_from_dict,
+    config_to_dict,
+    load_config_file,
+    save_config,
+)
+from metagrad.training.metrics import MetricsWriter, mean_ci95
+from metagrad.training.progress import Progress
+from metagrad.types import Buffers, Params
+
+__all__ = [
+    "TrainingInterrupted",
+    "apply_meta_update",
+    "compute_meta_gradients",
+    "evaluate_checkpoint",
+    "learning_rate",
+    "resolve_device",
+    "run",
+    "task_generator",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+LATEST_NAME = "latest.pt"
+BEST_NAME = "best.pt"
+RESULTS_NAME = "results.json"
+CI95_FORMULA = "1.96 * sample std (ddof=1) / sqrt(n) over per-task accuracies"
+
+
+class TrainingInterrupted(MetagradError):
+    """SIGINT or SIGTERM stopped the run after writing a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for "ended by signal N"
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA if available, else Apple MPS, else CPU; other names are checked for availability.
+
+    Raises:
+        ConfigError: the requested device is not available on this machine.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: Apple MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def task_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one task stream (``"train"``, ``"validation"``, ``"test"``).
+
+    Each purpose gets its own seed, a hash of ``(seed, purpose)``, so that the streams are independent
+    and, e.g., changing ``eval_tasks`` does not change the training tasks.
+    """
+    digest = hashlib.sha256(f"metagrad/{seed}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def learning_rate(meta: MetaConfig, iteration: int) -> float:
+    """The outer learning rate used by step ``iteration`` (1-based): constant, or cosine-annealed.
+
+    The cosine schedule starts at ``meta_lr`` and decays towards 0 over ``iterations`` steps.
+    """
+    if meta.lr_schedule == "cosine":
+        return meta.meta_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / meta.iterations))
+    return meta.meta_lr
+
+
+def compute_meta_gradients(
+    model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig
+) -> MetaBatchOutput:
+    """Meta-gradient of a meta-batch: fills ``p.grad`` of every parameter in ``params`` (summed into).
+
+    Args:
+        model: the meta-learned model.
+        params: its parameters, ``dict(model.named_parameters())``.
+        buffers: its buffers, ``dict(model.named_buffers())``.
+        episode: T training tasks (``metagrad.types.Episode``).
+        meta: the algorithm and inner-loop settings.
+
+    Returns:
+        The meta-batch's losses and accuracies (``out.loss`` is the mean query loss over the T tasks).
+        The gradients are left unset when the loss is not finite.
+    """
+    out = algorithms.meta_batch_loss(
+        meta.algorithm, model, params, buffers, episode,
+        inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
+        vectorize=meta.vectorize,
+    )
+    if torch.isfinite(out.loss):
+        out.loss.backward()
+    return out
+
+
+def apply_meta_update(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """One outer step with learning rate ``lr`` from the gradients in place, then clear them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _score_tasks(
+    config: Config,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    sampler: EpisodeSampler,
+    num_tasks: int,
+    generator: torch.Generator,
+    stop: _StopFlag | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Adapt to ``num_tasks`` tasks with the test-time inner loop; per-task query losses and accuracies.
+
+    Tasks are sampled and scored ``meta_batch_size`` at a time (to bound memory), so the tasks drawn
+    from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``.
+    Like ``algorithms.evaluate``, the inner loop is first order (the same values as second order) and
+    no graph is kept for an outer backward; unlike it, the query losses are returned too.
+    """
+    meta = config.meta
+    detached = {k: v.detach() for k, v in params.items()}
+    detached_buffers = {k: v.detach() for k, v in buffers.items()}
+    losses, accs = [], []
+    for start in range(0, num_tasks, meta.meta_batch_size):
+        if stop is not None:
+            stop.check()
+        episode = sampler.sample(min(meta.meta_batch_size, num_tasks - start), generator)
+        with torch.no_grad():  # the inner loop re-enables the gradients it needs
+            task_loss, task_acc = algorithms.task_losses(
+                meta.algorithm, model, detached, detached_buffers, episode,
+                inner_lr=meta.inner_lr, inner_steps=meta.test_inner_steps, first_order=True,
+                vectorize=meta.vectorize,
+            )
+        losses.append(task_loss.detach().float().cpu())
+        accs.append(task_acc.detach().float().cpu())
+    return torch.cat(losses), torch.cat(accs)
+
+
+def _load_splits(data: DataConfig, splits: tuple[str, ...]) -> dict[str, FewShotDataset]:
+    options: dict[str, Any] = {"split_scheme": data.split_scheme}
+    if data.dataset == "omniglot":
+        options["rotations"] = data.rotations
+    return {
+        split: load_dataset(data.dataset, split, data_dir=data.data_dir, cache_dir=data.cache_dir, **options)
+        for split in splits
+    }
+
+
+def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    if model_config.name == "omniglot-fc":
+        kwargs["input_size"] = math.prod(image_shape)
+    else:
+        kwargs["hidden_size"] = model_config.hidden_size
+    if model_config.name == "omniglot-cnn":
+        kwargs["strided"] = model_config.strided
+    return build_model(model_config.name, ways, **kwargs)
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "metagrad": metagrad.__version__}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between iterations.
+
+    The first signal sets the flag and restores the previous handlers, so a second Ctrl-C interrupts
+    at once (without a final checkpoint). Handlers are installed only in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def check(self, where: str = "") -> None:
+        """Raise :class:`TrainingInterrupted` if a signal arrived (for phases with nothing to save)."""
+        if self.signum is not None:
+            raise TrainingInterrupted(f"{signal.Signals(self.signum).name} received {where}".strip(), self.signum)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What a checkpoint records about the run besides tensors."""
+
+    iteration: int = 0
+    best_val_accuracy: float | None = None
+    best_iteration: int | None = None
+    elapsed_s: float = 0.0  # wall time of the iterations done so far, over every resume
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_run_dir(preset: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{preset}-{stamp}"
+    suffix = 1
+    while path.exists():  # two runs started in the same second
+        path = Path("runs") / f"{preset}-{stamp}-{suffix}"
+        suffix += 1
+    return path
+
+
+def _check_run_dir(config: Config, resume: bool) -> Path:
+    """The run folder, after checking it suits ``resume``; nothing is written yet."""
+    if resume:
+        if config.run.run_dir is None:
+            raise ConfigError("--resume needs the run folder: metagrad train --resume --run-dir DIR")
+        run_dir = Path(config.run.run_dir)
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise ConfigError(
+                f"no run to resume in {run_dir} (it holds no {CONFIG_NAME}); "
+                f"start a new run with: metagrad train --run-dir {run_dir}"
+            )
+        saved = config_from_dict(load_config_file(run_dir / CONFIG_NAME), source=str(run_dir / CONFIG_NAME))
+        check_resume_compatible(saved, config)
+        return run_dir
+    run_dir = Path(config.run.run_dir) if config.run.run_dir is not None else _default_run_dir(config.preset)
+    if (run_dir / CONFIG_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, or pass another --run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
+    return run_dir
+
+
+def _create_run_dir(config: Config, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create run folder {run_dir}: {exc.strerror or exc}") from None
+    save_config(config, run_dir / CONFIG_NAME)
+
+
+def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Meta-train, validate and meta-test as ``config`` says, in a run folder.
+
+    Args:
+        config: the experiment (see :mod:`metagrad.training.config`).
+        resume: continue the run in ``config.run.run_dir`` from its latest checkpoint. ``config`` may
+            differ from the saved one only in settings that do not change the result
+            (``config.RESUMABLE_CHANGES``: device, data and cache folders, checkpoint and log frequency).
+        quiet: print nothing (no progress bar, no metric lines); the files are written all the same.
+
+    Returns:
+        The content of ``results.json``: test accuracy, its 95% CI, wall time, versions, ...
+
+    Raises:
+        ConfigError: a bad configuration, a device that is not available, a run folder that already
+            holds a run (without ``resume``) or holds none (with it).
+        DataError: the dataset is missing or corrupt.
+        TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
+        TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first.
+
+    Example:
+        >>> from metagrad.training import load_preset, run
+        >>> config = load_preset("omniglot-maml-5w1s")
+        >>> results = run(dataclasses.replace(config, meta=dataclasses.replace(config.meta, iterations=100)))
+
+    References:
+        Finn, Abbeel & Levine 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks".
+    """
+    run_dir = _check_run_dir(config, resume)
+    device = resolve_device(config.run.device)
+    data, meta = config.data, config.meta
+    # Data first: a missing dataset or an impossible task shape fails before the run folder exists.
+    datasets = _load_splits(data, ("train", "validation", "test"))
+    samplers = {
+        split: EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
+        for split, dataset in datasets.items()
+    }
+    if not resume:
+        _create_run_dir(config, run_dir)
+    logger.info("run folder %s, device %s", run_dir, device)
+
+    torch.manual_seed(config.run.seed)  # the model's initialization
+    model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
+    params: Params = dict(model.named_parameters())
+    buffers: Buffers = dict(model.named_buffers())
+    optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
+    generators = {"train": task_generator(config.run.seed, "train")}
+    state = _Progress()
+    offsets = None
+
+    checkpoint = load_checkpoint(run_dir / LATEST_NAME) if resume else None
+    if checkpoint is not None:
+        with torch.no_grad():
+            for name, tensor in checkpoint["params"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng_state(checkpoint["rng"], generators, device)
+        state = _Progress(**checkpoint["progress"])
+        offsets = checkpoint["metrics"]
+        logger.info("resuming %s from iteration %d", run_dir, state.iteration)
+    elif resume:
+        logger.warning("%s holds no checkpoint yet: starting its run from iteration 0", run_dir)
+
+    writer = MetricsWriter(run_dir, offsets)
+    try:
+        with _StopFlag() as stop:
+            with Progress(meta.iterations, state.iteration, config.run.log_every, enabled=not quiet) as progress:
+                _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers, state,
+                       writer, stop, progress)
+            results = _meta_test(config, run_dir, device, model, params, buffers, samplers["test"], state,
+                                 writer, stop, progress)
+    finally:
+        writer.close()
+    return results
+
+
+def _train(
+    config: Config,
+    run_dir: Path,
+    device: torch.device,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+    samplers: dict[str, EpisodeSampler],
+    state: _Progress,
+    writer: MetricsWriter,
+    stop: _StopFlag,
+    progress: Progress,
+) -> None:
+    meta, run_config = config.meta, config.run
+    latest = run_dir / LATEST_NAME
+
+    def write_checkpoint() -> None:
+        save_checkpoint(
+            {
+                "format": FORMAT_VERSION,
+                "iteration": state.iteration,
+                "params": {k: v.detach().cpu() for k, v in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": capture_rng_state(generators, device),
+                "metrics": writer.offsets(),
+                "progress": dataclasses.asdict(state),
+                "config": config_to_dict(config),
+                "versions": _versions(),
+            },
+            latest,
+        )
+
+    while state.iteration < meta.iterations:
+        iteration = state.iteration + 1
+        lr = learning_rate(meta, iteration)
+        start = time.perf_counter()
+        episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])
+        out = compute_meta_gradients(model, params, buffers, episode, meta)
+        loss = out.loss.item()
+        if not math.isfinite(loss):
+            saved = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was written yet"
+            raise TrainingError(
+                f"the meta-training loss is {loss} at iteration {iteration}: training stopped before that "
+                f"update, {saved}; try a smaller --meta-lr or --inner-lr"
+            )
+        apply_meta_update(optimizer, lr)
+        acc = out.task_accs.mean().item()
+        seconds = time.perf_counter() - start
+        state.iteration = iteration
+        state.elapsed_s += seconds
+        row = {"step": iteration, "split": "train", "loss": loss, "acc": acc, "sec_per_iter": seconds,
+               "tasks_per_sec": meta.meta_batch_size / seconds, "lr": lr}
+        writer.write(row)
+        progress.row(row)
+
+        if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
+            start = time.perf_counter()
+            losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
+                                        run_config.eval_tasks, task_generator(run_config.seed, "validation"))
+            seconds = time.perf_counter() - start
+            state.elapsed_s += seconds
+            row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
+                   "acc": accs.mean().item(), "tasks_per_sec": run_config.eval_tasks / seconds, "lr": lr}
+            writer.write(row)
+            progress.row(row)
+            if state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy:
+                state.best_val_accuracy, state.best_iteration = row["acc"], iteration
+                save_checkpoint(
+                    {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
+                     "params": {k: v.detach().cpu() for k, v in params.items()}},
+                    run_dir / BEST_NAME,
+                )
+
+        if (iteration % run_config.checkpoint_every == 0 or iteration == meta.iterations
+                or stop.signum is not None):
+            write_checkpoint()
+        if stop.signum is not None:
+            raise TrainingInterrupted(
+                f"{signal.Signals(stop.signum).name} received: stopped after iteration {iteration} and "
+                f"saved {latest}; continue with: metagrad train --resume --run-dir {run_dir}",
+                stop.signum,
+            )
+
+
+def _meta_test(
+    config: Config,
+    run_dir: Path,
+    device: torch.device,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    sampler: EpisodeSampler,
+    state: _Progress,
+    writer: MetricsWriter,
+    stop: _StopFlag,
+    progress: Progress,
+) -> dict[str, Any]:
+    best = load_checkpoint(run_dir / BEST_NAME)
+    checkpoint_name = "latest"
+    if best is not None:
+        checkpoint_name = "best"
+        with torch.no_grad():
+            for name, tensor in best["params"].items():
+                params[name].copy_(tensor)
+    start = time.perf_counter()
+    try:
+        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop)
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(
+            f"{exc} during the meta-test; training is complete and saved: "
+            f"metagrad train --resume --run-dir {run_dir} runs the meta-test again", exc.exit_code - 128
+        ) from None
+    seconds = time.perf_counter() - start
+    row = {"step": state.iteration, "split": "test", "loss": test["test_loss"], "acc": test["test_accuracy"],
+           "tasks_per_sec": config.run.test_tasks / seconds}
+    writer.write(row)
+    progress.row(row)
+    results = {
+        "preset": config.preset,
+        "algorithm": config.meta.algorithm,
+        "dataset": config.data.dataset,
+        "ways": config.data.ways,
+        "shots": config.data.shots,
+        "query_shots": config.data.query_shots,
+        "iterations": state.iteration,
+        **test,
+        "checkpoint": checkpoint_name,
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_iteration": state.best_iteration,
+        "wall_time_s": state.elapsed_s + seconds,
+        "device": str(device),
+        "seed": config.run.seed,
+        "versions": _versions(),
+        "run_dir": str(run_dir),
+    }
+    _write_json(run_dir / RESULTS_NAME, results)
+    logger.info("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s",
+                100 * test["test_accuracy"], 100 * test["test_ci95"], test["test_tasks"], run_dir / RESULTS_NAME)
+    return results
+
+
+def _test(
+    config: Config,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    sampler: EpisodeSampler,
+    num_tasks: int,
+    stop: _StopFlag | None = None,
+) -> dict[str, Any]:
+    losses, accs = _score_tasks(config, model, params, buffers, sampler, num_tasks,
+                                task_generator(config.run.seed, "test"), stop)
+    accuracy, ci95 = mean_ci95(accs)
+    return {
+        "test_accuracy": accuracy,
+        "test_ci95": ci95,
+        "test_loss": losses.double().mean().item(),
+        "test_tasks": num_tasks,
+        "test_inner_steps": config.meta.test_inner_steps,
+        "ci95_formula": CI95_FORMULA,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate_checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    run_dir: str | Path,
+    *,
+    checkpoint: str = "best",
+    test_tasks: int | None = None,
+    device: str | None = None,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Meta-test a run's checkpoint again and write ``eval_<checkpoint>.json`` in the run folder.
+
+    With the defaults this reproduces the run's ``results.json`` numbers (the same test tasks), and it
+    works on a run that is still going or was interrupted.
+
+    Args:
+        run_dir: the run folder.
+        checkpoint: ``"best"`` (best validation accuracy) or ``"latest"``.
+        test_tasks: number of test tasks; None takes the run's ``test_tasks``.
+        device: None takes the run's device setting.
+        data_dir: None takes the run's data folder setting.
+        cache_dir: None takes the run's cache folder setting.
+
+    Returns:
+        The evaluation: test accuracy, its 95% CI, the checkpoint's iteration, ...
+
+    Raises:
+        ConfigError: not a run folder, unknown checkpoint name, fewer than 2 test tasks, bad device.
+        TrainingError: the checkpoint (and its previous copy) is unreadable.
+    """
+    run_dir = Path(run_dir)
+    if checkpoint not in ("best", "latest"):
+        raise ConfigError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (it holds no {CONFIG_NAME})")
+    config = config_from_dict(load_config_file(run_dir / CONFIG_NAME), source=str(run_dir / CONFIG_NAME))
+    overrides = {"test_tasks": test_tasks, "device": device}
+    config = dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, **{k: v for k, v in overrides.items() if v is not None}),
+        data=dataclasses.replace(config.data, data_dir=data_dir or config.data.data_dir,
+                                 cache_dir=cache_dir or config.data.cache_dir),
+    )
+    config = config_from_dict(config_to_dict(config), source="eval options")  # checks the overrides
+    state = load_checkpoint(run_dir / f"{checkpoint}.pt")
+    if state is None:
+        raise ConfigError(f"{run_dir} holds no {checkpoint}.pt yet (no checkpoint was written)")
+
+    torch_device = resolve_device(config.run.device)
+    dataset = _load_splits(config.data, ("test",))["test"]
+    data = config.data
+    sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=torch_device)
+    model = _build_model(config.model, data.ways, dataset.image_shape).to(torch_device)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["params"].items():
+            params[name].copy_(tensor)
+    start = time.perf_counter()
+    with _StopFlag() as stop:
+        test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop)
+    evaluation = {
+        "preset": config.preset,
+        "checkpoint": checkpoint,
+        "checkpoint_iteration": state["iteration"],
+        **test,
+        "wall_time_s": time.perf_counter() - start,
+        "device": str(torch_device),
+        "versions": _versions(),
+    }
+    _write_json(run_dir / f"eval_{checkpoint}.json", evaluation)
+    return evaluation
