@@ -1,0 +1,318 @@
+"""The ``metagrad`` command: argparse -> config -> the library. Nothing else lives here.
+
+Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data download``, ``bench``.
+Errors the user can fix (:class:`~metagrad.errors.MetagradError`) print ``error: <message>`` on stderr,
+without a traceback, and exit with the error's code (2 for a bad configuration, 1 otherwise); argparse
+errors (an unknown option, a malformed number) exit 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import metagrad
+from metagrad.errors import ConfigError, MetagradError
+from metagrad.training.config import DEFAULT_PRESET, load_preset, parse_assignment, resolve_config
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("metagrad")
+
+# (flag, config key, type, help). Defaults come from the preset; the help shows the default preset's value.
+_TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--ways", "data.ways", int, "N: classes per task"),
+    ("--shots", "data.shots", int, "K: support samples per class"),
+    ("--query-shots", "data.query_shots", int, "Q: query samples per class"),
+    ("--algorithm", "meta.algorithm", str, "maml, fomaml or anil"),
+    ("--meta-batch-size", "meta.meta_batch_size", int, "tasks per outer step"),
+    ("--inner-lr", "meta.inner_lr", float, "inner-loop (adaptation) step size"),
+    ("--inner-steps", "meta.inner_steps", int, "inner steps in meta-training"),
+    ("--test-inner-steps", "meta.test_inner_steps", int, "inner steps on validation and test tasks"),
+    ("--meta-lr", "meta.meta_lr", float, "Adam learning rate of the outer loop"),
+    ("--lr-schedule", "meta.lr_schedule", str, "outer learning-rate schedule: constant or cosine"),
+    ("--iterations", "meta.iterations", int, "outer steps"),
+    ("--seed", "run.seed", int, "seed of the model initialization and of every task stream"),
+    ("--eval-every", "run.eval_every", int, "validate every this many iterations"),
+    ("--eval-tasks", "run.eval_tasks", int, "validation tasks per evaluation"),
+    ("--test-tasks", "run.test_tasks", int, "meta-test tasks at the end"),
+    ("--checkpoint-every", "run.checkpoint_every", int, "write latest.pt every this many iterations"),
+    ("--log-every", "run.log_every", int, "without a terminal, print a progress line every this many iterations"),
+]
+_TRAIN_SWITCHES: list[tuple[str, str, str]] = [
+    ("--first-order", "meta.first_order", "first-order meta-gradient (no second derivatives)"),
+    ("--vectorize", "meta.vectorize", "vmap the meta-batch (--no-vectorize: one task at a time)"),
+]
+
+
+def _default_of(key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(load_preset(DEFAULT_PRESET), section), name)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("configuration (preset < --config file < single options)")
+    source.add_argument("--preset", metavar="NAME",
+                        help=f"named preset (default: the config file's preset, else {DEFAULT_PRESET}); "
+                             "see src/metagrad/configs/ or any wrong name for the list")
+    source.add_argument("--config", metavar="FILE",
+                        help="TOML file with [data] [model] [meta] [run] tables, or a run's config.json "
+                             "(repeats that run in a new folder)")
+    source.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="assignments",
+                        help="set any config value, e.g. --set model.hidden_size=32 (repeatable)")
+    folders = parser.add_argument_group("folders and device")
+    folders.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder "
+                                            "where the data is downloaded)")
+    folders.add_argument("--cache-dir", help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
+                                             "$XDG_CACHE_HOME/metagrad)")
+    folders.add_argument("--run-dir", help="run folder (default: runs/<preset>-<timestamp>)")
+    folders.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, then mps, then cpu)")
+    options = parser.add_argument_group(f"experiment options (default: the preset's value; {DEFAULT_PRESET}'s shown)")
+    for flag, key, kind, text in _TRAIN_OPTIONS:
+        options.add_argument(flag, type=kind, metavar=kind.__name__.upper(), dest=key,
+                             help=f"{text} ({DEFAULT_PRESET}: {_default_of(key)})")
+    for flag, key, text in _TRAIN_SWITCHES:
+        options.add_argument(flag, action=argparse.BooleanOptionalAction, dest=key,
+                             help=f"{text} ({DEFAULT_PRESET}: {str(_default_of(key)).lower()})")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {key: getattr(args, key) for _, key, _, _ in _TRAIN_OPTIONS}
+    overrides.update({key: getattr(args, key) for _, key, _ in _TRAIN_SWITCHES})
+    overrides.update({"data.data_dir": args.data_dir, "data.cache_dir": args.cache_dir,
+                      "run.run_dir": args.run_dir, "run.device": args.device})
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    overrides.update(parse_assignment(text) for text in args.assignments)
+    return overrides
+
+
+# --------------------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metagrad.training.loop import CONFIG_NAME, run
+
+    config_file = args.config
+    if args.resume:
+        if args.run_dir is None:
+            raise ConfigError("--resume needs the run folder: metagrad train --resume --run-dir DIR")
+        if args.config is not None:
+            raise ConfigError("--resume continues the run with its own config.json; drop --config")
+        config_file = Path(args.run_dir) / CONFIG_NAME
+        if not config_file.is_file():
+            raise ConfigError(
+                f"no run to resume in {args.run_dir} (it holds no {CONFIG_NAME}); "
+                f"start a new run with: metagrad train --run-dir {args.run_dir}"
+            )
+    config = resolve_config(preset=args.preset, config_file=config_file, overrides=_overrides(args))
+    results = run(config, resume=args.resume, quiet=args.quiet)
+    print(f"test accuracy {100 * results['test_accuracy']:.2f}% ± {100 * results['test_ci95']:.2f}% "
+          f"(95% CI over {results['test_tasks']} tasks); run folder {results['run_dir']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from metagrad.training.loop import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.run_dir, checkpoint=args.checkpoint, test_tasks=args.test_tasks,
+                                 device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    print(f"{args.run_dir} ({args.checkpoint}.pt, iteration {result['checkpoint_iteration']}): test accuracy "
+          f"{100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
+          f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from metagrad.plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from metagrad.training.report import find_runs, results_table
+
+    print(results_table(find_runs(args.paths)))
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from metagrad.data.datasets import dataset_info
+
+    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    print(f"dataset: {info.get('dataset', args.name)}")
+    for key, value in info.items():
+        if key in ("dataset", "splits"):
+            continue
+        print(f"{key}: {' x '.join(map(str, value)) if key == 'image_shape' else value}")
+    for split, facts in info.get("splits", {}).items():
+        details = ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in facts.items())
+        print(f"  {split}: {details}")
+    if args.json:
+        print(json.dumps(info))
+    return 0
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from metagrad.data.datasets import download
+
+    print(download(args.name, data_dir=args.data_dir))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from metagrad import bench
+    except ModuleNotFoundError as exc:
+        if exc.name != "metagrad.bench":
+            raise
+        raise MetagradError("metagrad bench is not available: this installation has no metagrad.bench module") from None
+    overrides = {"run.device": args.device} if args.device is not None else {}
+    config = resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    bench.run_bench(config, iterations=args.iterations, json_output=args.json)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser and entry point
+# --------------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` where an option has a default of its own; keeps descriptions' line breaks.
+
+    Options whose default comes from the preset or the environment say so in their help text instead.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``metagrad`` argument parser (all subcommands)."""
+    parser = argparse.ArgumentParser(
+        prog="metagrad", formatter_class=_HelpFormatter,
+        description="Gradient-based meta-learning (MAML, first-order MAML, ANIL) for few-shot vision.",
+    )
+    parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train", formatter_class=_HelpFormatter, help="meta-train, validate and meta-test in a run folder",
+        description="Meta-train, validate and meta-test in a run folder (config.json, metrics.jsonl/csv, "
+                    "latest.pt, best.pt, results.json).\n\nexamples:\n"
+                    "  metagrad train --data-dir DATA                   # MAML, Omniglot 5-way 1-shot\n"
+                    "  metagrad train --preset omniglot-anil-20w1s --iterations 1000\n"
+                    "  metagrad train --config runs/X/config.json       # repeat a run in a new folder\n"
+                    "  metagrad train --resume --run-dir runs/X         # continue an interrupted run",
+    )
+    _add_train_options(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its latest checkpoint")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no metric lines")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("eval", formatter_class=_HelpFormatter,
+                                   help="meta-test a run's checkpoint again (writes eval_<checkpoint>.json)")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                          help="best validation accuracy, or the latest checkpoint")
+    evaluate.add_argument("--test-tasks", type=int, metavar="INT", help="test tasks (default: the run's)")
+    evaluate.add_argument("--device", help="device (default: the run's setting)")
+    evaluate.add_argument("--data-dir", help="dataset folder (default: the run's setting)")
+    evaluate.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's setting)")
+    evaluate.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    plot = commands.add_parser("plot", formatter_class=_HelpFormatter,
+                               help="learning curves (loss and accuracy) of a run as a PNG")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--output", metavar="PNG", help="output file (default: RUN_DIR/learning_curves.png)")
+    plot.set_defaults(func=_cmd_plot)
+
+    results = commands.add_parser("results", formatter_class=_HelpFormatter,
+                                  help="Markdown table of run folders' test results")
+    results.add_argument("paths", nargs="*", default=["runs"], metavar="PATH",
+                         help="run folders, or folders of runs")
+    results.set_defaults(func=_cmd_results)
+
+    data = commands.add_parser("data", formatter_class=_HelpFormatter, help="inspect or download a dataset")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    info = data_commands.add_parser("info", formatter_class=_HelpFormatter, help="facts about a dataset")
+    info.add_argument("name", metavar="NAME", help="omniglot or mini-imagenet")
+    info.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
+    info.add_argument("--cache-dir", help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
+                                          "$XDG_CACHE_HOME/metagrad)")
+    info.add_argument("--json", action="store_true", help="also print the facts as one JSON object, last line")
+    info.set_defaults(func=_cmd_data_info)
+    fetch = data_commands.add_parser("download", formatter_class=_HelpFormatter,
+                                     help="download and verify a dataset")
+    fetch.add_argument("name", metavar="NAME", help="omniglot (Mini-ImageNet has no stable download)")
+    fetch.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
+    fetch.set_defaults(func=_cmd_data_download)
+
+    bench = commands.add_parser("bench", formatter_class=_HelpFormatter,
+                                help="time meta-training steps of a preset on random data")
+    bench.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME", help="preset whose shapes are timed")
+    bench.add_argument("--config", metavar="FILE", help="TOML or JSON config on top of the preset")
+    bench.add_argument("--iterations", type=int, default=20, metavar="INT", help="timed iterations after warm-up")
+    bench.add_argument("--device", help="device (default: the preset's, auto)")
+    bench.add_argument("--json", action="store_true", help="print the result as one JSON object, last line")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``metagrad`` command.
+
+    Args:
+        argv: the arguments after the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, the error's ``exit_code`` for a :class:`MetagradError`,
+        2 for a command-line error, 128 + N when signal N stopped training (after a checkpoint).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
+        return exc.code if isinstance(exc.code, int) else 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelFormatter("%(message)s"))
+    logger.addHandler(handler)
+    previous_level = logger.level
+    quiet = getattr(args, "quiet", False)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
+    try:
+        return args.func(args)
+    except MetagradError as exc:
+        from metagrad.training.loop import TrainingInterrupted
+
+        prefix = "interrupted" if isinstance(exc, TrainingInterrupted) else "error"
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)

@@ -1,0 +1,78 @@
+"""A Markdown table of run folders' results (``metagrad results``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from metagrad.errors import ConfigError
+from metagrad.training.config import resolve_config
+from metagrad.training.metrics import read_metrics
+
+__all__ = ["find_runs", "results_table"]
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders among ``paths``: each path is a run folder, or a folder whose subfolders are runs.
+
+    Raises:
+        ConfigError: a path does not exist, or holds no run folder at all.
+    """
+    runs: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a folder; pass run folders or a folder of runs (default: runs/)")
+        if (path / "config.json").is_file():
+            runs.append(path)
+            continue
+        found = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        if not found:
+            raise ConfigError(f"{path} holds no run folder (no config.json in it or its subfolders)")
+        runs.extend(found)
+    return runs
+
+
+def _row(run_dir: Path) -> dict[str, Any]:
+    try:
+        config = resolve_config(config_file=run_dir / "config.json")
+    except ConfigError as exc:
+        return {"run": run_dir.name, "preset": "?", "accuracy": f"(invalid config.json: {exc})",
+                "iterations": "", "wall": "", "device": ""}
+    row: dict[str, Any] = {"run": run_dir.name, "preset": config.preset}
+    results_path = run_dir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        row.update(
+            accuracy=f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}",
+            iterations=str(results["iterations"]),
+            wall=_duration(results["wall_time_s"]),
+            device=results["device"],
+        )
+        return row
+    # A run still going or interrupted: report how far it got.
+    try:
+        steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
+    except FileNotFoundError:
+        steps = []
+    row.update(accuracy="(not tested)", iterations=f"{steps[-1] if steps else 0}/{config.meta.iterations}",
+               wall="", device="")
+    return row
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def results_table(run_dirs: list[Path]) -> str:
+    """A Markdown table with one row per run: preset, test accuracy ± 95% CI (%), iterations, wall time, device."""
+    header = ["run", "preset", "test accuracy (%) ± 95% CI", "iterations", "wall time", "device"]
+    keys = ["run", "preset", "accuracy", "iterations", "wall", "device"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for run_dir in run_dirs:
+        row = _row(run_dir)
+        lines.append("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""The ``metagrad`` command: train, eval, plot and results end to end; data, bench; every bad configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from metagrad import cli
+from metagrad.training import loop
+from metagrad.training.metrics import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent / "training"))
+from tiny_run import fake_load_dataset
+
+TINY = ["--ways", "3", "--shots", "1", "--query-shots", "2", "--set", "model.hidden_size=8",
+        "--meta-batch-size", "4", "--test-inner-steps", "2", "--eval-every", "2", "--eval-tasks", "4",
+        "--test-tasks", "6", "--device", "cpu"]
+"""Options that make ``metagrad train`` a run of a second on the tiny dataset."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/training/conftest.py
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fake_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+
+
+def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_eval_plot_results_end_to_end(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "runs" / "first"
+    code, out, err = _main(capsys, "train", *TINY, "--iterations", "3", "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert f"run folder {run_dir}" in out and "test accuracy" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["iterations"], results["test_tasks"], results["ways"]) == (3, 6, 3)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["meta"]["iterations"] == 3 and config["model"]["hidden_size"] == 8
+
+    code, out, err = _main(capsys, "eval", str(run_dir), "--json")
+    assert code == 0, err
+    evaluation = json.loads(out.splitlines()[-1])
+    assert evaluation["test_accuracy"] == results["test_accuracy"]  # the same test tasks, the same model
+    assert "test accuracy" in out.splitlines()[0] and (run_dir / "eval_best.json").exists()
+    code, out, err = _main(capsys, "eval", str(run_dir), "--checkpoint", "latest", "--test-tasks", "4")
+    assert code == 0 and "latest.pt, iteration 3" in out and "4 tasks" in out
+
+    code, out, err = _main(capsys, "plot", str(run_dir))
+    assert code == 0, err
+    png = run_dir / "learning_curves.png"
+    assert out.strip() == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    # A second, unfinished run: results shows how far it got.
+    (tmp_path / "runs" / "second").mkdir()
+    (tmp_path / "runs" / "second" / "config.json").write_text(json.dumps({"preset": "omniglot-anil-5w1s"}))
+    code, out, err = _main(capsys, "results", str(tmp_path / "runs"))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "| run | preset | test accuracy (%) ± 95% CI | iterations | wall time | device |"
+    acc = f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}"
+    assert lines[2].startswith(f"| first | omniglot-maml-5w1s | {acc} | 3 | ") and lines[2].endswith(" | cpu |")
+    assert lines[3] == "| second | omniglot-anil-5w1s | (not tested) | 0/60000 |  |  |"
+
+
+def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    assert _main(capsys, "train", *TINY, "--iterations", "4", "--run-dir", str(reference))[0] == 0
+
+    real, calls = loop.compute_meta_gradients, {"n": 0}
+
+    def interrupt_at_3(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        return real(*args)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "compute_meta_gradients", interrupt_at_3)
+        code, out, err = _main(capsys, "train", *TINY, "--iterations", "4", "--run-dir", str(run_dir))
+    assert code == 130
+    assert f"interrupted: SIGINT received: stopped after iteration 3 and saved {run_dir / 'latest.pt'}" in err
+    assert "Traceback" not in err
+
+    code, out, err = _main(capsys, "train", "--resume", "--run-dir", str(run_dir), "--device", "cpu")
+    assert code == 0, err
+    assert "resuming" in err
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
+    assert ours["test_accuracy"] == theirs["test_accuracy"] and ours["test_loss"] == theirs["test_loss"]
+    strip = [{k: v for k, v in r.items() if k not in ("sec_per_iter", "tasks_per_sec")} for r in
+             read_metrics(run_dir)]
+    assert strip == [{k: v for k, v in r.items() if k not in ("sec_per_iter", "tasks_per_sec")} for r in
+                     read_metrics(reference)]
+
+
+def test_config_file_then_flags(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture) -> None:
+    file = tmp_path / "exp.toml"
+    file.write_text('preset = "omniglot-anil-5w5s"\n[meta]\niterations = 2\ninner_lr = 0.3\n')
+    code, out, err = _main(capsys, "train", "--config", str(file), *TINY, "--inner-lr", "0.2",
+                           "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["preset"] == "omniglot-anil-5w5s" and config["meta"]["algorithm"] == "anil"
+    assert config["meta"]["iterations"] == 2 and config["meta"]["inner_lr"] == 0.2
+    assert config["data"]["shots"] == 1  # the flag beats the preset's 5
+
+
+BAD_TRAIN_ARGS = [
+    (["--preset", "omniglot-maml-5w3s"], "error: unknown preset 'omniglot-maml-5w3s'; valid presets: "
+                                         "mini-imagenet-anil-5w1s, "),
+    (["--inner-lr", "0"], "error: meta.inner_lr (--inner-lr) must be positive, got 0.0"),
+    (["--inner-lr", "-0.1"], "error: meta.inner_lr (--inner-lr) must be positive, got -0.1"),
+    (["--meta-lr", "0"], "error: meta.meta_lr (--meta-lr) must be positive"),
+    (["--inner-steps", "0"], "error: meta.inner_steps (--inner-steps) must be positive"),
+    (["--test-inner-steps", "-1"], "error: meta.test_inner_steps (--test-inner-steps) must be positive"),
+    (["--ways", "0"], "error: data.ways (--ways) must be positive"),
+    (["--shots", "0"], "error: data.shots (--shots) must be positive"),
+    (["--query-shots", "-2"], "error: data.query_shots (--query-shots) must be positive"),
+    (["--iterations", "0"], "error: meta.iterations (--iterations) must be positive"),
+    (["--meta-batch-size", "0"], "error: meta.meta_batch_size (--meta-batch-size) must be positive"),
+    (["--eval-every", "0"], "error: run.eval_every (--eval-every) must be positive"),
+    (["--checkpoint-every", "0"], "error: run.checkpoint_every (--checkpoint-every) must be positive"),
+    (["--test-tasks", "1"], "error: run.test_tasks (--test-tasks) must be at least 2"),
+    (["--device", "tpu"], "error: unknown device 'tpu'"),
+    (["--algorithm", "reptile"], "error: unknown algorithm 'reptile'; valid algorithms: maml, fomaml, anil"),
+    (["--set", "meta.inner_lrr=0.1"], "error: unknown setting meta.inner_lrr"),
+    (["--set", "inner_lr"], "error: --set expects SECTION.KEY=VALUE"),
+    (["--config", "/nonexistent/exp.toml"], "error: cannot read config file /nonexistent/exp.toml"),
+    (["--resume"], "error: no run to resume in "),
+    (["--ways", "11"], "error: ways=11 but split 'train' of tiny has only 10 classes"),
+    (["--shots", "10", "--query-shots", "11"], "error: shots + query_shots = 10 + 11 = 21"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_TRAIN_ARGS)
+def test_bad_configuration_exits_2_with_one_message(
+    tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    code, out, err = _main(capsys, "train", "--device", "cpu", "--run-dir", str(run_dir), *argv)
+    assert code == 2
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+    assert not run_dir.exists()  # nothing written
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _main(capsys, "train", "--resume", "--run-dir", str(tmp_path))
+    assert code == 2
+    assert err == (f"error: no run to resume in {tmp_path} (it holds no config.json); start a new run with: "
+                   f"metagrad train --run-dir {tmp_path}\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--bogus"], ["train", "--inner-lr", "abc"], ["train", "--seed", "1.5"], ["fly"], [],
+     ["eval"], ["eval", "x", "--checkpoint", "first"], ["data"], ["data", "info"]],
+)
+def test_command_line_errors_exit_2(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
+    code, out, err = _main(capsys, *argv)
+    assert code == 2
+    assert "usage: metagrad" in err and "Traceback" not in err
+
+
+def test_help_documents_every_option_with_its_default(capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _main(capsys, "train", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for option in ("--preset", "--config", "--data-dir", "--run-dir", "--device", "--seed", "--ways", "--shots",
+                   "--query-shots", "--meta-batch-size", "--inner-lr", "--inner-steps", "--test-inner-steps",
+                   "--meta-lr", "--iterations", "--first-order", "--eval-every", "--test-tasks",
+                   "--checkpoint-every", "--resume"):
+        assert option in text, option
+    for default in ("omniglot-maml-5w1s: 0.4)", "omniglot-maml-5w1s: 60000)", "omniglot-maml-5w1s: 600)",
+                    "else omniglot-maml-5w1s", "default: runs/<preset>-<timestamp>", "$METAGRAD_DATA"):
+        assert default in text, default
+    for command in ("eval", "plot", "results", "bench"):
+        assert _main(capsys, command, "--help")[0] == 0
+
+
+def test_eval_plot_results_of_missing_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert _main(capsys, "eval", str(tmp_path)) == (
+        2, "", f"error: {tmp_path} is not a run folder (it holds no config.json)\n")
+    assert _main(capsys, "plot", str(tmp_path)) == (
+        2, "", f"error: {tmp_path} holds no metrics.jsonl: is it a run folder?\n")
+    assert _main(capsys, "results", str(tmp_path)) == (
+        2, "", f"error: {tmp_path} holds no run folder (no config.json in it or its subfolders)\n")
+    assert _main(capsys, "results", str(tmp_path / "nope"))[0] == 2
+
+
+def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                tmp_path: Path) -> None:
+    from metagrad.data import datasets
+
+    info = {"dataset": "omniglot", "image_shape": [1, 28, 28],
+            "splits": {"train": {"classes": 1100, "images_per_class": 20},
+                       "validation": {"classes": 100, "images_per_class": 20},
+                       "test": {"classes": 423, "images_per_class": 20}},
+            "root": str(tmp_path)}
+    calls = []
+    monkeypatch.setattr(datasets, "dataset_info", lambda name, **kw: calls.append((name, kw)) or info)
+    monkeypatch.setattr(datasets, "download", lambda name, **kw: calls.append((name, kw)) or tmp_path / name)
+
+    code, out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", "D", "--cache-dir", "C", "--json")
+    assert code == 0 and calls[-1] == ("omniglot", {"data_dir": "D", "cache_dir": "C"})
+    assert json.loads(out.splitlines()[-1]) == info
+    assert "image_shape: 1 x 28 x 28" in out and "train: 1100 classes, 20 images per class" in out
+    code, out, err = _main(capsys, "data", "info", "omniglot")
+    assert code == 0 and not out.splitlines()[-1].startswith("{")
+    code, out, err = _main(capsys, "data", "download", "omniglot", "--data-dir", "D")
+    assert code == 0 and out == f"{tmp_path / 'omniglot'}\n" and calls[-1] == ("omniglot", {"data_dir": "D"})
+
+
+def test_data_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _main(capsys, "data", "info", "cifar", "--data-dir", str(tmp_path))
+    assert code == 2 and err.startswith("error: unknown dataset 'cifar'") and "Traceback" not in err
+    code, out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", str(tmp_path / "empty"))
+    assert code == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_bench_calls_run_bench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    calls = []
+    fake = types.ModuleType("metagrad.bench")
+    fake.run_bench = lambda config, **kwargs: calls.append((config, kwargs)) or {}
+    monkeypatch.setitem(sys.modules, "metagrad.bench", fake)
+    code, out, err = _main(capsys, "bench", "--preset", "omniglot-anil-20w1s", "--iterations", "3",
+                           "--device", "cpu", "--json")
+    assert code == 0, err
+    (config, kwargs), = calls
+    assert config.preset == "omniglot-anil-20w1s" and config.run.device == "cpu"
+    assert kwargs == {"iterations": 3, "json_output": True}
+
+
+def test_bench_without_its_module(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "metagrad.bench", None)  # makes the import fail
+    code, out, err = _main(capsys, "bench")
+    assert code == 1 and err == "error: metagrad bench is not available: this installation has no " \
+                                "metagrad.bench module\n"
+
+
+def test_python_dash_m_metagrad(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "metagrad", "train", "--preset", "nope", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: unknown preset 'nope'; valid presets: ") and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "metagrad", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("metagrad ")
