@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from data_builders import (
     REAL_DATA_DIR,
     SMALL_COUNTS,
@@ -23,6 +21,7 @@ from data_builders import (
     write_omniglot_folders,
     write_omniglot_zips,
 )
+from PIL import Image
 
 from metagrad.data import EpisodeSampler, dataset_info, load_dataset, omniglot
 from metagrad.errors import DataError
@@ -247,13 +246,17 @@ def test_cache_with_wrong_contents_is_rebuilt(small_omniglot: Path, tmp_path: Pa
     assert images.shape[0] == 10 and "rebuilding" in caplog.text
 
 
-def test_stale_cache_after_source_change(small_omniglot: Path, tmp_path: Path) -> None:
+def test_stale_cache_is_rebuilt_in_place(small_omniglot: Path, tmp_path: Path, caplog, monkeypatch) -> None:
     root = small_omniglot / "omniglot"
     load_small(root, tmp_path / "cache")
     archive = root / "images_background.zip"
-    os.utime(archive, ns=(time.time_ns(), archive.stat().st_mtime_ns + 10**9))
-    load_small(root, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("omniglot-*.pt"))) == 2  # a new key, so a new cache
+    os.utime(archive, ns=(time.time_ns(), archive.stat().st_mtime_ns + 10**9))  # the source changed
+    decoded = []
+    monkeypatch.setattr(omniglot, "_decode", lambda *a, real=omniglot._decode: decoded.append(1) or real(*a))
+    with caplog.at_level(logging.WARNING):
+        load_small(root, tmp_path / "cache")
+    assert decoded and "is stale" in caplog.text
+    assert len(list((tmp_path / "cache").glob("omniglot-*.pt"))) == 1  # overwritten, not piled up
 
 
 def test_unwritable_cache_folder_only_warns(small_omniglot: Path, tmp_path: Path, caplog) -> None:
@@ -378,7 +381,7 @@ def test_real_omniglot_pixels_match_learn2learn(real_omniglot) -> None:
     root = omniglot.find_root(data_dir)
     images, names = omniglot.load_images(root, cache)
     with zipfile.ZipFile(root / "images_evaluation.zip") as zf:
-        entry = sorted(n for n in zf.namelist() if n.startswith("images_evaluation/ULOG/character26/"))[-1]
+        entry = max(n for n in zf.namelist() if n.startswith("images_evaluation/ULOG/character26/"))
         expected = reference_pixels(zf.read(entry))
     assert names[-1] == "ULOG/character26"
     np.testing.assert_array_equal(images[-1, -1, 0].numpy(), expected)

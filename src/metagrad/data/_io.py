@@ -68,21 +68,34 @@ def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE
     return digest.hexdigest()
 
 
+def cache_file(cache_dir: Path, prefix: str, source: Path) -> Path:
+    """The cache file for data read from ``source``: one per source folder, overwritten when stale."""
+    where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / f"{prefix}-{where}.pt"
+
+
 def load_cache(path: Path, key: str) -> dict[str, Any] | None:
     """Read a cache file written by :func:`save_cache`; ``None`` when absent, stale or corrupt.
 
     Loading uses ``torch.load(weights_only=True)``, which admits only tensors and plain containers,
-    so a tampered cache cannot run code. A corrupt or stale file is reported once and rebuilt.
+    so a tampered cache cannot run code. A stale or corrupt file is reported and then rebuilt.
+
+    Args:
+        path: the cache file.
+        key: the :func:`fingerprint` of the source files now; a cache built from other files is stale.
     """
     if not path.is_file():
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any failure to read means "rebuild", never "crash"
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways; each one means "rebuild"
         logger.warning("cache %s is unreadable (%s); rebuilding it", path, exc)
         return None
-    if not isinstance(payload, dict) or payload.get("key") != key or payload.get("version") != CACHE_FORMAT_VERSION:
-        logger.warning("cache %s does not match its source files; rebuilding it", path)
+    if not isinstance(payload, dict) or payload.get("version") != CACHE_FORMAT_VERSION:
+        logger.warning("cache %s has another format (an older metagrad?); rebuilding it", path)
+        return None
+    if payload.get("key") != key:
+        logger.warning("cache %s is stale (the source files changed since it was built); rebuilding it", path)
         return None
     return payload
 

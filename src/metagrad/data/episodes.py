@@ -94,9 +94,10 @@ class EpisodeSampler:
         """
         t = _check_count("num_tasks", num_tasks)
         n, k, q = self.ways, self.shots, self.query_shots
-        # A random permutation per row is the argsort of uniform noise; keep its first entries.
-        classes = torch.rand(t, self._num_classes, generator=generator).argsort(dim=1)[:, :n]  # (T, N)
-        samples = torch.rand(t, n, self._per_class, generator=generator).argsort(dim=2)[:, :, : k + q]  # (T, N, K+Q)
+        # The indices of the n largest of C uniform keys are n distinct classes in uniformly random order:
+        # the first n entries of a random permutation, without sorting all C keys (topk, not argsort).
+        classes = torch.rand(t, self._num_classes, generator=generator).topk(n, dim=1).indices  # (T, N)
+        samples = torch.rand(t, n, self._per_class, generator=generator).topk(k + q, dim=2).indices  # (T, N, K+Q)
         flat = (classes.unsqueeze(2) * self._per_class + samples).to(self.device)  # (T, N, K+Q) image indices
         support = flat[:, :, :k].reshape(t, n * k)  # (T, N, K) -> (T, N*K): a class's samples consecutive
         query = flat[:, :, k:].reshape(t, n * q)  # (T, N, Q) -> (T, N*Q)

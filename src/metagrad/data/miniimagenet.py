@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -101,8 +102,11 @@ def source_of(root: Path, split: str) -> tuple[str, Path]:
         return "pickle", pickle_path
     if csv_path.is_file():
         return "csv", csv_path
-    where = f"{root} does not exist" if not root.exists() else f"{root} has neither {pickle_path.name} nor {csv_path.name}"
-    raise DataError(f"Mini-ImageNet split '{split}' not found: {where}. {sources_hint(root)}")
+    missing = " (the folder does not exist)" if not root.exists() else ""
+    raise DataError(
+        f"Mini-ImageNet split '{split}' not found: no {pickle_path.name} or {csv_path.name} in {root}{missing}. "
+        + sources_hint(root)
+    )
 
 
 def _check_counts(path: Path, split: str, class_sizes: dict[str, int], counts: Counts) -> None:
@@ -208,7 +212,7 @@ def _load_csv(path: Path, split: str, cache_dir: Path, counts: Counts) -> tuple[
     files = [folder / f for name in names for f in classes[name]]
     stats = [(str(Path(IMAGES_FOLDER) / f), _stat(folder / f, path)) for name in names for f in classes[name]]
     key = _io.fingerprint([(path.name, path.stat()), *stats])
-    cache = cache_dir / f"mini-imagenet-{split}-{key[:20]}.pt"
+    cache = _io.cache_file(cache_dir, f"mini-imagenet-{split}", path.parent)
     cached = _io.load_cache(cache, key)
     shape = (len(names), counts.images, 3, IMAGE_SIZE, IMAGE_SIZE)
     if cached is not None:
@@ -229,7 +233,7 @@ def _load_csv(path: Path, split: str, cache_dir: Path, counts: Counts) -> tuple[
     return images, names
 
 
-def _stat(file: Path, csv_path: Path):
+def _stat(file: Path, csv_path: Path) -> os.stat_result:
     try:
         return file.stat()
     except FileNotFoundError:

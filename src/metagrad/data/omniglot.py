@@ -9,7 +9,7 @@ downloaded archives are checked against the official MD5s.
 Decoding happens once: every PNG is read straight out of its archive, converted to grayscale, resized
 to 28x28 with Lanczos (as the MAML paper and learn2learn do) and inverted so ink is 255 and background
 0 (learn2learn's ``1 - ToTensor()``). The result, one uint8 tensor (1623, 20, 1, 28, 28), is cached in
-the cache folder and reused until the source files change.
+the cache folder (one file per data folder) and rebuilt when the source files change.
 
 Class order (fixed): ``images_background`` then ``images_evaluation``; within each, alphabets sorted by
 name, then character folders sorted by name (``Alphabet_of_the_Magi/character01`` is class 0,
@@ -107,10 +107,6 @@ class _Listing:
     @property
     def class_names(self) -> list[str]:
         return [f"{alphabet}/{character}" for s in self.sets for alphabet, character in s.characters]
-
-    @property
-    def alphabets(self) -> list[str]:
-        return [alphabet for s in self.sets for alphabet, _ in s.characters]
 
 
 def _manual_hint(root: Path) -> str:
@@ -263,8 +259,9 @@ def _cache_key(listing: _Listing) -> str:
     return _io.fingerprint([(f"{FOLDER}/{name}", st) for s in listing.sets for name, st in s.stats])
 
 
-def cache_path(listing: _Listing, cache_dir: Path) -> Path:
-    return cache_dir / f"omniglot-{_cache_key(listing)[:20]}.pt"
+def cache_path(root: Path, cache_dir: Path) -> Path:
+    """Where the decoded tensor of the data under ``root`` is cached."""
+    return _io.cache_file(cache_dir, "omniglot", root)
 
 
 def _decode_png(data: bytes, entry: str) -> np.ndarray:
@@ -325,8 +322,8 @@ def load_images(root: Path, cache_dir: Path, *, counts: Counts | None = None) ->
     counts = counts or OFFICIAL_COUNTS
     listing = list_images(root, counts)
     names = listing.class_names
-    path = cache_path(listing, cache_dir)
-    cached = _io.load_cache(path, _cache_key(listing))
+    path, key = cache_path(root, cache_dir), _cache_key(listing)
+    cached = _io.load_cache(path, key)
     if cached is not None:
         images = cached.get("images")
         shape = (counts.characters, counts.drawings, 1, IMAGE_SIZE, IMAGE_SIZE)
@@ -337,7 +334,7 @@ def load_images(root: Path, cache_dir: Path, *, counts: Counts | None = None) ->
         logger.warning("cache %s holds unexpected contents; rebuilding it", path)
     logger.info("decoding Omniglot from %s (once; cached in %s)", root, path)
     images = _decode(listing, counts)
-    _io.save_cache(path, _cache_key(listing), images=images, class_names=names)
+    _io.save_cache(path, key, images=images, class_names=names)
     return images, names
 
 
@@ -399,7 +396,7 @@ def info(root: Path, cache_dir: Path, *, split_scheme: str = "maml") -> dict:
 
     Returns:
         ``{"dataset", "image_shape", "splits": {split: {"classes", "images_per_class"}}, "split_scheme",
-        "root", "sources", "cached"}``, counting characters before rotation.
+        "root", "sources", "cache", "cached"}``, counting characters before rotation.
     """
     listing = list_images(root)
     splits = split_classes(listing.class_names, split_scheme)
@@ -413,5 +410,6 @@ def info(root: Path, cache_dir: Path, *, split_scheme: str = "maml") -> dict:
         "split_scheme": split_scheme,
         "root": str(root),
         "sources": [str(s.path) for s in listing.sets],
-        "cached": cache_path(listing, cache_dir).is_file(),
+        "cache": str(cache_path(root, cache_dir)),
+        "cached": cache_path(root, cache_dir).is_file(),
     }

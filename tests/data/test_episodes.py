@@ -1,0 +1,118 @@
+"""EpisodeSampler: task invariants, reproducibility and shape validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metagrad.data import EpisodeSampler, FewShotDataset
+from metagrad.errors import ConfigError
+
+CLASSES, PER_CLASS = 12, 20
+
+
+@pytest.fixture
+def tagged_dataset() -> FewShotDataset:
+    """Every image says where it comes from: pixel (0, 0) = class, pixel (0, 1) = sample index."""
+    images = torch.randint(0, 256, (CLASSES, PER_CLASS, 1, 4, 4), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    images[:, :, 0, 0, 0] = torch.arange(CLASSES).unsqueeze(1)
+    images[:, :, 0, 0, 1] = torch.arange(PER_CLASS)
+    return FewShotDataset("tagged", "validation", images, [f"c{i}" for i in range(CLASSES)])
+
+
+def origin(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, M, 1, 4, 4) float images -> (T, M) class ids and (T, M) sample ids."""
+    pixels = torch.round(x[:, :, 0, 0, :2] * 255).long()
+    return pixels[..., 0], pixels[..., 1]
+
+
+@pytest.mark.parametrize(("ways", "shots", "query_shots"), [(5, 1, 1), (5, 5, 15), (12, 1, 19), (1, 3, 2)])
+def test_task_invariants(tagged_dataset: FewShotDataset, ways: int, shots: int, query_shots: int) -> None:
+    t = 16
+    episode = EpisodeSampler(tagged_dataset, ways, shots, query_shots).sample(t, torch.Generator().manual_seed(1))
+    assert episode.num_tasks == t
+    assert episode.support_x.shape == (t, ways * shots, 1, 4, 4) and episode.support_x.dtype == torch.float32
+    assert episode.query_x.shape == (t, ways * query_shots, 1, 4, 4)
+    assert episode.support_y.shape == (t, ways * shots) and episode.support_y.dtype == torch.int64
+    assert episode.query_y.shape == (t, ways * query_shots)
+    # labels 0..N-1, samples of one class consecutive
+    assert torch.equal(episode.support_y, torch.arange(ways).repeat_interleave(shots).expand(t, -1))
+    assert torch.equal(episode.query_y, torch.arange(ways).repeat_interleave(query_shots).expand(t, -1))
+    # pixels are uint8 / 255
+    assert torch.equal(episode.support_x * 255, torch.round(episode.support_x * 255))
+    assert 0 <= episode.query_x.min() and episode.query_x.max() <= 1
+    s_class, s_sample = origin(episode.support_x)
+    q_class, q_sample = origin(episode.query_x)
+    for i in range(t):
+        # one class per label, the same in support and query; distinct classes per task
+        support_classes = s_class[i].reshape(ways, shots)
+        query_classes = q_class[i].reshape(ways, query_shots)
+        assert (support_classes == support_classes[:, :1]).all() and (query_classes == support_classes[:, :1]).all()
+        assert len(set(support_classes[:, 0].tolist())) == ways
+        # support and query disjoint, no image twice
+        for label in range(ways):
+            drawn = s_sample[i].reshape(ways, shots)[label].tolist() + q_sample[i].reshape(ways, query_shots)[label].tolist()
+            assert len(set(drawn)) == shots + query_shots
+
+
+def test_labels_are_assigned_at_random_and_all_classes_are_used(tagged_dataset: FewShotDataset) -> None:
+    episode = EpisodeSampler(tagged_dataset, 5, 1, 1).sample(400, torch.Generator().manual_seed(0))
+    classes, samples = origin(episode.support_x)
+    assert set(classes[:, 0].tolist()) == set(range(CLASSES))  # label 0 lands on every class
+    assert set(classes.flatten().tolist()) == set(range(CLASSES))
+    assert set(samples.flatten().tolist()) == set(range(PER_CLASS))
+
+
+def test_same_seed_same_tasks(tagged_dataset: FewShotDataset) -> None:
+    sampler = EpisodeSampler(tagged_dataset, 5, 2, 3)
+    a = sampler.sample(8, torch.Generator().manual_seed(42))
+    b = EpisodeSampler(tagged_dataset, 5, 2, 3).sample(8, torch.Generator().manual_seed(42))
+    c = sampler.sample(8, torch.Generator().manual_seed(43))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    assert not torch.equal(a.support_x, c.support_x)
+    torch.manual_seed(0)  # the global seed plays no part
+    d = sampler.sample(8, torch.Generator().manual_seed(42))
+    assert torch.equal(a.query_x, d.query_x)
+
+
+def test_consecutive_meta_batches_differ(tagged_dataset: FewShotDataset) -> None:
+    g = torch.Generator().manual_seed(0)
+    sampler = EpisodeSampler(tagged_dataset, 5, 1, 1)
+    assert not torch.equal(sampler.sample(4, g).support_x, sampler.sample(4, g).support_x)
+
+
+@pytest.mark.parametrize(
+    ("ways", "shots", "query_shots", "message"),
+    [
+        (13, 1, 1, r"ways=13 but split 'validation' of tagged has only 12 classes; use ways <= 12"),
+        (5, 15, 6, r"shots \+ query_shots = 15 \+ 6 = 21 but each class .* has only 20 images"),
+        (0, 1, 1, r"ways=0 must be a positive integer"),
+        (5, -1, 1, r"shots=-1 must be a positive integer"),
+        (5, 1, 0, r"query_shots=0 must be a positive integer"),
+        (5.0, 1, 1, r"ways must be a positive integer, got 5.0"),
+        (5, True, 1, r"shots must be a positive integer, got True"),
+    ],
+)
+def test_impossible_shapes(tagged_dataset: FewShotDataset, ways, shots, query_shots, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EpisodeSampler(tagged_dataset, ways, shots, query_shots)
+
+
+def test_bad_num_tasks(tagged_dataset: FewShotDataset) -> None:
+    with pytest.raises(ConfigError, match="num_tasks=0 must be a positive integer"):
+        EpisodeSampler(tagged_dataset, 5, 1, 1).sample(0, torch.Generator())
+
+
+def test_shared_fixture(tiny_dataset: FewShotDataset) -> None:
+    episode = EpisodeSampler(tiny_dataset, 10, 10, 10).sample(2, torch.Generator().manual_seed(0))
+    assert episode.support_x.shape == (2, 100, 1, 8, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_same_tasks_as_cpu(tagged_dataset: FewShotDataset) -> None:
+    cpu = EpisodeSampler(tagged_dataset, 5, 1, 3).sample(8, torch.Generator().manual_seed(0))
+    cuda = EpisodeSampler(tagged_dataset, 5, 1, 3, device="cuda").sample(8, torch.Generator().manual_seed(0))
+    assert cuda.support_x.device.type == "cuda" and cuda.query_y.device.type == "cuda"
+    assert torch.equal(cuda.to("cpu").query_x, cpu.query_x)
