@@ -45,6 +45,16 @@ def test_pickle_loads_sorted_classes_channels_first(tmp_path: Path, protocol: in
     assert not list(tmp_path.glob("cache/*"))  # already decoded: no second cache
 
 
+def test_numpy_scalars_and_arrays_as_indices(tmp_path: Path) -> None:
+    payload = mini_pickle_payload("train")
+    names = list(payload["class_dict"])
+    payload["class_dict"][names[0]] = [np.int64(i) for i in payload["class_dict"][names[0]]]
+    payload["class_dict"][names[1]] = np.asarray(payload["class_dict"][names[1]], dtype=np.int32)
+    write_mini_pickle(tmp_path, "train", payload, protocol=2)
+    images, _ = load_small(tmp_path, "train", tmp_path / "cache")
+    assert images.shape == (4, 6, 3, 84, 84)
+
+
 def test_numpy1_pickles_are_accepted(tmp_path: Path) -> None:
     """numpy < 2 writes ``numpy.core.multiarray``; numpy >= 2 writes ``numpy._core.multiarray``."""
     data = pickle.dumps(mini_pickle_payload("train"), protocol=2)  # protocol 2 names globals as text lines
