@@ -6,6 +6,7 @@ finished, running and interrupted runs alike, and training never imports matplot
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from metagrad.errors import ConfigError
@@ -25,6 +26,13 @@ def _moving_average(values: list[float], window: int) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
+
+
+def _preset(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("preset")
+    except (OSError, ValueError):
+        return None
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
@@ -57,7 +65,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         raise ConfigError(f"{run_dir}/metrics.jsonl has no training row yet; plot again later")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, key, label in ((axes[0], "loss", "query loss"), (axes[1], "acc", "query accuracy")):
+    for ax, key, label in ((axes[0], "loss", "query loss after adaptation"),
+                           (axes[1], "acc", "query accuracy after adaptation")):
         steps = [r["step"] for r in train]
         values = [r[key] for r in train]
         window = min(SMOOTHING_WINDOW, max(1, len(values) // 10))
@@ -67,15 +76,16 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         if val:
             ax.plot([r["step"] for r in val], [r[key] for r in val], color="tab:orange", marker="o",
                     markersize=3, label="validation")
-        if test:
+        if test:  # drawn at the iteration of the parameters it tested (the best validation accuracy)
             ax.scatter([test[-1]["step"]], [test[-1][key]], color="tab:red", marker="*", s=80, zorder=3,
-                       label="test")
+                       label=f"test (iteration {test[-1]['step']})")
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
     axes[1].set_ylim(0, 1.02)
-    fig.suptitle(run_dir.resolve().name)
+    preset = _preset(run_dir)
+    fig.suptitle(f"{run_dir.resolve().name} ({preset})" if preset else run_dir.resolve().name)
     path = Path(output) if output is not None else run_dir / "learning_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

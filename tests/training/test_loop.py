@@ -105,7 +105,7 @@ def test_run_writes_a_complete_run_folder(tmp_path: Path, fake_data: list) -> No
     rows = read_metrics(run_dir)
     assert [(r["step"], r["split"]) for r in rows] == [
         (1, "train"), (2, "train"), (2, "validation"), (3, "train"), (4, "train"), (4, "validation"),
-        (5, "train"), (6, "train"), (6, "validation"), (6, "test")]
+        (5, "train"), (6, "train"), (6, "validation"), (results["best_iteration"], "test")]
     assert all(set(r) == {"step", "split", "loss", "acc", "sec_per_iter", "tasks_per_sec", "lr"} for r in rows)
     assert all(math.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 for r in rows)
     val = [r for r in rows if r["split"] == "validation"]
@@ -344,10 +344,11 @@ def test_unvectorized_cosine_anil_run(tmp_path: Path, fake_data: list) -> None:
 
 
 def test_progress_lines_without_a_terminal(tmp_path: Path, fake_data: list, capsys: pytest.CaptureFixture) -> None:
-    run(tiny_config(tmp_path / "run", **{"run.log_every": 3}))
+    results = run(tiny_config(tmp_path / "run", **{"run.log_every": 3}))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["step"], r["split"]) for r in lines] == [
-        (2, "validation"), (3, "train"), (4, "validation"), (6, "train"), (6, "validation"), (6, "test")]
+        (2, "validation"), (3, "train"), (4, "validation"), (6, "train"), (6, "validation"),
+        (results["best_iteration"], "test")]
 
 
 def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -359,7 +360,7 @@ def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pyt
         progress.row({"step": 2, "split": "train", "loss": 1.25, "acc": 0.5, "tasks_per_sec": 64.0})
         progress.row({"step": 2, "split": "validation", "loss": 1.5, "acc": 0.4})
     out, err = capsys.readouterr()
-    assert "2/4" in err and "loss=1.2500" in err and "acc=0.500" in err and "tasks_s=64" in err
+    assert "2/4" in err and "loss=1.2500" in err and "acc=0.500" in err and "tasks/s=64" in err
     assert [json.loads(line)["split"] for line in out.splitlines()] == ["validation"]
 
 

@@ -522,6 +522,9 @@ def _meta_test(
         with torch.no_grad():
             for name, tensor in best["params"].items():
                 params[name].copy_(tensor)
+    logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
+                best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
+                config.meta.test_inner_steps)
     start = time.perf_counter()
     try:
         test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop)
@@ -531,7 +534,9 @@ def _meta_test(
             f"metagrad train --resume --run-dir {run_dir} runs the meta-test again", exc.exit_code - 128
         ) from None
     seconds = time.perf_counter() - start
-    row = {"step": state.iteration, "split": "test", "loss": test["test_loss"], "acc": test["test_accuracy"],
+    # The test row's step is the iteration of the parameters tested (best.pt's), not the last one.
+    tested_iteration = best["iteration"] if best is not None else state.iteration
+    row = {"step": tested_iteration, "split": "test", "loss": test["test_loss"], "acc": test["test_accuracy"],
            "tasks_per_sec": config.run.test_tasks / seconds}
     writer.write(row)
     progress.row(row)
@@ -554,7 +559,7 @@ def _meta_test(
         "run_dir": str(run_dir),
     }
     _write_json(run_dir / RESULTS_NAME, results)
-    logger.info("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s",
+    logger.debug("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s",
                 100 * test["test_accuracy"], 100 * test["test_ci95"], test["test_tasks"], run_dir / RESULTS_NAME)
     return results
 

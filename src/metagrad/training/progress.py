@@ -60,7 +60,7 @@ class Progress:
             if self._bar is not None:
                 self._bar.update(row["step"] - self._bar.n)
                 self._bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", acc=f"{row['acc']:.3f}", tasks_s=f"{row['tasks_per_sec']:.0f}",
+                    {"loss": f"{row['loss']:.4f}", "acc": f"{row['acc']:.3f}", "tasks/s": f"{row['tasks_per_sec']:.0f}"},
                     refresh=False,
                 )
                 return
