@@ -1,0 +1,239 @@
+"""metagrad against learn2learn 0.2.0, interleaved in one run: seconds per iteration, ratio, peak memory.
+
+For each round and each config, runs learn2learn's baseline (``l2l_baseline.py`` in the venv made by
+``setup_learn2learn.sh``) and ``metagrad bench --preset ... --json`` (this interpreter) one after the
+other, each in its own process so that peak RSS is per run; the order alternates between rounds so
+that neither library always runs second on a machine whose load drifts. The speed-up of a config is
+the median over rounds of the same-round ratio learn2learn s/iter / metagrad s/iter.
+
+Prints a Markdown table, then one JSON line with every run. When learn2learn cannot be set up, says so
+and still reports metagrad's figures.
+
+Note what is timed: metagrad's iteration includes task sampling (from a random uint8 dataset); the
+baseline's does not (one fixed meta-batch of random tensors), as in the issue's measurements.
+
+Usage::
+
+    python benchmarks/compare_learn2learn.py                      # configs a a-fo b c d, 3 rounds
+    python benchmarks/compare_learn2learn.py --configs a c d --rounds 5 --iterations 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from l2l_baseline import CONFIGS  # (the configs live beside the baseline; it needs no metagrad)
+
+SHAPE_KEYS = ("algorithm", "model", "ways", "shots", "query_shots", "meta_batch_size", "inner_steps",
+              "first_order")
+
+
+class RunFailed(RuntimeError):
+    """A benchmark subprocess exited non-zero or printed no JSON result."""
+
+
+def setup_learn2learn(l2l_python: str | None) -> tuple[str | None, str | None]:
+    """Returns ``(python, None)`` for a working learn2learn interpreter, or ``(None, reason)``."""
+    if l2l_python:
+        command = [l2l_python, str(HERE / "l2l_baseline.py"), "--check"]
+    else:
+        command = ["bash", str(HERE / "setup_learn2learn.sh")]
+    print(f"setting up learn2learn: {' '.join(command)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        return None, f"`{' '.join(command)}` exited {proc.returncode}: {tail}"
+    print(f"learn2learn ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return (l2l_python or proc.stdout.strip().splitlines()[-1]), None
+
+
+def run_json(command: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """Runs ``command`` and parses its last stdout line as JSON; adds the load average before the run."""
+    load = os.getloadavg()[0]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise RunFailed(f"timed out after {timeout:.0f} s: {' '.join(command)}") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise RunFailed(f"exit {proc.returncode}: {' '.join(command)}\n{tail}")
+    try:
+        result = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise RunFailed(f"no JSON on the last line of {' '.join(command)}: {lines[-1][:200]}") from None
+    result["load_before"] = load
+    return result
+
+
+def l2l_command(python: str, config: str, args: argparse.Namespace) -> list[str]:
+    return [python, str(HERE / "l2l_baseline.py"), "--config", config, "--iterations", str(args.iterations),
+            "--warmup", str(args.warmup), "--device", args.device]
+
+
+def metagrad_command(config: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "metagrad", "bench", "--preset", CONFIGS[config]["preset"],
+            "--iterations", str(args.iterations), "--device", args.device, "--json"]
+
+
+def check_shapes(config: str, result: dict[str, Any]) -> None:
+    """The metagrad preset must time the same shapes as the baseline ("fomaml" is maml first order)."""
+    expected = CONFIGS[config]
+    got = dict(result)
+    if got.get("algorithm") == "fomaml":
+        got["algorithm"] = "maml"
+    wrong = {k: (expected[k], got.get(k)) for k in SHAPE_KEYS if expected[k] != got.get(k)}
+    if wrong:
+        raise RunFailed(f"config {config}: preset {expected['preset']} differs from the baseline "
+                        f"(expected, got): {wrong}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(config: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds; the speed-up is the median of same-round ratios."""
+    def values(lib: str, key: str) -> list[float]:
+        return [r[lib][key] for r in runs if r.get(lib) and r[lib].get(key) is not None]
+
+    ratios = [r["l2l"]["sec_per_iter"] / r["metagrad"]["sec_per_iter"] for r in runs
+              if r.get("l2l") and r.get("metagrad")]
+    mem_ratios = [r["metagrad"]["peak_mem_mb"] / r["l2l"]["peak_mem_mb"] for r in runs
+                  if r.get("l2l") and r.get("metagrad")]
+    return {
+        "config": config,
+        "description": CONFIGS[config]["description"],
+        "preset": CONFIGS[config]["preset"],
+        "rounds": len(runs),
+        "l2l_sec_per_iter": _median(values("l2l", "sec_per_iter")),
+        "metagrad_sec_per_iter": _median(values("metagrad", "sec_per_iter")),
+        "speedup": _median(ratios),
+        "speedup_per_round": ratios,
+        "l2l_peak_mem_mb": max(values("l2l", "peak_mem_mb"), default=None),
+        "metagrad_peak_mem_mb": max(values("metagrad", "peak_mem_mb"), default=None),
+        "mem_ratio": _median(mem_ratios),
+        "metagrad_gflops": _median(values("metagrad", "gflops")),
+        "metagrad_peak_fraction": _median(values("metagrad", "peak_fraction")),
+    }
+
+
+def markdown_table(summaries: list[dict[str, Any]]) -> str:
+    rows = [
+        ("| config | setting | learn2learn s/iter | metagrad s/iter | speed-up | learn2learn peak MB "
+         "| metagrad peak MB | metagrad GFLOP/s (% of matmul) |"),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        flops = "n/a" if s["metagrad_gflops"] is None else (
+            f"{s['metagrad_gflops']:.0f} ({100 * s['metagrad_peak_fraction']:.0f}%)")
+        rows.append(
+            f"| {s['config']} | {s['description']} | {_fmt(s['l2l_sec_per_iter'], '.3f')} "
+            f"| {_fmt(s['metagrad_sec_per_iter'], '.3f')} | {_fmt(s['speedup'], '.2f')}x "
+            f"| {_fmt(s['l2l_peak_mem_mb'], '.0f')} | {_fmt(s['metagrad_peak_mem_mb'], '.0f')} | {flops} |"
+        )
+    return "\n".join(rows)
+
+
+def machine_line(results: list[dict[str, Any]]) -> str:
+    first = next((r for r in results if r), {})
+    return (f"{first.get('device_name') or platform.machine()}, {os.cpu_count()} logical CPUs, "
+            f"device {first.get('device', '?')}, torch {first.get('torch', '?')}, "
+            f"metagrad {first.get('metagrad', '?')}, Python {platform.python_version()}")
+
+
+def _threads(results: list[dict[str, Any] | None]) -> str:
+    return str(next((r["threads"] for r in results if r), "?"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
+                        help=f"configs to run, from {', '.join(CONFIGS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations per run (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="learn2learn's untimed iterations (metagrad: 3)")
+    parser.add_argument("--device", default="cpu", help="device for both libraries (default: cpu)")
+    parser.add_argument("--threads", type=int,
+                        help="intra-op threads for both libraries (OMP_NUM_THREADS; default: torch's choice). "
+                             "On a machine shared with other jobs, 1 thread is far steadier: 2 OpenMP threads "
+                             "that must meet at every small operator slow down many-fold when cores are busy")
+    parser.add_argument("--l2l-python", help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
+    parser.add_argument("--no-baseline", action="store_true", help="report metagrad alone")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default: 1800)")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+
+    l2l_python, unavailable = (None, "--no-baseline given") if args.no_baseline else setup_learn2learn(
+        args.l2l_python)
+    if unavailable:
+        print(f"learn2learn baseline unavailable: {unavailable}\nreporting metagrad alone", file=sys.stderr)
+
+    env = dict(os.environ)
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
+    failures: list[str] = []
+    for round_index in range(args.rounds):
+        for config in args.configs:
+            libraries = ["l2l", "metagrad"] if round_index % 2 == 0 else ["metagrad", "l2l"]
+            run: dict[str, Any] = {"round": round_index}
+            for lib in libraries:
+                if lib == "l2l" and l2l_python is None:
+                    continue
+                command = l2l_command(l2l_python, config, args) if lib == "l2l" else metagrad_command(config, args)
+                try:
+                    run[lib] = run_json(command, args.timeout, env)
+                    if lib == "metagrad":
+                        check_shapes(config, run[lib])
+                except RunFailed as exc:
+                    failures.append(str(exc))
+                    print(f"FAILED {lib} {config}: {exc}", file=sys.stderr, flush=True)
+                    continue
+                print(f"round {round_index + 1}/{args.rounds} {config:>4} {lib:>8}: "
+                      f"{run[lib]['sec_per_iter']:.3f} s/iter, {run[lib]['peak_mem_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
+            runs[config].append(run)
+
+    summaries = [summarize(config, runs[config]) for config in args.configs]
+    mg_results = [r.get("metagrad") for rs in runs.values() for r in rs]
+    loads = [r[lib]["load_before"] for rs in runs.values() for r in rs for lib in ("l2l", "metagrad") if lib in r]
+    print(f"\nMachine: {machine_line(mg_results)}, {_threads(mg_results)} threads")
+    if loads and max(loads) > (os.cpu_count() or 1):
+        print(f"Warning: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} CPUs during the "
+              "runs: other jobs shared the cores, so absolute times are inflated (ratios less so).")
+    print(f"Each cell: median of {args.rounds} interleaved rounds of {args.iterations} timed iterations; "
+          "speed-up = median of same-round learn2learn/metagrad ratios; peak MB = max over rounds "
+          "(RSS on CPU, max allocated on CUDA).")
+    if unavailable:
+        print(f"learn2learn baseline unavailable: {unavailable}")
+    print()
+    print(markdown_table(summaries))
+    report = {"machine": machine_line(mg_results), "device": args.device, "threads": args.threads,
+              "max_load": max(loads, default=None), "rounds": args.rounds,
+              "iterations": args.iterations, "baseline_unavailable": unavailable, "summaries": summaries,
+              "runs": runs, "failures": failures}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
