@@ -1,4 +1,4 @@
-"""The ``metagrad`` command: train, eval, plot and results end to end; data, bench; every bad configuration."""
+"""The ``metagrad`` command: train, eval, plot, results end to end; data; bench; every bad configuration."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_train_eval_plot_results_end_to_end(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture) -> None:
+def test_train_eval_plot_results_end_to_end(
+    tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture
+) -> None:
     run_dir = tmp_path / "runs" / "first"
     code, out, err = _main(capsys, "train", *TINY, "--iterations", "3", "--run-dir", str(run_dir))
     assert code == 0, err
@@ -77,7 +79,8 @@ def test_train_eval_plot_results_end_to_end(tmp_path: Path, fake_data: None, cap
     lines = out.splitlines()
     assert lines[0] == "| run | preset | test accuracy (%) ± 95% CI | iterations | wall time | device |"
     acc = f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}"
-    assert lines[2].startswith(f"| first | omniglot-maml-5w1s | {acc} | 3 | ") and lines[2].endswith(" | cpu |")
+    assert lines[2].startswith(f"| first | omniglot-maml-5w1s | {acc} | 3 | ")
+    assert lines[2].endswith(" | cpu |")
     assert lines[3] == "| second | omniglot-anil-5w1s | (not tested) | 0/60000 |  |  |"
 
 
@@ -187,10 +190,10 @@ def test_help_documents_every_option_with_its_default(capsys: pytest.CaptureFixt
     code, out, err = _main(capsys, "train", "--help")
     assert code == 0
     text = " ".join(out.split())
-    for option in ("--preset", "--config", "--data-dir", "--run-dir", "--device", "--seed", "--ways", "--shots",
-                   "--query-shots", "--meta-batch-size", "--inner-lr", "--inner-steps", "--test-inner-steps",
-                   "--meta-lr", "--iterations", "--first-order", "--eval-every", "--test-tasks",
-                   "--checkpoint-every", "--resume"):
+    for option in ("--preset", "--config", "--data-dir", "--run-dir", "--device", "--seed", "--ways",
+                   "--shots", "--query-shots", "--meta-batch-size", "--inner-lr", "--inner-steps",
+                   "--test-inner-steps", "--meta-lr", "--iterations", "--first-order", "--eval-every",
+                   "--test-tasks", "--checkpoint-every", "--resume"):
         assert option in text, option
     for default in ("omniglot-maml-5w1s: 0.4)", "omniglot-maml-5w1s: 60000)", "omniglot-maml-5w1s: 600)",
                     "else omniglot-maml-5w1s", "default: runs/<preset>-<timestamp>", "$METAGRAD_DATA"):
@@ -222,7 +225,8 @@ def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     monkeypatch.setattr(datasets, "dataset_info", lambda name, **kw: calls.append((name, kw)) or info)
     monkeypatch.setattr(datasets, "download", lambda name, **kw: calls.append((name, kw)) or tmp_path / name)
 
-    code, out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", "D", "--cache-dir", "C", "--json")
+    code, out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", "D", "--cache-dir", "C",
+                           "--json")
     assert code == 0 and calls[-1] == ("omniglot", {"data_dir": "D", "cache_dir": "C"})
     assert json.loads(out.splitlines()[-1]) == info
     assert "image_shape: 1 x 28 x 28" in out and "train: 1100 classes, 20 images per class" in out
@@ -263,7 +267,8 @@ def test_python_dash_m_metagrad(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "metagrad", "train", "--preset", "nope", "--run-dir",
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.startswith("error: unknown preset 'nope'; valid presets: ") and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: unknown preset 'nope'; valid presets: ")
+    assert "Traceback" not in done.stderr
     done = subprocess.run([sys.executable, "-m", "metagrad", "--version"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("metagrad ")

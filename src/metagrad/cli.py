@@ -9,6 +9,7 @@ errors (an unknown option, a malformed number) exit 2 as well.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -42,7 +43,7 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--eval-tasks", "run.eval_tasks", int, "validation tasks per evaluation"),
     ("--test-tasks", "run.test_tasks", int, "meta-test tasks at the end"),
     ("--checkpoint-every", "run.checkpoint_every", int, "write latest.pt every this many iterations"),
-    ("--log-every", "run.log_every", int, "without a terminal, print a progress line every this many iterations"),
+    ("--log-every", "run.log_every", int, "without a terminal, print a train row every this many iterations"),
 ]
 _TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("--first-order", "meta.first_order", "first-order meta-gradient (no second derivatives)"),
@@ -66,13 +67,15 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="assignments",
                         help="set any config value, e.g. --set model.hidden_size=32 (repeatable)")
     folders = parser.add_argument_group("folders and device")
-    folders.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder "
-                                            "where the data is downloaded)")
+    folders.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data "
+                                            "folder where the data is downloaded)")
     folders.add_argument("--cache-dir", help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
                                              "$XDG_CACHE_HOME/metagrad)")
     folders.add_argument("--run-dir", help="run folder (default: runs/<preset>-<timestamp>)")
-    folders.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, then mps, then cpu)")
-    options = parser.add_argument_group(f"experiment options (default: the preset's value; {DEFAULT_PRESET}'s shown)")
+    folders.add_argument("--device",
+                         help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, then mps, then cpu)")
+    options = parser.add_argument_group(
+        f"experiment options (default: the preset's value; {DEFAULT_PRESET}'s shown)")
     for flag, key, kind, text in _TRAIN_OPTIONS:
         options.add_argument(flag, type=kind, metavar=kind.__name__.upper(), dest=key,
                              help=f"{text} ({DEFAULT_PRESET}: {_default_of(key)})")
@@ -171,11 +174,12 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     try:
-        from metagrad import bench
+        bench = importlib.import_module("metagrad.bench")
     except ModuleNotFoundError as exc:
         if exc.name != "metagrad.bench":
             raise
-        raise MetagradError("metagrad bench is not available: this installation has no metagrad.bench module") from None
+        raise MetagradError(
+            "metagrad bench is not available: this installation has no metagrad.bench module") from None
     overrides = {"run.device": args.device} if args.device is not None else {}
     config = resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
     bench.run_bench(config, iterations=args.iterations, json_output=args.json)
@@ -256,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     info.add_argument("--cache-dir", help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
                                           "$XDG_CACHE_HOME/metagrad)")
-    info.add_argument("--json", action="store_true", help="also print the facts as one JSON object, last line")
+    info.add_argument("--json", action="store_true",
+                      help="also print the facts as one JSON object, last line")
     info.set_defaults(func=_cmd_data_info)
     fetch = data_commands.add_parser("download", formatter_class=_HelpFormatter,
                                      help="download and verify a dataset")
@@ -266,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", formatter_class=_HelpFormatter,
                                 help="time meta-training steps of a preset on random data")
-    bench.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME", help="preset whose shapes are timed")
+    bench.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                       help="preset whose shapes are timed")
     bench.add_argument("--config", metavar="FILE", help="TOML or JSON config on top of the preset")
-    bench.add_argument("--iterations", type=int, default=20, metavar="INT", help="timed iterations after warm-up")
+    bench.add_argument("--iterations", type=int, default=20, metavar="INT",
+                       help="timed iterations after warm-up")
     bench.add_argument("--device", help="device (default: the preset's, auto)")
     bench.add_argument("--json", action="store_true", help="print the result as one JSON object, last line")
     bench.set_defaults(func=_cmd_bench)

@@ -20,7 +20,8 @@ from metagrad.training.checkpoint import (
 
 
 def _state(iteration: int) -> dict:
-    return {"format": FORMAT_VERSION, "iteration": iteration, "params": {"w": torch.full((3,), float(iteration))}}
+    params = {"w": torch.full((3,), float(iteration))}
+    return {"format": FORMAT_VERSION, "iteration": iteration, "params": params}
 
 
 def test_save_keeps_the_previous_copy_and_no_temporary_file(tmp_path: Path) -> None:

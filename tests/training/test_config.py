@@ -68,7 +68,8 @@ def test_dataclass_defaults_are_the_default_preset() -> None:
 
 def test_precedence_preset_then_file_then_overrides(tmp_path: Path) -> None:
     file = tmp_path / "exp.toml"
-    file.write_text('preset = "omniglot-maml-20w1s"\n[meta]\ninner_lr = 0.2\ninner_steps = 3\n[run]\nseed = 7\n')
+    file.write_text('preset = "omniglot-maml-20w1s"\n[meta]\ninner_lr = 0.2\ninner_steps = 3\n'
+                    '[run]\nseed = 7\n')
     config = resolve_config(config_file=file, overrides={"meta.inner_steps": 2})
     assert config.preset == "omniglot-maml-20w1s"  # the file's preset is the base
     assert config.data.ways == 20 and config.meta.meta_batch_size == 16  # from the preset
@@ -99,7 +100,8 @@ def test_int_widens_to_float_and_types_are_checked() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("meta.inner_lr=0.1", ("meta.inner_lr", 0.1)), ("run.seed=3", ("run.seed", 3)),
-     ("meta.vectorize=false", ("meta.vectorize", False)), ("data.dataset=omniglot", ("data.dataset", "omniglot")),
+     ("meta.vectorize=false", ("meta.vectorize", False)),
+     ("data.dataset=omniglot", ("data.dataset", "omniglot")),
      ('run.device="cpu"', ("run.device", "cpu"))],
 )
 def test_parse_assignment(text: str, expected: tuple) -> None:
@@ -153,7 +155,8 @@ def test_bad_values_raise_config_error(overrides: dict, message: str) -> None:
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'omniglot-maml-5w2s'; valid presets: mini-imagenet-anil-5w1s"):
+    with pytest.raises(ConfigError,
+                       match="unknown preset 'omniglot-maml-5w2s'; valid presets: mini-imagenet-anil-5w1s"):
         load_preset("omniglot-maml-5w2s")
 
 
@@ -179,10 +182,11 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_resume_may_change_only_harmless_settings() -> None:
     saved = load_preset(DEFAULT_PRESET)
-    harmless = resolve_config(overrides={"run.device": "cpu", "run.checkpoint_every": 7, "data.data_dir": "/d",
-                                         "run.run_dir": "runs/x", "run.log_every": 3})
+    harmless = resolve_config(overrides={"run.device": "cpu", "run.checkpoint_every": 7,
+                                         "data.data_dir": "/d", "run.run_dir": "runs/x", "run.log_every": 3})
     check_resume_compatible(saved, harmless)
-    with pytest.raises(ConfigError, match=r"cannot change meta.inner_lr when resuming \(the run used 0.4, got 0.1\)"):
+    with pytest.raises(ConfigError,
+                       match=r"cannot change meta.inner_lr when resuming \(the run used 0.4, got 0.1\)"):
         check_resume_compatible(saved, resolve_config(overrides={"meta.inner_lr": 0.1}))
     with pytest.raises(ConfigError, match="cannot change preset"):
         check_resume_compatible(saved, load_preset("omniglot-anil-5w1s"))

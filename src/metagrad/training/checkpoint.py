@@ -97,7 +97,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
             problems.append(f"{candidate} ({reason})")
             continue
         if problems:
-            logger.warning("using the previous checkpoint %s (iteration %s)", candidate, state.get("iteration"))
+            logger.warning("using the previous checkpoint %s (iteration %s)", candidate,
+                           state.get("iteration"))
         return state
     if problems:
         raise TrainingError("no readable checkpoint: " + "; ".join(problems))
@@ -115,7 +116,9 @@ def capture_rng_state(generators: dict[str, torch.Generator], device: torch.devi
     return state
 
 
-def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator], device: torch.device) -> None:
+def restore_rng_state(
+    state: dict[str, Any], generators: dict[str, torch.Generator], device: torch.device
+) -> None:
     """Inverse of :func:`capture_rng_state`."""
     torch.set_rng_state(state["torch"])
     for name, gen in generators.items():

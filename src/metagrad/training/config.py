@@ -344,7 +344,8 @@ def resolve_config(
         section, _, key = dotted.partition(".")
         if section not in _SECTIONS or not key:
             raise ConfigError(
-                f"unknown setting {dotted!r}; settings are SECTION.KEY with SECTION one of {', '.join(_SECTIONS)}"
+                f"unknown setting {dotted!r}; settings are SECTION.KEY with SECTION one of "
+                f"{', '.join(_SECTIONS)}"
             )
         merged.setdefault(section, {})[key] = value
     source = f"preset {preset}" + (f" + {config_file}" if config_file is not None else "")

@@ -241,7 +241,9 @@ def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, i
 
 
 def _versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "metagrad": metagrad.__version__}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "metagrad": metagrad.__version__}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -282,7 +284,8 @@ class _StopFlag:
     def check(self, where: str = "") -> None:
         """Raise :class:`TrainingInterrupted` if a signal arrived (for phases with nothing to save)."""
         if self.signum is not None:
-            raise TrainingInterrupted(f"{signal.Signals(self.signum).name} received {where}".strip(), self.signum)
+            name = signal.Signals(self.signum).name
+            raise TrainingInterrupted(f"{name} received {where}".strip(), self.signum)
 
 
 @dataclasses.dataclass
@@ -326,7 +329,9 @@ def _check_run_dir(config: Config, resume: bool) -> Path:
         return run_dir
     run_dir = Path(config.run.run_dir) if config.run.run_dir is not None else _default_run_dir(config.preset)
     if (run_dir / CONFIG_NAME).exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume, or pass another --run-dir")
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume, or pass another --run-dir"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
     return run_dir
@@ -406,9 +411,10 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
     writer = MetricsWriter(run_dir, offsets)
     try:
         with _StopFlag() as stop:
-            with Progress(meta.iterations, state.iteration, config.run.log_every, enabled=not quiet) as progress:
-                _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers, state,
-                       writer, stop, progress)
+            progress = Progress(meta.iterations, state.iteration, config.run.log_every, enabled=not quiet)
+            with progress:
+                _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers,
+                       state, writer, stop, progress)
             results = _meta_test(config, run_dir, device, model, params, buffers, samplers["test"], state,
                                  writer, stop, progress)
     finally:
@@ -458,7 +464,8 @@ def _train(
         out = compute_meta_gradients(model, params, buffers, episode, meta)
         loss = out.loss.item()
         if not math.isfinite(loss):
-            saved = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was written yet"
+            saved = (f"the last good checkpoint is {latest}" if latest.exists()
+                     else "no checkpoint was written yet")
             raise TrainingError(
                 f"the meta-training loss is {loss} at iteration {iteration}: training stopped before that "
                 f"update, {saved}; try a smaller --meta-lr or --inner-lr"
@@ -559,8 +566,8 @@ def _meta_test(
         "run_dir": str(run_dir),
     }
     _write_json(run_dir / RESULTS_NAME, results)
-    logger.debug("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s",
-                100 * test["test_accuracy"], 100 * test["test_ci95"], test["test_tasks"], run_dir / RESULTS_NAME)
+    logger.debug("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s", 100 * test["test_accuracy"],
+                 100 * test["test_ci95"], test["test_tasks"], run_dir / RESULTS_NAME)
     return results
 
 

@@ -42,7 +42,8 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.interactive:
             self._bar = self._stack.enter_context(
-                tqdm(total=self._total, initial=self._initial, desc="meta-train", unit="it", dynamic_ncols=True)
+                tqdm(total=self._total, initial=self._initial, desc="meta-train", unit="it",
+                     dynamic_ncols=True)
             )
             # Log records (warnings, checkpoint notes) go above the bar instead of through it.
             self._stack.enter_context(logging_redirect_tqdm())
@@ -60,7 +61,8 @@ class Progress:
             if self._bar is not None:
                 self._bar.update(row["step"] - self._bar.n)
                 self._bar.set_postfix(
-                    {"loss": f"{row['loss']:.4f}", "acc": f"{row['acc']:.3f}", "tasks/s": f"{row['tasks_per_sec']:.0f}"},
+                    {"loss": f"{row['loss']:.4f}", "acc": f"{row['acc']:.3f}",
+                     "tasks/s": f"{row['tasks_per_sec']:.0f}"},
                     refresh=False,
                 )
                 return

@@ -23,7 +23,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
-            raise ConfigError(f"{path} is not a folder; pass run folders or a folder of runs (default: runs/)")
+            raise ConfigError(
+                f"{path} is not a folder; pass run folders or a folder of runs (default: runs/)"
+            )
         if (path / "config.json").is_file():
             runs.append(path)
             continue
@@ -68,7 +70,7 @@ def _duration(seconds: float) -> str:
 
 
 def results_table(run_dirs: list[Path]) -> str:
-    """A Markdown table with one row per run: preset, test accuracy ± 95% CI (%), iterations, wall time, device."""
+    """A Markdown table, one row per run: preset, test accuracy ± 95% CI, iterations, wall time, device."""
     header = ["run", "preset", "test accuracy (%) ± 95% CI", "iterations", "wall time", "device"]
     keys = ["run", "preset", "accuracy", "iterations", "wall", "device"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
