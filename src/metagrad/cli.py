@@ -9,6 +9,7 @@ errors (an unknown option, a malformed number) exit 2 as well.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -19,7 +20,7 @@ from typing import Any
 
 import metagrad
 from metagrad.errors import ConfigError, MetagradError
-from metagrad.training.config import DEFAULT_PRESET, load_preset, parse_assignment, resolve_config
+from metagrad.training.config import DEFAULT_PRESET, Config, load_preset, parse_assignment, resolve_config
 
 __all__ = ["build_parser", "main"]
 
@@ -51,9 +52,14 @@ _TRAIN_SWITCHES: list[tuple[str, str, str]] = [
 ]
 
 
+@functools.cache
+def _default_config() -> Config:
+    return load_preset(DEFAULT_PRESET)
+
+
 def _default_of(key: str) -> Any:
     section, name = key.split(".")
-    return getattr(getattr(load_preset(DEFAULT_PRESET), section), name)
+    return getattr(getattr(_default_config(), section), name)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:

@@ -43,8 +43,8 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
         ``(mean, ci95)`` as Python floats.
 
     Example:
-        >>> mean_ci95(torch.tensor([0.5, 1.0, 1.0, 0.5]))
-        (0.75, 0.28290...)
+        >>> mean_ci95(torch.tensor([0.5, 1.0, 1.0, 0.5]))  # std = sqrt(1/12); 1.96 * 0.2887 / 2
+        (0.75, 0.2829016...)
     """
     values = values.detach().to(torch.float64).flatten()
     n = values.numel()
