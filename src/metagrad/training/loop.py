@@ -289,7 +289,7 @@ class _StopFlag:
 
 
 @dataclasses.dataclass
-class _Progress:
+class _RunState:
     """What a checkpoint records about the run besides tensors."""
 
     iteration: int = 0
@@ -392,7 +392,7 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
     buffers: Buffers = dict(model.named_buffers())
     optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
     generators = {"train": task_generator(config.run.seed, "train")}
-    state = _Progress()
+    state = _RunState()
     offsets = None
 
     checkpoint = load_checkpoint(run_dir / LATEST_NAME) if resume else None
@@ -402,7 +402,7 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
                 params[name].copy_(tensor)
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng_state(checkpoint["rng"], generators, device)
-        state = _Progress(**checkpoint["progress"])
+        state = _RunState(**checkpoint["progress"])
         offsets = checkpoint["metrics"]
         logger.info("resuming %s from iteration %d", run_dir, state.iteration)
     elif resume:
@@ -432,7 +432,7 @@ def _train(
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
     samplers: dict[str, EpisodeSampler],
-    state: _Progress,
+    state: _RunState,
     writer: MetricsWriter,
     stop: _StopFlag,
     progress: Progress,
@@ -517,7 +517,7 @@ def _meta_test(
     params: Params,
     buffers: Buffers,
     sampler: EpisodeSampler,
-    state: _Progress,
+    state: _RunState,
     writer: MetricsWriter,
     stop: _StopFlag,
     progress: Progress,
