@@ -208,6 +208,28 @@ def test_meta_train_step_refuses_nan() -> None:
         assert_close(v.detach(), before[k])
 
 
+class _DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Dropout(0.5))
+        self.classifier = nn.Linear(32, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_vmap_draws_different_random_numbers_per_task(algorithm: str) -> None:
+    torch.manual_seed(0)
+    model = _DropoutNet().double()
+    one = random_episode(1, 2, 2, 2, (1, 4, 4))
+    tensors = (one.support_x, one.support_y, one.query_x, one.query_y)
+    same = Episode(*(t.expand(4, *t.shape[1:]) for t in tensors))  # four copies of one task
+    out = meta_batch_loss(algorithm, model, dict(model.named_parameters()), {}, same, inner_lr=INNER_LR,
+                          inner_steps=1)
+    assert len(set(out.task_losses.tolist())) == 4  # four identical tasks, four dropout masks
+
+
 def test_errors() -> None:
     model, params, episode = _setup("omniglot-fc")
     with pytest.raises(ConfigError, match="anil, fomaml, maml"):

@@ -137,6 +137,8 @@ def task_losses(
     """
     spec, first_order = _resolve(algorithm, first_order)
     _check_episode(episode, inner_lr, inner_steps)
+    logger.debug("%s on %d tasks: inner_steps=%d first_order=%s vectorize=%s",
+                 algorithm, episode.num_tasks, inner_steps, first_order, vectorize)
 
     def one_task(
         support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
