@@ -144,7 +144,7 @@ def download(data_dir: Path) -> Path:
     present = _present_sets(root)
     for name in IMAGE_SET_NAMES:
         if name in present:
-            logger.info("%s already present in %s", name, root)
+            logger.debug("%s already present in %s", name, root)
             continue
         _io.download(DOWNLOAD_URL.format(name=name), root / f"{name}.zip", OFFICIAL_MD5[name],
                      manual_hint=_manual_hint(root))
