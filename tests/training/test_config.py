@@ -143,6 +143,7 @@ BAD_OVERRIDES = [
     ({"run.test_tasks": 1}, "test_tasks .* must be at least 2"),
     ({"run.checkpoint_every": 0}, "checkpoint_every .* must be positive"),
     ({"run.log_every": 0}, "log_every .* must be positive"),
+    ({"run.dist_timeout_s": 0}, r"dist_timeout_s \(--dist-timeout\) must be positive"),
     ({"meta.inner_lrr": 0.1}, r"unknown setting meta.inner_lrr .*valid \[meta\] settings: algorithm"),
     ({"optim.lr": 0.1}, "unknown setting 'optim.lr'"),
 ]
@@ -183,7 +184,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_resume_may_change_only_harmless_settings() -> None:
     saved = load_preset(DEFAULT_PRESET)
     harmless = resolve_config(overrides={"run.device": "cpu", "run.checkpoint_every": 7,
-                                         "data.data_dir": "/d", "run.run_dir": "runs/x", "run.log_every": 3})
+                                         "data.data_dir": "/d", "run.run_dir": "runs/x", "run.log_every": 3,
+                                         "run.dist_timeout_s": 60})
     check_resume_compatible(saved, harmless)
     with pytest.raises(ConfigError,
                        match=r"cannot change meta.inner_lr when resuming \(the run used 0.4, got 0.1\)"):

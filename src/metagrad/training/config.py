@@ -120,6 +120,7 @@ class RunConfig:
     test_tasks: int = 600  # meta-test tasks at the end (600 as in the papers)
     checkpoint_every: int = 500  # write latest.pt every this many iterations (and on SIGINT/SIGTERM)
     log_every: int = 100  # without a terminal: one progress line every this many iterations
+    dist_timeout_s: float = 600.0  # under torchrun: how long a process waits for the others, then fails
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ class Config:
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "meta": MetaConfig, "run": RunConfig}
 
 RESUMABLE_CHANGES = frozenset(
-    {"data.data_dir", "data.cache_dir", "run.device", "run.run_dir", "run.checkpoint_every", "run.log_every"}
+    {"data.data_dir", "data.cache_dir", "run.device", "run.run_dir", "run.checkpoint_every", "run.log_every",
+     "run.dist_timeout_s"}
 )
 """Settings ``--resume`` may change: they do not alter what the run computes (on one device type)."""
 
@@ -410,6 +412,7 @@ def validate_config(config: Config) -> Config:
         raise ConfigError(f"unknown device {run.device!r}; use auto, cpu, cuda, cuda:N or mps")
     for name in ("eval_every", "eval_tasks", "checkpoint_every", "log_every"):
         _positive(f"run.{name} (--{name.replace('_', '-')})", getattr(run, name))
+    _positive("run.dist_timeout_s (--dist-timeout)", run.dist_timeout_s)
     if run.test_tasks < 2:
         raise ConfigError(
             f"run.test_tasks (--test-tasks) must be at least 2 (a confidence interval needs 2 tasks), "
