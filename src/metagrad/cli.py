@@ -4,6 +4,9 @@ Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data d
 Errors the user can fix (:class:`~metagrad.errors.MetagradError`) print ``error: <message>`` on stderr,
 without a traceback, and exit with the error's code (2 for a bad configuration, 1 otherwise); argparse
 errors (an unknown option, a malformed number) exit 2 as well.
+
+Under torchrun (``torchrun --nproc-per-node N -m metagrad train ...``) rank 0 alone prints progress and
+results; the other processes print warnings and errors only, errors marked with their rank.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import metagrad
 from metagrad.errors import ConfigError, MetagradError
 from metagrad.training.config import DEFAULT_PRESET, Config, load_preset, parse_assignment, resolve_config
+from metagrad.training.distributed import World, world_from_environment
 
 __all__ = ["build_parser", "main"]
 
@@ -45,6 +49,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--test-tasks", "run.test_tasks", int, "meta-test tasks at the end"),
     ("--checkpoint-every", "run.checkpoint_every", int, "write latest.pt every this many iterations"),
     ("--log-every", "run.log_every", int, "without a terminal, print a train row every this many iterations"),
+    ("--dist-timeout", "run.dist_timeout_s", float,
+     "under torchrun: seconds a process waits for the others (start-up, each exchange) before the job fails"),
 ]
 _TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("--first-order", "meta.first_order", "first-order meta-gradient (no second derivatives)"),
@@ -122,6 +128,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
     config = resolve_config(preset=args.preset, config_file=config_file, overrides=_overrides(args))
     results = run(config, resume=args.resume, quiet=args.quiet)
+    if not world_from_environment().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(f"test accuracy {100 * results['test_accuracy']:.2f}% ± {100 * results['test_ci95']:.2f}% "
           f"(95% CI over {results['test_tasks']} tasks); run folder {results['run_dir']}")
     return 0
@@ -227,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  metagrad train --data-dir DATA                   # MAML, Omniglot 5-way 1-shot\n"
                     "  metagrad train --preset omniglot-anil-20w1s --iterations 1000\n"
                     "  metagrad train --config runs/X/config.json       # repeat a run in a new folder\n"
-                    "  metagrad train --resume --run-dir runs/X         # continue an interrupted run",
+                    "  metagrad train --resume --run-dir runs/X         # continue an interrupted run\n"
+                    "  torchrun --nproc-per-node 2 -m metagrad train    # 2 data-parallel processes",
     )
     _add_train_options(train)
     train.add_argument("--resume", action="store_true",
@@ -294,6 +303,10 @@ class _LevelFormatter(logging.Formatter):
         return message if record.levelno == logging.INFO else f"{record.levelname.lower()}: {message}"
 
 
+def _rank_note(world: World) -> str:
+    return f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``metagrad`` command.
 
@@ -309,11 +322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
         return exc.code if isinstance(exc.code, int) else 2
+    try:
+        world = world_from_environment()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LevelFormatter("%(message)s"))
     logger.addHandler(handler)
     previous_level = logger.level
-    quiet = getattr(args, "quiet", False)
+    quiet = getattr(args, "quiet", False) or not world.is_main
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     try:
         return args.func(args)
@@ -321,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metagrad.training.loop import TrainingInterrupted
 
         prefix = "interrupted" if isinstance(exc, TrainingInterrupted) else "error"
-        print(f"{prefix}: {exc}", file=sys.stderr)
+        print(f"{prefix}{_rank_note(world)}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

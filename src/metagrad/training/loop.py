@@ -21,10 +21,12 @@ SIGINT, SIGTERM or ``kill -9``) restores the parameters, Adam's state, every ran
 metrics files as they were at the checkpoint, so it ends with the same parameters, metrics and
 results, bit for bit, as a run that was never interrupted (wall-clock columns excepted).
 
-The step is split in two so that data-parallel training can slot in between: each process would run
-:func:`compute_meta_gradients` on its slice of the meta-batch (``episode.slice``), all-reduce the
-``.grad`` of every parameter, then run :func:`apply_meta_update`; only one process would write the
-run folder.
+Data-parallel: under ``torchrun --nproc-per-node N -m metagrad train ...`` every process runs
+:func:`run`. The step is split in two so that the exchange fits between: each process runs
+:func:`compute_meta_gradients` on its slice of the meta-batch (``episode.slice``), the gradients are
+all-reduced, then each runs :func:`apply_meta_update`. Validation and test tasks are split the same
+way. Rank 0 alone writes the run folder and shows progress; the results are those of one process up
+to the order of float additions (see :mod:`metagrad.training.distributed`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError, MetagradError, TrainingError
 from metagrad.models import build_model
+from metagrad.training import distributed
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     capture_rng_state,
@@ -60,6 +63,7 @@ from metagrad.training.checkpoint import (
     save_checkpoint,
 )
 from metagrad.training.config import (
+    RESUMABLE_CHANGES,
     Config,
     DataConfig,
     MetaConfig,
@@ -70,6 +74,7 @@ from metagrad.training.config import (
     load_config_file,
     save_config,
 )
+from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.metrics import MetricsWriter, mean_ci95
 from metagrad.training.progress import Progress
 from metagrad.types import Buffers, Params
@@ -192,31 +197,42 @@ def _score_tasks(
     num_tasks: int,
     generator: torch.Generator,
     stop: _StopFlag | None = None,
+    world: World = ONE_PROCESS,
 ) -> tuple[Tensor, Tensor]:
     """Adapt to ``num_tasks`` tasks with the test-time inner loop; per-task query losses and accuracies.
 
     Tasks are sampled and scored ``meta_batch_size`` at a time (to bound memory), so the tasks drawn
-    from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``.
+    from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``. With several
+    processes, each samples every chunk and scores its own slice of it; the scores are gathered back
+    in task order, so every process returns all ``num_tasks`` scores, as one process would.
     Like ``algorithms.evaluate``, the inner loop is first order (the same values as second order) and
     no graph is kept for an outer backward; unlike it, the query losses are returned too.
     """
     meta = config.meta
     detached = {k: v.detach() for k, v in params.items()}
     detached_buffers = {k: v.detach() for k, v in buffers.items()}
-    losses, accs = [], []
+    losses, accs, indices = [], [], []
     for start in range(0, num_tasks, meta.meta_batch_size):
         if stop is not None:
-            stop.check()
+            stop.check(world)
         episode = sampler.sample(min(meta.meta_batch_size, num_tasks - start), generator)
+        first, last = distributed.task_range(episode.num_tasks, world)
+        if first == last:  # fewer tasks in this chunk than processes
+            continue
         with torch.no_grad():  # the inner loop re-enables the gradients it needs
             task_loss, task_acc = algorithms.task_losses(
-                meta.algorithm, model, detached, detached_buffers, episode,
+                meta.algorithm, model, detached, detached_buffers, episode.slice(first, last),
                 inner_lr=meta.inner_lr, inner_steps=meta.test_inner_steps, first_order=True,
                 vectorize=meta.vectorize,
             )
         losses.append(task_loss.detach().float().cpu())
         accs.append(task_acc.detach().float().cpu())
-    return torch.cat(losses), torch.cat(accs)
+        indices.append(torch.arange(start + first, start + last))
+    if not indices:  # more processes than tasks: this one scored none
+        losses, accs, indices = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
+    scores = torch.stack([torch.cat(losses), torch.cat(accs)], dim=1)  # (tasks here, 2): loss, accuracy
+    scores = distributed.gather_tasks(world, scores, torch.cat(indices), num_tasks)  # (num_tasks, 2)
+    return scores[:, 0], scores[:, 1]
 
 
 def _load_splits(data: DataConfig, splits: tuple[str, ...]) -> dict[str, FewShotDataset]:
@@ -257,10 +273,15 @@ class _StopFlag:
 
     The first signal sets the flag and restores the previous handlers, so a second Ctrl-C interrupts
     at once (without a final checkpoint). Handlers are installed only in the main thread.
+
+    With ``keep_handlers`` (under torchrun) later signals are absorbed too: a Ctrl-C reaches each
+    process twice, from the terminal and again from torchrun, and torchrun itself kills processes
+    that do not stop within its own timeout.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_handlers: bool = False) -> None:
         self.signum: int | None = None
+        self._keep_handlers = keep_handlers
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -273,19 +294,31 @@ class _StopFlag:
         self._restore()
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-        self._restore()
+        if self.signum is None:
+            self.signum = signum
+        if not self._keep_handlers:
+            self._restore()
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def check(self, where: str = "") -> None:
+    def requested(self, world: World = ONE_PROCESS) -> int | None:
+        """The signal that asks to stop, or None; under torchrun, the same answer in every process.
+
+        A signal can reach the processes at different moments: they agree first, so that all stop
+        at the same point (one that has not seen it yet reports SIGTERM).
+        """
+        if distributed.any_rank(world, self.signum is not None):
+            return self.signum or signal.SIGTERM
+        return None
+
+    def check(self, world: World = ONE_PROCESS) -> None:
         """Raise :class:`TrainingInterrupted` if a signal arrived (for phases with nothing to save)."""
-        if self.signum is not None:
-            name = signal.Signals(self.signum).name
-            raise TrainingInterrupted(f"{name} received {where}".strip(), self.signum)
+        signum = self.requested(world)
+        if signum is not None:
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} received", signum)
 
 
 @dataclasses.dataclass
@@ -373,20 +406,31 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
     References:
         Finn, Abbeel & Levine 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks".
     """
-    run_dir = _check_run_dir(config, resume)
-    device = resolve_device(config.run.device)
+    world = distributed.world_from_environment()
+    distributed.check_meta_batch_size(config.meta.meta_batch_size, world)
+    device = distributed.process_device(world, resolve_device(config.run.device))
+    with distributed.process_group(world, device, config.run.dist_timeout_s):
+        return _run(config, world, device, resume=resume, quiet=quiet)
+
+
+def _run(config: Config, world: World, device: torch.device, *, resume: bool, quiet: bool) -> dict[str, Any]:
+    _check_same_config(world, config)
+    run_dir = distributed.on_main(world, _check_run_dir, config, resume)
     data, meta = config.data, config.meta
     # Data first: a missing dataset or an impossible task shape fails before the run folder exists.
-    datasets = _load_splits(data, ("train", "validation", "test"))
+    with distributed.local_main_first(world):  # one process per node downloads and decodes
+        datasets = _load_splits(data, ("train", "validation", "test"))
     samplers = {
         split: EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
         for split, dataset in datasets.items()
     }
     if not resume:
-        _create_run_dir(config, run_dir)
-    logger.info("run folder %s, device %s", run_dir, device)
+        distributed.on_main(world, _create_run_dir, config, run_dir)
+    if world.is_main:
+        where = f"{world.size} processes on {device.type}" if world.size > 1 else f"device {device}"
+        logger.info("run folder %s, %s", run_dir, where)
 
-    torch.manual_seed(config.run.seed)  # the model's initialization
+    torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
     model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
     params: Params = dict(model.named_parameters())
     buffers: Buffers = dict(model.named_buffers())
@@ -395,7 +439,9 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
     state = _RunState()
     offsets = None
 
-    checkpoint = load_checkpoint(run_dir / LATEST_NAME) if resume else None
+    # Rank 0 reads the checkpoint and hands it to every process: all restore the same random states,
+    # since each samples the whole meta-batch.
+    checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
         with torch.no_grad():
             for name, tensor in checkpoint["params"].items():
@@ -404,22 +450,57 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
         restore_rng_state(checkpoint["rng"], generators, device)
         state = _RunState(**checkpoint["progress"])
         offsets = checkpoint["metrics"]
-        logger.info("resuming %s from iteration %d", run_dir, state.iteration)
-    elif resume:
+        if world.is_main:
+            logger.info("resuming %s from iteration %d", run_dir, state.iteration)
+    elif resume and world.is_main:
         logger.warning("%s holds no checkpoint yet: starting its run from iteration 0", run_dir)
+    distributed.check_same_parameters(world, params, state.iteration)
 
-    writer = MetricsWriter(run_dir, offsets)
+    writer = MetricsWriter(run_dir, offsets) if world.is_main else None  # rank 0 alone writes files
     try:
-        with _StopFlag() as stop:
-            progress = Progress(meta.iterations, state.iteration, config.run.log_every, enabled=not quiet)
+        with _StopFlag(keep_handlers=world.size > 1) as stop:
+            progress = Progress(meta.iterations, state.iteration, config.run.log_every,
+                                enabled=not quiet and world.is_main)
             with progress:
                 _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers,
-                       state, writer, stop, progress)
+                       state, writer, stop, progress, world)
             results = _meta_test(config, run_dir, device, model, params, buffers, samplers["test"], state,
-                                 writer, stop, progress)
+                                 writer, stop, progress, world)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return results
+
+
+def _check_same_config(world: World, config: Config) -> None:
+    """Raise on every process unless all were given rank 0's config (folders and device aside)."""
+    if world.size == 1:
+        return
+    mine = _settings(config)
+    main = distributed.on_main(world, _settings, config)
+    differs = [key for key in main if main[key] != mine.get(key)]
+    message = None
+    if differs:
+        key = differs[0]
+        message = (f"process {world.rank} was given {key}={mine.get(key)!r} but rank 0 {main[key]!r}; "
+                   f"start every process with the same options")
+    if distributed.any_rank(world, message is not None):
+        raise ConfigError(message or "another process was given other options than this one (its error says "
+                                     "which); start every process with the same options")
+
+
+def _settings(config: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` of the settings every process must share."""
+    flat = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
+            if isinstance(values, dict) for key, value in values.items()}
+    return {"preset": config.preset, **{k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}}
+
+
+def _report(row: dict[str, Any], writer: MetricsWriter | None, progress: Progress) -> None:
+    """Write a metric row to the run folder (rank 0: ``writer`` is None elsewhere) and show it."""
+    if writer is not None:
+        writer.write(row)
+    progress.row(row)
 
 
 def _train(
@@ -433,14 +514,22 @@ def _train(
     generators: dict[str, torch.Generator],
     samplers: dict[str, EpisodeSampler],
     state: _RunState,
-    writer: MetricsWriter,
+    writer: MetricsWriter | None,
     stop: _StopFlag,
     progress: Progress,
+    world: World,
 ) -> None:
     meta, run_config = config.meta, config.run
     latest = run_dir / LATEST_NAME
+    # This process's tasks of each meta-batch: all of them, or its slice under torchrun.
+    first, last = distributed.task_range(meta.meta_batch_size, world)
+    my_tasks = torch.arange(first, last)
 
     def write_checkpoint() -> None:
+        distributed.check_same_parameters(world, params, state.iteration)  # never save a diverged run
+        if not world.is_main:
+            return
+        assert writer is not None
         save_checkpoint(
             {
                 "format": FORMAT_VERSION,
@@ -460,9 +549,12 @@ def _train(
         iteration = state.iteration + 1
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
-        episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])
-        out = compute_meta_gradients(model, params, buffers, episode, meta)
-        loss = out.loss.item()
+        episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
+        out = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
+        distributed.all_reduce_gradients(world, params, last - first, meta.meta_batch_size)
+        task_losses = distributed.gather_tasks(world, out.task_losses, my_tasks, meta.meta_batch_size)
+        task_accs = distributed.gather_tasks(world, out.task_accs, my_tasks, meta.meta_batch_size)
+        loss = task_losses.mean().item()
         if not math.isfinite(loss):
             saved = (f"the last good checkpoint is {latest}" if latest.exists()
                      else "no checkpoint was written yet")
@@ -471,42 +563,47 @@ def _train(
                 f"update, {saved}; try a smaller --meta-lr or --inner-lr"
             )
         apply_meta_update(optimizer, lr)
-        acc = out.task_accs.mean().item()
+        acc = task_accs.mean().item()
         seconds = time.perf_counter() - start
         state.iteration = iteration
         state.elapsed_s += seconds
         row = {"step": iteration, "split": "train", "loss": loss, "acc": acc, "sec_per_iter": seconds,
                "tasks_per_sec": meta.meta_batch_size / seconds, "lr": lr}
-        writer.write(row)
-        progress.row(row)
+        _report(row, writer, progress)
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
             start = time.perf_counter()
             losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
-                                        run_config.eval_tasks, task_generator(run_config.seed, "validation"))
+                                        run_config.eval_tasks, task_generator(run_config.seed, "validation"),
+                                        world=world)
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
                    "acc": accs.mean().item(), "tasks_per_sec": run_config.eval_tasks / seconds, "lr": lr}
-            writer.write(row)
-            progress.row(row)
+            _report(row, writer, progress)
             if state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy:
                 state.best_val_accuracy, state.best_iteration = row["acc"], iteration
-                save_checkpoint(
-                    {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
-                     "params": {k: v.detach().cpu() for k, v in params.items()}},
-                    run_dir / BEST_NAME,
-                )
+                if world.is_main:
+                    save_checkpoint(
+                        {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
+                         "params": {k: v.detach().cpu() for k, v in params.items()}},
+                        run_dir / BEST_NAME,
+                    )
 
-        if (iteration % run_config.checkpoint_every == 0 or iteration == meta.iterations
-                or stop.signum is not None):
+        signum = stop.requested(world)
+        if iteration % run_config.checkpoint_every == 0 or iteration == meta.iterations or signum is not None:
             write_checkpoint()
-        if stop.signum is not None:
+        if signum is not None:
             raise TrainingInterrupted(
-                f"{signal.Signals(stop.signum).name} received: stopped after iteration {iteration} and "
-                f"saved {latest}; continue with: metagrad train --resume --run-dir {run_dir}",
-                stop.signum,
+                f"{signal.Signals(signum).name} received: stopped after iteration {iteration} and "
+                f"saved {latest}; continue with: {_resume_command(world, run_dir)}",
+                signum,
             )
+
+
+def _resume_command(world: World, run_dir: Path) -> str:
+    launcher = "torchrun <the same options> -m metagrad" if world.size > 1 else "metagrad"
+    return f"{launcher} train --resume --run-dir {run_dir}"
 
 
 def _meta_test(
@@ -518,35 +615,36 @@ def _meta_test(
     buffers: Buffers,
     sampler: EpisodeSampler,
     state: _RunState,
-    writer: MetricsWriter,
+    writer: MetricsWriter | None,
     stop: _StopFlag,
     progress: Progress,
+    world: World,
 ) -> dict[str, Any]:
-    best = load_checkpoint(run_dir / BEST_NAME)
+    best = distributed.on_main(world, load_checkpoint, run_dir / BEST_NAME)
     checkpoint_name = "latest"
     if best is not None:
         checkpoint_name = "best"
         with torch.no_grad():
             for name, tensor in best["params"].items():
                 params[name].copy_(tensor)
-    logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
-                best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
-                config.meta.test_inner_steps)
+    if world.is_main:
+        logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
+                    best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
+                    config.meta.test_inner_steps)
     start = time.perf_counter()
     try:
-        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop)
+        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop, world)
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(
             f"{exc} during the meta-test; training is complete and saved: "
-            f"metagrad train --resume --run-dir {run_dir} runs the meta-test again", exc.exit_code - 128
+            f"{_resume_command(world, run_dir)} runs the meta-test again", exc.exit_code - 128
         ) from None
     seconds = time.perf_counter() - start
     # The test row's step is the iteration of the parameters tested (best.pt's), not the last one.
     tested_iteration = best["iteration"] if best is not None else state.iteration
     row = {"step": tested_iteration, "split": "test", "loss": test["test_loss"], "acc": test["test_accuracy"],
            "tasks_per_sec": config.run.test_tasks / seconds}
-    writer.write(row)
-    progress.row(row)
+    _report(row, writer, progress)
     results = {
         "preset": config.preset,
         "algorithm": config.meta.algorithm,
@@ -561,11 +659,13 @@ def _meta_test(
         "best_iteration": state.best_iteration,
         "wall_time_s": state.elapsed_s + seconds,
         "device": str(device),
+        "processes": world.size,
         "seed": config.run.seed,
         "versions": _versions(),
         "run_dir": str(run_dir),
     }
-    _write_json(run_dir / RESULTS_NAME, results)
+    if world.is_main:
+        _write_json(run_dir / RESULTS_NAME, results)
     logger.debug("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s", 100 * test["test_accuracy"],
                  100 * test["test_ci95"], test["test_tasks"], run_dir / RESULTS_NAME)
     return results
@@ -579,9 +679,10 @@ def _test(
     sampler: EpisodeSampler,
     num_tasks: int,
     stop: _StopFlag | None = None,
+    world: World = ONE_PROCESS,
 ) -> dict[str, Any]:
     losses, accs = _score_tasks(config, model, params, buffers, sampler, num_tasks,
-                                task_generator(config.run.seed, "test"), stop)
+                                task_generator(config.run.seed, "test"), stop, world)
     accuracy, ci95 = mean_ci95(accs)
     return {
         "test_accuracy": accuracy,

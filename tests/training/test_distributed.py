@@ -1,0 +1,254 @@
+"""Data-parallel meta-training: 2 CPU processes under torchrun (gloo on loopback) against one process.
+
+The torchrun tests run ``tiny_cli.py`` (the ``metagrad`` command on the tiny dataset) as
+``python -m torch.distributed.run --standalone --nproc-per-node 2 tiny_cli.py train ...``, which is
+what the ``torchrun`` script runs. Each torchrun start costs a few seconds (three Python processes
+import torch), so the 2-process run is shared by the tests that read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from tiny_run import TINY_OVERRIDES, fake_load_dataset, tiny_config, tiny_dataset
+
+from metagrad import cli
+from metagrad.errors import ConfigError, TrainingError
+from metagrad.functional import forward_with
+from metagrad.training import distributed, loop, run
+from metagrad.training.distributed import World
+from metagrad.training.metrics import read_metrics
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+TINY_CLI = Path(__file__).parent / "tiny_cli.py"
+OVERRIDES = {"meta.iterations": 6, "run.checkpoint_every": 2, "run.eval_tasks": 5, "run.test_tasks": 9}
+"""The tiny run, 6 iterations of 4 tasks (2 per process). Validation takes chunks of 4 + 1 tasks and the
+test 4 + 4 + 1, so some processes score 1 task of a chunk, or none."""
+
+PRE_NORM_BIASES = [f"features.{i}.conv.bias" for i in range(4)]
+"""Conv biases that BatchNorm cancels: their meta-gradient is zero up to rounding, which Adam scales up
+to steps of +-meta_lr whose sign depends on the order of float additions. They differ between process
+counts while the network's outputs do not."""
+
+
+def _options(overrides: dict[str, Any]) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
+def _torchrun(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 tiny_cli.py train ARGS`` on 1 thread per process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(TINY_CLI), "train", *args]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
+               "PYTHONPATH": os.pathsep.join([str(TINY_CLI.parent), *sys.path])}
+    return subprocess.run(command, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _train_args(run_dir: Path) -> list[str]:
+    return [*_options({**TINY_OVERRIDES, **OVERRIDES}), "--run-dir", str(run_dir)]
+
+
+def _params(run_dir: Path, name: str = "latest.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / name, weights_only=True)["params"]
+
+
+def _assert_same_network(run_dir: Path, reference: Path, name: str) -> None:
+    """Parameters equal up to float reduction order, and the same outputs (see PRE_NORM_BIASES)."""
+    ours, theirs = _params(run_dir, name), _params(reference, name)
+    for key in theirs:
+        if key not in PRE_NORM_BIASES:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    config = tiny_config(reference, **OVERRIDES)
+    model = loop._build_model(config.model, config.data.ways, (1, 8, 8))
+    images = tiny_dataset().images[:, 0].float() / 255  # (10, 1, 8, 8): one image per class
+    torch.testing.assert_close(forward_with(model, ours, {}, images), forward_with(model, theirs, {}, images),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "load_dataset", fake_load_dataset())
+        run(tiny_config(run_dir, **OVERRIDES), quiet=True)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same run under torchrun, with rank 1 killed at iteration 5, then resumed under torchrun.
+
+    Rank 1 fails if it writes anything in the run folder. One scenario for several tests, since each
+    torchrun start takes seconds.
+    """
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    read_only = {"METAGRAD_TEST_READ_ONLY": str(run_dir)}
+    start = time.monotonic()
+    killed = _torchrun(*_train_args(run_dir), env={**read_only, "METAGRAD_TEST_KILL": "1:5"})
+    killed_after = time.monotonic() - start
+    checkpoint = torch.load(run_dir / "latest.pt", weights_only=True)
+    had_results = (run_dir / "results.json").exists()
+    resumed = _torchrun("--resume", *_train_args(run_dir), env=read_only)
+    return {"run_dir": run_dir, "killed": killed, "killed_after": killed_after, "checkpoint": checkpoint,
+            "had_results": had_results, "resumed": resumed}
+
+
+# ---------------------------------------------------------------------------------------------------
+# torchrun, 2 processes
+
+
+def test_a_dead_process_ends_the_job_with_a_clear_message(two_process_run: dict[str, Any]) -> None:
+    killed = two_process_run["killed"]
+    assert killed.returncode != 0
+    assert two_process_run["killed_after"] < 60  # no hang: torchrun and gloo notice the dead process
+    assert "error (rank 0 of 2): the meta-gradient all-reduce failed" in killed.stderr, killed.stderr
+    assert "--resume" in killed.stderr and "SIGKILL" in killed.stderr  # ours, then torchrun's summary
+    assert two_process_run["checkpoint"]["iteration"] == 4  # the last checkpoint is intact
+    assert not two_process_run["had_results"]
+
+
+def test_resumed_under_two_processes_it_gives_the_one_process_run(
+    one_process_run: Path, two_process_run: dict[str, Any]
+) -> None:
+    run_dir, resumed = two_process_run["run_dir"], two_process_run["resumed"]
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "from iteration 4" in resumed.stderr
+    assert {p.name for p in run_dir.iterdir()} == {p.name for p in one_process_run.iterdir()}
+    for name in ("latest.pt", "best.pt"):
+        _assert_same_network(run_dir, one_process_run, name)
+
+    # The same tasks and scores, up to float reduction order.
+    ours, theirs = read_metrics(run_dir), read_metrics(one_process_run)
+    assert [(r["step"], r["split"], r["lr"]) for r in ours] == [(r["step"], r["split"], r["lr"]) for r in theirs]
+    for mine, reference in zip(ours, theirs):
+        assert mine["acc"] == pytest.approx(reference["acc"], abs=1e-6)
+        assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    results = json.loads((run_dir / "results.json").read_text())
+    expected = json.loads((one_process_run / "results.json").read_text())
+    for key in ("test_accuracy", "test_ci95", "test_tasks", "best_iteration", "iterations"):
+        assert results[key] == pytest.approx(expected[key], abs=1e-9), key
+    assert (results["processes"], expected["processes"]) == (2, 1)
+
+
+def test_rank_0_alone_writes_and_shows_progress(two_process_run: dict[str, Any]) -> None:
+    # Rank 1 ran with every write under the run folder forbidden (tiny_cli.py's audit hook), twice.
+    resumed = two_process_run["resumed"]
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
+    best = json.loads((two_process_run["run_dir"] / "results.json").read_text())["best_iteration"]
+    assert [(r["step"], r["split"]) for r in rows] == [(6, "validation"), (best, "test")]
+    assert resumed.stdout.count("test accuracy") == 1
+    assert resumed.stderr.count("run folder") == 1 and "2 processes on cpu" in resumed.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# One process pretending to be one of several (no process group needed)
+
+
+@pytest.fixture
+def rank_0_of_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_indivisible_meta_batch_is_a_config_error(
+    tmp_path: Path, rank_0_of_2: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    overrides = {**TINY_OVERRIDES, "meta.meta_batch_size": 5}
+    code = cli.main(["train", *_options(overrides), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert ("error (rank 0 of 2): meta.meta_batch_size (--meta-batch-size) 5 does not split evenly over 2 "
+            "processes; use a multiple of 2 (e.g. 4 or 6)") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_process_group_that_cannot_form_fails_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a port nobody listens on: rank 0's store never appears
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    world = distributed.world_from_environment()
+    start = time.monotonic()
+    with (pytest.raises(TrainingError, match="process 1 of 2 could not join the others \\(gloo\\)"),
+          distributed.process_group(world, torch.device("cpu"), timeout_s=1)):
+        pass
+    assert time.monotonic() - start < 30
+    assert not dist.is_initialized()
+
+
+def test_world_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world_from_environment() == World(0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.world_from_environment() == World(3, 4, 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="inconsistent RANK=4, WORLD_SIZE=4"):
+        distributed.world_from_environment()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ConfigError, match="must be integers"):
+        distributed.world_from_environment()
+
+
+@pytest.mark.parametrize(("num_tasks", "size"), [(32, 1), (32, 2), (9, 4), (1, 2), (0, 3)])
+def test_task_ranges_cover_the_tasks_in_rank_order(num_tasks: int, size: int) -> None:
+    ranges = [distributed.task_range(num_tasks, World(rank, size)) for rank in range(size)]
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(num_tasks))
+    sizes = [stop - start for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_process_device() -> None:
+    two = World(1, 2, 1)
+    assert distributed.process_device(two, torch.device("cpu")) == torch.device("cpu")
+    assert distributed.process_device(World(), torch.device("mps")) == torch.device("mps")
+    with pytest.raises(ConfigError, match="not on Apple MPS; use --device cpu"):
+        distributed.process_device(two, torch.device("mps"))
+    with pytest.raises(ConfigError, match="each process takes the GPU of its LOCAL_RANK; use --device cuda"):
+        distributed.process_device(two, torch.device("cuda", 0))
+
+
+def test_one_process_needs_no_process_group() -> None:
+    world = World()
+    params = {"w": torch.ones(2, requires_grad=True)}
+    params["w"].grad = torch.full((2,), 3.0)
+    with distributed.process_group(world, torch.device("cpu"), timeout_s=1):
+        distributed.all_reduce_gradients(world, params, 4, 4)
+        assert torch.equal(params["w"].grad, torch.full((2,), 3.0))
+        values = torch.arange(3.0)
+        assert distributed.gather_tasks(world, values, torch.arange(3), 3) is values
+        assert distributed.any_rank(world, True) and not distributed.any_rank(world, False)
+        assert distributed.on_main(world, max, 2, 5) == 5
+        distributed.check_same_parameters(world, params, 0)
+    assert not dist.is_initialized()
+
+
+def test_stop_flag_under_torchrun_absorbs_repeated_signals() -> None:
+    # torchrun forwards the terminal's Ctrl-C to processes that already got it: the second must not
+    # kill a process that is finishing its iteration and checkpoint.
+    before = signal.getsignal(signal.SIGTERM)
+    with loop._StopFlag(keep_handlers=True) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGTERM
+        assert stop.requested() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
