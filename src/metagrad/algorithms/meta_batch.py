@@ -1,17 +1,19 @@
 """A meta-batch of tasks as one computation: the meta-training loss, evaluation and the outer step.
 
-``meta_batch_loss`` evaluates an algorithm's per-task loss on every task of an ``Episode`` in one of
-two ways behind the ``vectorize`` flag:
+``meta_batch_loss`` evaluates an algorithm's per-task loss on every task of an ``Episode`` by one of
+three strategies (``STRATEGIES``); the ``vectorize`` flag picks between them:
 
-* ``vectorize=True``: ``torch.func.vmap`` over the task dimension, the inner gradients taken with
-  ``torch.func.grad``. While the weights are shared by all tasks (the body in ANIL, the first inner
-  forward in MAML) vmap runs each layer as one ordinary batch of all tasks' images; BatchNorm still
-  normalizes each task with its own statistics because its mean and variance are vmapped per task.
-* ``vectorize=False``: a plain Python loop over tasks with ``torch.autograd.grad``, kept as the
-  reference the tests compare the vectorized path against.
+* ``"batched"`` (``vectorize=True`` on the standard models, ``metagrad.models.batched.plan_for``):
+  the task dimension is folded into the layers (grouped convolutions, per-task fused BatchNorm,
+  batched matrix products) and differentiated with plain autograd; see ``algorithms/batched.py``.
+  The fastest path, on CPU and without vmap's overheads.
+* ``"vmap"`` (``vectorize=True`` on any other model): ``torch.func.vmap`` over the task dimension, the
+  inner gradients taken with ``torch.func.grad``. BatchNorm still normalizes each task with its own
+  statistics because its mean and variance are vmapped per task.
+* ``"loop"`` (``vectorize=False``): a plain Python loop over tasks with ``torch.autograd.grad``, kept as
+  the reference the tests compare the other paths against.
 
-Faster paths that exploit more structure can replace ``_vectorized`` behind the same interface; the
-exactness tests in ``tests/algorithms`` must pass on each.
+All three give the same numbers (up to rounding); the exactness tests in ``tests/algorithms`` run on each.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from metagrad.algorithms.anil import anil_task_loss
+from metagrad.algorithms.batched import batched_anil, batched_maml
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
+from metagrad.models.batched import plan_for
 from metagrad.types import Buffers, Episode, Params
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "evaluate", "meta_batch_loss", "meta_train_step",
-    "task_losses",
+    "ALGORITHMS", "STRATEGIES", "Algorithm", "MetaBatchOutput", "evaluate", "meta_batch_loss",
+    "meta_train_step", "strategy_for", "task_losses",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,12 @@ VMAP_RANDOMNESS = "different"
 """vmap's randomness mode: each task draws its own random numbers, as independent tasks would (e.g.
 different dropout masks). The standard models use no randomness; a model that does gets different
 draws from the per-task loop, so the two paths then agree only in distribution."""
+
+
+STRATEGIES = ("batched", "vmap", "loop")
+"""How a meta-batch is computed, fastest first (see the module docstring)."""
+
+_BATCHED = {maml_task_loss: batched_maml, anil_task_loss: batched_anil}
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,21 @@ def _looped(task_loss: Callable[..., tuple[Tensor, Tensor]], episode: Episode) -
     return torch.stack(losses), torch.stack(accs)
 
 
+def strategy_for(algorithm: str, model: nn.Module, params: Params, buffers: Buffers, *,
+                 vectorize: bool = True) -> str:
+    """The strategy ``vectorize`` selects for this model: "batched" where the model is one of the
+    standard networks and ``params`` holds exactly its parameters, "vmap" for other models, and "loop"
+    when ``vectorize`` is False."""
+    if not vectorize:
+        return "loop"
+    spec = ALGORITHMS[algorithm] if algorithm in ALGORITHMS else None
+    names = dict(model.named_parameters())
+    if (spec is not None and spec.task_loss in _BATCHED and not buffers and params.keys() == names.keys()
+            and all(params[k].shape == v.shape for k, v in names.items()) and plan_for(model) is not None):
+        return "batched"
+    return "vmap"
+
+
 def task_losses(
     algorithm: str,
     model: nn.Module,
@@ -135,20 +160,47 @@ def task_losses(
 
     Arguments as for ``meta_batch_loss``.
     """
+    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
+    return _task_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
+                        inner_steps=inner_steps, first_order=first_order, strategy=strategy)
+
+
+def _task_losses(
+    algorithm: str,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool | None,
+    strategy: str,
+) -> tuple[Tensor, Tensor]:
+    # task_losses with an explicit strategy (the tests run every strategy through here).
     spec, first_order = _resolve(algorithm, first_order)
     _check_episode(episode, inner_lr, inner_steps)
-    logger.debug("%s on %d tasks: inner_steps=%d first_order=%s vectorize=%s",
-                 algorithm, episode.num_tasks, inner_steps, first_order, vectorize)
+    logger.debug("%s on %d tasks: inner_steps=%d first_order=%s strategy=%s",
+                 algorithm, episode.num_tasks, inner_steps, first_order, strategy)
+    if strategy == "batched":
+        plan = plan_for(model)
+        if plan is None:
+            raise ValueError(f"the batched strategy does not support {type(model).__name__}")
+        return _BATCHED[spec.task_loss](plan, params, episode, inner_lr=inner_lr, inner_steps=inner_steps,
+                                        first_order=first_order)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
+    under_vmap = strategy == "vmap"
 
     def one_task(
         support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
         return spec.task_loss(
             model, params, buffers, support_x, support_y, query_x, query_y,
-            inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=vectorize,
+            inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
         )
 
-    return (_vectorized if vectorize else _looped)(one_task, episode)
+    return (_vectorized if under_vmap else _looped)(one_task, episode)
 
 
 def meta_batch_loss(
@@ -177,7 +229,9 @@ def meta_batch_loss(
         inner_steps: inner gradient steps per task.
         first_order: True makes "maml" and "anil" first order (inner gradients detached); None or
             False keeps their second-order meta-gradient. "fomaml" is first order whatever this says.
-        vectorize: vmap over tasks (fast path) or loop over them (reference path); same numbers.
+        vectorize: True for the fastest vectorized strategy available for ``model`` ("batched" on the
+            standard networks, else "vmap"; see ``strategy_for``), False for the per-task loop (the
+            reference path). All give the same numbers.
 
     Returns:
         ``MetaBatchOutput(loss, task_losses, task_accs)``.

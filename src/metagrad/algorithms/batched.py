@@ -1,0 +1,91 @@
+"""MAML, first-order MAML and ANIL on a whole meta-batch with the task-batched standard models.
+
+The vmap path runs each task's computation under ``torch.func.vmap``; this one folds the task dimension
+into the layers themselves (``metagrad.models.batched``): grouped convolutions, a fused per-task
+BatchNorm and batched matrix products, differentiated with plain ``torch.autograd``. The numbers are the
+per-task loop's (the tests in ``tests/algorithms`` compare all paths against a hand-unrolled reference).
+
+Inner loop: each adapted parameter is expanded to one copy per task (``p.expand(T, ...)``, a view, so
+the graph still reaches the meta-parameter ``p``). The support loss summed over tasks depends on copy t
+only through task t, so one ``torch.autograd.grad`` of that sum gives every task its own gradient.
+``create_graph=not first_order`` keeps the second-order term.
+
+ANIL runs the body once on all tasks' support and query images (shared weights; per-task, per-set
+BatchNorm statistics as in ``anil_task_loss``), then adapts only the head on those features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metagrad.models.batched import BatchedPlan, task_batched_body, task_batched_forward, task_batched_head
+from metagrad.types import Episode, Params
+
+__all__ = ["batched_anil", "batched_maml"]
+
+HEAD_KEYS = ("classifier.weight", "classifier.bias")
+
+
+def _task_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    # logits (T, B, N), labels (T, B) -> (T,) mean cross-entropy of each task
+    tasks, batch, ways = logits.shape
+    return F.cross_entropy(logits.reshape(tasks * batch, ways), labels.reshape(-1),
+                           reduction="none").view(tasks, batch).mean(dim=1)
+
+
+def _task_acc(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean(dim=1)  # (T,)
+
+
+def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Sequence[str], x: Tensor,
+           y: Tensor, *, inner_lr: float, steps: int, first_order: bool) -> Params:
+    """``steps`` SGD steps of every task at once; adapted tensors come back per task, (T, ...)."""
+    tasks = x.shape[0]
+    fast = dict(params)
+    for _ in range(steps):
+        # enable_grad and fresh leaves for constants let evaluate() run this under no_grad.
+        with torch.enable_grad():
+            adapted = {}
+            for k in keys:
+                p = fast[k]
+                if not p.requires_grad:
+                    p = p.detach().requires_grad_()
+                adapted[k] = p if p.dim() > params[k].dim() else p.expand(tasks, *p.shape)  # (T, ...)
+            loss = _task_ce(forward({**fast, **adapted}, x), y).sum()  # task t's loss sees only copy t
+            # create_graph keeps d(grad)/d(params): MAML's second-order term; first order drops it.
+            grads = torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)
+            fast = {**fast, **{k: adapted[k] - inner_lr * g for k, g in zip(keys, grads)}}
+    return fast
+
+
+def batched_maml(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: float, inner_steps: int,
+                 first_order: bool) -> tuple[Tensor, Tensor]:
+    """Per-task query losses (T,) and accuracies (T,) of MAML (all parameters adapted)."""
+    fast = _adapt(lambda p, x: task_batched_forward(plan, p, x), params, list(params),
+                  episode.support_x, episode.support_y, inner_lr=inner_lr, steps=inner_steps,
+                  first_order=first_order)
+    logits = task_batched_forward(plan, fast, episode.query_x)  # (T, N*Q, N)
+    return _task_ce(logits, episode.query_y), _task_acc(logits, episode.query_y)
+
+
+def batched_anil(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: float, inner_steps: int,
+                 first_order: bool) -> tuple[Tensor, Tensor]:
+    """Per-task query losses (T,) and accuracies (T,) of ANIL (only the head adapted)."""
+    support_x, query_x = episode.support_x, episode.query_x
+    tasks = support_x.shape[0]
+    if support_x.shape[1:] == query_x.shape[1:]:
+        # One body pass over 2T groups (support sets, then query sets), each normalized on its own.
+        features = task_batched_body(plan, params, torch.cat([support_x, query_x]))  # (2T, B, D)
+        support_f, query_f = features[:tasks], features[tasks:]
+    else:
+        support_f = task_batched_body(plan, params, support_x)  # (T, N*K, D)
+        query_f = task_batched_body(plan, params, query_x)  # (T, N*Q, D)
+    head = {k: params[k] for k in HEAD_KEYS}
+    head = _adapt(lambda p, f: task_batched_head(p, f), head, HEAD_KEYS, support_f, episode.support_y,
+                  inner_lr=inner_lr, steps=inner_steps, first_order=first_order)
+    logits = task_batched_head(head, query_f)  # (T, N*Q, N)
+    return _task_ce(logits, episode.query_y), _task_acc(logits, episode.query_y)
