@@ -1,4 +1,4 @@
-"""Meta-gradients of the vectorized and looped paths against an independent, hand-unrolled MAML."""
+"""Meta-gradients of every strategy (batched, vmap, loop) against an independent, hand-unrolled MAML."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from metagrad.algorithms import ALGORITHMS, MetaBatchOutput, evaluate, meta_batch_loss, meta_train_step
+from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, strategy_for
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.models import HEAD_PREFIX, MiniImagenetCNN, OmniglotCNN, OmniglotFC
 from metagrad.types import Episode
@@ -25,6 +26,14 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int,
     "omniglot-fc": (lambda: OmniglotFC(3), (1, 28, 28), 3, 3, 2, 2),
     "mini-imagenet-cnn": (lambda: MiniImagenetCNN(2, hidden_size=8), (3, 84, 84), 2, 2, 1, 2),
 }
+
+
+def _meta_loss(strategy: str, algorithm: str, model: nn.Module, params: dict[str, Tensor], episode: Episode,
+               *, steps: int, first_order: bool | None = None) -> MetaBatchOutput:
+    """``meta_batch_loss`` through an explicit strategy ("batched", "vmap" or "loop")."""
+    losses, accs = _task_losses(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
+                                first_order=first_order, strategy=strategy)
+    return MetaBatchOutput(losses.mean(), losses.detach(), accs.detach())
 
 
 def _setup(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor], Episode]:
@@ -55,14 +64,13 @@ def assert_grads_close(actual: tuple[Tensor, ...], expected: tuple[Tensor, ...])
         assert_close(a, b, rtol=1e-7, atol=1e-10 * scale)
 
 
-@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("name", ["omniglot-cnn", "omniglot-fc"])
-def test_meta_gradient_matches_reference(name: str, algorithm: str, steps: int, vectorize: bool) -> None:
+def test_meta_gradient_matches_reference(name: str, algorithm: str, steps: int, strategy: str) -> None:
     model, params, episode = _setup(name)
-    out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
-                          vectorize=vectorize)
+    out = _meta_loss(strategy, algorithm, model, params, episode, steps=steps)
     loss, expected = _reference(algorithm, model, params, episode, steps)
     assert_close(out.loss.detach(), loss)
     assert out.task_losses.shape == out.task_accs.shape == (episode.num_tasks,)
@@ -71,12 +79,53 @@ def test_meta_gradient_matches_reference(name: str, algorithm: str, steps: int, 
     assert_grads_close(_grads(out, params), expected)
 
 
+@pytest.mark.parametrize("strategy", ["batched", "vmap"])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("name", ["omniglot-cnn-strided", "mini-imagenet-cnn"])
-def test_meta_gradient_matches_reference_other_models(name: str, algorithm: str) -> None:
+def test_meta_gradient_matches_reference_other_models(name: str, algorithm: str, strategy: str) -> None:
     model, params, episode = _setup(name)
-    out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2)
-    assert_grads_close(_grads(out, params), _reference(algorithm, model, params, episode, 2)[1])
+    out = _meta_loss(strategy, algorithm, model, params, episode, steps=2)
+    loss, expected = _reference(algorithm, model, params, episode, 2)
+    assert_close(out.loss.detach(), loss)
+    assert_grads_close(_grads(out, params), expected)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", ["omniglot-cnn-strided", "mini-imagenet-cnn"])
+def test_batched_matches_reference(name: str, algorithm: str, steps: int) -> None:
+    model, params, episode = _setup(name)
+    out = _meta_loss("batched", algorithm, model, params, episode, steps=steps)
+    assert_grads_close(_grads(out, params), _reference(algorithm, model, params, episode, steps)[1])
+
+
+def test_anil_with_different_support_and_query_sizes() -> None:
+    # Query sets of another size than the support sets take the batched body in two passes.
+    model, params, _ = _setup("omniglot-cnn-strided")
+    episode = random_episode(3, 3, 1, 3, (1, 28, 28), seed=2)
+    out = _meta_loss("batched", "anil", model, params, episode, steps=2)
+    assert_grads_close(_grads(out, params), _reference("anil", model, params, episode, 2)[1])
+
+
+def test_strategy_choice() -> None:
+    model, params, _ = _setup("omniglot-cnn")
+    assert strategy_for("maml", model, params, {}) == "batched"
+    assert strategy_for("anil", model, params, {}, vectorize=False) == "loop"
+    assert strategy_for("maml", model, {k: v for k, v in params.items() if k != "classifier.bias"}, {}) == "vmap"
+    assert strategy_for("maml", model, params, {"running_mean": torch.zeros(1)}) == "vmap"
+    other = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert strategy_for("maml", other, dict(other.named_parameters()), {}) == "vmap"
+
+    class Custom(OmniglotCNN):  # a subclass may compute something else: never batched
+        pass
+
+    custom = Custom(3)
+    assert strategy_for("maml", custom, dict(custom.named_parameters()), {}) == "vmap"
+    with pytest.raises(ValueError, match="strategy"):
+        _meta_loss("compiled", "maml", model, params, random_episode(1, 3, 1, 1, (1, 28, 28)), steps=1)
+    with pytest.raises(ValueError, match="batched"):
+        _meta_loss("batched", "maml", custom, dict(custom.named_parameters()),
+                   random_episode(1, 3, 1, 1, (1, 28, 28)), steps=1)
 
 
 @pytest.mark.slow
@@ -88,21 +137,21 @@ def test_meta_gradient_full_size_models(name: str, algorithm: str) -> None:
     params = dict(model.named_parameters())
     shape = (1, 28, 28) if name == "omniglot-cnn" else (3, 84, 84)
     episode = random_episode(2, 5, 1, 2, shape)
-    for vectorize in (True, False):
-        out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=3,
-                              vectorize=vectorize)
+    for strategy in STRATEGIES:
+        out = _meta_loss(strategy, algorithm, model, params, episode, steps=3)
         assert_grads_close(_grads(out, params), _reference(algorithm, model, params, episode, 3)[1])
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
-def test_second_order_matches_finite_differences(algorithm: str) -> None:
+def test_second_order_matches_finite_differences(algorithm: str, strategy: str) -> None:
     torch.manual_seed(0)
     model = OmniglotCNN(3, hidden_size=4, layers=2).double()
     params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
     episode = random_episode(2, 3, 2, 2, (1, 8, 8), seed=3)
 
     def loss_at(p: dict[str, Tensor]) -> Tensor:
-        return meta_batch_loss(algorithm, model, p, {}, episode, inner_lr=INNER_LR, inner_steps=2).loss
+        return _meta_loss(strategy, algorithm, model, p, episode, steps=2).loss
 
     grads = torch.autograd.grad(loss_at(params), list(params.values()))
     g = torch.Generator().manual_seed(1)
@@ -117,52 +166,50 @@ def test_second_order_matches_finite_differences(algorithm: str) -> None:
         assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
-def test_first_order_differs_from_second_order(algorithm: str) -> None:
+def test_first_order_differs_from_second_order(algorithm: str, strategy: str) -> None:
     model, params, episode = _setup("omniglot-fc")
-    second_out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2)
+    second_out = _meta_loss(strategy, algorithm, model, params, episode, steps=2)
     second = _grads(second_out, params)
-    first_out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2,
-                                first_order=True)
+    first_out = _meta_loss(strategy, algorithm, model, params, episode, steps=2, first_order=True)
     first = _grads(first_out, params)
     diff = max((a - b).abs().max().item() for a, b in zip(first, second))
     assert diff > 1e-3 * max(g.abs().max().item() for g in second)
     # ... and first order is exactly the computation with detached inner gradients.
     assert_grads_close(first, _reference(algorithm, model, params, episode, 2, first_order=True)[1])
     if algorithm == "maml":
-        fomaml = meta_batch_loss("fomaml", model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2,
-                                 first_order=False)  # fomaml stays first order
+        fomaml = _meta_loss(strategy, "fomaml", model, params, episode, steps=2,
+                            first_order=False)  # fomaml stays first order
         assert_grads_close(_grads(fomaml, params), first)
 
 
+@pytest.mark.parametrize("name", ["omniglot-cnn", "omniglot-fc"])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_each_task_has_its_own_batch_statistics_and_weights(algorithm: str) -> None:
-    model, params, episode = _setup("omniglot-cnn")
+def test_each_task_has_its_own_batch_statistics_and_weights(algorithm: str, name: str) -> None:
+    model, params, episode = _setup(name)
     # Replace tasks 1.. by images with very different statistics: task 0 must not notice.
     other = Episode(
         torch.cat([episode.support_x[:1], episode.support_x[1:] * 7 + 3]), episode.support_y,
         torch.cat([episode.query_x[:1], episode.query_x[1:] * 7 + 3]), episode.query_y,
     )
     alone = episode.slice(0, 1)
-    for vectorize in (True, False):
-        outs = [meta_batch_loss(algorithm, model, params, {}, ep, inner_lr=INNER_LR, inner_steps=2,
-                                vectorize=vectorize) for ep in (episode, other, alone)]
+    for strategy in STRATEGIES:
+        outs = [_meta_loss(strategy, algorithm, model, params, ep, steps=2) for ep in (episode, other, alone)]
         assert_close(outs[0].task_losses[0], outs[2].task_losses[0])
         assert_close(outs[1].task_losses[0], outs[2].task_losses[0])
         assert not torch.allclose(outs[0].task_losses[1:], outs[1].task_losses[1:])
         # Adapted weights never leak into the next task: each task equals itself run alone.
         for i in range(1, episode.num_tasks):
-            single = meta_batch_loss(algorithm, model, params, {}, episode.slice(i, i + 1), inner_lr=INNER_LR,
-                                     inner_steps=2, vectorize=vectorize)
+            single = _meta_loss(strategy, algorithm, model, params, episode.slice(i, i + 1), steps=2)
             assert_close(outs[0].task_losses[i], single.task_losses[0])
 
 
-@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
-def test_model_parameters_untouched(vectorize: bool) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_model_parameters_untouched(strategy: str) -> None:
     model, params, episode = _setup("omniglot-fc")
     before = {k: v.detach().clone() for k, v in params.items()}
-    out = meta_batch_loss("maml", model, params, {}, episode, inner_lr=INNER_LR, inner_steps=3,
-                          vectorize=vectorize)
+    out = _meta_loss(strategy, "maml", model, params, episode, steps=3)
     out.loss.backward()
     for k, v in model.named_parameters():
         assert v is params[k]
@@ -170,15 +217,25 @@ def test_model_parameters_untouched(vectorize: bool) -> None:
         assert v.grad is not None
 
 
+@pytest.mark.parametrize("name", ["omniglot-fc", "omniglot-cnn-strided"])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_evaluate(algorithm: str) -> None:
-    model, params, episode = _setup("omniglot-fc")
+def test_evaluate(algorithm: str, name: str) -> None:
+    model, params, episode = _setup(name)
     for steps in (1, 5):  # test-time steps may differ from training
-        out = meta_batch_loss(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps)
+        out = _meta_loss("loop", algorithm, model, params, episode, steps=steps)
         for vectorize in (True, False):
             accs = evaluate(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
                             vectorize=vectorize)
             assert accs.shape == (episode.num_tasks,) and not accs.requires_grad
+            assert_close(accs, out.task_accs)
+        # evaluate()'s no-grad inner loop, on every strategy (vectorize=True picks "batched" here).
+        detached = {k: v.detach() for k, v in params.items()}
+        for strategy in STRATEGIES:
+            with torch.no_grad():
+                losses, accs = _task_losses(algorithm, model, detached, {}, episode, inner_lr=INNER_LR,
+                                            inner_steps=steps, first_order=True, strategy=strategy)
+            assert not losses.requires_grad
+            assert_close(losses, out.task_losses)
             assert_close(accs, out.task_accs)
     assert all(p.grad is None for p in model.parameters())
 
