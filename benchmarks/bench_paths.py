@@ -28,7 +28,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from l2l_baseline import CONFIGS, IMAGE_SHAPES, META_LR  # noqa: E402
+from l2l_baseline import CONFIGS, IMAGE_SHAPES, META_LR  # (beside this script; needs no metagrad)
 
 STRATEGIES = ("loop", "vmap", "batched")
 

@@ -136,7 +136,7 @@ def strategy_for(algorithm: str, model: nn.Module, params: Params, buffers: Buff
     when ``vectorize`` is False."""
     if not vectorize:
         return "loop"
-    spec = ALGORITHMS[algorithm] if algorithm in ALGORITHMS else None
+    spec = ALGORITHMS.get(algorithm)
     names = dict(model.named_parameters())
     if (spec is not None and spec.task_loss in _BATCHED and not buffers and params.keys() == names.keys()
             and all(params[k].shape == v.shape for k, v in names.items()) and plan_for(model) is not None):
