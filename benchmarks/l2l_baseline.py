@@ -26,6 +26,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import json
+import os
 import platform
 import resource
 import statistics
@@ -208,6 +209,7 @@ def run(config: str, *, iterations: int = 10, warmup: int = 2, device: str = "cp
     return {
         "library": "learn2learn", "version": l2l.version, "config": config, "description": cfg["description"],
         "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg()[0],
         "machine": platform.machine(), "iterations": iterations, "warmup": warmup,
         "sec_per_iter": sec, "tasks_per_sec": cfg["meta_batch_size"] / sec, "peak_mem_mb": peak_mb,
         "times": times,

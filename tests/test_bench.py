@@ -26,7 +26,7 @@ def tiny_config(algorithm: str = "maml") -> Config:
 
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil"])
 def test_run_bench_reports_fields(algorithm: str) -> None:
-    result = run_bench(tiny_config(algorithm), iterations=2, warmup=1, report=False)
+    result = run_bench(tiny_config(algorithm), iterations=2, warmup=1, report=False, matmul_size=256)
     for key in REQUIRED + ("gflop_per_iter", "gflops", "matmul_gflops", "peak_fraction"):
         assert result[key] > 0, key
     assert len(result["times"]) == 2

@@ -25,7 +25,7 @@ References:
 from __future__ import annotations
 
 import json
-import logging
+import os
 import platform
 import resource
 import statistics
@@ -44,8 +44,6 @@ from metagrad.training.config import Config
 from metagrad.training.loop import _build_model, resolve_device
 
 __all__ = ["IMAGE_SHAPES", "matmul_gflops", "run_bench"]
-
-logger = logging.getLogger(__name__)
 
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"omniglot": (1, 28, 28), "mini-imagenet": (3, 84, 84)}
 """(C, H, W) of each dataset's images as the models take them."""
@@ -119,6 +117,7 @@ def run_bench(
     json_output: bool = False,
     count_flops: bool = True,
     report: bool = True,
+    matmul_size: int = MATMUL_SIZE,
 ) -> dict[str, Any]:
     """Time ``iterations`` meta-training steps of ``config``'s shapes after ``warmup`` untimed ones.
 
@@ -132,6 +131,7 @@ def run_bench(
         json_output: print the result as one JSON object on the last line.
         count_flops: count one extra iteration's FLOPs and measure the matrix-product peak.
         report: print a human-readable summary to stdout (the CLI does; tests need not).
+        matmul_size: side of the float32 matrix product that gives the peak GFLOP/s.
 
     Returns:
         JSON-ready dict with at least ``sec_per_iter``, ``tasks_per_sec``, ``peak_mem_mb``, plus
@@ -179,7 +179,7 @@ def run_bench(
             step(vectorize=False)
         gflop = counter.get_total_flops() / 1e9
         gflops = gflop / sec
-        peak = matmul_gflops(device)
+        peak = matmul_gflops(device, size=matmul_size)
 
     result: dict[str, Any] = {
         "preset": config.preset,
@@ -197,6 +197,7 @@ def run_bench(
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg()[0],  # above the CPU count: other jobs shared the cores, times are inflated
         "torch": torch.__version__,
         "metagrad": metagrad.__version__,
         "iterations": iterations,
@@ -208,6 +209,7 @@ def run_bench(
         "gflop_per_iter": gflop,
         "gflops": gflops,
         "matmul_gflops": peak,
+        "matmul_size": matmul_size,
         "peak_fraction": None if gflops is None else gflops / peak,
         "times": times,
     }
@@ -222,10 +224,11 @@ def _print_report(r: dict[str, Any]) -> None:
     order = "first" if r["first_order"] else "second"
     print(f"{r['preset']}: {r['algorithm']} {order} order, {r['dataset']} {r['ways']}-way {r['shots']}-shot "
           f"{r['query_shots']} query, meta-batch {r['meta_batch_size']}, {r['inner_steps']} inner step(s)")
-    print(f"device {r['device']} ({r['device_name']}), {r['threads']} threads, torch {r['torch']}")
+    print(f"device {r['device']} ({r['device_name']}), {r['threads']} threads, torch {r['torch']}, "
+          f"load average {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
     print(f"sec/iter {r['sec_per_iter']:.4f} (median of {r['iterations']}, min {min(r['times']):.4f}), "
           f"tasks/s {r['tasks_per_sec']:.1f}, peak memory {r['peak_mem_mb']:.0f} MB ({r['peak_mem_kind']})")
     if r["gflops"] is not None:
         print(f"{r['gflop_per_iter']:.2f} GFLOP/iter, {r['gflops']:.1f} GFLOP/s = "
               f"{100 * r['peak_fraction']:.0f}% of the {r['matmul_gflops']:.0f} GFLOP/s "
-              f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul")
+              f"{r['matmul_size']}x{r['matmul_size']} float32 matmul")
