@@ -33,6 +33,7 @@ def test_run_bench_reports_fields(algorithm: str) -> None:
     assert result["tasks_per_sec"] == pytest.approx(2 / result["sec_per_iter"])
     assert (result["algorithm"], result["ways"], result["meta_batch_size"]) == (algorithm, 2, 2)
     assert result["first_order"] == (algorithm == "fomaml")
+    assert result["strategy"] == "batched"  # the standard networks take the fastest strategy
 
 
 def test_json_output_is_last_line(capsys: pytest.CaptureFixture[str]) -> None:

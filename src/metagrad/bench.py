@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import metagrad
 from metagrad.algorithms import meta_train_step
+from metagrad.algorithms.meta_batch import strategy_for
 from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
@@ -194,6 +195,8 @@ def run_bench(
         "inner_lr": meta.inner_lr,
         "first_order": meta.first_order or meta.algorithm == "fomaml",
         "vectorize": meta.vectorize,
+        "strategy": strategy_for(meta.algorithm, model, dict(model.named_parameters()),
+                                 dict(model.named_buffers()), vectorize=meta.vectorize),
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
@@ -223,7 +226,8 @@ def run_bench(
 def _print_report(r: dict[str, Any]) -> None:
     order = "first" if r["first_order"] else "second"
     print(f"{r['preset']}: {r['algorithm']} {order} order, {r['dataset']} {r['ways']}-way {r['shots']}-shot "
-          f"{r['query_shots']} query, meta-batch {r['meta_batch_size']}, {r['inner_steps']} inner step(s)")
+          f"{r['query_shots']} query, meta-batch {r['meta_batch_size']}, {r['inner_steps']} inner step(s), "
+          f"{r['strategy']} strategy")
     print(f"device {r['device']} ({r['device_name']}), {r['threads']} threads, torch {r['torch']}, "
           f"load average {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
     print(f"sec/iter {r['sec_per_iter']:.4f} (median of {r['iterations']}, min {min(r['times']):.4f}), "
