@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/bench_paths.py --threads 1 --rounds 3 --iterations 5
     python benchmarks/bench_paths.py --configs a c --strategies vmap batched
+    python benchmarks/bench_paths.py --interleaved --threads 1 --iterations 10   # speed only, same process
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from l2l_baseline import CONFIGS, IMAGE_SHAPES, META_LR  # (beside this script; 
 STRATEGIES = ("loop", "vmap", "batched")
 
 
-def run_one(config: str, strategy: str, *, iterations: int, warmup: int, threads: int, seed: int = 0
-            ) -> dict[str, Any]:
-    """Time one strategy on one config in this process."""
+def make_step(config: str, strategy: str, *, threads: int, seed: int = 0) -> Any:
+    """A function running one meta-training iteration of ``config`` with ``strategy``; returns seconds."""
     import torch
 
     from metagrad.algorithms.meta_batch import _task_losses
@@ -57,8 +57,8 @@ def run_one(config: str, strategy: str, *, iterations: int, warmup: int, threads
                       torch.rand(t, n * q, *shape, generator=g),
                       torch.arange(n).repeat_interleave(q).repeat(t, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
-    times = []
-    for i in range(warmup + iterations):
+
+    def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         losses, _ = _task_losses(cfg["algorithm"], model, dict(model.named_parameters()), {}, episode,
@@ -66,11 +66,39 @@ def run_one(config: str, strategy: str, *, iterations: int, warmup: int, threads
                                  first_order=cfg["first_order"], strategy=strategy)
         losses.mean().backward()
         optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+    return step
+
+
+def run_one(config: str, strategy: str, *, iterations: int, warmup: int, threads: int) -> dict[str, Any]:
+    """Time one strategy on one config in this process (its peak RSS is this run's)."""
+    import torch
+
+    step = make_step(config, strategy, threads=threads)
+    times = [step() for _ in range(warmup + iterations)][warmup:]
     return {"config": config, "strategy": strategy, "threads": threads, "sec_per_iter": statistics.median(times),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def run_interleaved(config: str, strategies: list[str], *, iterations: int, warmup: int, threads: int
+                    ) -> dict[str, Any]:
+    """All strategies in one process, alternating every iteration, so that load drift on a shared
+    machine hits each alike; the speed-up is the median of same-iteration ratios against the first."""
+    steps = {s: make_step(config, s, threads=threads) for s in strategies}
+    times: dict[str, list[float]] = {s: [] for s in strategies}
+    for i in range(warmup + iterations):
+        order = strategies[i % len(strategies):] + strategies[:i % len(strategies)]
+        for s in order:
+            elapsed = steps[s]()
+            if i >= warmup:
+                times[s].append(elapsed)
+    base = strategies[0]
+    out: dict[str, Any] = {"config": config, "threads": threads, "mode": "interleaved", "iterations": iterations}
+    for s in strategies:
+        out[f"{s}_sec_per_iter"] = statistics.median(times[s])
+        out[f"{s}_speedup_vs_{base}"] = statistics.median(b / t for b, t in zip(times[base], times[s]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,11 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--interleaved", action="store_true",
+                        help="one process per config, strategies alternating every iteration (no per-run RSS)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(*args.child, iterations=args.iterations, warmup=args.warmup,
                                  threads=args.threads)), flush=True)
+        return 0
+    if args.interleaved:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for config in args.configs:
+            print(json.dumps(run_interleaved(config, args.strategies, iterations=args.iterations,
+                                             warmup=args.warmup, threads=args.threads)), flush=True)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     runs: list[dict[str, Any]] = []
