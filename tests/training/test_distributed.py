@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,9 +102,10 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     killed_after = time.monotonic() - start
     checkpoint = torch.load(run_dir / "latest.pt", weights_only=True)
     had_results = (run_dir / "results.json").exists()
+    shutil.copytree(run_dir, run_dir.with_name("interrupted"))  # for a resume with one process
     resumed = _torchrun("--resume", *_train_args(run_dir), env=read_only)
     return {"run_dir": run_dir, "killed": killed, "killed_after": killed_after, "checkpoint": checkpoint,
-            "had_results": had_results, "resumed": resumed}
+            "had_results": had_results, "resumed": resumed, "interrupted": run_dir.with_name("interrupted")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,6 +143,17 @@ def test_resumed_under_two_processes_it_gives_the_one_process_run(
     for key in ("test_accuracy", "test_ci95", "test_tasks", "best_iteration", "iterations"):
         assert results[key] == pytest.approx(expected[key], abs=1e-9), key
     assert (results["processes"], expected["processes"]) == (2, 1)
+
+
+def test_a_two_process_run_resumes_in_one_process(
+    one_process_run: Path, two_process_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    run_dir = two_process_run["interrupted"]
+    results = run(tiny_config(run_dir, **OVERRIDES), resume=True, quiet=True)
+    _assert_same_network(run_dir, one_process_run, "latest.pt")
+    expected = json.loads((one_process_run / "results.json").read_text())
+    assert results["test_accuracy"] == pytest.approx(expected["test_accuracy"], abs=1e-9)
 
 
 def test_rank_0_alone_writes_and_shows_progress(two_process_run: dict[str, Any]) -> None:

@@ -14,8 +14,9 @@ on CUDA, with one GPU per process: ``cuda:LOCAL_RANK``.
 
 Faults: joining the process group and every exchange wait at most ``run.dist_timeout_s`` seconds
 (``--dist-timeout``); a failed exchange raises :class:`~metagrad.errors.TrainingError` saying what
-failed. torchrun stops every process as soon as one exits with an error, so a dead process ends the
-job within seconds; the job resumes from the last checkpoint with ``--resume``.
+failed (with NCCL, whose exchanges run asynchronously, its watchdog may end the process itself).
+torchrun stops every process as soon as one exits with an error, so a dead process ends the job
+within seconds; the job resumes from the last checkpoint with ``--resume``.
 """
 
 from __future__ import annotations
@@ -161,10 +162,12 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    options: dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        options["device_id"] = device  # binds NCCL to this process's GPU (no guessing in barriers)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **options)
     except (RuntimeError, ValueError) as exc:  # DistStoreError (a timeout), a missing MASTER_ADDR, ...
         raise TrainingError(
             f"process {world.rank} of {world.size} could not join the others ({backend}): {_first_line(exc)}; "
