@@ -10,10 +10,18 @@ from maml_reference import random_episode, reference_meta_gradient
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from metagrad.algorithms import ALGORITHMS, MetaBatchOutput, evaluate, meta_batch_loss, meta_train_step
+from metagrad.algorithms import (
+    ALGORITHMS,
+    MetaBatchOutput,
+    batched,
+    evaluate,
+    meta_batch_loss,
+    meta_train_step,
+)
 from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, strategy_for
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.models import HEAD_PREFIX, MiniImagenetCNN, OmniglotCNN, OmniglotFC
+from metagrad.models.batched import plan_for
 from metagrad.types import Episode
 
 INNER_LR = 0.4
@@ -97,6 +105,19 @@ def test_batched_matches_reference(name: str, algorithm: str, steps: int) -> Non
     model, params, episode = _setup(name)
     out = _meta_loss("batched", algorithm, model, params, episode, steps=steps)
     assert_grads_close(_grads(out, params), _reference(algorithm, model, params, episode, steps)[1])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_batched_in_chunks_of_tasks(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On CPU the batched strategy splits the meta-batch into cache-sized chunks; force 2 tasks per chunk.
+    model, params, episode = _setup("omniglot-cnn")
+    per_task = (episode.support_x.shape[1] + episode.query_x.shape[1]) * 16 * 28 * 28
+    monkeypatch.setattr(batched, "CPU_CHUNK_ELEMENTS", 2 * per_task)
+    assert batched.tasks_per_chunk(plan_for(model), params, episode) == 2 < episode.num_tasks
+    out = _meta_loss("batched", algorithm, model, params, episode, steps=2)
+    loss, expected = _reference(algorithm, model, params, episode, 2)
+    assert_close(out.loss.detach(), loss)
+    assert_grads_close(_grads(out, params), expected)
 
 
 def test_anil_with_different_support_and_query_sizes() -> None:

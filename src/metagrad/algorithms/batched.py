@@ -25,9 +25,16 @@ from torch import Tensor
 from metagrad.models.batched import BatchedPlan, task_batched_body, task_batched_forward, task_batched_head
 from metagrad.types import Episode, Params
 
-__all__ = ["batched_anil", "batched_maml"]
+__all__ = ["CPU_CHUNK_ELEMENTS", "batched_anil", "batched_maml", "tasks_per_chunk"]
 
 HEAD_KEYS = ("classifier.weight", "classifier.bias")
+
+CPU_CHUNK_ELEMENTS = 1 << 20
+"""On CPU, tasks are batched in chunks whose first-layer activations (support and query) stay under
+about this many elements (4 MB in float32), so that each layer's working set stays in cache. Measured on
+2 cores, interleaved: config a 1.31 -> 1.08 s/iter with 8 tasks per chunk instead of 32, config b
+7.1 -> 5.5-6.3 s/iter with 2-4 instead of 16, config d fastest one task at a time. On CUDA the whole
+meta-batch is one chunk (a GPU needs large batches to be busy)."""
 
 
 def _task_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -60,6 +67,21 @@ def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Se
             grads = torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order)
             fast = {**fast, **{k: adapted[k] - inner_lr * g for k, g in zip(keys, grads)}}
     return fast
+
+
+def tasks_per_chunk(plan: BatchedPlan, params: Params, episode: Episode) -> int:
+    """How many tasks to batch at once: all on GPU, on CPU as many as ``CPU_CHUNK_ELEMENTS`` allows."""
+    if episode.support_x.device.type != "cpu":
+        return episode.num_tasks
+    first = plan.steps[0] if plan.steps[0].kind != "flatten_input" else plan.steps[1]
+    if first.kind == "conv":
+        height, width = episode.support_x.shape[-2:]
+        channels = params[first.prefix + "conv.weight"].shape[-4]
+        per_image = channels * -(-height // first.stride) * -(-width // first.stride)
+    else:
+        per_image = params[first.prefix + "0.weight"].shape[-2]
+    per_task = (episode.support_x.shape[1] + episode.query_x.shape[1]) * per_image
+    return max(1, min(episode.num_tasks, CPU_CHUNK_ELEMENTS // per_task))
 
 
 def batched_maml(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: float, inner_steps: int,

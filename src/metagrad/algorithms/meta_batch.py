@@ -6,7 +6,7 @@ three strategies (``STRATEGIES``); the ``vectorize`` flag picks between them:
 * ``"batched"`` (``vectorize=True`` on the standard models, ``metagrad.models.batched.plan_for``):
   the task dimension is folded into the layers (grouped convolutions, per-task fused BatchNorm,
   batched matrix products) and differentiated with plain autograd; see ``algorithms/batched.py``.
-  The fastest path, on CPU and without vmap's overheads.
+  On CPU the tasks go in cache-sized chunks (``algorithms.batched.tasks_per_chunk``).
 * ``"vmap"`` (``vectorize=True`` on any other model): ``torch.func.vmap`` over the task dimension, the
   inner gradients taken with ``torch.func.grad``. BatchNorm still normalizes each task with its own
   statistics because its mean and variance are vmapped per task.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from metagrad.algorithms.anil import anil_task_loss
-from metagrad.algorithms.batched import batched_anil, batched_maml
+from metagrad.algorithms.batched import batched_anil, batched_maml, tasks_per_chunk
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.models.batched import plan_for
@@ -186,8 +186,13 @@ def _task_losses(
         plan = plan_for(model)
         if plan is None:
             raise ValueError(f"the batched strategy does not support {type(model).__name__}")
-        return _BATCHED[spec.task_loss](plan, params, episode, inner_lr=inner_lr, inner_steps=inner_steps,
-                                        first_order=first_order)
+        chunk = tasks_per_chunk(plan, params, episode)
+        losses, accs = zip(*(
+            _BATCHED[spec.task_loss](plan, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
+                                     inner_steps=inner_steps, first_order=first_order)
+            for i in range(0, episode.num_tasks, chunk)
+        ))
+        return torch.cat(losses), torch.cat(accs)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
     under_vmap = strategy == "vmap"
