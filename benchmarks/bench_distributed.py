@@ -1,18 +1,22 @@
 """Data-parallel scaling: meta-training tasks per second with 1 process against N under torchrun.
 
-Runs the real command, ``metagrad train`` (one process) and ``torchrun --standalone --nproc-per-node N
--m metagrad train`` (N processes), on real Omniglot for a short run of a preset (default
-omniglot-maml-5w1s, 32 tasks per step), and reads each run's per-iteration train rows: throughput is
-tasks / summed step time over the iterations after the warm-up ones, which includes the all-reduce.
-Validation and test are cut to 2 tasks and checkpoints to the last iteration, so the runs are almost
-all training. Configurations are interleaved for ``--rounds`` rounds and the median is reported, since
-a shared machine's load drifts; the load average is recorded beside each run.
+Each configuration runs this script's worker, as one process or as ``torchrun --standalone
+--nproc-per-node N``. The worker times the data-parallel step that ``metagrad train`` takes, with the
+same functions: every process samples the whole meta-batch, computes the meta-gradient of its slice
+(``compute_meta_gradients``), all-reduces the gradients, gathers the tasks' losses and accuracies,
+agrees on stopping, and takes the Adam step. Data: the real Omniglot train split when it is found
+(--data-dir, else $METAGRAD_DATA, else ../shared/data), otherwise random uint8 images of its shape,
+which cost the same.
 
-On a CPU every process gets ``--threads`` threads (OMP_NUM_THREADS), so 2 processes of 1 thread are
-compared with 1 process of 1 thread on the same cores. On GPUs (``--device cuda --processes 1,2,4,8``)
-each process takes one GPU and the JSON line is the scaling table. Prints one JSON line.
+Reported per process count, as the median over ``--rounds`` interleaved rounds (a shared machine's
+load drifts): tasks per second (wall clock), and CPU seconds per task summed over the processes.
+``cpu_efficiency`` = CPU per task of the baseline / CPU per task with N processes: the share of the
+work that is not duplicated or spent on the exchange, so ``N * cpu_efficiency`` is the speedup to
+expect when N cores are free, whatever the load was during the measurement (the load average is
+recorded beside the numbers). On a CPU every process gets ``--threads`` threads; on GPUs
+(``--device cuda --processes 1,2,4,8``) each process takes one GPU. Prints one JSON line.
 
-    python benchmarks/bench_distributed.py --data-dir DATA [--processes 1,2] [--iterations 30]
+    python benchmarks/bench_distributed.py [--processes 1,2] [--threads 1] [--iterations 20]
 """
 
 from __future__ import annotations
@@ -23,85 +27,140 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metagrad.data.datasets import FewShotDataset, load_dataset
+from metagrad.data.episodes import EpisodeSampler
+from metagrad.errors import DataError
+from metagrad.training import distributed, loop
 from metagrad.training.config import load_preset
-from metagrad.training.metrics import read_metrics
 
 TARGET_2_PROCESSES = 1.8
 """The issue's target on a 2-core CPU: 2 processes of 1 thread against 1 process of 1 thread."""
 
-
-def default_data_dir() -> str | None:
-    candidates = [os.environ.get("METAGRAD_DATA"), str(Path(__file__).resolve().parents[2] / "shared" / "data")]
-    return next((c for c in candidates if c and (Path(c) / "omniglot").is_dir()), None)
+OMNIGLOT_TRAIN_SHAPE = (4400, 20, 1, 28, 28)  # 1100 characters x 4 rotations
+RESULT_PREFIX = "bench_distributed rank result: "
 
 
-def time_run(processes: int, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    """One short training run; its throughput over the timed iterations and the load around it."""
-    train = ["train", "--preset", args.preset, "--data-dir", args.data_dir, "--device", args.device,
-             "--iterations", str(args.warmup + args.iterations), "--eval-every", str(10**9),
-             "--eval-tasks", "2", "--test-tasks", "2", "--checkpoint-every", str(10**9), "--seed", "0",
-             "--run-dir", str(run_dir), "--quiet"]
-    launcher = [sys.executable, "-m", "metagrad"]
+def omniglot_train(data_dir: str | None) -> tuple[FewShotDataset, str]:
+    candidates = [data_dir, os.environ.get("METAGRAD_DATA"), str(Path(__file__).resolve().parents[2] / "shared" / "data")]
+    for candidate in filter(None, candidates):
+        try:
+            return load_dataset("omniglot", "train", data_dir=candidate, download=False), candidate
+        except DataError:
+            continue
+    images = torch.randint(0, 256, OMNIGLOT_TRAIN_SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return FewShotDataset("omniglot-random", "train", images), "random uint8 of the real shape"
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time the data-parallel step in this process; print one result line (every rank)."""
+    torch.set_num_threads(args.threads)
+    config = load_preset(args.preset)
+    data, meta = config.data, config.meta
+    world = distributed.world_from_environment()
+    distributed.check_meta_batch_size(meta.meta_batch_size, world)
+    device = distributed.process_device(world, loop.resolve_device(args.device))
+    with distributed.process_group(world, device, timeout_s=600):
+        dataset, source = omniglot_train(args.data_dir)
+        sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
+        torch.manual_seed(0)
+        model = loop._build_model(config.model, data.ways, dataset.image_shape).to(device)
+        params = dict(model.named_parameters())
+        optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
+        generator = loop.task_generator(0, "train")
+        first, last = distributed.task_range(meta.meta_batch_size, world)
+        mine = torch.arange(first, last)
+
+        def step() -> None:  # as loop._train's iteration, without the metric rows
+            episode = sampler.sample(meta.meta_batch_size, generator)
+            out = loop.compute_meta_gradients(model, params, {}, episode.slice(first, last), meta)
+            distributed.all_reduce_gradients(world, params, last - first, meta.meta_batch_size)
+            distributed.gather_tasks(world, out.task_losses, mine, meta.meta_batch_size).mean().item()
+            distributed.gather_tasks(world, out.task_accs, mine, meta.meta_batch_size).mean().item()
+            loop.apply_meta_update(optimizer, meta.meta_lr)
+            distributed.any_rank(world, False)
+
+        for _ in range(args.warmup):
+            step()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.iterations):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(RESULT_PREFIX + json.dumps({"rank": world.rank, "wall_s_per_iter": wall / args.iterations,
+                                      "cpu_s_per_iter": cpu / args.iterations, "data": source,
+                                      "meta_batch_size": meta.meta_batch_size}), flush=True)
+
+
+def measure(processes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the worker as ``processes`` processes; tasks/s and CPU seconds per task over all of them."""
+    script = [str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--device", args.device,
+              "--threads", str(args.threads), "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    if args.data_dir:
+        script += ["--data-dir", args.data_dir]
+    launcher = [sys.executable]
     if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                    str(processes), "-m", "metagrad"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    load_before = os.getloadavg()[0]
-    done = subprocess.run([*launcher, *train], env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(launcher + train)} failed:\n{done.stderr[-3000:]}")
-    rows = [r for r in read_metrics(run_dir) if r["split"] == "train"][args.warmup:]
-    seconds = sum(r["sec_per_iter"] for r in rows)
-    batch = load_preset(args.preset).meta.meta_batch_size
-    return {"processes": processes, "tasks_per_sec": batch * len(rows) / seconds,
-            "sec_per_iter": seconds / len(rows), "load_before": load_before, "load_after": os.getloadavg()[0]}
+    load = os.getloadavg()[0]
+    done = subprocess.run(launcher + script, env=env, capture_output=True, text=True, check=False)
+    ranks = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
+             if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or len(ranks) != processes:
+        raise SystemExit(f"{' '.join(launcher + script)} failed:\n{done.stderr[-3000:]}")
+    batch = ranks[0]["meta_batch_size"]
+    wall = max(r["wall_s_per_iter"] for r in ranks)  # the processes step together
+    return {"tasks_per_sec": batch / wall, "cpu_s_per_task": sum(r["cpu_s_per_iter"] for r in ranks) / batch,
+            "load_avg_1min": load, "data": ranks[0]["data"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="omniglot-maml-5w1s")
-    parser.add_argument("--data-dir", default=default_data_dir(),
-                        help="folder holding omniglot/ (default: $METAGRAD_DATA, else ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help="folder holding omniglot/ (default: see above)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
-    parser.add_argument("--processes", default="1,2", help="process counts to compare, the first is the baseline")
+    parser.add_argument("--processes", default="1,2", help="process counts to compare; the first is the baseline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--iterations", type=int, default=30, help="timed iterations per run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations at the start of each run")
+    parser.add_argument("--iterations", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.data_dir is None:
-        raise SystemExit("no Omniglot found: pass --data-dir DATA (DATA/omniglot/ holds the official zips)")
-    counts = [int(n) for n in args.processes.split(",")]
+    if args.worker:
+        worker(args)
+        return
 
+    counts = [int(n) for n in args.processes.split(",")]
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            for n in counts:
-                runs[n].append(time_run(n, args, Path(tmp) / f"r{round_}-p{n}"))
-    median = {n: statistics.median(r["tasks_per_sec"] for r in runs[n]) for n in counts}
-    baseline = counts[0]
+    for _ in range(args.rounds):
+        for n in counts:
+            runs[n].append(measure(n, args))
+    tasks = {n: statistics.median(r["tasks_per_sec"] for r in runs[n]) for n in counts}
+    cpu = {n: statistics.median(r["cpu_s_per_task"] for r in runs[n]) for n in counts}
+    base = counts[0]
     result = {
         "benchmark": "distributed",
         "preset": args.preset,
         "device": args.device,
+        "data": runs[base][0]["data"],
         "torch": str(torch.__version__),
         "cpu_count": os.cpu_count(),
         "threads_per_process": args.threads,
-        "timed_iterations": args.iterations,
+        "iterations": args.iterations,
         "rounds": args.rounds,
-        "tasks_per_sec": {str(n): round(median[n], 2) for n in counts},
-        "speedup": {str(n): round(median[n] / median[baseline], 3) for n in counts},
+        "tasks_per_sec": {str(n): round(tasks[n], 2) for n in counts},
+        "speedup": {str(n): round(tasks[n] / tasks[base], 3) for n in counts},
         "target_speedup_2_processes": TARGET_2_PROCESSES,
-        "load_avg_1min": [round(r["load_before"], 2) for n in counts for r in runs[n]],
+        "cpu_s_per_task": {str(n): round(cpu[n], 4) for n in counts},
+        "cpu_efficiency": {str(n): round(cpu[base] / cpu[n], 3) for n in counts},
+        "load_avg_1min": {str(n): [round(r["load_avg_1min"], 2) for r in runs[n]] for n in counts},
         "per_round_tasks_per_sec": {str(n): [round(r["tasks_per_sec"], 2) for r in runs[n]] for n in counts},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     print(json.dumps(result), flush=True)
 
