@@ -25,8 +25,9 @@ Data-parallel: under ``torchrun --nproc-per-node N -m metagrad train ...`` every
 :func:`run`. The step is split in two so that the exchange fits between: each process runs
 :func:`compute_meta_gradients` on its slice of the meta-batch (``episode.slice``), the gradients are
 all-reduced, then each runs :func:`apply_meta_update`. Validation and test tasks are split the same
-way. Rank 0 alone writes the run folder and shows progress; the results are those of one process up
-to the order of float additions (see :mod:`metagrad.training.distributed`).
+way. Rank 0 alone writes the run folder and shows progress. The meta-gradients are those of one
+process up to the order of float additions (see :mod:`metagrad.training.distributed`); Adam's first
+steps amplify such differences, as they do those between ``vectorize`` settings.
 """
 
 from __future__ import annotations
