@@ -120,6 +120,19 @@ def test_batched_in_chunks_of_tasks(algorithm: str, monkeypatch: pytest.MonkeyPa
     assert_grads_close(_grads(out, params), expected)
 
 
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_meta_train_step_in_chunks_of_tasks(algorithm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, params, episode = _setup("omniglot-cnn")
+    monkeypatch.setattr(batched, "CPU_CHUNK_ELEMENTS", 1)  # one task per chunk, each back-propagated at once
+    before = {k: v.detach().clone() for k, v in params.items()}
+    loss, expected = _reference(algorithm, model, params, episode, 2)
+    out = meta_train_step(algorithm, model, torch.optim.SGD(model.parameters(), lr=1.0), episode,
+                          inner_lr=INNER_LR, inner_steps=2)
+    assert_close(out.loss, loss)
+    assert out.task_losses.shape == (episode.num_tasks,)
+    assert_grads_close(tuple(before[k] - v.detach() for k, v in model.named_parameters()), expected)
+
+
 def test_anil_with_different_support_and_query_sizes() -> None:
     # Query sets of another size than the support sets take the batched body in two passes.
     model, params, _ = _setup("omniglot-cnn-strided")

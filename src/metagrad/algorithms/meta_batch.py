@@ -306,6 +306,9 @@ def meta_train_step(
     """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
 
     The loss is the mean over tasks, so the gradient is the average of the tasks' query-loss gradients.
+    With the batched strategy on CPU each chunk of tasks is back-propagated as soon as its loss exists,
+    so only one chunk's graph is held at a time (the peak memory of the whole meta-batch's graph at once
+    is what ``meta_batch_loss`` + ``backward`` costs).
     The optimizer (Adam with rate beta in the MAML paper) must hold ``model.parameters()``.
 
     Args:
@@ -314,18 +317,31 @@ def meta_train_step(
         optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
 
     Returns:
-        The ``MetaBatchOutput`` of the step (computed before the update).
+        The ``MetaBatchOutput`` of the step (computed before the update; its loss is detached, the
+        meta-gradient having been back-propagated already).
 
     Raises:
         TrainingError: the loss is NaN or infinite (the parameters are left unchanged).
     """
     optimizer.zero_grad(set_to_none=True)
-    out = meta_batch_loss(
-        algorithm, model, dict(model.named_parameters()), dict(model.named_buffers()), episode,
-        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
-    )
-    if not torch.isfinite(out.loss):
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
+    plan = plan_for(model) if strategy == "batched" else None
+    chunk = episode.num_tasks if plan is None else tasks_per_chunk(plan, params, episode)
+    # Back-propagate each chunk of tasks as soon as its loss exists (as learn2learn does per task), so
+    # only one chunk's graph is alive at a time: the gradient of the mean is the sum of the chunks'.
+    losses, accs = [], []
+    for start in range(0, episode.num_tasks, chunk):
+        part = episode.slice(start, start + chunk)
+        task_loss, task_acc = _task_losses(
+            algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
+            first_order=first_order, strategy=strategy,
+        )
+        (task_loss.sum() / episode.num_tasks).backward()
+        losses.append(task_loss.detach())
+        accs.append(task_acc.detach())
+    out = MetaBatchOutput(torch.cat(losses).mean(), torch.cat(losses), torch.cat(accs))
+    if not torch.isfinite(out.loss):  # the gradients are in .grad, but the parameters are untouched
         raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
-    out.loss.backward()
     optimizer.step()
     return out
