@@ -78,8 +78,8 @@ def worker(args: argparse.Namespace) -> None:
 
         def step() -> None:  # as loop._train's iteration, without the metric rows
             episode = sampler.sample(meta.meta_batch_size, generator)
-            out = loop.compute_meta_gradients(model, params, {}, episode.slice(first, last), meta)
-            distributed.all_reduce_gradients(world, params, last - first, meta.meta_batch_size)
+            out, grad_sum = loop.compute_meta_gradients(model, params, {}, episode.slice(first, last), meta)
+            distributed.all_reduce_gradients(world, params, grad_sum, meta.meta_batch_size)
             distributed.gather_tasks(world, out.task_losses, mine, meta.meta_batch_size).mean().item()
             distributed.gather_tasks(world, out.task_accs, mine, meta.meta_batch_size).mean().item()
             loop.apply_meta_update(optimizer, meta.meta_lr)

@@ -254,7 +254,8 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(
         calls["n"] += 1
         if calls["n"] == 5:
             nan = torch.tensor(float("nan"))
-            return MetaBatchOutput(nan, nan.repeat(4), torch.zeros(4))
+            grad_sum = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64)
+            return MetaBatchOutput(nan, nan.repeat(4), torch.zeros(4)), grad_sum
         return real(model, params, buffers, episode, meta)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)

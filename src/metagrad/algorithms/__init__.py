@@ -6,6 +6,7 @@ from metagrad.algorithms.meta_batch import (
     ALGORITHMS,
     Algorithm,
     MetaBatchOutput,
+    chunk_gradients,
     evaluate,
     meta_batch_loss,
     meta_train_step,
@@ -13,6 +14,6 @@ from metagrad.algorithms.meta_batch import (
 )
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "evaluate", "maml_task_loss",
+    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "chunk_gradients", "evaluate", "maml_task_loss",
     "meta_batch_loss", "meta_train_step", "task_losses",
 ]

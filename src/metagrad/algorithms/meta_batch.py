@@ -35,7 +35,7 @@ from metagrad.types import Buffers, Episode, Params
 
 __all__ = [
     "ALGORITHMS", "STRATEGIES", "Algorithm", "MetaBatchOutput", "evaluate", "meta_batch_loss",
-    "meta_train_step", "strategy_for", "task_losses",
+    "chunk_gradients", "meta_train_step", "set_gradients", "strategy_for", "task_losses",
 ]
 
 logger = logging.getLogger(__name__)
@@ -325,23 +325,72 @@ def meta_train_step(
     """
     optimizer.zero_grad(set_to_none=True)
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
+                                 inner_steps=inner_steps, first_order=first_order, vectorize=vectorize)
+    if not torch.isfinite(out.loss):
+        raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
+    set_gradients(params, grads / episode.num_tasks)
+    optimizer.step()
+    return out
+
+
+def chunk_gradients(
+    algorithm: str,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool | None = None,
+    vectorize: bool = True,
+) -> tuple[MetaBatchOutput, Tensor]:
+    """The meta-gradient of a meta-batch, computed chunk of tasks by chunk, each back-propagated at once.
+
+    Only one chunk's graph is alive at a time (as learn2learn back-propagates task by task), so the
+    peak memory is a chunk's, not the whole meta-batch's. The chunk size is
+    ``algorithms.batched.tasks_per_chunk`` for the batched strategy (cache-sized on CPU, the whole
+    meta-batch on CUDA) and the whole meta-batch otherwise; it depends on the tasks' shapes, not on
+    their number.
+
+    The chunks' gradients are added in float64, which is exact for a few float32 terms of similar
+    magnitude: the sum does not depend on the order of the additions, so processes that each sum a
+    share of the chunks and then all-reduce (in float64) get the same bits as one process.
+
+    Args:
+        As for ``meta_batch_loss``.
+
+    Returns:
+        ``(out, grad)``: the detached ``MetaBatchOutput`` and the gradient of the SUM of the tasks' query
+        losses, flattened over ``params`` in their order: (P,) float64. Divide by the number of tasks
+        for the meta-gradient of the mean loss (``set_gradients`` casts it back).
+    """
     strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
     plan = plan_for(model) if strategy == "batched" else None
     chunk = episode.num_tasks if plan is None else tasks_per_chunk(plan, params, episode)
-    # Back-propagate each chunk of tasks as soon as its loss exists (as learn2learn does per task), so
-    # only one chunk's graph is alive at a time: the gradient of the mean is the sum of the chunks'.
+    names = list(params)
     losses, accs = [], []
+    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64,
+                        device=next(iter(params.values())).device)
     for start in range(0, episode.num_tasks, chunk):
         part = episode.slice(start, start + chunk)
         task_loss, task_acc = _task_losses(
             algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
             first_order=first_order, strategy=strategy,
         )
-        (task_loss.sum() / episode.num_tasks).backward()
+        chunk_grads = torch.autograd.grad(task_loss.sum(), [params[n] for n in names], allow_unused=True)
+        total += torch.cat([
+            (g if g is not None else torch.zeros_like(params[n])).reshape(-1)
+            for n, g in zip(names, chunk_grads)
+        ]).double()
         losses.append(task_loss.detach())
         accs.append(task_acc.detach())
-    out = MetaBatchOutput(torch.cat(losses).mean(), torch.cat(losses), torch.cat(accs))
-    if not torch.isfinite(out.loss):  # the gradients are in .grad, but the parameters are untouched
-        raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
-    optimizer.step()
-    return out
+    task_losses_ = torch.cat(losses)
+    return MetaBatchOutput(task_losses_.mean(), task_losses_, torch.cat(accs)), total
+
+
+def set_gradients(params: Params, flat: Tensor) -> None:
+    """Set each parameter's ``.grad`` from a flat (P,) vector in ``params`` order (cast to its dtype)."""
+    for p, g in zip(params.values(), flat.split([p.numel() for p in params.values()])):
+        p.grad = g.view_as(p).to(p.dtype, copy=True)

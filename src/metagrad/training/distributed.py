@@ -201,22 +201,22 @@ def _wire_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_gradients(world: World, params: Params, local_tasks: int, total_tasks: int) -> None:
-    """Make every process's ``.grad`` the meta-batch's gradient (one all-reduce of a flat buffer).
+def all_reduce_gradients(world: World, params: Params, grad_sum: Tensor, total_tasks: int) -> None:
+    """Set every process's ``.grad`` to the meta-batch's gradient (one all-reduce of a flat buffer).
 
-    On entry each process's ``.grad`` is the gradient of the mean loss over its ``local_tasks`` tasks
-    (None, as after a non-finite loss, counts as zero); on exit every process holds
-    ``sum over processes of (local_tasks * grad) / total_tasks``, the same tensor everywhere.
+    ``grad_sum`` is this process's gradient of the SUM of its tasks' query losses, flat (P,) float64
+    (``algorithms.chunk_gradients``). The all-reduce adds the processes' sums in float64, which is
+    exact for a few float32 terms of similar size, so the order of the additions does not matter and
+    any number of processes gives the bits one process gets; then ``/ total_tasks``, cast to each
+    parameter's dtype. With one process this is the same arithmetic without the all-reduce.
     """
-    if world.size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-    flat = torch.cat([g.reshape(-1) for g in grads]) * local_tasks  # (P,) the slice's summed task gradients
-    with _exchange("the meta-gradient all-reduce"):
-        dist.all_reduce(flat)
+    flat = grad_sum.clone()
+    if world.size > 1:
+        with _exchange("the meta-gradient all-reduce"):
+            dist.all_reduce(flat)
     flat /= total_tasks
     for p, chunk in zip(params.values(), flat.split([p.numel() for p in params.values()])):
-        p.grad = chunk.view_as(p)
+        p.grad = chunk.view_as(p).to(p.dtype, copy=True)
 
 
 def gather_tasks(world: World, values: Tensor, indices: Tensor, num_tasks: int) -> Tensor:

@@ -25,9 +25,10 @@ Data-parallel: under ``torchrun --nproc-per-node N -m metagrad train ...`` every
 :func:`run`. The step is split in two so that the exchange fits between: each process runs
 :func:`compute_meta_gradients` on its slice of the meta-batch (``episode.slice``), the gradients are
 all-reduced, then each runs :func:`apply_meta_update`. Validation and test tasks are split the same
-way. Rank 0 alone writes the run folder and shows progress. The meta-gradients are those of one
-process up to the order of float additions (see :mod:`metagrad.training.distributed`); Adam's first
-steps amplify such differences, as they do those between ``vectorize`` settings.
+way. Rank 0 alone writes the run folder and shows progress. The meta-gradients are summed in float64
+(exact for a few float32 terms), so on CPU, when every process's share is cut into the same chunks of
+tasks as one process's meta-batch, the run ends with one process's bits whatever the number of
+processes (see :func:`metagrad.training.distributed.all_reduce_gradients`).
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def learning_rate(meta: MetaConfig, iteration: int) -> float:
 
 def compute_meta_gradients(
     model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig
-) -> MetaBatchOutput:
-    """Meta-gradient of a meta-batch: fills ``p.grad`` of every parameter in ``params`` (summed into).
+) -> tuple[MetaBatchOutput, Tensor]:
+    """Meta-gradient of a meta-batch (one process's share of it under torchrun), chunk by chunk.
 
     Args:
         model: the meta-learned model.
@@ -168,17 +169,15 @@ def compute_meta_gradients(
         meta: the algorithm and inner-loop settings.
 
     Returns:
-        The meta-batch's losses and accuracies (``out.loss`` is the mean query loss over the T tasks).
-        The gradients are left unset when the loss is not finite.
+        ``(out, grad_sum)``: the tasks' losses and accuracies (``out.loss`` is the mean query loss over
+        the T tasks), and the gradient of the SUM of their query losses, flat (P,) float64.
+        ``distributed.all_reduce_gradients`` turns it into every parameter's ``.grad``.
     """
-    out = algorithms.meta_batch_loss(
+    return algorithms.chunk_gradients(
         meta.algorithm, model, params, buffers, episode,
         inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
         vectorize=meta.vectorize,
     )
-    if torch.isfinite(out.loss):
-        out.loss.backward()
-    return out
 
 
 def apply_meta_update(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -551,8 +550,8 @@ def _train(
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
-        out = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
-        distributed.all_reduce_gradients(world, params, last - first, meta.meta_batch_size)
+        out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
+        distributed.all_reduce_gradients(world, params, grad_sum, meta.meta_batch_size)
         task_losses = distributed.gather_tasks(world, out.task_losses, my_tasks, meta.meta_batch_size)
         task_accs = distributed.gather_tasks(world, out.task_accs, my_tasks, meta.meta_batch_size)
         loss = task_losses.mean().item()
