@@ -110,8 +110,9 @@ def measure(processes: int, args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     load = os.getloadavg()[0]
     done = subprocess.run(launcher + script, env=env, capture_output=True, text=True, check=False)
-    ranks = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
-             if line.startswith(RESULT_PREFIX)]
+    # The ranks print at the same time, so their lines can run into each other: split on the prefix.
+    decoder = json.JSONDecoder()
+    ranks = [decoder.raw_decode(part)[0] for part in done.stdout.split(RESULT_PREFIX)[1:]]
     if done.returncode != 0 or len(ranks) != processes:
         raise SystemExit(f"{' '.join(launcher + script)} failed:\n{done.stderr[-3000:]}")
     batch = ranks[0]["meta_batch_size"]
