@@ -105,7 +105,7 @@ class MetaConfig:
     meta_batch_size: int = 32  # tasks per outer step
     iterations: int = 60_000  # outer steps
     lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to 0 at the last iteration)
-    vectorize: bool = True  # vmap the meta-batch; False runs tasks one by one (the reference path)
+    vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
 
 
 @dataclass(frozen=True)
