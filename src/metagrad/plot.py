@@ -85,7 +85,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         ax.legend()
     axes[1].set_ylim(0, 1.02)
     preset = _preset(run_dir)
-    fig.suptitle(f"{run_dir.resolve().name} ({preset})" if preset else run_dir.resolve().name)
+    name = run_dir.resolve().name
+    fig.suptitle(f"{name} ({preset})" if preset and preset != name else name)  # the preset once, not twice
     path = Path(output) if output is not None else run_dir / "learning_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
