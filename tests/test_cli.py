@@ -212,6 +212,25 @@ def test_eval_plot_results_of_missing_runs(tmp_path: Path, capsys: pytest.Captur
     assert _main(capsys, "results", str(tmp_path / "nope"))[0] == 2
 
 
+def test_results_reads_hand_made_and_partial_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    shipped = Path(__file__).resolve().parents[1] / "results" / "omniglot-maml-5w1s"
+    run = tmp_path / "partial"
+    run.mkdir()
+    shutil.copy(shipped / "config.json", run / "config.json")
+    (run / "results.json").write_text(json.dumps(
+        {"test_accuracy": 0.929, "test_ci95": 0.0104, "iterations": 2251, "iterations_planned": 60000}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(shipped / "config.json", broken / "config.json")
+    (broken / "results.json").write_text("{not json")
+    code, out, err = _main(capsys, "results", str(tmp_path))
+    assert code == 0 and err == ""
+    assert "| partial | omniglot-maml-5w1s | 92.90 ± 1.04 | 2251/60000 | ? | ? |" in out
+    assert "| broken | omniglot-maml-5w1s | (unreadable results.json: JSONDecodeError" in out
+
+
 def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                 tmp_path: Path) -> None:
     from metagrad.data import datasets

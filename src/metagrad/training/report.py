@@ -45,13 +45,19 @@ def _row(run_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run_dir.name, "preset": config.preset}
     results_path = run_dir / "results.json"
     if results_path.is_file():
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        row.update(
-            accuracy=f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}",
-            iterations=str(results["iterations"]),
-            wall=_duration(results["wall_time_s"]),
-            device=results["device"],
-        )
+        try:
+            results = json.loads(results_path.read_text(encoding="utf-8"))
+            row.update(
+                accuracy=f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}",
+                iterations=(f"{results['iterations']}/{results['iterations_planned']}"  # a run stopped early
+                            if results.get("iterations_planned", results["iterations"]) != results["iterations"]
+                            else str(results["iterations"])),
+                wall=_duration(results["wall_time_s"]) if "wall_time_s" in results else "?",
+                device=results.get("device", "?"),
+            )
+        except (ValueError, KeyError, TypeError) as exc:  # a results.json made or edited by hand
+            row.update(accuracy=f"(unreadable results.json: {type(exc).__name__} {exc})", iterations="",
+                       wall="", device="")
         return row
     # A run still going or interrupted: report how far it got.
     try:
