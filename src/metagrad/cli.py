@@ -16,6 +16,7 @@ import functools
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -341,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "interrupted" if isinstance(exc, TrainingInterrupted) else "error"
         print(f"{prefix}{_rank_note(world)}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
