@@ -8,12 +8,13 @@ from metagrad.algorithms.meta_batch import (
     MetaBatchOutput,
     chunk_gradients,
     evaluate,
+    evaluate_with_losses,
     meta_batch_loss,
     meta_train_step,
     task_losses,
 )
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "chunk_gradients", "evaluate", "maml_task_loss",
+    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "chunk_gradients", "evaluate", "evaluate_with_losses", "maml_task_loss",
     "meta_batch_loss", "meta_train_step", "task_losses",
 ]

@@ -35,7 +35,7 @@ from metagrad.types import Buffers, Episode, Params
 
 __all__ = [
     "ALGORITHMS", "STRATEGIES", "Algorithm", "MetaBatchOutput", "evaluate", "meta_batch_loss",
-    "chunk_gradients", "meta_train_step", "set_gradients", "strategy_for", "task_losses",
+    "chunk_gradients", "evaluate_with_losses", "meta_train_step", "set_gradients", "strategy_for", "task_losses",
 ]
 
 logger = logging.getLogger(__name__)
@@ -281,15 +281,31 @@ def evaluate(
     Returns:
         (T,) detached query accuracies.
     """
+    return evaluate_with_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
+                                inner_steps=inner_steps, vectorize=vectorize)[1]
+
+
+def evaluate_with_losses(
+    algorithm: str,
+    model: nn.Module,
+    params: Params,
+    buffers: Buffers,
+    episode: Episode,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    vectorize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``evaluate``, also returning the query losses: detached ``(losses (T,), accuracies (T,))``."""
     _resolve(algorithm, None)
     params = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in buffers.items()}
     with torch.no_grad():  # the inner loop re-enables what it needs (functional.inner_step)
-        _, accs = task_losses(
+        losses, accs = task_losses(
             algorithm, model, params, buffers, episode,
             inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, vectorize=vectorize,
         )
-    return accs.detach()
+    return losses.detach(), accs.detach()
 
 
 def meta_train_step(

@@ -205,12 +205,9 @@ def _score_tasks(
     from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``. With several
     processes, each samples every chunk and scores its own slice of it; the scores are gathered back
     in task order, so every process returns all ``num_tasks`` scores, as one process would.
-    Like ``algorithms.evaluate``, the inner loop is first order (the same values as second order) and
-    no graph is kept for an outer backward; unlike it, the query losses are returned too.
+    Scoring is ``algorithms.evaluate_with_losses`` (first-order inner loop, no outer graph).
     """
     meta = config.meta
-    detached = {k: v.detach() for k, v in params.items()}
-    detached_buffers = {k: v.detach() for k, v in buffers.items()}
     losses, accs, indices = [], [], []
     for start in range(0, num_tasks, meta.meta_batch_size):
         if stop is not None:
@@ -219,14 +216,12 @@ def _score_tasks(
         first, last = distributed.task_range(episode.num_tasks, world)
         if first == last:  # fewer tasks in this chunk than processes
             continue
-        with torch.no_grad():  # the inner loop re-enables the gradients it needs
-            task_loss, task_acc = algorithms.task_losses(
-                meta.algorithm, model, detached, detached_buffers, episode.slice(first, last),
-                inner_lr=meta.inner_lr, inner_steps=meta.test_inner_steps, first_order=True,
-                vectorize=meta.vectorize,
-            )
-        losses.append(task_loss.detach().float().cpu())
-        accs.append(task_acc.detach().float().cpu())
+        task_loss, task_acc = algorithms.evaluate_with_losses(
+            meta.algorithm, model, params, buffers, episode.slice(first, last),
+            inner_lr=meta.inner_lr, inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
+        )
+        losses.append(task_loss.float().cpu())
+        accs.append(task_acc.float().cpu())
         indices.append(torch.arange(start + first, start + last))
     if not indices:  # more processes than tasks: this one scored none
         losses, accs, indices = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
