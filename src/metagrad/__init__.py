@@ -37,6 +37,7 @@ __all__ = [
     "MetagradError",
     "Params",
     "TrainingError",
+    "__version__",
     "adapt",
     "build_model",
     "dataset_info",
@@ -46,5 +47,4 @@ __all__ = [
     "load_dataset",
     "meta_batch_loss",
     "meta_train_step",
-    "__version__",
 ]

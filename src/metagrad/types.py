@@ -44,12 +44,12 @@ class Episode:
         """The ``i``-th task as unbatched ``(support_x, support_y, query_x, query_y)``."""
         return self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i]
 
-    def slice(self, start: int, stop: int) -> "Episode":
+    def slice(self, start: int, stop: int) -> Episode:
         """Tasks ``start:stop`` as a smaller meta-batch (used to split work across processes)."""
         return Episode(
             self.support_x[start:stop], self.support_y[start:stop],
             self.query_x[start:stop], self.query_y[start:stop],
         )
 
-    def to(self, device: torch.device | str) -> "Episode":
+    def to(self, device: torch.device | str) -> Episode:
         return Episode(*(t.to(device) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))

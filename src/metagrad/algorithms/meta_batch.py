@@ -34,8 +34,18 @@ from metagrad.models.batched import plan_for
 from metagrad.types import Buffers, Episode, Params
 
 __all__ = [
-    "ALGORITHMS", "STRATEGIES", "Algorithm", "MetaBatchOutput", "evaluate", "meta_batch_loss",
-    "chunk_gradients", "evaluate_with_losses", "meta_train_step", "set_gradients", "strategy_for", "task_losses",
+    "ALGORITHMS",
+    "STRATEGIES",
+    "Algorithm",
+    "MetaBatchOutput",
+    "chunk_gradients",
+    "evaluate",
+    "evaluate_with_losses",
+    "meta_batch_loss",
+    "meta_train_step",
+    "set_gradients",
+    "strategy_for",
+    "task_losses",
 ]
 
 logger = logging.getLogger(__name__)
