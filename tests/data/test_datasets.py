@@ -159,14 +159,14 @@ def test_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch, official_zips) 
     _serve(monkeypatch, {**official_zips, "images_background.zip": b"<html>rate limited</html>"})
     with pytest.raises(DataError, match=r"has MD5 .* expected .*nothing was saved.*put the two zip files"):
         download("omniglot", data_dir=tmp_path)
-    assert list((tmp_path / "omniglot").iterdir()) == []
+    assert not (tmp_path / "omniglot").exists()  # the folder it made for the download is gone too
 
 
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch, official_zips) -> None:
     _serve(monkeypatch, official_zips, fail_after=1000)
     with pytest.raises(DataError, match="could not download .*connection reset"):
         download("omniglot", data_dir=tmp_path)
-    assert list((tmp_path / "omniglot").iterdir()) == []  # no half-written zip, no temporary file
+    assert not (tmp_path / "omniglot").exists()  # no half-written zip, no temporary file, no empty folder
 
 
 def test_no_network_says_where_to_put_the_files(tmp_path, monkeypatch) -> None:
@@ -179,6 +179,14 @@ def test_no_network_says_where_to_put_the_files(tmp_path, monkeypatch) -> None:
     message = str(error.value)
     assert "could not download https://raw.githubusercontent.com/brendenlake/omniglot" in message
     assert "name resolution" in message and f"put the two zip files (or their extracted folders) in {tmp_path}" in message
+    assert list(tmp_path.iterdir()) == []  # no empty dataset folder left to confuse the next command
+
+
+def test_failed_second_download_keeps_the_first_archive(tmp_path, monkeypatch, official_zips) -> None:
+    _serve(monkeypatch, {**official_zips, "images_evaluation.zip": b"<html>rate limited</html>"})
+    with pytest.raises(DataError, match="has MD5"):
+        download("omniglot", data_dir=tmp_path / "data")
+    assert [p.name for p in (tmp_path / "data" / "omniglot").iterdir()] == ["images_background.zip"]
 
 
 def test_unwritable_data_folder(tmp_path, monkeypatch, official_zips) -> None:

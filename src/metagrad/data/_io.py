@@ -150,6 +150,7 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
         DataError: no network, a server error, a checksum mismatch, or an unwritable folder.
     """
     logger.info("downloading %s to %s", url, dest)
+    created = _missing_folders(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(dest) as tmp:
@@ -167,11 +168,35 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
                     f"(truncated or altered); nothing was saved. {manual_hint}"
                 )
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        _remove_if_empty(created)
         reason = getattr(exc, "reason", exc)
         raise DataError(f"could not download {url} ({reason}). {manual_hint}") from None
     except OSError as exc:
+        _remove_if_empty(created)
         raise DataError(f"could not save {dest} ({exc.strerror or exc}). {manual_hint}") from None
+    except BaseException:
+        _remove_if_empty(created)
+        raise
     return dest
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    # A failed download should not leave behind the empty folders it made: an empty dataset folder
+    # looks like data to the next command and hides the "put the files here" message.
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another file landed there), already gone, or not ours to remove
+            return
 
 
 # ----------------------------------------------------------------------------------------------------------
