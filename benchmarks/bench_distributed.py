@@ -16,6 +16,13 @@ expect when N cores are free, whatever the load was during the measurement (the 
 recorded beside the numbers). On a CPU every process gets ``--threads`` threads; on GPUs
 (``--device cuda --processes 1,2,4,8``) each process takes one GPU. Prints one JSON line.
 
+``--ceiling`` also runs, for each N > 1, N *independent* processes at once (no process group, no
+exchange), each computing the meta-gradient of its 1/N of the meta-batch: what the machine gives N
+processes that never talk. ``ceiling`` is their summed tasks per second over the baseline's, the most
+any data-parallel implementation can reach here; ``speedup / ceiling`` is the share of it metagrad's
+torchrun path keeps. On a virtual machine whose cores share caches, memory bandwidth or a physical
+core, the ceiling itself is below N.
+
     python benchmarks/bench_distributed.py [--processes 1,2] [--threads 1] [--iterations 20]
 """
 
@@ -64,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     data, meta = config.data, config.meta
     world = distributed.world_from_environment()
     distributed.check_meta_batch_size(meta.meta_batch_size, world)
+    share = args.share or 1  # --ceiling's independent processes: world of 1, a 1/share slice, no exchange
     device = distributed.process_device(world, loop.resolve_device(args.device))
     with distributed.process_group(world, device, timeout_s=600):
         dataset, source = omniglot_train(args.data_dir)
@@ -74,6 +82,7 @@ def worker(args: argparse.Namespace) -> None:
         optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
         generator = loop.task_generator(0, "train")
         first, last = distributed.task_range(meta.meta_batch_size, world)
+        last = first + (last - first) // share
         mine = torch.arange(first, last)
 
         def step() -> None:  # as loop._train's iteration, without the metric rows
@@ -95,7 +104,8 @@ def worker(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(RESULT_PREFIX + json.dumps({"rank": world.rank, "wall_s_per_iter": wall / args.iterations,
                                       "cpu_s_per_iter": cpu / args.iterations, "data": source,
-                                      "meta_batch_size": meta.meta_batch_size}), flush=True)
+                                      "meta_batch_size": meta.meta_batch_size, "tasks": last - first}),
+          flush=True)
 
 
 def measure(processes: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +131,30 @@ def measure(processes: int, args: argparse.Namespace) -> dict[str, Any]:
             "load_avg_1min": load, "data": ranks[0]["data"]}
 
 
+def measure_independent(processes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``processes`` single-process workers at once, each on its 1/N of the meta-batch, never exchanging."""
+    script = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--device",
+              args.device, "--threads", str(args.threads), "--iterations", str(args.iterations), "--warmup",
+              str(args.warmup), "--share", str(processes)]
+    if args.data_dir:
+        script += ["--data-dir", args.data_dir]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    load = os.getloadavg()[0]
+    children = [subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(processes)]
+    outputs = [child.communicate() for child in children]
+    ranks = []
+    for child, (out, err) in zip(children, outputs):
+        if child.returncode != 0 or RESULT_PREFIX not in out:
+            raise SystemExit(f"{' '.join(script)} failed:\n{err[-3000:]}")
+        ranks.append(json.loads(out.split(RESULT_PREFIX, 1)[1].splitlines()[0]))
+    # Each process does its share in its own time; together they do the whole meta-batch per step.
+    return {"tasks_per_sec": sum(r["tasks"] / r["wall_s_per_iter"] for r in ranks),
+            "cpu_s_per_task": sum(r["cpu_s_per_iter"] for r in ranks) / sum(r["tasks"] for r in ranks),
+            "load_avg_1min": load}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="omniglot-maml-5w1s")
@@ -131,7 +165,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time N independent processes (no exchange): the machine's own ceiling")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--share", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -139,9 +176,12 @@ def main() -> None:
 
     counts = [int(n) for n in args.processes.split(",")]
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+    independent: dict[int, list[dict[str, Any]]] = {n: [] for n in counts[1:]} if args.ceiling else {}
     for _ in range(args.rounds):
         for n in counts:
             runs[n].append(measure(n, args))
+            if n in independent:
+                independent[n].append(measure_independent(n, args))
     tasks = {n: statistics.median(r["tasks_per_sec"] for r in runs[n]) for n in counts}
     cpu = {n: statistics.median(r["cpu_s_per_task"] for r in runs[n]) for n in counts}
     base = counts[0]
@@ -163,6 +203,13 @@ def main() -> None:
         "load_avg_1min": {str(n): [round(r["load_avg_1min"], 2) for r in runs[n]] for n in counts},
         "per_round_tasks_per_sec": {str(n): [round(r["tasks_per_sec"], 2) for r in runs[n]] for n in counts},
     }
+    if independent:
+        free = {n: statistics.median(r["tasks_per_sec"] for r in independent[n]) for n in independent}
+        result["independent_tasks_per_sec"] = {str(n): round(free[n], 2) for n in free}
+        result["ceiling"] = {str(n): round(free[n] / tasks[base], 3) for n in free}
+        result["share_of_ceiling"] = {str(n): round(tasks[n] / free[n], 3) for n in free}
+        result["independent_cpu_s_per_task"] = {
+            str(n): round(statistics.median(r["cpu_s_per_task"] for r in independent[n]), 4) for n in free}
     print(json.dumps(result), flush=True)
 
 
