@@ -285,8 +285,34 @@ def test_evaluate_checkpoint_reproduces_the_results(fake_data: list, reference_r
     assert evaluation["checkpoint_iteration"] == results["best_iteration"]
     assert json.loads((reference_run / "eval_best.json").read_text()) == evaluation
 
+    assert evaluation["status"] == "complete"
+    assert (evaluation["iterations"], evaluation["iterations_planned"]) == (8, 8)
+    assert evaluation["training_wall_time_s"] > 0
+
     latest = evaluate_checkpoint(reference_run, checkpoint="latest", test_tasks=4)
     assert latest["checkpoint_iteration"] == 8 and latest["test_tasks"] == 4
+
+
+def test_evaluating_an_interrupted_run_says_how_far_it_got(
+    tmp_path: Path, fake_data: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metagrad.training.report import find_runs, results_table
+
+    run_dir = tmp_path / "runs" / "stopped"
+    with monkeypatch.context() as mp:
+        _crash_at(mp, 5, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(TrainingInterrupted):
+            run(tiny_config(run_dir, **RESUME_OVERRIDES), quiet=True)
+    assert "not tested" in results_table(find_runs([tmp_path / "runs"]))
+    evaluation = evaluate_checkpoint(run_dir)
+    best = torch.load(run_dir / "best.pt", weights_only=True)["iteration"]
+    assert evaluation["checkpoint_iteration"] == best and best in (2, 4)  # validation every 2 iterations
+    assert evaluation["status"] == "partial: 5 of 8 iterations trained"
+    assert (evaluation["iterations"], evaluation["iterations_planned"]) == (5, 8)
+    row = results_table(find_runs([tmp_path / "runs"])).splitlines()[-1]
+    accuracy = f"{100 * evaluation['test_accuracy']:.2f} ± {100 * evaluation['test_ci95']:.2f}"
+    assert f"| stopped | {tiny_config(run_dir).preset} | {accuracy} (eval of best.pt, iteration {best}) | 5/8 |" in row
+    assert not (run_dir / "results.json").exists()  # an evaluation is not the run's final result
 
 
 @pytest.mark.parametrize(

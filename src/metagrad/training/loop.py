@@ -694,6 +694,22 @@ def _test(
 # --------------------------------------------------------------------------------------------------
 
 
+def _training_progress(run_dir: Path, config: Config, latest: dict[str, Any] | None) -> dict[str, Any]:
+    """How far the run's training got, from ``latest.pt``: iterations done and planned, training time."""
+    if latest is None:
+        latest = load_checkpoint(run_dir / LATEST_NAME)
+    if latest is None:  # best.pt without latest.pt: a run folder copied without its resumable state
+        return {"iterations_planned": config.meta.iterations}
+    done, planned = latest["iteration"], config.meta.iterations
+    progress = latest.get("progress") or {}
+    return {
+        "status": "complete" if done >= planned else f"partial: {done} of {planned} iterations trained",
+        "iterations": done,
+        "iterations_planned": planned,
+        "training_wall_time_s": progress.get("elapsed_s"),
+    }
+
+
 def evaluate_checkpoint(
     run_dir: str | Path,
     *,
@@ -706,7 +722,9 @@ def evaluate_checkpoint(
     """Meta-test a run's checkpoint again and write ``eval_<checkpoint>.json`` in the run folder.
 
     With the defaults this reproduces the run's ``results.json`` numbers (the same test tasks), and it
-    works on a run that is still going or was interrupted.
+    works on a run that is still going or was interrupted: then the evaluation says how far training
+    got (``iterations`` of ``iterations_planned``, from ``latest.pt``; ``status`` "partial"), and
+    ``metagrad results`` shows it for a run that has no ``results.json`` yet.
 
     Args:
         run_dir: the run folder.
@@ -761,6 +779,7 @@ def evaluate_checkpoint(
         "wall_time_s": time.perf_counter() - start,
         "device": str(torch_device),
         "versions": _versions(),
+        **_training_progress(run_dir, config, state if checkpoint == "latest" else None),
     }
     _write_json(run_dir / f"eval_{checkpoint}.json", evaluation)
     return evaluation

@@ -59,14 +59,37 @@ def _row(run_dir: Path) -> dict[str, Any]:
             row.update(accuracy=f"(unreadable results.json: {type(exc).__name__} {exc})", iterations="",
                        wall="", device="")
         return row
-    # A run still going or interrupted: report how far it got.
+    # A run still going or interrupted: how far it got, and its best checkpoint's score if
+    # `metagrad eval` has measured it.
     try:
         steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
     except FileNotFoundError:
         steps = []
     row.update(accuracy="(not tested)", iterations=f"{steps[-1] if steps else 0}/{config.meta.iterations}",
                wall="", device="")
+    evaluation = _read_json(run_dir / "eval_best.json")
+    if evaluation is not None:
+        try:
+            row.update(
+                accuracy=(f"{100 * evaluation['test_accuracy']:.2f} ± {100 * evaluation['test_ci95']:.2f} "
+                          f"(eval of best.pt, iteration {evaluation['checkpoint_iteration']})"),
+                device=config.run.device,
+            )
+            if evaluation.get("iterations") is not None:
+                row["iterations"] = f"{evaluation['iterations']}/{evaluation['iterations_planned']}"
+            if evaluation.get("training_wall_time_s") is not None:
+                row["wall"] = _duration(evaluation["training_wall_time_s"])
+        except (KeyError, TypeError) as exc:
+            row["accuracy"] = f"(unreadable eval_best.json: {type(exc).__name__} {exc})"
     return row
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _duration(seconds: float) -> str:
