@@ -272,7 +272,11 @@ def test_bench_calls_run_bench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert code == 0, err
     (config, kwargs), = calls
     assert config.preset == "omniglot-anil-20w1s" and config.run.device == "cpu"
+    assert config.meta.tasks_per_chunk == 0  # automatic unless asked
     assert kwargs == {"iterations": 3, "json_output": True}
+    code, _, err = _main(capsys, "bench", "--tasks-per-chunk", "1")
+    assert code == 0, err
+    assert calls[-1][0].meta.tasks_per_chunk == 1
 
 
 def test_bench_without_its_module(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -159,7 +159,7 @@ def run_bench(
         episode = sampler.sample(meta.meta_batch_size, generator)
         meta_train_step(
             meta.algorithm, model, optimizer, episode, inner_lr=meta.inner_lr, inner_steps=meta.inner_steps,
-            first_order=meta.first_order, vectorize=vectorize,
+            first_order=meta.first_order, vectorize=vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
         )
 
     times = []
@@ -195,6 +195,7 @@ def run_bench(
         "inner_lr": meta.inner_lr,
         "first_order": meta.first_order or meta.algorithm == "fomaml",
         "vectorize": meta.vectorize,
+        "tasks_per_chunk": meta.tasks_per_chunk,
         "strategy": strategy_for(meta.algorithm, model, dict(model.named_parameters()),
                                  dict(model.named_buffers()), vectorize=meta.vectorize),
         "device": str(device),

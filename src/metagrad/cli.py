@@ -44,6 +44,9 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--meta-lr", "meta.meta_lr", float, "Adam learning rate of the outer loop"),
     ("--lr-schedule", "meta.lr_schedule", str, "outer learning-rate schedule: constant or cosine"),
     ("--iterations", "meta.iterations", int, "outer steps"),
+    ("--tasks-per-chunk", "meta.tasks_per_chunk", int,
+     "tasks back-propagated together: 0 = automatic (all on GPU, cache-sized on CPU); "
+     "a small N lowers peak memory at some cost in speed"),
     ("--seed", "run.seed", int, "seed of the model initialization and of every task stream"),
     ("--eval-every", "run.eval_every", int, "validate every this many iterations"),
     ("--eval-tasks", "run.eval_tasks", int, "validation tasks per evaluation"),
@@ -195,7 +198,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise
         raise MetagradError(
             "metagrad bench is not available: this installation has no metagrad.bench module") from None
-    overrides = {"run.device": args.device} if args.device is not None else {}
+    overrides: dict[str, Any] = {"run.device": args.device} if args.device is not None else {}
+    if args.tasks_per_chunk is not None:
+        overrides["meta.tasks_per_chunk"] = args.tasks_per_chunk
     config = resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
     bench.run_bench(config, iterations=args.iterations, json_output=args.json)
     return 0
@@ -293,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=20, metavar="INT",
                        help="timed iterations after warm-up")
     bench.add_argument("--device", help="device (default: the preset's, auto)")
+    bench.add_argument("--tasks-per-chunk", type=int, metavar="INT",
+                       help="tasks back-propagated together (default: the preset's, 0 = automatic); "
+                            "1 shows the memory of one task at a time")
     bench.add_argument("--json", action="store_true", help="print the result as one JSON object, last line")
     bench.set_defaults(func=_cmd_bench)
     return parser

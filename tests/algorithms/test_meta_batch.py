@@ -14,6 +14,7 @@ from metagrad.algorithms import (
     ALGORITHMS,
     MetaBatchOutput,
     batched,
+    chunk_gradients,
     evaluate,
     meta_batch_loss,
     meta_train_step,
@@ -131,6 +132,24 @@ def test_meta_train_step_in_chunks_of_tasks(algorithm: str, monkeypatch: pytest.
     assert_close(out.loss, loss)
     assert out.task_losses.shape == (episode.num_tasks,)
     assert_grads_close(tuple(before[k] - v.detach() for k, v in model.named_parameters()), expected)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_max_tasks_per_chunk_caps_any_strategy(algorithm: str, vectorize: bool) -> None:
+    # A user's memory cap: chunks of 2 tasks (the last one shorter), each back-propagated at once.
+    model, params, episode = _setup("omniglot-cnn")
+    assert episode.num_tasks % 2 == 1
+    loss, expected = _reference(algorithm, model, params, episode, 2)
+    out, grad_sum = chunk_gradients(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=2,
+                                    vectorize=vectorize, max_tasks_per_chunk=2)
+    assert_close(out.loss, loss)
+    flat = grad_sum / episode.num_tasks
+    assert_grads_close(tuple(flat.split([p.numel() for p in params.values()])),
+                       tuple(e.reshape(-1) for e in expected))
+    with pytest.raises(ValueError, match="max_tasks_per_chunk must be at least 1"):
+        chunk_gradients(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=1,
+                        max_tasks_per_chunk=0)
 
 
 def test_anil_with_different_support_and_query_sizes() -> None:

@@ -136,6 +136,7 @@ BAD_OVERRIDES = [
     ({"meta.meta_batch_size": 0}, "meta_batch_size .* must be positive"),
     ({"meta.iterations": -5}, "iterations .* must be positive"),
     ({"meta.lr_schedule": "step"}, "unknown lr_schedule 'step'; valid: constant, cosine"),
+    ({"meta.tasks_per_chunk": -1}, r"tasks_per_chunk \(--tasks-per-chunk\) must be 0 \(automatic\) or a number"),
     ({"run.seed": -1}, r"seed \(--seed\) must be in"),
     ({"run.device": "tpu"}, "unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
     ({"run.eval_every": 0}, "eval_every .* must be positive"),

@@ -328,6 +328,7 @@ def meta_train_step(
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
+    max_tasks_per_chunk: int | None = None,
 ) -> MetaBatchOutput:
     """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
 
@@ -339,6 +340,7 @@ def meta_train_step(
 
     Args:
         algorithm, episode, inner_lr, inner_steps, first_order, vectorize: as for ``meta_batch_loss``.
+        max_tasks_per_chunk: as for ``chunk_gradients``.
         model: the meta-learned model; its parameters are updated in place by the optimizer.
         optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
 
@@ -352,7 +354,8 @@ def meta_train_step(
     optimizer.zero_grad(set_to_none=True)
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
-                                 inner_steps=inner_steps, first_order=first_order, vectorize=vectorize)
+                                 inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
+                                 max_tasks_per_chunk=max_tasks_per_chunk)
     if not torch.isfinite(out.loss):
         raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
     set_gradients(params, grads / episode.num_tasks)
@@ -371,6 +374,7 @@ def chunk_gradients(
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
+    max_tasks_per_chunk: int | None = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """The meta-gradient of a meta-batch, computed chunk of tasks by chunk, each back-propagated at once.
 
@@ -378,14 +382,16 @@ def chunk_gradients(
     peak memory is a chunk's, not the whole meta-batch's. The chunk size is
     ``algorithms.batched.tasks_per_chunk`` for the batched strategy (cache-sized on CPU, the whole
     meta-batch on CUDA) and the whole meta-batch otherwise; it depends on the tasks' shapes, not on
-    their number.
+    their number. ``max_tasks_per_chunk`` caps it, for any strategy: 1 holds one task's graph at a time
+    (learn2learn's peak memory), at the cost of the speed that batching brings.
 
     The chunks' gradients are added in float64, which is exact for a few float32 terms of similar
     magnitude: the sum does not depend on the order of the additions, so processes that each sum a
     share of the chunks and then all-reduce (in float64) get the same bits as one process.
 
     Args:
-        As for ``meta_batch_loss``.
+        max_tasks_per_chunk: at most this many tasks per chunk; None for the automatic size.
+        Others: as for ``meta_batch_loss``.
 
     Returns:
         ``(out, grad)``: the detached ``MetaBatchOutput`` and the gradient of the SUM of the tasks' query
@@ -395,6 +401,10 @@ def chunk_gradients(
     strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
     plan = plan_for(model) if strategy == "batched" else None
     chunk = episode.num_tasks if plan is None else tasks_per_chunk(plan, params, episode)
+    if max_tasks_per_chunk is not None:
+        if max_tasks_per_chunk < 1:
+            raise ValueError(f"max_tasks_per_chunk must be at least 1 (or None), got {max_tasks_per_chunk}")
+        chunk = min(chunk, max_tasks_per_chunk)
     names = list(params)
     losses, accs = [], []
     total = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64,

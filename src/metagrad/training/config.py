@@ -106,6 +106,8 @@ class MetaConfig:
     iterations: int = 60_000  # outer steps
     lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to 0 at the last iteration)
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
+    tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
+    #                          N tasks' graphs alive at once (lower peak memory, usually slower)
 
 
 @dataclass(frozen=True)
@@ -403,6 +405,11 @@ def validate_config(config: Config) -> Config:
     _positive("meta.meta_lr (--meta-lr)", meta.meta_lr)
     for name in ("inner_steps", "test_inner_steps", "meta_batch_size", "iterations"):
         _positive(f"meta.{name} (--{name.replace('_', '-')})", getattr(meta, name))
+    if meta.tasks_per_chunk < 0:
+        raise ConfigError(
+            f"meta.tasks_per_chunk (--tasks-per-chunk) must be 0 (automatic) or a number of tasks, "
+            f"got {meta.tasks_per_chunk}"
+        )
     if meta.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 

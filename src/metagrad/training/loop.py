@@ -176,7 +176,7 @@ def compute_meta_gradients(
     return algorithms.chunk_gradients(
         meta.algorithm, model, params, buffers, episode,
         inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
-        vectorize=meta.vectorize,
+        vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
 
 
