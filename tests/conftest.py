@@ -24,6 +24,15 @@ def real_data_dir() -> Path | None:
 
 
 @pytest.fixture
+def real_data() -> Path:
+    """``real_data_dir()``, or skip the test with the reason."""
+    found = real_data_dir()
+    if found is None:
+        pytest.skip("the real Omniglot is not in $METAGRAD_DATA or ../shared/data beside the checkout")
+    return found
+
+
+@pytest.fixture
 def tiny_dataset() -> FewShotDataset:
     """10 classes x 20 images of 1x8x8 random uint8 pixels."""
     g = torch.Generator().manual_seed(0)
