@@ -88,9 +88,9 @@ def worker(args: argparse.Namespace) -> None:
         def step() -> None:  # as loop._train's iteration, without the metric rows
             episode = sampler.sample(meta.meta_batch_size, generator)
             out, grad_sum = loop.compute_meta_gradients(model, params, {}, episode.slice(first, last), meta)
-            distributed.all_reduce_gradients(world, params, grad_sum, meta.meta_batch_size)
-            distributed.gather_tasks(world, out.task_losses, mine, meta.meta_batch_size).mean().item()
-            distributed.gather_tasks(world, out.task_accs, mine, meta.meta_batch_size).mean().item()
+            scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
+                                                        torch.stack([out.task_losses, out.task_accs], 1), mine)
+            scores.mean(dim=0).tolist()
             loop.apply_meta_update(optimizer, meta.meta_lr)
             distributed.any_rank(world, False)
 

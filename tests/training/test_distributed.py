@@ -248,6 +248,10 @@ def test_one_process_needs_no_process_group() -> None:
         assert torch.equal(params["w"].grad, torch.full((2,), 3.0))
         values = torch.arange(3.0)
         assert distributed.gather_tasks(world, values, torch.arange(3), 3) is values
+        scores = torch.rand(4, 2)
+        assert distributed.exchange_meta_gradient(
+            world, params, torch.full((2,), 8.0, dtype=torch.float64), 4, scores, torch.arange(4)) is scores
+        assert torch.equal(params["w"].grad, torch.full((2,), 2.0))
         assert distributed.any_rank(world, True) and not distributed.any_rank(world, False)
         assert distributed.on_main(world, max, 2, 5) == 5
         distributed.check_same_parameters(world, params, 0)
@@ -264,3 +268,25 @@ def test_stop_flag_under_torchrun_absorbs_repeated_signals() -> None:
         assert stop.signum == signal.SIGTERM
         assert stop.requested() == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_issue_check_same_accuracy_with_one_and_two_processes(real_data: Path, tmp_path: Path) -> None:
+    # The check the torchrun issue names: the same short run on the real Omniglot as one process and
+    # under torchrun with 2 processes ends with the same test accuracy (here also the same parameters:
+    # each process's 16 tasks are whole CPU chunks, so every float64 sum adds the same terms).
+    args = ["--data-dir", str(real_data), "--device", "cpu", "--iterations", "20", "--test-tasks", "50",
+            "--eval-every", "10", "--eval-tasks", "20", "-q"]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "metagrad", "train", *args, "--run-dir", str(tmp_path / "one")],
+                         env=environ, capture_output=True, text=True, timeout=600, check=False)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "metagrad", "train", *args, "--run-dir", str(tmp_path / "two")],
+                         env=environ, capture_output=True, text=True, timeout=600, check=False)
+    assert two.returncode == 0, two.stderr
+    ours, theirs = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
+    assert (ours["processes"], theirs["processes"]) == (2, 1)
+    assert (ours["test_accuracy"], ours["test_ci95"]) == (theirs["test_accuracy"], theirs["test_ci95"])
+    for key, tensor in _params(tmp_path / "one").items():
+        assert torch.equal(_params(tmp_path / "two")[key], tensor), key

@@ -546,9 +546,9 @@ def _train(
         start = time.perf_counter()
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
         out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
-        distributed.all_reduce_gradients(world, params, grad_sum, meta.meta_batch_size)
-        task_losses = distributed.gather_tasks(world, out.task_losses, my_tasks, meta.meta_batch_size)
-        task_accs = distributed.gather_tasks(world, out.task_accs, my_tasks, meta.meta_batch_size)
+        scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
+                                                    torch.stack([out.task_losses, out.task_accs], dim=1), my_tasks)
+        task_losses, task_accs = scores.unbind(dim=1)
         loss = task_losses.mean().item()
         if not math.isfinite(loss):
             saved = (f"the last good checkpoint is {latest}" if latest.exists()
