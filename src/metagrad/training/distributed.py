@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metagrad.algorithms.meta_batch import set_gradients
 from metagrad.errors import ConfigError, MetagradError, TrainingError
 from metagrad.types import Params
 
@@ -211,11 +212,12 @@ def all_reduce_gradients(world: World, params: Params, grad_sum: Tensor, total_t
     any number of processes gives the bits one process gets; then ``/ total_tasks``, cast to each
     parameter's dtype. With one process this is the same arithmetic without the all-reduce.
     """
-    flat = grad_sum.clone()
+    flat = grad_sum
     if world.size > 1:
+        flat = grad_sum.clone()  # all_reduce works in place; the caller's sum stays its own
         with _exchange("the meta-gradient all-reduce"):
             dist.all_reduce(flat)
-    _set_mean_gradients(params, flat, total_tasks)
+    set_gradients(params, flat / total_tasks)
 
 
 def exchange_meta_gradient(world: World, params: Params, grad_sum: Tensor, total_tasks: int, scores: Tensor,
@@ -245,15 +247,8 @@ def exchange_meta_gradient(world: World, params: Params, grad_sum: Tensor, total
     flat[size:].view(total_tasks, -1)[indices.to(flat.device)] = scores.to(flat)
     with _exchange("the meta-gradient all-reduce"):
         dist.all_reduce(flat)
-    _set_mean_gradients(params, flat[:size], total_tasks)
+    set_gradients(params, flat[:size] / total_tasks)
     return flat[size:].view(total_tasks, -1).to(device=scores.device, dtype=scores.dtype)
-
-
-def _set_mean_gradients(params: Params, flat: Tensor, total_tasks: int) -> None:
-    # flat: the summed (P,) float64 gradient; each parameter's .grad gets its slice / total_tasks.
-    flat = flat / total_tasks
-    for p, chunk in zip(params.values(), flat.split([p.numel() for p in params.values()])):
-        p.grad = chunk.view_as(p).to(p.dtype, copy=True)
 
 
 def gather_tasks(world: World, values: Tensor, indices: Tensor, num_tasks: int) -> Tensor:
