@@ -1,0 +1,69 @@
+"""tools/publish_result.py: a run folder becomes results/<preset>/ without any number typed by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "publish_result.py"
+
+
+def _tool() -> Any:
+    spec = importlib.util.spec_from_file_location("_publish_result", TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, accuracy: float, iterations: int) -> Path:
+    run = tmp_path / f"run-{iterations}"
+    run.mkdir()
+    evaluation = {"preset": "omniglot-maml-5w1s", "test_accuracy": accuracy, "test_ci95": 0.007,
+                  "iterations": iterations, "training_wall_time_s": 123.0, "status": "partial"}
+    (run / "eval_best.json").write_text(json.dumps(evaluation))
+    (run / "config.json").write_text(json.dumps({"preset": "omniglot-maml-5w1s"}))
+    rows = [{"step": 1, "split": "train", "sec_per_iter": 3.0}, {"step": 2, "split": "train", "sec_per_iter": 1.0},
+            {"step": 2, "split": "validation", "sec_per_iter": None}, {"step": 3, "split": "train", "sec_per_iter": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "best.pt").write_bytes(b"checkpoint")
+    (run / "learning_curves.png").write_bytes(b"png")
+    return run
+
+
+def test_publish_writes_results_and_remembers_the_previous_number(tmp_path: Path) -> None:
+    tool = _tool()
+    results = tmp_path / "results"
+    target = tool.publish(_run(tmp_path, 0.95, 1000), results, device="cpu: test", command="metagrad train X")
+    data = json.loads((target / "results.json").read_text())
+    assert target == results / "omniglot-maml-5w1s"
+    assert (data["test_accuracy"], data["iterations"], data["device"]) == (0.95, 1000, "cpu: test")
+    assert data["sec_per_iter_median"] == 2.0  # training rows only
+    assert data["wall_time_s"] == 123.0 and data["command"] == "metagrad train X"
+    assert data["paper"].startswith("98.7 +/- 0.4") and data["previous"] is None
+    assert (target / "best.pt").read_bytes() == b"checkpoint"
+    assert sorted(p.name for p in target.iterdir()) == [
+        "best.pt", "config.json", "learning_curves.png", "results.json"]
+
+    tool.publish(_run(tmp_path, 0.97, 5000), results, device="cpu: test", command="metagrad train X")
+    data = json.loads((target / "results.json").read_text())
+    assert data["test_accuracy"] == 0.97
+    assert data["previous"].startswith("replaces 95.00 +/- 0.70 after 1000 iterations on cpu: test")
+
+
+def test_publish_refuses_a_run_that_was_not_evaluated(tmp_path: Path) -> None:
+    run = _run(tmp_path, 0.9, 10)
+    (run / "eval_best.json").unlink()
+    with pytest.raises(SystemExit, match="metagrad eval"):
+        _tool().publish(run, tmp_path / "results", device="d", command="c")
+
+
+def test_publish_refuses_a_run_without_its_curves(tmp_path: Path) -> None:
+    run = _run(tmp_path, 0.9, 10)
+    (run / "learning_curves.png").unlink()
+    with pytest.raises(SystemExit, match="metagrad plot"):
+        _tool().publish(run, tmp_path / "results", device="d", command="c")

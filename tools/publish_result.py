@@ -1,0 +1,108 @@
+"""Copy one evaluated run into ``results/<preset>/``: what the README's Results table is built from.
+
+Reads the run folder only (nothing is re-measured here): ``eval_best.json`` (written by
+``metagrad eval RUN --checkpoint best``), ``config.json``, ``metrics.jsonl``, ``best.pt`` and
+``learning_curves.png`` (``metagrad plot RUN``). Writes ``results/<preset>/results.json`` (the
+evaluation's fields, plus the paper's number, the exact command, the hardware in words and the median
+seconds per iteration from the training log), and copies the config, the curves and the checkpoint.
+The previous ``results.json`` of that preset, if any, is summarised in the new one's ``previous``.
+
+Usage::
+
+    metagrad eval runs/omniglot-maml-5w1s-cpu --checkpoint best --device cpu
+    metagrad plot runs/omniglot-maml-5w1s-cpu
+    python tools/publish_result.py runs/omniglot-maml-5w1s-cpu \\
+        --device "cpu: 2-core AMD EPYC (KVM), 1 thread" \\
+        --command "metagrad train --preset omniglot-maml-5w1s --data-dir DATA --run-dir runs/omniglot-maml-5w1s-cpu"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+PAPERS = {
+    "omniglot-maml-5w1s": "98.7 +/- 0.4 (Finn et al. 2017, Table 1)",
+    "omniglot-maml-5w5s": "99.9 +/- 0.1 (Finn et al. 2017, Table 1)",
+    "omniglot-maml-20w1s": "95.8 +/- 0.3 (Finn et al. 2017, Table 1)",
+    "omniglot-maml-20w5s": "98.9 +/- 0.2 (Finn et al. 2017, Table 1)",
+    "omniglot-fomaml-5w1s": "98.3 +/- 0.5 (Nichol et al. 2018, Table 1)",
+    "omniglot-anil-20w1s": "96.2 +/- 0.5 (Raghu et al. 2020, Table 2, mean +/- std over 3 seeds)",
+    "omniglot-anil-20w5s": "98.0 +/- 0.3 (Raghu et al. 2020, Table 2, mean +/- std over 3 seeds)",
+    "omniglot-anil-5w1s": "none published (ANIL reports 20-way Omniglot only)",
+    "omniglot-anil-5w5s": "none published (ANIL reports 20-way Omniglot only)",
+}
+
+COPIED = ("config.json", "learning_curves.png", "best.pt")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path} is missing; run `metagrad eval {path.parent} --checkpoint best` "
+                         f"and `metagrad plot {path.parent}` first") from None
+
+
+def median_sec_per_iter(metrics: Path) -> float | None:
+    """Median of the training rows' ``sec_per_iter`` in ``metrics.jsonl`` (None if there are none)."""
+    values = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("split") == "train" and row.get("sec_per_iter") is not None:
+            values.append(float(row["sec_per_iter"]))
+    return statistics.median(values) if values else None
+
+
+def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, paper: str | None = None) -> Path:
+    """Write ``results_dir/<preset>/`` from ``run_dir``; returns that folder."""
+    evaluation = _read_json(run_dir / "eval_best.json")
+    preset = evaluation.get("preset") or _read_json(run_dir / "config.json").get("preset")
+    if not preset:
+        raise SystemExit(f"error: {run_dir} names no preset; publish only runs of a packaged preset")
+    missing = [name for name in COPIED if not (run_dir / name).is_file()]
+    if missing:
+        raise SystemExit(f"error: {run_dir} lacks {', '.join(missing)} (`metagrad plot {run_dir}` draws the curves)")
+    target = results_dir / preset
+    old = target / "results.json"
+    previous = None
+    if old.is_file():
+        before = json.loads(old.read_text(encoding="utf-8"))
+        previous = (f"replaces {before['test_accuracy'] * 100:.2f} +/- {before['test_ci95'] * 100:.2f} after "
+                    f"{before.get('iterations', '?')} iterations on {before.get('device', '?')}; see git history")
+    result = dict(evaluation)
+    result.update({
+        "device": device,
+        "sec_per_iter_median": median_sec_per_iter(run_dir / "metrics.jsonl"),
+        "wall_time_s": evaluation.get("training_wall_time_s"),
+        "paper": paper or PAPERS.get(preset, "none given"),
+        "command": command,
+        "previous": previous,
+    })
+    target.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        shutil.copyfile(run_dir / name, target / name)
+    (target / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="an evaluated and plotted run folder")
+    parser.add_argument("--device", required=True, help="the hardware in words, as the table shows it")
+    parser.add_argument("--command", required=True, help="the exact command that trained the run")
+    parser.add_argument("--paper", help="the published number (default: this preset's from PAPERS)")
+    parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    args = parser.parse_args(argv)
+    target = publish(args.run_dir, args.results_dir, device=args.device, command=args.command, paper=args.paper)
+    print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
