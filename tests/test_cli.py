@@ -229,6 +229,15 @@ def test_results_reads_hand_made_and_partial_results(tmp_path: Path, capsys: pyt
     assert code == 0 and err == ""
     assert "| partial | omniglot-maml-5w1s | 92.90 ± 1.04 | 2251/60000 | ? | ? |" in out
     assert "| broken | omniglot-maml-5w1s | (unreadable results.json: JSONDecodeError" in out
+    assert "paper" not in out  # no result gives a published number: no column for it
+
+    (run / "results.json").write_text(json.dumps(
+        {"test_accuracy": 0.929, "test_ci95": 0.0104, "iterations": 2251, "iterations_planned": 60000,
+         "paper": "98.7 +/- 0.4 (Finn et al. 2017, Table 1)"}))
+    code, out, err = _main(capsys, "results", str(tmp_path))
+    assert out.splitlines()[0].startswith("| run | preset | paper (%) | test accuracy")
+    assert "| partial | omniglot-maml-5w1s | 98.7 +/- 0.4 (Finn et al. 2017, Table 1) | 92.90 ± 1.04 |" in out
+    assert "| broken | omniglot-maml-5w1s |  | (unreadable results.json" in out
 
 
 def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,

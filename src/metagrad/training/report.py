@@ -54,6 +54,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
                             else str(results["iterations"])),
                 wall=_duration(results["wall_time_s"]) if "wall_time_s" in results else "?",
                 device=results.get("device", "?"),
+                paper=results.get("paper", ""),  # published results (tools/publish_result.py) carry it
             )
         except (ValueError, KeyError, TypeError) as exc:  # a results.json made or edited by hand
             row.update(accuracy=f"(unreadable results.json: {type(exc).__name__} {exc})", iterations="",
@@ -99,11 +100,17 @@ def _duration(seconds: float) -> str:
 
 
 def results_table(run_dirs: list[Path]) -> str:
-    """A Markdown table, one row per run: preset, test accuracy ± 95% CI, iterations, wall time, device."""
+    """A Markdown table, one row per run: preset, test accuracy ± 95% CI, iterations, wall time, device.
+
+    When any run's results.json gives the published number (``paper``), a column shows it beside ours.
+    """
     header = ["run", "preset", "test accuracy (%) ± 95% CI", "iterations", "wall time", "device"]
     keys = ["run", "preset", "accuracy", "iterations", "wall", "device"]
+    rows = [_row(run_dir) for run_dir in run_dirs]
+    if any(row.get("paper") for row in rows):
+        header.insert(2, "paper (%)")
+        keys.insert(2, "paper")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    for run_dir in run_dirs:
-        row = _row(run_dir)
-        lines.append("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
