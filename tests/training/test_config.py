@@ -44,17 +44,20 @@ def test_preset_values_follow_the_papers(name: str) -> None:
         assert (data.dataset, data.ways, data.shots, data.query_shots) == ("omniglot", ways, shots, shots)
         assert data.rotations and data.split_scheme == "maml"
         assert (model.name, model.hidden_size, model.strided) == ("omniglot-cnn", 64, True)
-        expected = (32, 0.4, 1) if ways == 5 else (16, 0.1, 5)
-        if algorithm == "anil" and ways == 20:
-            # The papers' step on the reference code's loss (summed over the 20 classes), on the mean loss.
-            expected = (16, 0.1 * 20, 5)
+        batch, lr, steps = (32, 0.4, 1) if ways == 5 else (16, 0.1, 5)
+        if algorithm == "anil":
+            # ANIL takes the papers' step on the reference code's loss (summed over the N classes), i.e.
+            # N times it on the mean loss metagrad differentiates; MAML keeps the papers' value.
+            lr *= ways
+        expected = (batch, lr, steps)
         assert (meta.meta_batch_size, meta.inner_lr, meta.inner_steps) == pytest.approx(expected)
     else:
         shots = int(name[-2])
         assert (data.dataset, data.ways, data.shots, data.query_shots) == ("mini-imagenet", 5, shots, 15)
         assert not data.rotations and data.split_scheme == "ravi"
         assert (model.name, model.hidden_size, model.strided) == ("mini-imagenet-cnn", 32, False)
-        assert (meta.meta_batch_size, meta.inner_lr, meta.inner_steps) == (4 if shots == 1 else 2, 0.01, 5)
+        lr = 0.01 * 5 if algorithm == "anil" else 0.01
+        assert (meta.meta_batch_size, meta.inner_lr, meta.inner_steps) == pytest.approx((4 if shots == 1 else 2, lr, 5))
 
 
 @pytest.mark.parametrize("name", PRESETS)
