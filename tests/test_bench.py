@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from repo_scripts import load_script
 
 from metagrad.bench import run_bench
 from metagrad.errors import ConfigError
@@ -60,25 +58,16 @@ def test_rejects_unknown_dataset_shape() -> None:
         run_bench(config, iterations=1, report=False)
 
 
-def _load_benchmark(name: str) -> Any:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kernel_benchmark_fused_batch_norm_is_exact_at_second_order() -> None:
     # docs/PERFORMANCE.md reports this BatchNorm's timings; they only mean something if it is exact.
-    bench = _load_benchmark("bench_kernels")
+    bench = load_script("benchmarks/bench_kernels.py")
     assert bench.check_fused_bn() < 1e-10
     x, gamma, beta, _ = bench._bn_inputs((3, 4, 2, 5), torch.float64, seed=1)
     assert torch.autograd.gradgradcheck(bench._fused_bn, (x, gamma, beta))
 
 
 def test_kernel_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load_benchmark("bench_kernels")
+    bench = load_script("benchmarks/bench_kernels.py")
     assert bench.main(["--iterations", "1", "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["batch_norm_second_order"]) == 4

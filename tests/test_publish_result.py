@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import pytest
+from repo_scripts import load_script
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "publish_result.py"
 
-
-def _tool() -> Any:
-    spec = importlib.util.spec_from_file_location("_publish_result", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _tool() -> ModuleType:
+    return load_script("tools/publish_result.py")
 
 
 def _run(tmp_path: Path, accuracy: float, iterations: int) -> Path:
