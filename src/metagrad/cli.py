@@ -206,6 +206,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMPUTE_COMMANDS = (_cmd_train, _cmd_eval, _cmd_bench)
+"""Commands that run meta-training steps or evaluations: they tune the C allocator first (see
+``metagrad.training.malloc``; ``METAGRAD_MALLOC=default`` turns that off)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser and entry point
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_level = logger.level
     quiet = getattr(args, "quiet", False) or not world.is_main
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
+    if args.func in _COMPUTE_COMMANDS:
+        from metagrad.training.malloc import keep_freed_memory
+
+        keep_freed_memory()  # reuse freed activations instead of faulting them in again every step
     try:
         return args.func(args)
     except MetagradError as exc:
