@@ -45,6 +45,7 @@ from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import DataError
 from metagrad.training import distributed, loop
 from metagrad.training.config import load_preset
+from metagrad.training.malloc import keep_freed_memory
 
 TARGET_2_PROCESSES = 1.8
 """The issue's target on a 2-core CPU: 2 processes of 1 thread against 1 process of 1 thread."""
@@ -66,6 +67,7 @@ def omniglot_train(data_dir: str | None) -> tuple[FewShotDataset, str]:
 
 def worker(args: argparse.Namespace) -> None:
     """Time the data-parallel step in this process; print one result line (every rank)."""
+    keep_freed_memory()  # as `metagrad train` does (METAGRAD_MALLOC=default turns it off)
     torch.set_num_threads(args.threads)
     config = load_preset(args.preset)
     data, meta = config.data, config.meta

@@ -12,10 +12,16 @@ and still reports metagrad's figures.
 Note what is timed: metagrad's iteration includes task sampling (from a random uint8 dataset); the
 baseline's does not (one fixed meta-batch of random tensors), as in the issue's measurements.
 
+The C allocator: ``metagrad bench`` keeps freed memory in the heap (``metagrad.training.malloc``), which
+learn2learn does not do out of the box. ``--l2l-malloc keep`` gives learn2learn the same setting through
+glibc's environment variables (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``), so that the two
+libraries' own work is compared; ``METAGRAD_MALLOC=default`` in the environment turns metagrad's off.
+
 Usage::
 
     python benchmarks/compare_learn2learn.py                      # configs a a-fo b c d, 3 rounds
     python benchmarks/compare_learn2learn.py --configs a c d --rounds 5 --iterations 20
+    python benchmarks/compare_learn2learn.py --configs d --l2l-malloc keep   # same allocator for both
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+"""glibc's environment spelling of what ``metagrad.training.malloc.keep_freed_memory`` sets."""
 sys.path.insert(0, str(HERE))
 from l2l_baseline import CONFIGS  # (the configs live beside the baseline; it needs no metagrad)
 
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                              "On a machine shared with other jobs, 1 thread is far steadier: 2 OpenMP threads "
                              "that must meet at every small operator slow down many-fold when cores are busy")
     parser.add_argument("--l2l-python", help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
+    parser.add_argument("--l2l-malloc", choices=("default", "keep"), default="default",
+                        help="learn2learn's C allocator: as it runs out of the box (default), or keeping freed "
+                             "memory as metagrad's commands do (glibc's MALLOC_MMAP_MAX_=0 "
+                             "MALLOC_TRIM_THRESHOLD_=2147483647)")
     parser.add_argument("--no-baseline", action="store_true", help="report metagrad alone")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default: 1800)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON result to this file")
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    l2l_env = {**env, **KEEP_FREED_MEMORY_ENV} if args.l2l_malloc == "keep" else env
+    metagrad_malloc = "default" if env.get("METAGRAD_MALLOC", "").strip().lower() == "default" else "keep"
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
     failures: list[str] = []
     for round_index in range(args.rounds):
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 command = l2l_command(l2l_python, config, args) if lib == "l2l" else metagrad_command(config, args)
                 try:
-                    run[lib] = run_json(command, args.timeout, env)
+                    run[lib] = run_json(command, args.timeout, l2l_env if lib == "l2l" else env)
                     if lib == "metagrad":
                         check_shapes(config, run[lib])
                 except RunFailed as exc:
@@ -218,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if loads and max(loads) > (os.cpu_count() or 1):
         print(f"Warning: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} CPUs during the "
               "runs: other jobs shared the cores, so absolute times are inflated (ratios less so).")
+    print(f"C allocator: learn2learn {args.l2l_malloc}, metagrad {metagrad_malloc} (keep = freed memory stays "
+          "in the heap; see --help)")
     print(f"Each cell: median of {args.rounds} interleaved rounds of {args.iterations} timed iterations; "
           "speed-up = median of same-round learn2learn/metagrad ratios; peak MB = max over rounds "
           "(RSS on CPU, max allocated on CUDA).")
@@ -226,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(summaries))
     report = {"machine": machine_line(mg_results), "device": args.device, "threads": args.threads,
+              "l2l_malloc": args.l2l_malloc, "metagrad_malloc": metagrad_malloc,
               "max_load": max(loads, default=None), "rounds": args.rounds,
               "iterations": args.iterations, "baseline_unavailable": unavailable, "summaries": summaries,
               "runs": runs, "failures": failures}

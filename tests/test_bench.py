@@ -73,3 +73,27 @@ def test_kernel_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(result["batch_norm_second_order"]) == 4
     assert {row["layout"] for row in result["conv_input_gradient"]} == {"ordinary", "grouped"}
     assert all(row["conv_transpose_channels_last_ms"] > 0 for row in result["conv_input_gradient"])
+
+
+@pytest.mark.parametrize("l2l_malloc", ["default", "keep"])
+def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], l2l_malloc: str) -> None:
+    compare = load_script("benchmarks/compare_learn2learn.py")
+    envs: dict[str, dict[str, str]] = {}
+
+    def fake_run(command: list[str], timeout: float, env: dict[str, str]) -> dict:
+        lib = "l2l" if "l2l_baseline.py" in " ".join(command) else "metagrad"
+        envs[lib] = env
+        return {"sec_per_iter": 2.0 if lib == "l2l" else 1.0, "peak_mem_mb": 100.0, "load_before": 0.0,
+                "threads": 1}
+
+    monkeypatch.delenv("METAGRAD_MALLOC", raising=False)
+    monkeypatch.setattr(compare, "setup_learn2learn", lambda python: ("l2l-python", None))
+    monkeypatch.setattr(compare, "run_json", fake_run)
+    monkeypatch.setattr(compare, "check_shapes", lambda config, result: None)
+    assert compare.main(["--configs", "c", "--rounds", "1", "--l2l-malloc", l2l_malloc]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["l2l_malloc"] == l2l_malloc and report["metagrad_malloc"] == "keep"
+    assert report["summaries"][0]["speedup"] == 2.0
+    assert "MALLOC_MMAP_MAX_" not in envs["metagrad"]  # metagrad sets its own, in-process
+    assert (envs["l2l"].get("MALLOC_MMAP_MAX_") == "0") == (l2l_malloc == "keep")
