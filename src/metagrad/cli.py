@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metagrad", formatter_class=_HelpFormatter,
         description="Gradient-based meta-learning (MAML, first-order MAML, ANIL) for few-shot vision.",
+        epilog="environment:\n"
+               "  METAGRAD_DATA    dataset folder when --data-dir is not given\n"
+               "  METAGRAD_CACHE   decoded-dataset cache when --cache-dir is not given\n"
+               "  METAGRAD_MALLOC  'default' stops train, eval and bench from keeping freed memory in the\n"
+               "                   heap (faster on CPU, some more peak memory; glibc only)",
     )
     parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")
