@@ -16,7 +16,8 @@ How the task dimension is folded in:
 * Linear layers keep (T, B, F) and run as one batched matrix product (``torch.baddbmm``).
 
 While every convolution weight is shared (ANIL's body), the images of all tasks instead go through one
-ordinary convolution as (T*B, C, H, W), and only BatchNorm sees the (B, T*C, H, W) layout.
+ordinary convolution as (B*T, C, H, W), ordered image-major (image b of every task, then image b + 1),
+so that the same memory viewed as (B, T*C, H, W) is BatchNorm's per-task layout without a copy.
 
 Only models whose structure is known are accepted (``plan_for``); anything else returns None and the
 caller falls back to vmap.
@@ -139,18 +140,19 @@ def task_batched_head(params: Params, features: Tensor) -> Tensor:
 
 
 def _shared_conv_block(h: Tensor, params: Params, step: _Step, tasks: int) -> Tensor:
-    # h: (T*B, C_in, H, W). Shared weights: one ordinary convolution over every task's images (faster on
-    # CPU than a grouped one), then (B, T*C, H', W') only for BatchNorm's per-task statistics.
+    # h: (B*T, C_in, H, W), image b*T + t = task t's image b. Shared weights: one ordinary convolution over
+    # every task's images (faster on CPU than a grouped one). In this image order the output, contiguous
+    # (B*T, C, H', W'), IS the (B, T*C, H', W') layout BatchNorm needs for per-task statistics: both
+    # reshapes below are views, no copies.
     p = step.prefix
     h = F.conv2d(h, params[p + "conv.weight"], params[p + "conv.bias"], stride=step.stride, padding=1)
     batch = h.shape[0] // tasks
     c, height, width = h.shape[1:]
-    h = h.view(tasks, batch, c, height, width).transpose(0, 1).reshape(batch, tasks * c, height, width)
+    h = h.view(batch, tasks * c, height, width)
     h = F.relu(_batch_norm(h, params[p + "norm.weight"], params[p + "norm.bias"], tasks, step.eps))
     if step.pool:
         h = F.max_pool2d(h, 2)
-    # (B, T*C, H'', W'') -> (T*B, C, H'', W'')
-    return h.view(batch, tasks, c, *h.shape[2:]).transpose(0, 1).reshape(tasks * batch, c, *h.shape[2:])
+    return h.reshape(batch * tasks, c, *h.shape[2:])  # (B*T, C, H'', W'')
 
 
 def task_batched_body(plan: BatchedPlan, params: Params, x: Tensor) -> Tensor:
@@ -159,11 +161,11 @@ def task_batched_body(plan: BatchedPlan, params: Params, x: Tensor) -> Tensor:
     h = x
     convs = [s for s in plan.steps if s.kind == "conv"]
     if convs and all(params[s.prefix + "conv.weight"].dim() == 4 for s in convs):
-        h = x.reshape(tasks * batch, *x.shape[2:])  # (T*B, C, H, W)
+        h = x.transpose(0, 1).reshape(batch * tasks, *x.shape[2:])  # (B*T, C, H, W): image b*T + t
         for step in convs:
             h = _shared_conv_block(h, params, step, tasks)
-        h = h.mean(dim=(2, 3)) if plan.steps[-1].kind == "spatial_mean" else h.flatten(1)  # (T*B, D)
-        return h.view(tasks, batch, -1)
+        h = h.mean(dim=(2, 3)) if plan.steps[-1].kind == "spatial_mean" else h.flatten(1)  # (B*T, D)
+        return h.view(batch, tasks, -1).transpose(0, 1)  # (T, B, D)
     if convs:
         # (T, B, C, H, W) -> (B, T*C, H, W): task t owns channels [t*C, (t+1)*C)
         h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
