@@ -6,8 +6,9 @@ there is free. A meta-training step allocates and frees the same large activatio
 so each one is faulted in page by page again, and the kernel zeroes every page: on config d (Mini-
 ImageNet, 75 query images of 32 x 84 x 84 floats, 68 MB per activation) ``fill_``, ReLU and BatchNorm
 ran at about 0.5 GB/s, bound by page faults. With ``mmap`` off and the trim threshold at its maximum, the
-heap grows to the step's peak once and later steps reuse it (measured: 12.5 -> 8.1 s per iteration on
-config d; peak RSS 10-15% higher there, from fragmentation; see docs/PERFORMANCE.md).
+heap grows to the step's peak over the first steps and later steps reuse it (measured on 2 idle cores,
+1 thread: config d 8.5-9.3 -> 5.5-5.9 s per iteration with peak RSS 10-20% higher, from fragmentation;
+configs a and c 10-15% faster at the same memory; see docs/PERFORMANCE.md).
 
 This is what glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` environment variables do; the
 ``metagrad train``, ``eval`` and ``bench`` commands call :func:`keep_freed_memory` on start-up. A library
