@@ -186,6 +186,9 @@ def test_signal_checkpoints_then_stops_and_resume_is_bit_identical(
 ) -> None:
     run_dir = tmp_path / "run"
     config = tiny_config(run_dir, **RESUME_OVERRIDES)
+    # Whatever was there before (Python's default_int_handler; SIG_IGN when the tests run as a
+    # background job of a non-interactive shell) must be back afterwards.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with monkeypatch.context() as mp:
         _crash_at(mp, 4, action=lambda: os.kill(os.getpid(), signum))
         expected = f"{signal.Signals(signum).name} received: stopped after iteration 4"
@@ -194,7 +197,7 @@ def test_signal_checkpoints_then_stops_and_resume_is_bit_identical(
     assert info.value.exit_code == 128 + signum
     assert "--resume --run-dir" in str(info.value)
     assert torch.load(run_dir / "latest.pt", weights_only=True)["iteration"] == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     run(config, resume=True, quiet=True)
     _assert_same_run(run_dir, reference_run)
 
