@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
-"""glibc's environment spelling of what ``metagrad.training.malloc.keep_freed_memory`` sets."""
 sys.path.insert(0, str(HERE))
 from l2l_baseline import CONFIGS  # (the configs live beside the baseline; it needs no metagrad)
+
+from metagrad.training import malloc
 
 SHAPE_KEYS = ("algorithm", "model", "ways", "shots", "query_shots", "meta_batch_size", "inner_steps",
               "first_order")
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    l2l_env = {**env, **KEEP_FREED_MEMORY_ENV} if args.l2l_malloc == "keep" else env
-    metagrad_malloc = "default" if env.get("METAGRAD_MALLOC", "").strip().lower() == "default" else "keep"
+    l2l_env = {**env, **malloc.GLIBC_ENV} if args.l2l_malloc == "keep" else env
+    metagrad_malloc = "keep" if malloc.requested() else "default"
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
     failures: list[str] = []
     for round_index in range(args.rounds):

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-import metagrad.cli as cli
+from metagrad import cli
 from metagrad.training import malloc
 
-
-def _glibc() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return hasattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "gnu_get_libc_version")
-    except OSError:
-        return False
-
-
-needs_glibc = pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's; this platform has another C library")
+needs_glibc = pytest.mark.skipif(malloc.glibc() is None, reason="mallopt is glibc's; this platform has another C library")
 
 # A "step" that allocates three 64 MB tensors and frees them, repeated; prints each step's page faults.
 _PROBE = """

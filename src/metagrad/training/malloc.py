@@ -5,12 +5,12 @@ and returns it with ``munmap`` when freed, and gives back the top of its heap on
 there is free. A meta-training step allocates and frees the same large activations every iteration,
 so each one is faulted in page by page again, and the kernel zeroes every page: on config d (Mini-
 ImageNet, 75 query images of 32 x 84 x 84 floats, 68 MB per activation) ``fill_``, ReLU and BatchNorm
-ran at about 0.5 GB/s, bound by page faults. With ``mmap`` off and the trim threshold at its maximum, the
+ran at about 0.5 GB/s, bound by page faults (over 700,000 per step). With ``mmap`` off and the trim threshold at its maximum, the
 heap grows to the step's peak over the first steps and later steps reuse it (measured on 2 idle cores,
 1 thread: config d 8.5-9.3 -> 5.5-5.9 s per iteration with peak RSS 10-20% higher, from fragmentation;
 configs a and c 10-15% faster at the same memory; see docs/PERFORMANCE.md).
 
-This is what glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` environment variables do; the
+This is what glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` environment variables do (``GLIBC_ENV``); the
 ``metagrad train``, ``eval`` and ``bench`` commands call :func:`keep_freed_memory` on start-up. A library
 user who wants it calls it once; importing metagrad changes nothing. ``METAGRAD_MALLOC=default`` in the
 environment turns it off for the commands.
@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 
-__all__ = ["ENV_VAR", "keep_freed_memory"]
+__all__ = ["ENV_VAR", "GLIBC_ENV", "glibc", "keep_freed_memory", "requested"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,26 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_MAX = 2**31 - 1  # mallopt takes an int
 
+GLIBC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_MAX)}
+"""The same setting in glibc's environment variables, for a process that does not call this module
+(``benchmarks/compare_learn2learn.py --l2l-malloc keep`` gives it to learn2learn)."""
+
+
+def requested() -> bool:
+    """False when ``METAGRAD_MALLOC=default`` asks to leave the C allocator alone."""
+    return os.environ.get(ENV_VAR, "").strip().lower() != "default"
+
+
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library if it is glibc (whose ``mallopt`` parameters are used here), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (no ``mmap`` per block, no trimming).
@@ -44,18 +64,13 @@ def keep_freed_memory() -> bool:
         True if the setting was applied; False elsewhere (not Linux, not glibc: musl has no
         ``mallopt``) or when ``METAGRAD_MALLOC=default``. Never raises.
     """
-    if os.environ.get(ENV_VAR, "").strip().lower() == "default":
+    if not requested():
         logger.debug("%s=default: the C allocator is left as it is", ENV_VAR)
         return False
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return False  # not glibc: its mallopt parameters may mean something else
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX) == 1
