@@ -25,6 +25,7 @@ from metagrad.bench import _random_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.training.config import load_preset
 from metagrad.training.loop import _build_model, resolve_device
+from metagrad.training.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="also profile memory (slower)")
     parser.add_argument("--trace", help="write a Chrome trace here")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as `metagrad bench` does (METAGRAD_MALLOC=default turns it off)
     if args.threads:
         torch.set_num_threads(args.threads)
 
