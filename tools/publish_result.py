@@ -26,17 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PAPERS = {
-    "omniglot-maml-5w1s": "98.7 +/- 0.4 (Finn et al. 2017, Table 1)",
-    "omniglot-maml-5w5s": "99.9 +/- 0.1 (Finn et al. 2017, Table 1)",
-    "omniglot-maml-20w1s": "95.8 +/- 0.3 (Finn et al. 2017, Table 1)",
-    "omniglot-maml-20w5s": "98.9 +/- 0.2 (Finn et al. 2017, Table 1)",
-    "omniglot-fomaml-5w1s": "98.3 +/- 0.5 (Nichol et al. 2018, Table 1)",
-    "omniglot-anil-20w1s": "96.2 +/- 0.5 (Raghu et al. 2020, Table 2, mean +/- std over 3 seeds)",
-    "omniglot-anil-20w5s": "98.0 +/- 0.3 (Raghu et al. 2020, Table 2, mean +/- std over 3 seeds)",
-    "omniglot-anil-5w1s": "none published (ANIL reports 20-way Omniglot only)",
-    "omniglot-anil-5w5s": "none published (ANIL reports 20-way Omniglot only)",
-}
+from metagrad.training.papers import PUBLISHED
 
 COPIED = ("config.json", "learning_curves.png", "best.pt")
 
@@ -80,7 +70,7 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
         "device": device,
         "sec_per_iter_median": median_sec_per_iter(run_dir / "metrics.jsonl"),
         "wall_time_s": evaluation.get("training_wall_time_s"),
-        "paper": paper or PAPERS.get(preset, "none given"),
+        "paper": paper or PUBLISHED.get(preset, "none given"),
         "command": command,
         "previous": previous,
     })
@@ -96,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="an evaluated and plotted run folder")
     parser.add_argument("--device", required=True, help="the hardware in words, as the table shows it")
     parser.add_argument("--command", required=True, help="the exact command that trained the run")
-    parser.add_argument("--paper", help="the published number (default: this preset's from PAPERS)")
+    parser.add_argument("--paper", help="the published number (default: the preset's, from "
+                                        "metagrad.training.papers.PUBLISHED)")
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     args = parser.parse_args(argv)
     target = publish(args.run_dir, args.results_dir, device=args.device, command=args.command, paper=args.paper)

@@ -278,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--output", metavar="PNG", help="output file (default: RUN_DIR/learning_curves.png)")
     plot.set_defaults(func=_cmd_plot)
 
-    results = commands.add_parser("results", formatter_class=_HelpFormatter,
-                                  help="Markdown table of run folders' test results")
+    results = commands.add_parser(
+        "results", formatter_class=_HelpFormatter, help="Markdown table of run folders' test results",
+        description="A Markdown table of run folders' test results (an unfinished run: its `metagrad eval`), "
+                    "with the published accuracy beside each run that trained a packaged preset unchanged "
+                    "(a run whose data, model or algorithm settings differ says which).")
     results.add_argument("paths", nargs="*", default=["runs"], metavar="PATH",
                          help="run folders, or folders of runs")
     results.set_defaults(func=_cmd_results)

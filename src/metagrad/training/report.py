@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from metagrad.errors import ConfigError
-from metagrad.training.config import resolve_config
+from metagrad.training.config import Config, resolve_config
 from metagrad.training.metrics import read_metrics
+from metagrad.training.papers import PUBLISHED, preset_differences, published_for
 
 __all__ = ["find_runs", "results_table"]
 
@@ -42,7 +43,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
     except ConfigError as exc:
         return {"run": run_dir.name, "preset": "?", "accuracy": f"(invalid config.json: {exc})",
                 "iterations": "", "wall": "", "device": ""}
-    row: dict[str, Any] = {"run": run_dir.name, "preset": config.preset}
+    row: dict[str, Any] = {"run": run_dir.name, "preset": config.preset, "paper": _paper(config)}
     results_path = run_dir / "results.json"
     if results_path.is_file():
         try:
@@ -54,7 +55,8 @@ def _row(run_dir: Path) -> dict[str, Any]:
                             else str(results["iterations"])),
                 wall=_duration(results["wall_time_s"]) if "wall_time_s" in results else "?",
                 device=results.get("device", "?"),
-                paper=results.get("paper", ""),  # published results (tools/publish_result.py) carry it
+                # published results (tools/publish_result.py) carry the number they were compared with
+                paper=results.get("paper") or row["paper"],
             )
         except (ValueError, KeyError, TypeError) as exc:  # a results.json made or edited by hand
             row.update(accuracy=f"(unreadable results.json: {type(exc).__name__} {exc})", iterations="",
@@ -85,6 +87,15 @@ def _row(run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _paper(config: Config) -> str:
+    number = published_for(config)
+    if number or not PUBLISHED.get(config.preset):
+        return number
+    differs = preset_differences(config)
+    names = ", ".join(differs[:3]) + (", ..." if len(differs) > 3 else "")
+    return f"n/a: not the preset ({names})"
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -102,12 +113,13 @@ def _duration(seconds: float) -> str:
 def results_table(run_dirs: list[Path]) -> str:
     """A Markdown table, one row per run: preset, test accuracy ± 95% CI, iterations, wall time, device.
 
-    When any run's results.json gives the published number (``paper``), a column shows it beside ours.
+    When any run gives a published number (its results.json's ``paper``, or its preset's from
+    :data:`metagrad.training.papers.PUBLISHED` if it trained the preset unchanged), a column shows it.
     """
     header = ["run", "preset", "test accuracy (%) ± 95% CI", "iterations", "wall time", "device"]
     keys = ["run", "preset", "accuracy", "iterations", "wall", "device"]
     rows = [_row(run_dir) for run_dir in run_dirs]
-    if any(row.get("paper") for row in rows):
+    if any(row.get("paper") and not row["paper"].startswith("n/a") for row in rows):
         header.insert(2, "paper (%)")
         keys.insert(2, "paper")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]

@@ -1,0 +1,75 @@
+"""The published accuracy each packaged preset reproduces, and whether a run still is that preset.
+
+``metagrad results`` shows the number beside a run's own when the run trained its preset as packaged
+(``tools/publish_result.py`` writes it into the published ``results.json`` too). A run whose data, model
+or algorithm settings differ from its preset's is another experiment: the paper's number does not
+apply to it, and the table says which setting differs instead.
+
+Example:
+    >>> from metagrad.training.config import load_preset
+    >>> published_for(load_preset("omniglot-maml-5w1s"))
+    '98.7 +/- 0.4 (Finn et al. 2017, Table 1)'
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from metagrad.errors import ConfigError
+from metagrad.training.config import Config, load_preset
+
+__all__ = ["PUBLISHED", "preset_differences", "published_for"]
+
+_FINN = "Finn et al. 2017, Table 1"
+_FINN_FO = 'Finn et al. 2017, Table 1, "MAML, first order approx."'
+_ANIL = "Raghu et al. 2020, Table 2, mean +/- std over 3 seeds"
+_ANIL_5WAY = "none published (ANIL reports 20-way Omniglot only)"
+
+PUBLISHED: dict[str, str] = {
+    "omniglot-maml-5w1s": f"98.7 +/- 0.4 ({_FINN})",
+    "omniglot-maml-5w5s": f"99.9 +/- 0.1 ({_FINN})",
+    "omniglot-maml-20w1s": f"95.8 +/- 0.3 ({_FINN})",
+    "omniglot-maml-20w5s": f"98.9 +/- 0.2 ({_FINN})",
+    "omniglot-fomaml-5w1s": "98.3 +/- 0.5 (Nichol et al. 2018, Table 1)",
+    "omniglot-fomaml-5w5s": f"99.2 +/- 0.2 ({_FINN_FO})",
+    "omniglot-fomaml-20w1s": f"89.4 +/- 0.5 ({_FINN_FO})",
+    "omniglot-fomaml-20w5s": f"97.9 +/- 0.1 ({_FINN_FO})",
+    "omniglot-anil-5w1s": _ANIL_5WAY,
+    "omniglot-anil-5w5s": _ANIL_5WAY,
+    "omniglot-anil-20w1s": f"96.2 +/- 0.5 ({_ANIL})",
+    "omniglot-anil-20w5s": f"98.0 +/- 0.3 ({_ANIL})",
+    "mini-imagenet-maml-5w1s": f"48.70 +/- 1.84 ({_FINN})",
+    "mini-imagenet-maml-5w5s": f"63.11 +/- 0.92 ({_FINN})",
+    "mini-imagenet-anil-5w1s": f"46.7 +/- 0.4 ({_ANIL})",
+    "mini-imagenet-anil-5w5s": f"61.5 +/- 0.5 ({_ANIL})",
+}
+"""Packaged preset -> the published test accuracy (%) it is set up to reproduce, with its source. The
+spreads are 95% confidence intervals except where the source says otherwise. Each preset's TOML quotes
+the same number in its header (a test keeps the two in step)."""
+
+_IRRELEVANT = {("data", "data_dir"), ("data", "cache_dir"), ("meta", "iterations"), ("meta", "vectorize"),
+               ("meta", "tasks_per_chunk")}
+"""Settings that do not make a run another experiment: where the data is, how far it trained (the table
+shows the iterations done), and how the same gradients are computed."""
+
+
+def preset_differences(config: Config) -> list[str]:
+    """The data, model and meta settings (``"meta.inner_lr"``, ...) in which ``config`` is not its preset.
+
+    Settings in ``_IRRELEVANT`` are not compared. Empty when ``config.preset`` is not a packaged preset.
+    """
+    try:
+        preset = load_preset(config.preset)
+    except ConfigError:
+        return []
+    ours, theirs = asdict(config), asdict(preset)
+    return [f"{section}.{key}" for section in ("data", "model", "meta") for key in theirs[section]
+            if (section, key) not in _IRRELEVANT and ours[section][key] != theirs[section][key]]
+
+
+def published_for(config: Config) -> str:
+    """The paper's number for a run of ``config``: ``PUBLISHED[preset]`` when the run's data, model and
+    meta settings are its preset's (apart from ``_IRRELEVANT``), else ``""`` (no packaged preset, no
+    number known, or another experiment: see :func:`preset_differences`)."""
+    number = PUBLISHED.get(config.preset, "")
+    return number if number and not preset_differences(config) else ""
