@@ -119,7 +119,7 @@ def results_table(run_dirs: list[Path]) -> str:
     header = ["run", "preset", "test accuracy (%) ± 95% CI", "iterations", "wall time", "device"]
     keys = ["run", "preset", "accuracy", "iterations", "wall", "device"]
     rows = [_row(run_dir) for run_dir in run_dirs]
-    if any(row.get("paper") and not row["paper"].startswith("n/a") for row in rows):
+    if any(row.get("paper") and not str(row["paper"]).startswith("n/a") for row in rows):
         header.insert(2, "paper (%)")
         keys.insert(2, "paper")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
