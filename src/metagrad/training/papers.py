@@ -13,10 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from metagrad.errors import ConfigError
-from metagrad.training.config import Config, load_preset
+from metagrad.training.config import Config, _flatten, config_to_dict, load_preset
 
 __all__ = ["PUBLISHED", "preset_differences", "published_for"]
 
@@ -47,8 +45,8 @@ PUBLISHED: dict[str, str] = {
 spreads are 95% confidence intervals except where the source says otherwise. Each preset's TOML quotes
 the same number in its header (a test keeps the two in step)."""
 
-_IRRELEVANT = {("data", "data_dir"), ("data", "cache_dir"), ("meta", "iterations"), ("meta", "vectorize"),
-               ("meta", "tasks_per_chunk")}
+_IRRELEVANT = frozenset({"data.data_dir", "data.cache_dir", "meta.iterations", "meta.vectorize",
+                         "meta.tasks_per_chunk"})
 """Settings that do not make a run another experiment: where the data is, how far it trained (the table
 shows the iterations done), and how the same gradients are computed."""
 
@@ -62,9 +60,9 @@ def preset_differences(config: Config) -> list[str]:
         preset = load_preset(config.preset)
     except ConfigError:
         return []
-    ours, theirs = asdict(config), asdict(preset)
-    return [f"{section}.{key}" for section in ("data", "model", "meta") for key in theirs[section]
-            if (section, key) not in _IRRELEVANT and ours[section][key] != theirs[section][key]]
+    ours, theirs = _flatten(config_to_dict(config)), _flatten(config_to_dict(preset))
+    return [key for key in theirs if key.split(".")[0] in ("data", "model", "meta")
+            and key not in _IRRELEVANT and ours[key] != theirs[key]]
 
 
 def published_for(config: Config) -> str:
