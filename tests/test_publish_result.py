@@ -61,3 +61,14 @@ def test_publish_refuses_a_run_without_its_curves(tmp_path: Path) -> None:
     (run / "learning_curves.png").unlink()
     with pytest.raises(SystemExit, match="metagrad plot"):
         _tool().publish(run, tmp_path / "results", device="d", command="c")
+
+
+def test_publish_drops_the_training_machines_data_folders(tmp_path: Path) -> None:
+    run = _run(tmp_path, 0.9, 10)
+    config = {"preset": "omniglot-maml-5w1s",
+              "data": {"dataset": "omniglot", "data_dir": "/home/trainer/data", "cache_dir": "/tmp/c", "ways": 5}}
+    (run / "config.json").write_text(json.dumps(config))
+    target = _tool().publish(run, tmp_path / "results", device="d", command="c")
+    published = json.loads((target / "config.json").read_text())
+    assert published["data"] == {"dataset": "omniglot", "data_dir": None, "cache_dir": None, "ways": 5}
+    assert published["preset"] == "omniglot-maml-5w1s"

@@ -5,6 +5,8 @@ Reads the run folder only (nothing is re-measured here): ``eval_best.json`` (wri
 ``learning_curves.png`` (``metagrad plot RUN``). Writes ``results/<preset>/results.json`` (the
 evaluation's fields, plus the paper's number, the exact command, the hardware in words and the median
 seconds per iteration from the training log), and copies the config, the curves and the checkpoint.
+The published config names no data or cache folder (``null``): those were paths on the machine that
+trained, so ``metagrad eval results/<preset> --data-dir DATA`` says where the data is on yours.
 The previous ``results.json`` of that preset, if any, is summarised in the new one's ``previous``.
 
 Usage::
@@ -29,6 +31,7 @@ from typing import Any
 from metagrad.training.papers import PUBLISHED
 
 COPIED = ("config.json", "learning_curves.png", "best.pt")
+MACHINE_PATHS = ("data_dir", "cache_dir")  # config's [data] folders, set to null when published
 
 
 def _read_json(path: Path) -> Any:
@@ -77,6 +80,10 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
     target.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copyfile(run_dir / name, target / name)
+    config = _read_json(run_dir / "config.json")
+    if isinstance(config.get("data"), dict):
+        config["data"].update(dict.fromkeys(MACHINE_PATHS))
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (target / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return target
 
