@@ -104,12 +104,12 @@ def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.
 
     with monkeypatch.context() as mp:
         mp.setattr(loop, "compute_meta_gradients", interrupt_at_3)
-        code, out, err = _main(capsys, "train", *TINY, "--iterations", "4", "--run-dir", str(run_dir))
+        code, _out, err = _main(capsys, "train", *TINY, "--iterations", "4", "--run-dir", str(run_dir))
     assert code == 130
     assert f"interrupted: SIGINT received: stopped after iteration 3 and saved {run_dir / 'latest.pt'}" in err
     assert "Traceback" not in err
 
-    code, out, err = _main(capsys, "train", "--resume", "--run-dir", str(run_dir), "--device", "cpu")
+    code, _out, err = _main(capsys, "train", "--resume", "--run-dir", str(run_dir), "--device", "cpu")
     assert code == 0, err
     assert "resuming" in err
     ours, theirs = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
@@ -123,7 +123,7 @@ def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.
 def test_config_file_then_flags(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture) -> None:
     file = tmp_path / "exp.toml"
     file.write_text('preset = "omniglot-anil-5w5s"\n[meta]\niterations = 2\ninner_lr = 0.3\n')
-    code, out, err = _main(capsys, "train", "--config", str(file), *TINY, "--inner-lr", "0.2",
+    code, _out, err = _main(capsys, "train", "--config", str(file), *TINY, "--inner-lr", "0.2",
                            "--run-dir", str(tmp_path / "run"))
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -133,8 +133,8 @@ def test_config_file_then_flags(tmp_path: Path, fake_data: None, capsys: pytest.
 
 
 BAD_TRAIN_ARGS = [
-    (["--preset", "omniglot-maml-5w3s"], "error: unknown preset 'omniglot-maml-5w3s'; valid presets: "
-                                         "mini-imagenet-anil-5w1s, "),
+    (["--preset", "omniglot-maml-5w3s"], ("error: unknown preset 'omniglot-maml-5w3s'; valid presets: "
+                                          "mini-imagenet-anil-5w1s, ")),
     (["--inner-lr", "0"], "error: meta.inner_lr (--inner-lr) must be positive, got 0.0"),
     (["--inner-lr", "-0.1"], "error: meta.inner_lr (--inner-lr) must be positive, got -0.1"),
     (["--meta-lr", "0"], "error: meta.meta_lr (--meta-lr) must be positive"),
@@ -164,14 +164,14 @@ def test_bad_configuration_exits_2_with_one_message(
     tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture, argv: list[str], message: str
 ) -> None:
     run_dir = tmp_path / "run"
-    code, out, err = _main(capsys, "train", "--device", "cpu", "--run-dir", str(run_dir), *argv)
+    code, _out, err = _main(capsys, "train", "--device", "cpu", "--run-dir", str(run_dir), *argv)
     assert code == 2
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
     assert not run_dir.exists()  # nothing written
 
 
 def test_resume_of_a_folder_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _main(capsys, "train", "--resume", "--run-dir", str(tmp_path))
+    code, _out, err = _main(capsys, "train", "--resume", "--run-dir", str(tmp_path))
     assert code == 2
     assert err == (f"error: no run to resume in {tmp_path} (it holds no config.json); start a new run with: "
                    f"metagrad train --run-dir {tmp_path}\n")
@@ -183,13 +183,13 @@ def test_resume_of_a_folder_without_a_run(tmp_path: Path, capsys: pytest.Capture
      ["eval"], ["eval", "x", "--checkpoint", "first"], ["data"], ["data", "info"]],
 )
 def test_command_line_errors_exit_2(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
-    code, out, err = _main(capsys, *argv)
+    code, _out, err = _main(capsys, *argv)
     assert code == 2
     assert "usage: metagrad" in err and "Traceback" not in err
 
 
 def test_help_documents_every_option_with_its_default(capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _main(capsys, "train", "--help")
+    code, out, _err = _main(capsys, "train", "--help")
     assert code == 0
     text = " ".join(out.split())
     for option in ("--preset", "--config", "--data-dir", "--run-dir", "--device", "--seed", "--ways",
@@ -255,21 +255,21 @@ def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     monkeypatch.setattr(datasets, "dataset_info", lambda name, **kw: calls.append((name, kw)) or info)
     monkeypatch.setattr(datasets, "download", lambda name, **kw: calls.append((name, kw)) or tmp_path / name)
 
-    code, out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", "D", "--cache-dir", "C",
+    code, out, _err = _main(capsys, "data", "info", "omniglot", "--data-dir", "D", "--cache-dir", "C",
                            "--json")
     assert code == 0 and calls[-1] == ("omniglot", {"data_dir": "D", "cache_dir": "C"})
     assert json.loads(out.splitlines()[-1]) == info
     assert "image_shape: 1 x 28 x 28" in out and "train: 1100 classes, 20 images per class" in out
-    code, out, err = _main(capsys, "data", "info", "omniglot")
+    code, out, _err = _main(capsys, "data", "info", "omniglot")
     assert code == 0 and not out.splitlines()[-1].startswith("{")
-    code, out, err = _main(capsys, "data", "download", "omniglot", "--data-dir", "D")
+    code, out, _err = _main(capsys, "data", "download", "omniglot", "--data-dir", "D")
     assert code == 0 and out == f"{tmp_path / 'omniglot'}\n" and calls[-1] == ("omniglot", {"data_dir": "D"})
 
 
 def test_data_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _main(capsys, "data", "info", "cifar", "--data-dir", str(tmp_path))
+    code, _out, err = _main(capsys, "data", "info", "cifar", "--data-dir", str(tmp_path))
     assert code == 2 and err.startswith("error: unknown dataset 'cifar'") and "Traceback" not in err
-    code, out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", str(tmp_path / "empty"))
+    code, _out, err = _main(capsys, "data", "info", "omniglot", "--data-dir", str(tmp_path / "empty"))
     assert code == 1 and err.startswith("error: ") and "Traceback" not in err
 
 
@@ -278,7 +278,7 @@ def test_bench_calls_run_bench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     fake = types.ModuleType("metagrad.bench")
     fake.run_bench = lambda config, **kwargs: calls.append((config, kwargs)) or {}
     monkeypatch.setitem(sys.modules, "metagrad.bench", fake)
-    code, out, err = _main(capsys, "bench", "--preset", "omniglot-anil-20w1s", "--iterations", "3",
+    code, _out, err = _main(capsys, "bench", "--preset", "omniglot-anil-20w1s", "--iterations", "3",
                            "--device", "cpu", "--json")
     assert code == 0, err
     (config, kwargs), = calls
@@ -292,17 +292,17 @@ def test_bench_calls_run_bench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
 
 def test_bench_without_its_module(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "metagrad.bench", None)  # makes the import fail
-    code, out, err = _main(capsys, "bench")
+    code, _out, err = _main(capsys, "bench")
     assert code == 1 and err == "error: metagrad bench is not available: this installation has no " \
                                 "metagrad.bench module\n"
 
 
 def test_python_dash_m_metagrad(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "metagrad", "train", "--preset", "nope", "--run-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "run")], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("error: unknown preset 'nope'; valid presets: ")
     assert "Traceback" not in done.stderr
-    done = subprocess.run([sys.executable, "-m", "metagrad", "--version"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-m", "metagrad", "--version"], check=False, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("metagrad ")

@@ -112,8 +112,8 @@ def test_adapt_keys_and_zero_steps() -> None:
     x, y = _task()
     head = ["classifier.weight", "classifier.bias"]
     adapted = adapt(model, params, {}, x, y, inner_lr=0.5, steps=2, keys=head)
-    for k in params:
-        assert (adapted[k] is params[k]) == (k not in head)
+    for k, value in params.items():
+        assert (adapted[k] is value) == (k not in head)
     same = adapt(model, params, {}, x, y, inner_lr=0.5, steps=0)
     assert same == params and same is not params
 

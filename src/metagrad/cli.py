@@ -45,8 +45,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--lr-schedule", "meta.lr_schedule", str, "outer learning-rate schedule: constant or cosine"),
     ("--iterations", "meta.iterations", int, "outer steps"),
     ("--tasks-per-chunk", "meta.tasks_per_chunk", int,
-     "tasks back-propagated together: 0 = automatic (all on GPU, cache-sized on CPU); "
-     "a small N lowers peak memory at some cost in speed"),
+     ("tasks back-propagated together: 0 = automatic (all on GPU, cache-sized on CPU); "
+      "a small N lowers peak memory at some cost in speed")),
     ("--seed", "run.seed", int, "seed of the model initialization and of every task stream"),
     ("--eval-every", "run.eval_every", int, "validate every this many iterations"),
     ("--eval-tasks", "run.eval_tasks", int, "validation tasks per evaluation"),

@@ -25,7 +25,7 @@ def accuracy(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (predictions == targets).sum().float() / targets.size(0)
 
 
-def fast_adapt(batch, learner, loss, adaptation_steps, shots, ways):  # noqa: ANN001, ANN201 (as in learn2learn)
+def fast_adapt(batch, learner, loss, adaptation_steps, shots, ways):  # untyped, as in learn2learn
     data, labels = batch
     # Separate data into adaptation/evaluation sets by even and odd positions, as learn2learn does.
     adaptation_indices = np.zeros(data.size(0), dtype=bool)

@@ -44,7 +44,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,9 @@ from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.metrics import MetricsWriter, mean_ci95
 from metagrad.training.progress import Progress
 from metagrad.types import Buffers, Params
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
 
 __all__ = [
     "TrainingInterrupted",
@@ -279,7 +282,7 @@ class _StopFlag:
         self._keep_handlers = keep_handlers
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -69,8 +69,9 @@ class MetricsWriter:
         self.jsonl_path = run_dir / JSONL_NAME
         self.csv_path = run_dir / CSV_NAME
         if offsets is None:
-            self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")
-            self._csv = open(self.csv_path, "w", encoding="utf-8", newline="")
+            # both stay open for the whole run (one row per iteration) and are closed by close()
+            self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115
+            self._csv = open(self.csv_path, "w", encoding="utf-8", newline="")  # noqa: SIM115
             self._csv.write(",".join(COLUMNS) + "\n")
             self._csv.flush()
         else:
@@ -106,7 +107,7 @@ def _open_truncated(path: Path, size: int) -> io.TextIOWrapper:
             f"{path} holds {max(actual, 0)} bytes but the checkpoint recorded {size}: the metrics were lost "
             f"or edited; restore the file or start a new run"
         )
-    handle = open(path, "r+", encoding="utf-8", newline="")
+    handle = open(path, "r+", encoding="utf-8", newline="")  # noqa: SIM115 (the writer keeps and closes it)
     handle.truncate(size)
     handle.seek(size)
     return handle

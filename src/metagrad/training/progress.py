@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
 
 __all__ = ["Progress"]
 
@@ -39,7 +42,7 @@ class Progress:
         self._bar: tqdm | None = None
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         if self.interactive:
             self._bar = self._stack.enter_context(
                 tqdm(total=self._total, initial=self._initial, desc="meta-train", unit="it",
