@@ -46,7 +46,7 @@ def test_unknown_dataset_lists_valid_names(call) -> None:
     ("kwargs", "message"),
     [
         ({"split": "val"}, r"unknown split 'val' for omniglot; valid splits: train, validation, test"),
-        ({"split_scheme": "random"}, r"split_scheme='random' is not valid; choose one of 'maml', 'vinyals'"),
+        ({"split_scheme": "random"}, r"split_scheme='random' is not valid; choose one of 'maml', 'vinyals', 'shuffled'"),
         ({"rotations": "yes"}, r"rotations='yes' is not valid; choose one of True, False"),
         ({"rotations": 1}, r"rotations=1 is not valid"),
         ({"ways": 5}, r"dataset 'omniglot' has no option 'ways'; its options: split_scheme, rotations"),

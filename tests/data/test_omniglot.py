@@ -277,7 +277,8 @@ def test_nothing_is_written_to_the_data_folder(small_omniglot: Path, tmp_path: P
 # ---------------------------------------------------------------------------------------------- splits
 
 
-@pytest.mark.parametrize(("scheme", "sizes"), [("maml", (1100, 100, 423)), ("vinyals", (1028, 172, 423))])
+@pytest.mark.parametrize(("scheme", "sizes"),
+                         [("maml", (1100, 100, 423)), ("vinyals", (1028, 172, 423)), ("shuffled", (1100, 100, 423))])
 def test_split_sizes_disjoint_and_complete(scheme: str, sizes: tuple[int, int, int]) -> None:
     splits = omniglot.split_classes(real_class_names(), scheme)
     assert tuple(len(splits[s]) for s in ("train", "validation", "test")) == sizes
@@ -291,6 +292,23 @@ def test_maml_split_boundaries() -> None:
     assert splits["train"] == list(range(1100))
     assert splits["validation"] == list(range(1100, 1200))
     assert splits["test"] == list(range(1200, 1623))
+
+
+def test_shuffled_split_mixes_the_alphabets_as_mamls_code_does() -> None:
+    names = real_class_names()
+    splits = omniglot.split_classes(names, "shuffled")
+    assert all(s == sorted(s) for s in splits.values())
+    # the fixed permutation, pinned: a change would silently make published runs another experiment
+    assert splits["test"][:3] == [15, 20, 21] and splits["validation"][:3] == [4, 7, 18]
+    assert names[15] == "Alphabet_of_the_Magi/character16"
+    alphabets = {split: {names[i].split("/")[0] for i in classes} for split, classes in splits.items()}
+    # unlike "maml" (test = 13 alphabets of images_evaluation, none seen in training), every test
+    # alphabet here also has characters in training, and the test mixes both archives
+    assert alphabets["test"] <= alphabets["train"] and len(alphabets["test"]) > 40
+    maml = omniglot.split_classes(names, "maml")
+    maml_alphabets = {split: {names[i].split("/")[0] for i in classes} for split, classes in maml.items()}
+    assert len(maml_alphabets["test"]) == 13 and not maml_alphabets["test"] & maml_alphabets["train"]
+    assert set(splits["test"]) != set(maml["test"])
 
 
 def test_vinyals_split_matches_the_published_lists() -> None:

@@ -125,7 +125,7 @@ BAD_OVERRIDES = [
     ({"data.shots": -1}, "data.shots .* must be positive, got -1"),
     ({"data.query_shots": 0}, "data.query_shots .* must be positive"),
     ({"data.dataset": "cifar"}, "unknown dataset 'cifar'; valid datasets: omniglot, mini-imagenet"),
-    ({"data.split_scheme": "random"}, "split_scheme 'random' is not one of omniglot's: maml, vinyals"),
+    ({"data.split_scheme": "random"}, "split_scheme 'random' is not one of omniglot's: maml, vinyals, shuffled"),
     ({"data.dataset": "mini-imagenet", "data.split_scheme": "ravi"}, "rotations applies to omniglot only"),
     ({"model.name": "resnet"}, "unknown model 'resnet'; valid models: omniglot-cnn"),
     ({"model.hidden_size": 0}, "model.hidden_size must be positive"),

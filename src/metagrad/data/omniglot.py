@@ -18,7 +18,14 @@ name, then character folders sorted by name (``Alphabet_of_the_Magi/character01`
 Split schemes (deterministic, independent of any random state):
 
 - ``"maml"``: classes [0, 1100) train, [1100, 1200) validation, [1200, 1623) test (Finn et al.'s
-  walkthrough, with the fixed order above instead of a seeded shuffle).
+  walkthrough, with the fixed order above instead of a seeded shuffle). The test classes are then
+  exactly Vinyals et al.'s 423 (below): 13 alphabets of ``images_evaluation``, none of them seen in
+  training (validation holds 3 alphabets, one of them shared with the test).
+- ``"shuffled"``: the same 1100 / 100 / 423 cut of the 1623 characters in a fixed random order
+  (``numpy.random.RandomState(1).permutation`` of the order above), as MAML's code does: it pools the
+  alphabets of both archives in one folder and shuffles the characters (``random.seed(1)`` over
+  ``os.listdir`` order, which no one can reproduce exactly) before cutting. Test characters then
+  come from alphabets that training has also seen, an easier test than ``"maml"``'s.
 - ``"vinyals"``: 1028 / 172 / 423 characters, the split of Vinyals et al. as published with the
   Prototypical Networks code (``splits/vinyals/{train,val,test}.txt``; torchmeta ships the same lists).
   In the order above it is: test = classes [1200, 1623) (the last 423 characters, from
@@ -66,7 +73,8 @@ OFFICIAL_MD5 = {
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 IMAGE_SIZE = 28  # pixels per side after resizing
-SPLIT_SCHEMES = ("maml", "vinyals")
+SPLIT_SCHEMES = ("maml", "vinyals", "shuffled")
+SHUFFLE_SEED = 1  # "shuffled": numpy.random.RandomState(SHUFFLE_SEED).permutation of the class order
 MAML_SPLITS = {"train": (0, 1100), "validation": (1100, 1200), "test": (1200, 1623)}  # [start, stop) classes
 VINYALS_TRAINVAL = 1200  # classes [0, 1200) are train + validation, the rest test
 VINYALS_VALIDATION_ALPHABETS = frozenset(
@@ -343,13 +351,16 @@ def split_classes(class_names: Sequence[str], scheme: str) -> dict[str, list[int
 
     Args:
         class_names: ``"Alphabet/characterNN"`` for all 1623 characters, in the documented order.
-        scheme: ``"maml"`` or ``"vinyals"`` (see the module docstring).
+        scheme: ``"maml"``, ``"vinyals"`` or ``"shuffled"`` (see the module docstring).
 
     Returns:
         ``{"train": [...], "validation": [...], "test": [...]}`` disjoint lists of class indices.
     """
     if scheme == "maml":
         return {split: list(range(start, stop)) for split, (start, stop) in MAML_SPLITS.items()}
+    if scheme == "shuffled":
+        order = np.random.RandomState(SHUFFLE_SEED).permutation(len(class_names)).tolist()
+        return {split: sorted(order[start:stop]) for split, (start, stop) in MAML_SPLITS.items()}
     if scheme == "vinyals":
         alphabets = [name.split("/")[0] for name in class_names]
         trainval = range(min(VINYALS_TRAINVAL, len(class_names)))

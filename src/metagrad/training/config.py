@@ -63,7 +63,7 @@ DEFAULT_PRESET = "omniglot-maml-5w1s"
 
 LR_SCHEDULES = ("constant", "cosine")
 
-SPLIT_SCHEMES = {"omniglot": ("maml", "vinyals"), "mini-imagenet": ("ravi",)}
+SPLIT_SCHEMES = {"omniglot": ("maml", "vinyals", "shuffled"), "mini-imagenet": ("ravi",)}
 """Class splits each dataset offers. Mini-ImageNet has one, Ravi & Larochelle's 64/16/20."""
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -80,7 +80,7 @@ class DataConfig:
     shots: int = 1  # K: support samples per class
     query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
     rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
-    split_scheme: str = "maml"  # Omniglot: "maml" (1100/100/423) or "vinyals"; Mini-ImageNet: "ravi"
+    split_scheme: str = "maml"  # Omniglot: "maml" (1100/100/423), "vinyals", "shuffled"; Mini-ImageNet: "ravi"
 
 
 @dataclass(frozen=True)
