@@ -218,14 +218,22 @@ def test_results_reads_hand_made_and_partial_results(tmp_path: Path, capsys: pyt
     import shutil
 
     shipped = Path(__file__).resolve().parents[1] / "results" / "omniglot-maml-5w1s"
+    config = json.loads((shipped / "config.json").read_text())
+    assert config["data"]["split_scheme"] == "maml"  # trained before the presets took the papers' split
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    shutil.copy(shipped / "config.json", heldout / "config.json")
+    (heldout / "results.json").write_text(json.dumps(
+        {"test_accuracy": 0.95, "test_ci95": 0.01, "iterations": 100, "iterations_planned": 60000}))
+    config["data"]["split_scheme"] = "shuffled"  # now the preset's own settings
     run = tmp_path / "partial"
     run.mkdir()
-    shutil.copy(shipped / "config.json", run / "config.json")
+    (run / "config.json").write_text(json.dumps(config))
     (run / "results.json").write_text(json.dumps(
         {"test_accuracy": 0.929, "test_ci95": 0.0104, "iterations": 2251, "iterations_planned": 60000}))
     broken = tmp_path / "broken"
     broken.mkdir()
-    shutil.copy(shipped / "config.json", broken / "config.json")
+    (broken / "config.json").write_text(json.dumps(config))
     (broken / "results.json").write_text("{not json")
     code, out, err = _main(capsys, "results", str(tmp_path))
     assert code == 0 and err == ""
@@ -233,6 +241,7 @@ def test_results_reads_hand_made_and_partial_results(tmp_path: Path, capsys: pyt
     assert out.splitlines()[0].startswith("| run | preset | paper (%) | test accuracy")
     assert f"| partial | omniglot-maml-5w1s | {finn} | 92.90 ± 1.04 | 2251/60000 | ? | ? |" in out
     assert f"| broken | omniglot-maml-5w1s | {finn} | (unreadable results.json: JSONDecodeError" in out
+    assert "| heldout | omniglot-maml-5w1s | n/a: not the preset (data.split_scheme) | 95.00 ± 1.00 |" in out
 
     # A published results.json keeps the number it was compared with.
     (run / "results.json").write_text(json.dumps(

@@ -338,9 +338,12 @@ def test_load_dataset_end_to_end(small_omniglot: Path, small_counts, tmp_path: P
     cache = tmp_path / "cache"
     train = load_dataset("omniglot", "train", data_dir=small_omniglot, cache_dir=cache, download=False)
     assert (train.name, train.split, train.images.shape) == ("omniglot", "train", (24, 20, 1, 28, 28))
-    test = load_dataset("omniglot", "test", data_dir=small_omniglot, cache_dir=cache, rotations=False)
+    test = load_dataset("omniglot", "test", data_dir=small_omniglot, cache_dir=cache, rotations=False,
+                        split_scheme="maml")
     assert test.images.shape == (2, 20, 1, 28, 28)
-    assert test.class_names == ["Tengwar/character01", "Tengwar/character02"]
+    assert test.class_names == ["Tengwar/character01", "Tengwar/character02"]  # the last two in sorted order
+    shuffled = load_dataset("omniglot", "test", data_dir=small_omniglot, cache_dir=cache, rotations=False)
+    assert shuffled.images.shape == (2, 20, 1, 28, 28) and shuffled.class_names != test.class_names
     info = dataset_info("omniglot", data_dir=small_omniglot, cache_dir=cache)
     assert info["splits"] == {"train": {"classes": 6, "images_per_class": 20},
                               "validation": {"classes": 2, "images_per_class": 20},

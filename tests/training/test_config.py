@@ -42,7 +42,7 @@ def test_preset_values_follow_the_papers(name: str) -> None:
     if name.startswith("omniglot"):
         ways, shots = (int(part) for part in name.split("-")[-1][:-1].split("w"))
         assert (data.dataset, data.ways, data.shots, data.query_shots) == ("omniglot", ways, shots, shots)
-        assert data.rotations and data.split_scheme == "maml"
+        assert data.rotations and data.split_scheme == "shuffled"  # the papers' protocol
         assert (model.name, model.hidden_size, model.strided) == ("omniglot-cnn", 64, True)
         batch, lr, steps = (32, 0.4, 1) if ways == 5 else (16, 0.1, 5)
         if algorithm == "anil":

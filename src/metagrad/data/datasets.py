@@ -163,8 +163,9 @@ def load_dataset(
         data_dir: folder holding ``omniglot/`` or ``mini-imagenet/``; see :func:`resolve_data_dir`.
         cache_dir: folder for decoded caches; see :func:`resolve_cache_dir`.
         download: fetch missing files when the dataset has an official download (Omniglot only).
-        **options: Omniglot: ``split_scheme="maml"`` (1100/100/423 characters), ``"vinyals"``
-            (1028/172/423) or ``"shuffled"`` (1100/100/423 of the characters in a fixed random order), and ``rotations=True`` (each 90-degree rotation is its own class: 4x the
+        **options: Omniglot: ``split_scheme="shuffled"`` (the default: 1100/100/423 of the characters in
+            a fixed random order, as MAML's code), ``"maml"`` (the same cut of the sorted order) or
+            ``"vinyals"`` (1028/172/423), and ``rotations=True`` (each 90-degree rotation is its own class: 4x the
             classes). Mini-ImageNet: ``split_scheme="ravi"`` (64/16/20, the only choice).
 
     Returns:

@@ -15,7 +15,8 @@ Class order (fixed): ``images_background`` then ``images_evaluation``; within ea
 name, then character folders sorted by name (``Alphabet_of_the_Magi/character01`` is class 0,
 ``ULOG/character26`` is class 1622). Drawings within a character are sorted by file name.
 
-Split schemes (deterministic, independent of any random state):
+Split schemes (deterministic, independent of any random state; ``"shuffled"`` is the default and the
+presets'):
 
 - ``"maml"``: classes [0, 1100) train, [1100, 1200) validation, [1200, 1623) test (Finn et al.'s
   walkthrough, with the fixed order above instead of a seeded shuffle). The test classes are then
@@ -390,7 +391,7 @@ def rotate(images: Tensor, class_names: Sequence[str]) -> tuple[Tensor, list[str
 
 
 def load_split(
-    root: Path, split: str, cache_dir: Path, *, split_scheme: str = "maml", rotations: bool = True,
+    root: Path, split: str, cache_dir: Path, *, split_scheme: str = "shuffled", rotations: bool = True,
     counts: Counts | None = None,
 ) -> tuple[Tensor, list[str]]:
     """One split as ``(images (classes, 20, 1, 28, 28) uint8, class_names)``; see the module docstring."""
@@ -402,7 +403,7 @@ def load_split(
     return images, names
 
 
-def info(root: Path, cache_dir: Path, *, split_scheme: str = "maml") -> dict:
+def info(root: Path, cache_dir: Path, *, split_scheme: str = "shuffled") -> dict:
     """Facts about the data under ``root`` from its file listing (nothing is decoded).
 
     Returns:

@@ -80,7 +80,7 @@ class DataConfig:
     shots: int = 1  # K: support samples per class
     query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
     rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
-    split_scheme: str = "maml"  # Omniglot: "maml" (1100/100/423), "vinyals", "shuffled"; Mini-ImageNet: "ravi"
+    split_scheme: str = "shuffled"  # Omniglot: "shuffled" or "maml" (1100/100/423), "vinyals"; Mini-ImageNet: "ravi"
 
 
 @dataclass(frozen=True)
