@@ -30,7 +30,7 @@ from typing import Any
 
 from metagrad.training.papers import PUBLISHED
 
-COPIED = ("config.json", "learning_curves.png", "best.pt")
+COPIED = ("learning_curves.png", "best.pt")
 MACHINE_PATHS = ("data_dir", "cache_dir")  # config's [data] folders, set to null when published
 
 
@@ -58,7 +58,7 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
     preset = evaluation.get("preset") or _read_json(run_dir / "config.json").get("preset")
     if not preset:
         raise SystemExit(f"error: {run_dir} names no preset; publish only runs of a packaged preset")
-    missing = [name for name in COPIED if not (run_dir / name).is_file()]
+    missing = [name for name in ("config.json", *COPIED) if not (run_dir / name).is_file()]
     if missing:
         raise SystemExit(f"error: {run_dir} lacks {', '.join(missing)} (`metagrad plot {run_dir}` draws the curves)")
     target = results_dir / preset

@@ -165,8 +165,8 @@ def load_dataset(
         download: fetch missing files when the dataset has an official download (Omniglot only).
         **options: Omniglot: ``split_scheme="shuffled"`` (the default: 1100/100/423 of the characters in
             a fixed random order, as MAML's code), ``"maml"`` (the same cut of the sorted order) or
-            ``"vinyals"`` (1028/172/423), and ``rotations=True`` (each 90-degree rotation is its own class: 4x the
-            classes). Mini-ImageNet: ``split_scheme="ravi"`` (64/16/20, the only choice).
+            ``"vinyals"`` (1028/172/423), and ``rotations=True`` (each 90-degree rotation is its own
+            class: 4x the classes). Mini-ImageNet: ``split_scheme="ravi"`` (64/16/20, the only choice).
 
     Returns:
         A :class:`FewShotDataset` with ``images`` (classes, images_per_class, C, H, W) uint8:

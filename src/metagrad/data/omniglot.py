@@ -75,6 +75,7 @@ OFFICIAL_MD5 = {
 }
 IMAGE_SIZE = 28  # pixels per side after resizing
 SPLIT_SCHEMES = ("maml", "vinyals", "shuffled")
+DEFAULT_SPLIT_SCHEME = "shuffled"  # the papers' protocol
 SHUFFLE_SEED = 1  # "shuffled": numpy.random.RandomState(SHUFFLE_SEED).permutation of the class order
 MAML_SPLITS = {"train": (0, 1100), "validation": (1100, 1200), "test": (1200, 1623)}  # [start, stop) classes
 VINYALS_TRAINVAL = 1200  # classes [0, 1200) are train + validation, the rest test
@@ -391,7 +392,7 @@ def rotate(images: Tensor, class_names: Sequence[str]) -> tuple[Tensor, list[str
 
 
 def load_split(
-    root: Path, split: str, cache_dir: Path, *, split_scheme: str = "shuffled", rotations: bool = True,
+    root: Path, split: str, cache_dir: Path, *, split_scheme: str = DEFAULT_SPLIT_SCHEME, rotations: bool = True,
     counts: Counts | None = None,
 ) -> tuple[Tensor, list[str]]:
     """One split as ``(images (classes, 20, 1, 28, 28) uint8, class_names)``; see the module docstring."""
@@ -403,7 +404,7 @@ def load_split(
     return images, names
 
 
-def info(root: Path, cache_dir: Path, *, split_scheme: str = "shuffled") -> dict:
+def info(root: Path, cache_dir: Path, *, split_scheme: str = DEFAULT_SPLIT_SCHEME) -> dict:
     """Facts about the data under ``root`` from its file listing (nothing is decoded).
 
     Returns:

@@ -91,7 +91,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
             state = torch.load(candidate, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
                 raise ValueError(f"not a metagrad checkpoint of format {FORMAT_VERSION}")
-        except Exception as exc:  # noqa: BLE001 (a truncated zip, a pickle refused by weights_only, garbage ...)
+        # any failure to read means "unreadable": a truncated zip, a pickle refused by weights_only, garbage
+        except Exception as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
             logger.warning("checkpoint %s is unreadable (%s)", candidate, reason)
             problems.append(f"{candidate} ({reason})")

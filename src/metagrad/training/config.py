@@ -63,8 +63,8 @@ DEFAULT_PRESET = "omniglot-maml-5w1s"
 
 LR_SCHEDULES = ("constant", "cosine")
 
-SPLIT_SCHEMES = {"omniglot": ("maml", "vinyals", "shuffled"), "mini-imagenet": ("ravi",)}
-"""Class splits each dataset offers. Mini-ImageNet has one, Ravi & Larochelle's 64/16/20."""
+SPLIT_SCHEMES = {name: spec.options["split_scheme"] for name, spec in DATASETS.items()}
+"""Class splits each dataset offers, as its loader declares them (Mini-ImageNet: Ravi & Larochelle's only)."""
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -80,7 +80,7 @@ class DataConfig:
     shots: int = 1  # K: support samples per class
     query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
     rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
-    split_scheme: str = "shuffled"  # Omniglot: "shuffled" or "maml" (1100/100/423), "vinyals"; Mini-ImageNet: "ravi"
+    split_scheme: str = "shuffled"  # Omniglot: "shuffled", "maml", "vinyals"; Mini-ImageNet: "ravi"
 
 
 @dataclass(frozen=True)
