@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = commands.add_parser(
         "results", formatter_class=_HelpFormatter, help="Markdown table of run folders' test results",
-        description="A Markdown table of run folders' test results (an unfinished run: its `metagrad eval`), "
-                    "with the published accuracy beside each run that trained a packaged preset unchanged "
-                    "(a run whose data, model or algorithm settings differ says which).")
+        description="A Markdown table of run folders' test results (an unfinished run: its `metagrad eval`): "
+                    "the split and the number of test tasks each accuracy was measured on, iterations, wall "
+                    "time, device, and the published accuracy beside each run that trained a packaged preset "
+                    "unchanged (a run whose data, model or algorithm settings differ says which).")
     results.add_argument("paths", nargs="*", default=["runs"], metavar="PATH",
                          help="run folders, or folders of runs")
     results.set_defaults(func=_cmd_results)

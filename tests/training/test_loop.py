@@ -328,7 +328,9 @@ def test_evaluating_an_interrupted_run_says_how_far_it_got(
     assert (evaluation["iterations"], evaluation["iterations_planned"]) == (5, 8)
     row = results_table(find_runs([tmp_path / "runs"])).splitlines()[-1]
     accuracy = f"{100 * evaluation['test_accuracy']:.2f} ± {100 * evaluation['test_ci95']:.2f}"
-    assert f"| stopped | {tiny_config(run_dir).preset} | {accuracy} (eval of best.pt, iteration {best}) | 5/8 |" in row
+    config = tiny_config(run_dir)
+    assert (f"| stopped | {config.preset} | {config.data.split_scheme} | {accuracy} (eval of best.pt, "
+            f"iteration {best}) | {evaluation['test_tasks']} | 5/8 |") in row
     assert not (run_dir / "results.json").exists()  # an evaluation is not the run's final result
 
 

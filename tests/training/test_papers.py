@@ -56,11 +56,12 @@ def test_a_config_of_no_packaged_preset_has_no_number() -> None:
     assert published_for(mine) == "" and preset_differences(mine) == []
 
 
-def _fake_run(folder: Path, config: dict) -> None:
+def _fake_run(folder: Path, config: dict, test_tasks: int = 600) -> None:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     (folder / "results.json").write_text(json.dumps(
-        {"test_accuracy": 0.9812, "test_ci95": 0.0043, "iterations": 500, "wall_time_s": 61.0, "device": "cpu"}
+        {"test_accuracy": 0.9812, "test_ci95": 0.0043, "test_tasks": test_tasks, "iterations": 500,
+         "wall_time_s": 61.0, "device": "cpu"}
     ), encoding="utf-8")
 
 
@@ -71,10 +72,25 @@ def test_results_table_shows_the_papers_number_beside_a_run_of_the_preset(tmp_pa
     changed["meta"]["inner_lr"] = 0.1
     _fake_run(tmp_path / "runs" / "changed", changed)
     lines = results_table(find_runs([tmp_path / "runs"])).splitlines()
-    assert lines[0].startswith("| run | preset | paper (%) | test accuracy")
-    assert lines[2].startswith("| as-packaged | omniglot-fomaml-5w1s | 98.3 +/- 0.5 (Nichol et al. 2018, "
-                               "Table 1) | 98.12 ± 0.43 | 500 |")
-    assert lines[3].startswith("| changed | omniglot-fomaml-5w1s | n/a: not the preset (meta.inner_lr) | 98.12")
+    assert lines[0].startswith("| run | preset | split | paper (%) | test accuracy (%) ± 95% CI | test tasks |")
+    assert lines[2].startswith("| as-packaged | omniglot-fomaml-5w1s | shuffled | 98.3 +/- 0.5 (Nichol et al. "
+                               "2018, Table 1) | 98.12 ± 0.43 | 600 | 500 |")
+    assert lines[3].startswith("| changed | omniglot-fomaml-5w1s | shuffled | n/a: not the preset (meta.inner_lr) "
+                               "| 98.12")
+
+
+def test_results_table_says_which_split_and_how_many_tasks_each_number_is_on(tmp_path: Path) -> None:
+    # The same preset tested on the held-out-alphabet split, or on 20 tasks, is not the same number.
+    config = config_to_dict(load_preset("omniglot-maml-5w1s"))
+    old_split = json.loads(json.dumps(config))
+    old_split["data"]["split_scheme"] = "maml"
+    _fake_run(tmp_path / "runs" / "a-maml-split", old_split)
+    _fake_run(tmp_path / "runs" / "b-few-tasks", config, test_tasks=20)
+    lines = results_table(find_runs([tmp_path / "runs"])).splitlines()
+    assert lines[2].startswith("| a-maml-split | omniglot-maml-5w1s | maml | n/a: not the preset "
+                               "(data.split_scheme) | 98.12 ± 0.43 | 600 |")
+    assert lines[3].startswith("| b-few-tasks | omniglot-maml-5w1s | shuffled | 98.7 +/- 0.4 (Finn et al. 2017, "
+                               "Table 1) | 98.12 ± 0.43 | 20 |")
 
 
 def test_results_table_has_no_paper_column_when_no_run_has_a_number(tmp_path: Path) -> None:

@@ -43,13 +43,16 @@ def _row(run_dir: Path) -> dict[str, Any]:
     except ConfigError as exc:
         return {"run": run_dir.name, "preset": "?", "accuracy": f"(invalid config.json: {exc})",
                 "iterations": "", "wall": "", "device": ""}
-    row: dict[str, Any] = {"run": run_dir.name, "preset": config.preset, "paper": _paper(config)}
+    # The split names the test classes: the same preset tested on another split is another number.
+    row: dict[str, Any] = {"run": run_dir.name, "preset": config.preset, "split": config.data.split_scheme,
+                           "paper": _paper(config)}
     results_path = run_dir / "results.json"
     if results_path.is_file():
         try:
             results = json.loads(results_path.read_text(encoding="utf-8"))
             row.update(
                 accuracy=f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}",
+                tasks=results.get("test_tasks", "?"),
                 iterations=(f"{results['iterations']}/{results['iterations_planned']}"  # a run stopped early
                             if results.get("iterations_planned", results["iterations"]) != results["iterations"]
                             else str(results["iterations"])),
@@ -76,6 +79,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
             row.update(
                 accuracy=(f"{100 * evaluation['test_accuracy']:.2f} ± {100 * evaluation['test_ci95']:.2f} "
                           f"(eval of best.pt, iteration {evaluation['checkpoint_iteration']})"),
+                tasks=evaluation.get("test_tasks", "?"),
                 device=config.run.device,
             )
             if evaluation.get("iterations") is not None:
@@ -111,17 +115,19 @@ def _duration(seconds: float) -> str:
 
 
 def results_table(run_dirs: list[Path]) -> str:
-    """A Markdown table, one row per run: preset, test accuracy ± 95% CI, iterations, wall time, device.
+    """A Markdown table, one row per run: preset, split, test accuracy ± 95% CI and the number of test
+    tasks it was measured on, iterations, wall time, device.
 
     When any run gives a published number (its results.json's ``paper``, or its preset's from
     :data:`metagrad.training.papers.PUBLISHED` if it trained the preset unchanged), a column shows it.
     """
-    header = ["run", "preset", "test accuracy (%) ± 95% CI", "iterations", "wall time", "device"]
-    keys = ["run", "preset", "accuracy", "iterations", "wall", "device"]
+    header = ["run", "preset", "split", "test accuracy (%) ± 95% CI", "test tasks", "iterations", "wall time",
+              "device"]
+    keys = ["run", "preset", "split", "accuracy", "tasks", "iterations", "wall", "device"]
     rows = [_row(run_dir) for run_dir in run_dirs]
     if any(row.get("paper") and not str(row["paper"]).startswith("n/a") for row in rows):
-        header.insert(2, "paper (%)")
-        keys.insert(2, "paper")
+        header.insert(3, "paper (%)")
+        keys.insert(3, "paper")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
