@@ -55,13 +55,15 @@ RESULT_PREFIX = "bench_distributed rank result: "
 
 
 def omniglot_train(data_dir: str | None) -> tuple[FewShotDataset, str]:
-    candidates = [data_dir, os.environ.get("METAGRAD_DATA"), str(Path(__file__).resolve().parents[2] / "shared" / "data")]
+    candidates = [data_dir, os.environ.get("METAGRAD_DATA"),
+                  str(Path(__file__).resolve().parents[2] / "shared" / "data")]
     for candidate in filter(None, candidates):
         try:
             return load_dataset("omniglot", "train", data_dir=candidate, download=False), candidate
         except DataError:
             continue
-    images = torch.randint(0, 256, OMNIGLOT_TRAIN_SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, OMNIGLOT_TRAIN_SHAPE, dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     return FewShotDataset("omniglot-random", "train", images), "random uint8 of the real shape"
 
 
@@ -91,7 +93,8 @@ def worker(args: argparse.Namespace) -> None:
             episode = sampler.sample(meta.meta_batch_size, generator)
             out, grad_sum = loop.compute_meta_gradients(model, params, {}, episode.slice(first, last), meta)
             scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
-                                                        torch.stack([out.task_losses, out.task_accs], 1), mine)
+                                                        torch.stack([out.task_losses, out.task_accs], 1),
+                                                        mine)
             scores.mean(dim=0).tolist()
             loop.apply_meta_update(optimizer, meta.meta_lr)
             distributed.any_rank(world, False)
@@ -113,7 +116,8 @@ def worker(args: argparse.Namespace) -> None:
 def measure(processes: int, args: argparse.Namespace) -> dict[str, Any]:
     """Run the worker as ``processes`` processes; tasks/s and CPU seconds per task over all of them."""
     script = [str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--device", args.device,
-              "--threads", str(args.threads), "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+              "--threads", str(args.threads), "--iterations", str(args.iterations),
+              "--warmup", str(args.warmup)]
     if args.data_dir:
         script += ["--data-dir", args.data_dir]
     launcher = [sys.executable]
@@ -162,7 +166,8 @@ def main() -> None:
     parser.add_argument("--preset", default="omniglot-maml-5w1s")
     parser.add_argument("--data-dir", default=None, help="folder holding omniglot/ (default: see above)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
-    parser.add_argument("--processes", default="1,2", help="process counts to compare; the first is the baseline")
+    parser.add_argument("--processes", default="1,2",
+                        help="process counts to compare; the first is the baseline")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--iterations", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")

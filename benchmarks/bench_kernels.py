@@ -102,7 +102,8 @@ class _FusedBatchNormBackward(torch.autograd.Function):
 
 
 class FusedBatchNorm(torch.autograd.Function):
-    """``F.batch_norm(x, None, None, gamma, beta, training=True, eps=eps)`` on (N, C, H, W), to second order."""
+    """``F.batch_norm(x, None, None, gamma, beta, training=True, eps=eps)`` on (N, C, H, W), to second
+    order."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
@@ -135,7 +136,8 @@ def _second_order(bn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, gam
     return torch.autograd.grad(outer, (x, gamma, beta))
 
 
-def _bn_inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+def _bn_inputs(shape: tuple[int, ...], dtype: torch.dtype,
+               seed: int = 0) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     x = torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
@@ -158,7 +160,8 @@ def check_fused_bn() -> float:
 
 
 def _time(fn: Callable[[], Any], iterations: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean milliseconds per call over ``iterations`` calls (after one warm-up)."""
+    """Median over ``repeats`` of the mean milliseconds per call over ``iterations`` calls (after one
+    warm-up)."""
     fn()
     runs = []
     for _ in range(repeats):
@@ -213,15 +216,16 @@ def bench_conv_input_grad(iterations: int, repeats: int) -> list[dict[str, Any]]
             reference = torch.nn.grad.conv2d_input(x.shape, w, go, stride=2, padding=1, groups=groups)
             got = F.conv_transpose2d(go_cl, w_cl, stride=2, padding=1, output_padding=pad, groups=groups)
             if not torch.allclose(got, reference, rtol=1e-4, atol=1e-3):
-                raise AssertionError("conv_transpose2d on channels-last is not the convolution's input gradient")
+                raise AssertionError("conv_transpose2d on channels-last is not the convolution's input "
+                                     "gradient")
             calls = {
                 "forward_ms": partial(F.conv2d, x, w, stride=2, padding=1, groups=groups),
                 "backward_data_ms": partial(torch.nn.grad.conv2d_input, x.shape, w, go, stride=2, padding=1,
                                             groups=groups),
-                "conv_transpose_ms": partial(F.conv_transpose2d, go, w, stride=2, padding=1, output_padding=pad,
-                                             groups=groups),
-                "conv_transpose_channels_last_ms": partial(F.conv_transpose2d, go_cl, w_cl, stride=2, padding=1,
-                                                           output_padding=pad, groups=groups),
+                "conv_transpose_ms": partial(F.conv_transpose2d, go, w, stride=2, padding=1,
+                                             output_padding=pad, groups=groups),
+                "conv_transpose_channels_last_ms": partial(F.conv_transpose2d, go_cl, w_cl, stride=2,
+                                                           padding=1, output_padding=pad, groups=groups),
             }
             row: dict[str, Any] = {"map": size, "layout": layout, "images": tasks * batch}
             row.update({name: round(_time(call, iterations, repeats), 3) for name, call in calls.items()})
@@ -254,11 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = f"  compiled {row['fused_compiled_ms']:7.2f}" if "fused_compiled_ms" in row else ""
         if row.get("compile_s", 0) >= 0.1:
             extra += f" (first call compiles: {row['compile_s']} s)"
-        print(f"  {tuple(row['shape'])!s:18} ATen {row['aten_ms']:7.2f}  fused eager {row['fused_eager_ms']:7.2f}{extra}")
+        print(f"  {tuple(row['shape'])!s:18} ATen {row['aten_ms']:7.2f}  "
+              f"fused eager {row['fused_eager_ms']:7.2f}{extra}")
     print("\nStride-2 3x3 convolution, 64 -> 64 channels, input gradient, ms:")
     for row in result["conv_input_gradient"]:
         print(f"  {row['map']:2d}x{row['map']:<2d} {row['layout']:8}  forward {row['forward_ms']:6.2f}  "
-              f"backward-data {row['backward_data_ms']:6.2f}  conv_transpose2d {row['conv_transpose_ms']:6.2f}  "
+              f"backward-data {row['backward_data_ms']:6.2f}  "
+              f"conv_transpose2d {row['conv_transpose_ms']:6.2f}  "
               f"channels-last {row['conv_transpose_channels_last_ms']:6.2f}")
     return 0
 

@@ -76,7 +76,8 @@ def run_one(config: str, strategy: str, *, iterations: int, warmup: int, threads
 
     step = make_step(config, strategy, threads=threads)
     times = [step() for _ in range(warmup + iterations)][warmup:]
-    return {"config": config, "strategy": strategy, "threads": threads, "sec_per_iter": statistics.median(times),
+    return {"config": config, "strategy": strategy, "threads": threads,
+            "sec_per_iter": statistics.median(times),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}
 
@@ -94,7 +95,8 @@ def run_interleaved(config: str, strategies: list[str], *, iterations: int, warm
             if i >= warmup:
                 times[s].append(elapsed)
     base = strategies[0]
-    out: dict[str, Any] = {"config": config, "threads": threads, "mode": "interleaved", "iterations": iterations}
+    out: dict[str, Any] = {"config": config, "threads": threads, "mode": "interleaved",
+                           "iterations": iterations}
     for s in strategies:
         out[f"{s}_sec_per_iter"] = statistics.median(times[s])
         out[f"{s}_speedup_vs_{base}"] = statistics.median(b / t for b, t in zip(times[base], times[s]))
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--interleaved", action="store_true",
-                        help="one process per config, strategies alternating every iteration (no per-run RSS)")
+                        help="one process per config, strategies alternating every iteration "
+                             "(no per-run RSS)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "STRATEGY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

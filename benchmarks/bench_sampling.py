@@ -25,10 +25,12 @@ OMNIGLOT_TRAIN_SHAPE = (4400, 20, 1, 28, 28)  # 1100 characters x 4 rotations
 
 
 def omniglot_train(data_dir: str | None, cache_dir: str | None) -> tuple[FewShotDataset, str]:
-    candidates = [data_dir, os.environ.get("METAGRAD_DATA"), str(Path(__file__).resolve().parents[2] / "shared" / "data")]
+    candidates = [data_dir, os.environ.get("METAGRAD_DATA"),
+                  str(Path(__file__).resolve().parents[2] / "shared" / "data")]
     for candidate in filter(None, candidates):
         try:
-            return load_dataset("omniglot", "train", data_dir=candidate, cache_dir=cache_dir, download=False), candidate
+            return load_dataset("omniglot", "train", data_dir=candidate, cache_dir=cache_dir,
+                                download=False), candidate
         except DataError:
             continue
     g = torch.Generator().manual_seed(0)
@@ -46,7 +48,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--query-shots", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=200, help="timed meta-batches (after 10 warm-up ones)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

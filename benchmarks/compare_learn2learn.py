@@ -176,16 +176,19 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"configs to run, from {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per run (default: 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="learn2learn's untimed iterations (metagrad: 3)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="learn2learn's untimed iterations (metagrad: 3)")
     parser.add_argument("--device", default="cpu", help="device for both libraries (default: cpu)")
     parser.add_argument("--threads", type=int,
-                        help="intra-op threads for both libraries (OMP_NUM_THREADS; default: torch's choice). "
-                             "On a machine shared with other jobs, 1 thread is far steadier: 2 OpenMP threads "
-                             "that must meet at every small operator slow down many-fold when cores are busy")
-    parser.add_argument("--l2l-python", help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
+                        help="intra-op threads for both libraries (OMP_NUM_THREADS; default: torch's "
+                             "choice). On a machine shared with other jobs, 1 thread is far steadier: 2 "
+                             "OpenMP threads that must meet at every small operator slow down many-fold "
+                             "when cores are busy")
+    parser.add_argument("--l2l-python",
+                        help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
     parser.add_argument("--l2l-malloc", choices=("default", "keep"), default="default",
-                        help="learn2learn's C allocator: as it runs out of the box (default), or keeping freed "
-                             "memory as metagrad's commands do (glibc's MALLOC_MMAP_MAX_=0 "
+                        help="learn2learn's C allocator: as it runs out of the box (default), or "
+                             "keeping freed memory as metagrad's commands do (glibc's MALLOC_MMAP_MAX_=0 "
                              "MALLOC_TRIM_THRESHOLD_=2147483647)")
     parser.add_argument("--no-baseline", action="store_true", help="report metagrad alone")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default: 1800)")
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             for lib in libraries:
                 if lib == "l2l" and l2l_python is None:
                     continue
-                command = l2l_command(l2l_python, config, args) if lib == "l2l" else metagrad_command(config, args)
+                command = (l2l_command(l2l_python, config, args) if lib == "l2l"
+                           else metagrad_command(config, args))
                 try:
                     run[lib] = run_json(command, args.timeout, l2l_env if lib == "l2l" else env)
                     if lib == "metagrad":
@@ -227,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
 
     summaries = [summarize(config, runs[config]) for config in args.configs]
     mg_results = [r.get("metagrad") for rs in runs.values() for r in rs]
-    loads = [r[lib]["load_before"] for rs in runs.values() for r in rs for lib in ("l2l", "metagrad") if lib in r]
+    loads = [r[lib]["load_before"] for rs in runs.values() for r in rs for lib in ("l2l", "metagrad")
+             if lib in r]
     print(f"\nMachine: {machine_line(mg_results)}, {_threads(mg_results)} threads")
     if loads and max(loads) > (os.cpu_count() or 1):
-        print(f"Warning: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} CPUs during the "
-              "runs: other jobs shared the cores, so absolute times are inflated (ratios less so).")
-    print(f"C allocator: learn2learn {args.l2l_malloc}, metagrad {metagrad_malloc} (keep = freed memory stays "
-          "in the heap; see --help)")
+        print(f"Warning: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} CPUs "
+              "during the runs: other jobs shared the cores, so absolute times are inflated "
+              "(ratios less so).")
+    print(f"C allocator: learn2learn {args.l2l_malloc}, metagrad {metagrad_malloc} "
+          "(keep = freed memory stays in the heap; see --help)")
     print(f"Each cell: median of {args.rounds} interleaved rounds of {args.iterations} timed iterations; "
           "speed-up = median of same-round learn2learn/metagrad ratios; peak MB = max over rounds "
           "(RSS on CPU, max allocated on CUDA).")

@@ -133,7 +133,8 @@ def _build(l2l: types.SimpleNamespace, cfg: dict[str, Any]) -> torch.nn.Module:
 
 
 def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.device):
-    """Returns ``step(support_x, support_y, query_x, query_y)``: one meta-training iteration as the examples do."""
+    """Returns ``step(support_x, support_y, query_x, query_y)``: one meta-training iteration as the
+    examples do."""
     model = _build(l2l, cfg).to(device)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="mean")
     steps, meta_batch_size = cfg["inner_steps"], cfg["meta_batch_size"]
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"library": "learn2learn", "version": l2l.version, "ok": True}))
         return 0
     for config in args.config or list(CONFIGS):
-        result = run(config, iterations=args.iterations, warmup=args.warmup, device=args.device, seed=args.seed)
+        result = run(config, iterations=args.iterations, warmup=args.warmup, device=args.device,
+                     seed=args.seed)
         print(json.dumps(result), flush=True)
     return 0
 

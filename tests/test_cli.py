@@ -78,14 +78,14 @@ def test_train_eval_plot_results_end_to_end(
     assert code == 0, err
     lines = out.splitlines()
     # The published number stands beside a run of the preset as packaged; the tiny run is not one.
-    assert lines[0] == ("| run | preset | split | paper (%) | test accuracy (%) ± 95% CI | test tasks | iterations "
-                        "| wall time | device |")
+    assert lines[0] == ("| run | preset | split | paper (%) | test accuracy (%) ± 95% CI | test tasks "
+                        "| iterations | wall time | device |")
     acc = f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}"
     assert lines[2].startswith(f"| first | omniglot-maml-5w1s | {config['data']['split_scheme']} | "
                                "n/a: not the preset (data.ways, ")
     assert f" | {acc} | 6 | 3 | " in lines[2] and lines[2].endswith(" | cpu |")
-    assert lines[3] == ("| second | omniglot-anil-5w1s | shuffled | none published (ANIL reports 20-way Omniglot "
-                        "only) | (not tested) |  | 0/60000 |  |  |")
+    assert lines[3] == ("| second | omniglot-anil-5w1s | shuffled | none published (ANIL reports 20-way "
+                        "Omniglot only) | (not tested) |  | 0/60000 |  |  |")
 
 
 def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture,
@@ -242,17 +242,20 @@ def test_results_reads_hand_made_and_partial_results(tmp_path: Path, capsys: pyt
     finn = "98.7 +/- 0.4 (Finn et al. 2017, Table 1)"  # the preset's number: both configs are the preset's
     assert out.splitlines()[0].startswith("| run | preset | split | paper (%) | test accuracy")
     # A hand-made results.json that does not say how many test tasks: "?", not a guess.
-    assert f"| partial | omniglot-maml-5w1s | shuffled | {finn} | 92.90 ± 1.04 | ? | 2251/60000 | ? | ? |" in out
-    assert f"| broken | omniglot-maml-5w1s | shuffled | {finn} | (unreadable results.json: JSONDecodeError" in out
-    assert ("| heldout | omniglot-maml-5w1s | maml | n/a: not the preset (data.split_scheme) | 95.00 ± 1.00 | ? |"
+    assert (f"| partial | omniglot-maml-5w1s | shuffled | {finn} | 92.90 ± 1.04 | ? | 2251/60000 | ? | ? |"
             in out)
+    assert (f"| broken | omniglot-maml-5w1s | shuffled | {finn} | (unreadable results.json: JSONDecodeError"
+            in out)
+    assert ("| heldout | omniglot-maml-5w1s | maml | n/a: not the preset (data.split_scheme) "
+            "| 95.00 ± 1.00 | ? |" in out)
 
     # A published results.json keeps the number it was compared with.
     (run / "results.json").write_text(json.dumps(
         {"test_accuracy": 0.929, "test_ci95": 0.0104, "iterations": 2251, "iterations_planned": 60000,
          "paper": "98.7 (as quoted when published)"}))
     code, out, err = _main(capsys, "results", str(tmp_path))
-    assert "| partial | omniglot-maml-5w1s | shuffled | 98.7 (as quoted when published) | 92.90 ± 1.04 |" in out
+    assert ("| partial | omniglot-maml-5w1s | shuffled | 98.7 (as quoted when published) | 92.90 ± 1.04 |"
+            in out)
 
 
 def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,

@@ -21,8 +21,10 @@ def _run(tmp_path: Path, accuracy: float, iterations: int) -> Path:
                   "iterations": iterations, "training_wall_time_s": 123.0, "status": "partial"}
     (run / "eval_best.json").write_text(json.dumps(evaluation))
     (run / "config.json").write_text(json.dumps({"preset": "omniglot-maml-5w1s"}))
-    rows = [{"step": 1, "split": "train", "sec_per_iter": 3.0}, {"step": 2, "split": "train", "sec_per_iter": 1.0},
-            {"step": 2, "split": "validation", "sec_per_iter": None}, {"step": 3, "split": "train", "sec_per_iter": 2.0}]
+    rows = [{"step": 1, "split": "train", "sec_per_iter": 3.0},
+            {"step": 2, "split": "train", "sec_per_iter": 1.0},
+            {"step": 2, "split": "validation", "sec_per_iter": None},
+            {"step": 3, "split": "train", "sec_per_iter": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "best.pt").write_bytes(b"checkpoint")
     (run / "learning_curves.png").write_bytes(b"png")
@@ -66,7 +68,8 @@ def test_publish_refuses_a_run_without_its_curves(tmp_path: Path) -> None:
 def test_publish_drops_the_training_machines_data_folders(tmp_path: Path) -> None:
     run = _run(tmp_path, 0.9, 10)
     config = {"preset": "omniglot-maml-5w1s",
-              "data": {"dataset": "omniglot", "data_dir": "/home/trainer/data", "cache_dir": "/tmp/c", "ways": 5}}
+              "data": {"dataset": "omniglot", "data_dir": "/home/trainer/data", "cache_dir": "/tmp/c",
+                       "ways": 5}}
     (run / "config.json").write_text(json.dumps(config))
     target = _tool().publish(run, tmp_path / "results", device="d", command="c")
     published = json.loads((target / "config.json").read_text())

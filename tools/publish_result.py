@@ -15,7 +15,8 @@ Usage::
     metagrad plot runs/omniglot-maml-5w1s-cpu
     python tools/publish_result.py runs/omniglot-maml-5w1s-cpu \\
         --device "cpu: 2-core AMD EPYC (KVM), 1 thread" \\
-        --command "metagrad train --preset omniglot-maml-5w1s --data-dir DATA --run-dir runs/omniglot-maml-5w1s-cpu"
+        --command \\
+        "metagrad train --preset omniglot-maml-5w1s --data-dir DATA --run-dir runs/omniglot-maml-5w1s-cpu"
 """
 
 from __future__ import annotations
@@ -60,14 +61,16 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
         raise SystemExit(f"error: {run_dir} names no preset; publish only runs of a packaged preset")
     missing = [name for name in ("config.json", *COPIED) if not (run_dir / name).is_file()]
     if missing:
-        raise SystemExit(f"error: {run_dir} lacks {', '.join(missing)} (`metagrad plot {run_dir}` draws the curves)")
+        raise SystemExit(f"error: {run_dir} lacks {', '.join(missing)} "
+                         f"(`metagrad plot {run_dir}` draws the curves)")
     target = results_dir / preset
     old = target / "results.json"
     previous = None
     if old.is_file():
         before = json.loads(old.read_text(encoding="utf-8"))
         previous = (f"replaces {before['test_accuracy'] * 100:.2f} +/- {before['test_ci95'] * 100:.2f} after "
-                    f"{before.get('iterations', '?')} iterations on {before.get('device', '?')}; see git history")
+                    f"{before.get('iterations', '?')} iterations on {before.get('device', '?')}; "
+                    "see git history")
     result = dict(evaluation)
     result.update({
         "device": device,
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "metagrad.training.papers.PUBLISHED)")
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     args = parser.parse_args(argv)
-    target = publish(args.run_dir, args.results_dir, device=args.device, command=args.command, paper=args.paper)
+    target = publish(args.run_dir, args.results_dir, device=args.device, command=args.command,
+                     paper=args.paper)
     print(f"wrote {target}", file=sys.stderr)
     return 0
 

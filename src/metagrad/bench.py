@@ -159,7 +159,8 @@ def run_bench(
         episode = sampler.sample(meta.meta_batch_size, generator)
         meta_train_step(
             meta.algorithm, model, optimizer, episode, inner_lr=meta.inner_lr, inner_steps=meta.inner_steps,
-            first_order=meta.first_order, vectorize=vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
+            first_order=meta.first_order, vectorize=vectorize,
+            max_tasks_per_chunk=meta.tasks_per_chunk or None,
         )
 
     times = []
@@ -201,7 +202,8 @@ def run_bench(
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
-        "load_avg": os.getloadavg()[0],  # above the CPU count: other jobs shared the cores, times are inflated
+        # above the CPU count: other jobs shared the cores, times are inflated
+        "load_avg": os.getloadavg()[0],
         "torch": torch.__version__,
         "metagrad": metagrad.__version__,
         "iterations": iterations,

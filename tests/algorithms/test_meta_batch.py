@@ -164,7 +164,8 @@ def test_strategy_choice() -> None:
     model, params, _ = _setup("omniglot-cnn")
     assert strategy_for("maml", model, params, {}) == "batched"
     assert strategy_for("anil", model, params, {}, vectorize=False) == "loop"
-    assert strategy_for("maml", model, {k: v for k, v in params.items() if k != "classifier.bias"}, {}) == "vmap"
+    assert strategy_for("maml", model, {k: v for k, v in params.items() if k != "classifier.bias"},
+                        {}) == "vmap"
     assert strategy_for("maml", model, params, {"running_mean": torch.zeros(1)}) == "vmap"
     other = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     assert strategy_for("maml", other, dict(other.named_parameters()), {}) == "vmap"

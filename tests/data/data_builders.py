@@ -1,5 +1,6 @@
 """Builders for small data sets in the real on-disk formats (official Omniglot zips and folders,
-learn2learn's Mini-ImageNet pickles, Ravi & Larochelle's CSVs with a JPEG folder), and the real-data locator."""
+learn2learn's Mini-ImageNet pickles, Ravi & Larochelle's CSVs with a JPEG folder), and the real-data
+locator."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from metagrad.data import miniimagenet, omniglot
 def _real_data_dir() -> Path | None:
     """``real_data_dir()`` of tests/conftest.py. Every conftest module is named ``conftest``, so a plain
     import could pick the wrong one: load that file by path instead."""
-    spec = importlib.util.spec_from_file_location("_metagrad_root_conftest", Path(__file__).parents[1] / "conftest.py")
+    spec = importlib.util.spec_from_file_location("_metagrad_root_conftest",
+                                                  Path(__file__).parents[1] / "conftest.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -120,7 +122,8 @@ def mini_image(label: int, index: int) -> np.ndarray:
 
 
 def mini_pickle_payload(split: str, counts: miniimagenet.Counts = SMALL_MINI_COUNTS) -> dict:
-    """learn2learn's layout: images of all classes interleaved in ``image_data``, indices in ``class_dict``."""
+    """learn2learn's layout: images of all classes interleaved in ``image_data``, indices in
+    ``class_dict``."""
     classes = mini_classes(split, counts)
     rows, class_dict = [], {}
     for i in range(counts.images):  # interleave: class order in image_data differs from sorted names
@@ -150,7 +153,8 @@ def write_mini_csv(root: Path, split: str, counts: miniimagenet.Counts = SMALL_M
             for i in range(counts.images):
                 filename = f"{name}{i:08d}.jpg"
                 size = (100 + 7 * i, 90 + 3 * label)  # ImageNet photos come in all sizes
-                pixels = np.random.default_rng(label * 100 + i).integers(0, 256, (size[1], size[0], 3), np.uint8)
+                pixels = np.random.default_rng(label * 100 + i).integers(0, 256, (size[1], size[0], 3),
+                                                                         np.uint8)
                 Image.fromarray(pixels).save(images / filename, quality=90)
                 writer.writerow([filename, name])
     return path

@@ -46,7 +46,8 @@ def test_unknown_dataset_lists_valid_names(call) -> None:
     ("kwargs", "message"),
     [
         ({"split": "val"}, r"unknown split 'val' for omniglot; valid splits: train, validation, test"),
-        ({"split_scheme": "random"}, r"split_scheme='random' is not valid; choose one of 'maml', 'vinyals', 'shuffled'"),
+        ({"split_scheme": "random"},
+         r"split_scheme='random' is not valid; choose one of 'maml', 'vinyals', 'shuffled'"),
         ({"rotations": "yes"}, r"rotations='yes' is not valid; choose one of True, False"),
         ({"rotations": 1}, r"rotations=1 is not valid"),
         ({"ways": 5}, r"dataset 'omniglot' has no option 'ways'; its options: split_scheme, rotations"),
@@ -83,8 +84,10 @@ def test_resolve_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
 
 def test_missing_data_without_download_says_how_to_get_it(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"Omniglot not found: .*does not exist.*images_background\.zip.*--data-dir"):
-        load_dataset("omniglot", "train", data_dir=tmp_path / "nothing-here", cache_dir=tmp_path, download=False)
+    with pytest.raises(DataError,
+                       match=r"Omniglot not found: .*does not exist.*images_background\.zip.*--data-dir"):
+        load_dataset("omniglot", "train", data_dir=tmp_path / "nothing-here", cache_dir=tmp_path,
+                     download=False)
     with pytest.raises(DataError, match="Omniglot not found"):
         dataset_info("omniglot", data_dir=tmp_path)
 
@@ -114,7 +117,8 @@ class _FakeResponse(io.BytesIO):
         return super().read(min(size, self._fail_after - self.tell()) if self._fail_after else size)
 
 
-def _serve(monkeypatch: pytest.MonkeyPatch, bodies: dict[str, bytes], fail_after: int | None = None) -> list[str]:
+def _serve(monkeypatch: pytest.MonkeyPatch, bodies: dict[str, bytes],
+           fail_after: int | None = None) -> list[str]:
     requested: list[str] = []
 
     def urlopen(url: str, timeout: float) -> _FakeResponse:
@@ -141,12 +145,14 @@ def test_download_fetches_verifies_and_renames(tmp_path, monkeypatch, official_z
     assert root == tmp_path / "data" / "omniglot"
     assert requested == [omniglot.DOWNLOAD_URL.format(name=n) for n in omniglot.IMAGE_SET_NAMES]
     assert sorted(p.name for p in root.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
-    assert download("omniglot", data_dir=tmp_path / "data") == root and len(requested) == 2  # nothing refetched
+    # nothing refetched
+    assert download("omniglot", data_dir=tmp_path / "data") == root and len(requested) == 2
     dataset = load_dataset("omniglot", "test", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
     assert dataset.num_classes == 8
 
 
-def test_load_dataset_downloads_only_what_is_missing(tmp_path, monkeypatch, official_zips, small_counts) -> None:
+def test_load_dataset_downloads_only_what_is_missing(tmp_path, monkeypatch, official_zips,
+                                                     small_counts) -> None:
     root = tmp_path / "data" / "omniglot"
     root.mkdir(parents=True)
     (root / "images_background.zip").write_bytes(official_zips["images_background.zip"])
@@ -178,7 +184,8 @@ def test_no_network_says_where_to_put_the_files(tmp_path, monkeypatch) -> None:
         load_dataset("omniglot", "train", data_dir=tmp_path, cache_dir=tmp_path / "cache")
     message = str(error.value)
     assert "could not download https://raw.githubusercontent.com/brendenlake/omniglot" in message
-    assert "name resolution" in message and f"put the two zip files (or their extracted folders) in {tmp_path}" in message
+    assert ("name resolution" in message
+            and f"put the two zip files (or their extracted folders) in {tmp_path}" in message)
     assert list(tmp_path.iterdir()) == []  # no empty dataset folder left to confuse the next command
 
 
@@ -215,7 +222,8 @@ def test_atomic_write_replaces_only_on_success(tmp_path: Path) -> None:
 def test_cache_refuses_pickled_code(tmp_path: Path, caplog) -> None:
     """Cache files are read with weights_only=True: a pickle with code in it counts as corrupt."""
     path = tmp_path / "omniglot-x.pt"
-    torch.save({"key": "k", "version": _io.CACHE_FORMAT_VERSION, "images": torch.zeros(1), "evil": Path("x")}, path)
+    torch.save({"key": "k", "version": _io.CACHE_FORMAT_VERSION, "images": torch.zeros(1),
+                "evil": Path("x")}, path)
     assert _io.load_cache(path, "k") is None and "unreadable" in caplog.text
 
 

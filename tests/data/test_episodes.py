@@ -30,7 +30,9 @@ def origin(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(("ways", "shots", "query_shots"), [(5, 1, 1), (5, 5, 15), (12, 1, 19), (1, 3, 2)])
 def test_task_invariants(tagged_dataset: FewShotDataset, ways: int, shots: int, query_shots: int) -> None:
     t = 16
-    episode = EpisodeSampler(tagged_dataset, ways, shots, query_shots).sample(t, torch.Generator().manual_seed(1))
+    episode = EpisodeSampler(tagged_dataset, ways, shots, query_shots).sample(
+        t, torch.Generator().manual_seed(1)
+    )
     assert episode.num_tasks == t
     assert episode.support_x.shape == (t, ways * shots, 1, 4, 4) and episode.support_x.dtype == torch.float32
     assert episode.query_x.shape == (t, ways * query_shots, 1, 4, 4)
@@ -40,7 +42,8 @@ def test_task_invariants(tagged_dataset: FewShotDataset, ways: int, shots: int, 
     assert torch.equal(episode.support_y, torch.arange(ways).repeat_interleave(shots).expand(t, -1))
     assert torch.equal(episode.query_y, torch.arange(ways).repeat_interleave(query_shots).expand(t, -1))
     # pixels are uint8 / 255
-    torch.testing.assert_close(episode.support_x * 255, torch.round(episode.support_x * 255), rtol=0, atol=1e-4)
+    torch.testing.assert_close(episode.support_x * 255, torch.round(episode.support_x * 255), rtol=0,
+                               atol=1e-4)
     assert 0 <= episode.query_x.min() and episode.query_x.max() <= 1
     s_class, s_sample = origin(episode.support_x)
     q_class, q_sample = origin(episode.query_x)
@@ -48,11 +51,13 @@ def test_task_invariants(tagged_dataset: FewShotDataset, ways: int, shots: int, 
         # one class per label, the same in support and query; distinct classes per task
         support_classes = s_class[i].reshape(ways, shots)
         query_classes = q_class[i].reshape(ways, query_shots)
-        assert (support_classes == support_classes[:, :1]).all() and (query_classes == support_classes[:, :1]).all()
+        assert ((support_classes == support_classes[:, :1]).all()
+                and (query_classes == support_classes[:, :1]).all())
         assert len(set(support_classes[:, 0].tolist())) == ways
         # support and query disjoint, no image twice
         for label in range(ways):
-            drawn = s_sample[i].reshape(ways, shots)[label].tolist() + q_sample[i].reshape(ways, query_shots)[label].tolist()
+            drawn = (s_sample[i].reshape(ways, shots)[label].tolist()
+                     + q_sample[i].reshape(ways, query_shots)[label].tolist())
             assert len(set(drawn)) == shots + query_shots
 
 

@@ -131,7 +131,8 @@ def _payload_with(**changes):
         ({"images": np.zeros(3)}, r"found dict with keys \['images'\]"),
         (_payload_with(image_data=np.zeros((24, 84, 84, 3), np.float32)), "float32 with shape"),
         (_payload_with(image_data=np.zeros((24, 32, 32, 3), np.uint8)), r"\(24, 32, 32, 3\)"),
-        (_payload_with(image_data=np.zeros((5, 84, 84, 3), np.uint8)), "refers to image 23 but 'image_data' has only 5"),
+        (_payload_with(image_data=np.zeros((5, 84, 84, 3), np.uint8)),
+         "refers to image 23 but 'image_data' has only 5"),
         (_payload_with(class_dict={"n1": "abc"}), "must map class names to lists of row indices"),
         (_payload_with(class_dict={f"n{i}": list(range(6 * i, 6 * i + 6)) for i in range(3)}),
          r"holds 3 classes; Mini-ImageNet's 'train' split has 4"),
@@ -204,10 +205,12 @@ def test_pickle_wins_over_csv(tmp_path: Path) -> None:
     ("break_it", "message"),
     [
         (lambda root: next((root / "images").iterdir()).unlink(), "listed in val.csv but missing"),
-        (lambda root: (root / "val.csv").write_text("file,class\na.jpg,n1\n"), "does not start with the header"),
+        (lambda root: (root / "val.csv").write_text("file,class\na.jpg,n1\n"),
+         "does not start with the header"),
         (lambda root: (root / "val.csv").write_text(""), "does not start with the header"),
         (lambda root: (root / "val.csv").write_text("<!DOCTYPE html>\n<html>"), "is an HTML page, not a CSV"),
-        (lambda root: (root / "val.csv").write_text("filename,label\na.jpg\n"), "line 2: expected 'filename,label'"),
+        (lambda root: (root / "val.csv").write_text("filename,label\na.jpg\n"),
+         "line 2: expected 'filename,label'"),
         (lambda root: (root / "val.csv").write_text("filename,label\n../../etc/passwd,n1\n"), "unsafe entry"),
         (lambda root: next((root / "images").iterdir()).write_bytes(b"\xff\xd8 not a jpeg"), "cannot decode"),
         (lambda root: [p.unlink() for p in (root / "images").iterdir()] and (root / "images").rmdir(),
@@ -235,7 +238,8 @@ def test_wrong_csv_counts(tmp_path: Path) -> None:
 
 
 def test_missing_split_names_both_formats_and_sources(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"no mini-imagenet-cache-test\.pkl or test\.csv in .*does not exist.*no stable official download"):
+    with pytest.raises(DataError, match=r"no mini-imagenet-cache-test\.pkl or test\.csv in .*does not exist"
+                                        r".*no stable official download"):
         load_dataset("mini-imagenet", "test", data_dir=tmp_path)
 
 

@@ -30,19 +30,20 @@ from metagrad.errors import DataError
 REAL_ALPHABETS = {
     "images_background": {
         "Alphabet_of_the_Magi": 20, "Anglo-Saxon_Futhorc": 29, "Arcadian": 26, "Armenian": 41,
-        "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46, "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14,
-        "Braille": 26, "Burmese_(Myanmar)": 34, "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43,
+        "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46,
+        "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14, "Braille": 26, "Burmese_(Myanmar)": 34,
+        "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43,
         "Greek": 24, "Gujarati": 48, "Hebrew": 22, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16,
         "Japanese_(hiragana)": 52, "Japanese_(katakana)": 47, "Korean": 40, "Latin": 26,
         "Malay_(Jawi_-_Arabic)": 40, "Mkhedruli_(Georgian)": 41, "N_Ko": 33,
-        "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14, "Sanskrit": 42, "Syriac_(Estrangelo)": 23, "Tagalog": 17,
-        "Tifinagh": 55,
+        "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14, "Sanskrit": 42, "Syriac_(Estrangelo)": 23,
+        "Tagalog": 17, "Tifinagh": 55,
     },
     "images_evaluation": {
         "Angelic": 20, "Atemayar_Qelisayer": 26, "Atlantean": 26, "Aurek-Besh": 26, "Avesta": 26, "Ge_ez": 26,
         "Glagolitic": 45, "Gurmukhi": 45, "Kannada": 41, "Keble": 26, "Malayalam": 47, "Manipuri": 40,
-        "Mongolian": 30, "Old_Church_Slavonic_(Cyrillic)": 45, "Oriya": 46, "Sylheti": 28, "Syriac_(Serto)": 23,
-        "Tengwar": 25, "Tibetan": 42, "ULOG": 26,
+        "Mongolian": 30, "Old_Church_Slavonic_(Cyrillic)": 45, "Oriya": 46, "Sylheti": 28,
+        "Syriac_(Serto)": 23, "Tengwar": 25, "Tibetan": 42, "ULOG": 26,
     },
 }
 
@@ -69,7 +70,8 @@ def load_small(root: Path, cache_dir: Path):
 # ---------------------------------------------------------------------------------------------- formats
 
 
-def test_zips_decode_in_documented_order_with_learn2learn_pixels(small_omniglot: Path, tmp_path: Path) -> None:
+def test_zips_decode_in_documented_order_with_learn2learn_pixels(small_omniglot: Path,
+                                                                 tmp_path: Path) -> None:
     images, names = load_small(small_omniglot / "omniglot", tmp_path / "cache")
     assert images.shape == (10, 20, 1, 28, 28) and images.dtype == torch.uint8
     # background before evaluation, alphabets sorted by name, characters sorted
@@ -120,14 +122,16 @@ def test_data_dir_may_point_at_the_omniglot_folder_itself(small_omniglot: Path) 
 
 
 def test_default_validation_wants_the_complete_data_set(small_omniglot: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"has 5 alphabets and 10 characters.*50 alphabets and 1623 characters"):
+    with pytest.raises(DataError,
+                       match=r"has 5 alphabets and 10 characters.*50 alphabets and 1623 characters"):
         omniglot.load_images(small_omniglot / "omniglot", tmp_path / "cache")
 
 
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
-        ({**SMALL_OMNIGLOT, "images_background": {"Latin": 3, "Greek": 2}}, r"has 4 alphabets and 9 characters"),
+        ({**SMALL_OMNIGLOT, "images_background": {"Latin": 3, "Greek": 2}},
+         r"has 4 alphabets and 9 characters"),
         ({**SMALL_OMNIGLOT, "images_evaluation": {"Tengwar": 2, "Angelic": 3}}, r"11 characters"),
     ],
 )
@@ -146,7 +150,8 @@ def test_missing_drawing_is_named(tmp_path: Path) -> None:
 
 def test_missing_or_empty_folder_says_how_to_get_the_data(tmp_path: Path) -> None:
     for root in (tmp_path / "absent", tmp_path):
-        with pytest.raises(DataError, match=r"Omniglot not found.*images_background\.zip.*put the two zip files"):
+        with pytest.raises(DataError,
+                           match=r"Omniglot not found.*images_background\.zip.*put the two zip files"):
             load_small(root, tmp_path / "cache")
 
 
@@ -174,7 +179,8 @@ def test_html_page_saved_as_archive(tmp_path: Path) -> None:
 
 def test_corrupt_png_is_named(tmp_path: Path) -> None:
     name = "images_evaluation/Tengwar/character01/0009_03.png"
-    root = write_omniglot_zips(tmp_path / "o", skip={name}, extra={"images_evaluation": {name: b"\x89PNG garbage"}})
+    root = write_omniglot_zips(tmp_path / "o", skip={name},
+                               extra={"images_evaluation": {name: b"\x89PNG garbage"}})
     with pytest.raises(DataError, match=r"cannot decode .*0009_03\.png"):
         load_small(root, tmp_path / "cache")
 
@@ -192,7 +198,8 @@ def test_corrupt_bytes_inside_archive(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    ["../evil.png", "images_background/../../evil.png", "/tmp/evil.png", "images_background\\..\\..\\evil.png"],
+    ["../evil.png", "images_background/../../evil.png", "/tmp/evil.png",
+     "images_background\\..\\..\\evil.png"],
 )
 def test_zip_slip_entries_are_refused(tmp_path: Path, entry: str) -> None:
     root = write_omniglot_zips(tmp_path / "o", extra={"images_background": {entry: drawing_png(1, 1)}})
@@ -202,7 +209,8 @@ def test_zip_slip_entries_are_refused(tmp_path: Path, entry: str) -> None:
 
 
 def test_unexpected_layout(tmp_path: Path) -> None:
-    root = write_omniglot_zips(tmp_path / "o", extra={"images_background": {"images_background/Latin/x.png": b""}})
+    root = write_omniglot_zips(tmp_path / "o",
+                               extra={"images_background": {"images_background/Latin/x.png": b""}})
     with pytest.raises(DataError, match=r"unexpected entry .*Latin/x\.png.*<Alphabet>/characterNN"):
         load_small(root, tmp_path / "cache")
 
@@ -271,14 +279,16 @@ def test_nothing_is_written_to_the_data_folder(small_omniglot: Path, tmp_path: P
     root = small_omniglot / "omniglot"
     before = sorted(p.name for p in root.iterdir())
     load_small(root, tmp_path / "cache")
-    assert sorted(p.name for p in root.iterdir()) == before == ["images_background.zip", "images_evaluation.zip"]
+    assert (sorted(p.name for p in root.iterdir()) == before
+            == ["images_background.zip", "images_evaluation.zip"])
 
 
 # ---------------------------------------------------------------------------------------------- splits
 
 
 @pytest.mark.parametrize(("scheme", "sizes"),
-                         [("maml", (1100, 100, 423)), ("vinyals", (1028, 172, 423)), ("shuffled", (1100, 100, 423))])
+                         [("maml", (1100, 100, 423)), ("vinyals", (1028, 172, 423)),
+                          ("shuffled", (1100, 100, 423))])
 def test_split_sizes_disjoint_and_complete(scheme: str, sizes: tuple[int, int, int]) -> None:
     splits = omniglot.split_classes(real_class_names(), scheme)
     assert tuple(len(splits[s]) for s in ("train", "validation", "test")) == sizes
@@ -316,11 +326,12 @@ def test_vinyals_split_matches_the_published_lists() -> None:
     splits = omniglot.split_classes(names, "vinyals")
     validation = {names[i].split("/")[0] for i in splits["validation"]}
     assert validation == {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
-    assert names[splits["test"][0]] == "Gurmukhi/character42" and names[splits["test"][-1]] == "ULOG/character26"
+    assert (names[splits["test"][0]] == "Gurmukhi/character42"
+            and names[splits["test"][-1]] == "ULOG/character26")
     assert names[max(splits["train"])] == "Gurmukhi/character41"
     assert {names[i].split("/")[0] for i in splits["test"]} == {
-        "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian", "Old_Church_Slavonic_(Cyrillic)",
-        "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG",
+        "Gurmukhi", "Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian",
+        "Old_Church_Slavonic_(Cyrillic)", "Oriya", "Sylheti", "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG",
     }
 
 
@@ -374,7 +385,8 @@ def test_real_omniglot_counts_and_splits(real_omniglot) -> None:
     data_dir, cache, _ = real_omniglot
     info = dataset_info("omniglot", data_dir=data_dir, cache_dir=cache)
     assert info["dataset"] == "omniglot" and info["image_shape"] == [1, 28, 28]
-    assert {s: v["classes"] for s, v in info["splits"].items()} == {"train": 1100, "validation": 100, "test": 423}
+    assert ({s: v["classes"] for s, v in info["splits"].items()}
+            == {"train": 1100, "validation": 100, "test": 423})
     assert all(v["images_per_class"] == 20 for v in info["splits"].values())
     vinyals = dataset_info("omniglot", data_dir=data_dir, cache_dir=cache, split_scheme="vinyals")
     assert [v["classes"] for v in vinyals["splits"].values()] == [1028, 172, 423]

@@ -57,7 +57,8 @@ def test_preset_values_follow_the_papers(name: str) -> None:
         assert not data.rotations and data.split_scheme == "ravi"
         assert (model.name, model.hidden_size, model.strided) == ("mini-imagenet-cnn", 32, False)
         lr = 0.01 * 5 if algorithm == "anil" else 0.01
-        assert (meta.meta_batch_size, meta.inner_lr, meta.inner_steps) == pytest.approx((4 if shots == 1 else 2, lr, 5))
+        assert ((meta.meta_batch_size, meta.inner_lr, meta.inner_steps)
+                == pytest.approx((4 if shots == 1 else 2, lr, 5)))
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -125,7 +126,8 @@ BAD_OVERRIDES = [
     ({"data.shots": -1}, "data.shots .* must be positive, got -1"),
     ({"data.query_shots": 0}, "data.query_shots .* must be positive"),
     ({"data.dataset": "cifar"}, "unknown dataset 'cifar'; valid datasets: omniglot, mini-imagenet"),
-    ({"data.split_scheme": "random"}, "split_scheme 'random' is not one of omniglot's: maml, vinyals, shuffled"),
+    ({"data.split_scheme": "random"},
+     "split_scheme 'random' is not one of omniglot's: maml, vinyals, shuffled"),
     ({"data.dataset": "mini-imagenet", "data.split_scheme": "ravi"}, "rotations applies to omniglot only"),
     ({"model.name": "resnet"}, "unknown model 'resnet'; valid models: omniglot-cnn"),
     ({"model.hidden_size": 0}, "model.hidden_size must be positive"),
@@ -142,7 +144,8 @@ BAD_OVERRIDES = [
     ({"meta.meta_batch_size": 0}, "meta_batch_size .* must be positive"),
     ({"meta.iterations": -5}, "iterations .* must be positive"),
     ({"meta.lr_schedule": "step"}, "unknown lr_schedule 'step'; valid: constant, cosine"),
-    ({"meta.tasks_per_chunk": -1}, r"tasks_per_chunk \(--tasks-per-chunk\) must be 0 \(automatic\) or a number"),
+    ({"meta.tasks_per_chunk": -1},
+     r"tasks_per_chunk \(--tasks-per-chunk\) must be 0 \(automatic\) or a number"),
     ({"run.seed": -1}, r"seed \(--seed\) must be in"),
     ({"run.device": "tpu"}, "unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
     ({"run.eval_every": 0}, "eval_every .* must be positive"),

@@ -49,7 +49,8 @@ def _options(overrides: dict[str, Any]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 
 
-def _torchrun(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 tiny_cli.py train ARGS`` on 1 thread per process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(TINY_CLI), "train", *args]
@@ -134,7 +135,8 @@ def test_resumed_under_two_processes_it_gives_the_one_process_run(
 
     # The same tasks and scores, up to float reduction order.
     ours, theirs = read_metrics(run_dir), read_metrics(one_process_run)
-    assert [(r["step"], r["split"], r["lr"]) for r in ours] == [(r["step"], r["split"], r["lr"]) for r in theirs]
+    assert ([(r["step"], r["split"], r["lr"]) for r in ours]
+            == [(r["step"], r["split"], r["lr"]) for r in theirs])
     for mine, reference in zip(ours, theirs):
         assert mine["acc"] == pytest.approx(reference["acc"], abs=1e-6)
         assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-4)
@@ -278,10 +280,12 @@ def test_issue_check_same_accuracy_with_one_and_two_processes(real_data: Path, t
     args = ["--data-dir", str(real_data), "--device", "cpu", "--iterations", "20", "--test-tasks", "50",
             "--eval-every", "10", "--eval-tasks", "20", "-q"]
     environ = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "metagrad", "train", *args, "--run-dir", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "metagrad", "train", *args,
+                          "--run-dir", str(tmp_path / "one")],
                          env=environ, capture_output=True, text=True, timeout=600, check=False)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2",
                           "-m", "metagrad", "train", *args, "--run-dir", str(tmp_path / "two")],
                          env=environ, capture_output=True, text=True, timeout=600, check=False)
     assert two.returncode == 0, two.stderr

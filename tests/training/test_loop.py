@@ -117,7 +117,8 @@ def test_run_writes_a_complete_run_folder(tmp_path: Path, fake_data: list) -> No
     # Every split is loaded with the config's dataset options.
     assert [(name, split) for name, split, _ in fake_data] == [
         ("omniglot", "train"), ("omniglot", "validation"), ("omniglot", "test")]
-    assert fake_data[0][2] == {"data_dir": None, "cache_dir": None, "rotations": True, "split_scheme": "shuffled"}
+    assert fake_data[0][2] == {"data_dir": None, "cache_dir": None, "rotations": True,
+                               "split_scheme": "shuffled"}
 
 
 def test_same_config_same_numbers(tmp_path: Path, fake_data: list, reference_run: Path) -> None:

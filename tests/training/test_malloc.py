@@ -11,7 +11,8 @@ import pytest
 from metagrad import cli
 from metagrad.training import malloc
 
-needs_glibc = pytest.mark.skipif(malloc.glibc() is None, reason="mallopt is glibc's; this platform has another C library")
+needs_glibc = pytest.mark.skipif(malloc.glibc() is None,
+                                 reason="mallopt is glibc's; this platform has another C library")
 
 # A "step" that allocates three 64 MB tensors and frees them, repeated; prints each step's page faults.
 _PROBE = """

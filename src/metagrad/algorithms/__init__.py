@@ -15,6 +15,6 @@ from metagrad.algorithms.meta_batch import (
 )
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "chunk_gradients", "evaluate", "evaluate_with_losses", "maml_task_loss",
-    "meta_batch_loss", "meta_train_step", "task_losses",
+    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "chunk_gradients", "evaluate",
+    "evaluate_with_losses", "maml_task_loss", "meta_batch_loss", "meta_train_step", "task_losses",
 ]

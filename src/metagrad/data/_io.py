@@ -101,7 +101,8 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def save_cache(path: Path, key: str, **tensors_and_lists: Any) -> None:
-    """Write ``{"key", "version", **tensors_and_lists}`` atomically; warn (not fail) if the folder is read-only."""
+    """Write ``{"key", "version", **tensors_and_lists}`` atomically; warn (not fail) if the folder is
+    read-only."""
     payload = {"key": key, "version": CACHE_FORMAT_VERSION, **tensors_and_lists}
     try:
         with atomic_write(path) as tmp:
@@ -126,7 +127,8 @@ def check_member_name(name: str, archive: Path) -> list[str]:
 
 
 def looks_like_html(head: bytes) -> bool:
-    """True when the first bytes of a file are an HTML page (a failed download saved under the data's name)."""
+    """True when the first bytes of a file are an HTML page (a failed download saved under the data's
+    name)."""
     text = head.lstrip().lower()
     return text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<!--"))
 
@@ -157,7 +159,8 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
             digest = hashlib.md5()
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not show_progress()) as bar:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                          disable=not show_progress()) as bar:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
                         digest.update(chunk)
@@ -213,7 +216,10 @@ _SAFE_GLOBALS = {
         (f"{prefix}.multiarray", name): ("multiarray", name)
         for prefix in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")
     },
-    **{(f"{prefix}.numeric", "_frombuffer"): ("numeric", "_frombuffer") for prefix in ("numpy.core", "numpy._core")},
+    **{
+        (f"{prefix}.numeric", "_frombuffer"): ("numeric", "_frombuffer")
+        for prefix in ("numpy.core", "numpy._core")
+    },
     ("numpy", "ndarray"): None,
     ("numpy", "dtype"): None,
     ("_codecs", "encode"): None,  # protocol-2 pickles store bytes as _codecs.encode(str, "latin1")

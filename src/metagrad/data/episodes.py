@@ -68,8 +68,9 @@ class EpisodeSampler:
             raise ConfigError(f"ways={ways} but {where} has only {classes} classes; use ways <= {classes}")
         if shots + query_shots > per_class:
             raise ConfigError(
-                f"shots + query_shots = {shots} + {query_shots} = {shots + query_shots} but each class of {where} "
-                f"has only {per_class} images; lower shots or query_shots so they sum to at most {per_class}"
+                f"shots + query_shots = {shots} + {query_shots} = {shots + query_shots} but each class of "
+                f"{where} has only {per_class} images; lower shots or query_shots so they sum to at most "
+                f"{per_class}"
             )
         self.dataset = dataset
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -97,7 +98,8 @@ class EpisodeSampler:
         # The indices of the n largest of C uniform keys are n distinct classes in uniformly random order:
         # the first n entries of a random permutation, without sorting all C keys (topk, not argsort).
         classes = torch.rand(t, self._num_classes, generator=generator).topk(n, dim=1).indices  # (T, N)
-        samples = torch.rand(t, n, self._per_class, generator=generator).topk(k + q, dim=2).indices  # (T, N, K+Q)
+        # Likewise K+Q distinct images of each chosen class: (T, N, K+Q) positions within the class.
+        samples = torch.rand(t, n, self._per_class, generator=generator).topk(k + q, dim=2).indices
         flat = (classes.unsqueeze(2) * self._per_class + samples).to(self.device)  # (T, N, K+Q) image indices
         support = flat[:, :, :k].reshape(t, n * k)  # (T, N, K) -> (T, N*K): a class's samples consecutive
         query = flat[:, :, k:].reshape(t, n * q)  # (T, N, Q) -> (T, N*Q)

@@ -104,7 +104,8 @@ def source_of(root: Path, split: str) -> tuple[str, Path]:
         return "csv", csv_path
     missing = " (the folder does not exist)" if not root.exists() else ""
     raise DataError(
-        f"Mini-ImageNet split '{split}' not found: no {pickle_path.name} or {csv_path.name} in {root}{missing}. "
+        f"Mini-ImageNet split '{split}' not found: no {pickle_path.name} or {csv_path.name} in "
+        f"{root}{missing}. "
         + sources_hint(root)
     )
 
@@ -137,15 +138,18 @@ def _load_pickle(path: Path, split: str, counts: Counts) -> tuple[Tensor, list[s
             + (f" with keys {sorted(map(str, data))}" if isinstance(data, dict) else "")
             + f". {sources_hint(path.parent)}"
         )
-    if image_data.dtype != np.uint8 or image_data.ndim != 4 or image_data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+    if (image_data.dtype != np.uint8 or image_data.ndim != 4
+            or image_data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)):
         raise DataError(
             f"{path}: 'image_data' is {image_data.dtype} with shape {image_data.shape}; expected uint8 "
             f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3). {sources_hint(path.parent)}"
         )
     try:
-        indices = {str(name): np.asarray(rows, dtype=np.int64).reshape(-1) for name, rows in class_dict.items()}
+        indices = {str(name): np.asarray(rows, dtype=np.int64).reshape(-1)
+                   for name, rows in class_dict.items()}
     except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: 'class_dict' must map class names to lists of row indices ({exc}).") from None
+        raise DataError(f"{path}: 'class_dict' must map class names to lists of row indices "
+                        f"({exc}).") from None
     _check_counts(path, split, {name: len(rows) for name, rows in indices.items()}, counts)
     names = sorted(indices)
     rows = np.stack([indices[name] for name in names])  # (classes, images)
@@ -174,7 +178,8 @@ def _read_csv(path: Path) -> dict[str, list[str]]:
         raise DataError(f"{path} is not a readable CSV ({exc}). {sources_hint(path.parent)}") from None
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
         raise DataError(
-            f"{path} does not start with the header 'filename,label' (found {rows[0] if rows else 'an empty file'}). "
+            f"{path} does not start with the header 'filename,label' "
+            f"(found {rows[0] if rows else 'an empty file'}). "
             f"{sources_hint(path.parent)}"
         )
     classes: dict[str, list[str]] = defaultdict(list)
@@ -196,7 +201,8 @@ def _decode_jpeg(path: Path) -> np.ndarray:
             return np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS))
     except FileNotFoundError:
         raise DataError(
-            f"{path} is listed in the split CSV but missing from the images folder. {sources_hint(path.parent.parent)}"
+            f"{path} is listed in the split CSV but missing from the images folder. "
+            f"{sources_hint(path.parent.parent)}"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode {path} ({exc}): the file is corrupt; replace it.") from None
@@ -223,7 +229,8 @@ def _load_csv(path: Path, split: str, cache_dir: Path, counts: Counts) -> tuple[
         logger.warning("cache %s holds unexpected contents; rebuilding it", cache)
     logger.info("decoding Mini-ImageNet '%s' from %s (once; cached in %s)", split, folder, cache)
     out = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    bar = tqdm(files, desc=f"Decoding Mini-ImageNet {split} (once)", unit="img", disable=not _io.show_progress())
+    bar = tqdm(files, desc=f"Decoding Mini-ImageNet {split} (once)", unit="img",
+               disable=not _io.show_progress())
     for i, file in enumerate(bar):
         out[i] = _decode_jpeg(file)
     # (classes*images, 84, 84, 3) -> (classes, images, 3, 84, 84)

@@ -280,7 +280,8 @@ def _decode_png(data: bytes, entry: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode {entry} ({exc}): the file is corrupt. Get the official archives again.") from None
+        raise DataError(f"cannot decode {entry} ({exc}): the file is corrupt. "
+                        "Get the official archives again.") from None
     return 255 - np.asarray(small)  # the files draw black ink on white; we want ink = 255
 
 
@@ -392,8 +393,8 @@ def rotate(images: Tensor, class_names: Sequence[str]) -> tuple[Tensor, list[str
 
 
 def load_split(
-    root: Path, split: str, cache_dir: Path, *, split_scheme: str = DEFAULT_SPLIT_SCHEME, rotations: bool = True,
-    counts: Counts | None = None,
+    root: Path, split: str, cache_dir: Path, *, split_scheme: str = DEFAULT_SPLIT_SCHEME,
+    rotations: bool = True, counts: Counts | None = None,
 ) -> tuple[Tensor, list[str]]:
     """One split as ``(images (classes, 20, 1, 28, 28) uint8, class_names)``; see the module docstring."""
     images, names = load_images(root, cache_dir, counts=counts)

@@ -86,8 +86,8 @@ def world_from_environment() -> World:
         rank, size, local_rank = (int(os.environ.get(name, "0")) for name in names)
     except ValueError:
         found = ", ".join(f"{name}={os.environ.get(name)!r}" for name in names)
-        raise ConfigError(f"torch.distributed variables must be integers, got {found}; launch with torchrun") \
-            from None
+        raise ConfigError(f"torch.distributed variables must be integers, got {found}; "
+                          "launch with torchrun") from None
     if not (size >= 1 and 0 <= rank < size and local_rank >= 0):
         raise ConfigError(f"inconsistent RANK={rank}, WORLD_SIZE={size}, LOCAL_RANK={local_rank}; "
                           f"launch with torchrun")
@@ -172,8 +172,8 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **options)
     except (RuntimeError, ValueError) as exc:  # DistStoreError (a timeout), a missing MASTER_ADDR, ...
         raise TrainingError(
-            f"process {world.rank} of {world.size} could not join the others ({backend}): {_first_line(exc)}; "
-            f"start every process with the same torchrun command (see the README)"
+            f"process {world.rank} of {world.size} could not join the others ({backend}): "
+            f"{_first_line(exc)}; start every process with the same torchrun command (see the README)"
         ) from None
     yield
     # Not on errors: the process ends anyway, and NCCL's teardown can block after a failed exchange.

@@ -550,7 +550,8 @@ def _train(
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
         out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
         scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
-                                                    torch.stack([out.task_losses, out.task_accs], dim=1), my_tasks)
+                                                    torch.stack([out.task_losses, out.task_accs], dim=1),
+                                                    my_tasks)
         task_losses, task_accs = scores.unbind(dim=1)
         loss = task_losses.mean().item()
         if not math.isfinite(loss):

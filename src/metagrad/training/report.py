@@ -53,9 +53,11 @@ def _row(run_dir: Path) -> dict[str, Any]:
             row.update(
                 accuracy=f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}",
                 tasks=results.get("test_tasks", "?"),
-                iterations=(f"{results['iterations']}/{results['iterations_planned']}"  # a run stopped early
-                            if results.get("iterations_planned", results["iterations"]) != results["iterations"]
-                            else str(results["iterations"])),
+                iterations=(
+                    f"{results['iterations']}/{results['iterations_planned']}"  # a run stopped early
+                    if results.get("iterations_planned", results["iterations"]) != results["iterations"]
+                    else str(results["iterations"])
+                ),
                 wall=_duration(results["wall_time_s"]) if "wall_time_s" in results else "?",
                 device=results.get("device", "?"),
                 # published results (tools/publish_result.py) carry the number they were compared with
@@ -121,8 +123,8 @@ def results_table(run_dirs: list[Path]) -> str:
     When any run gives a published number (its results.json's ``paper``, or its preset's from
     :data:`metagrad.training.papers.PUBLISHED` if it trained the preset unchanged), a column shows it.
     """
-    header = ["run", "preset", "split", "test accuracy (%) ± 95% CI", "test tasks", "iterations", "wall time",
-              "device"]
+    header = ["run", "preset", "split", "test accuracy (%) ± 95% CI", "test tasks", "iterations",
+              "wall time", "device"]
     keys = ["run", "preset", "split", "accuracy", "tasks", "iterations", "wall", "device"]
     rows = [_row(run_dir) for run_dir in run_dirs]
     if any(row.get("paper") and not str(row["paper"]).startswith("n/a") for row in rows):
