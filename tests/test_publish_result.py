@@ -51,6 +51,25 @@ def test_publish_writes_results_and_remembers_the_previous_number(tmp_path: Path
     assert data["previous"].startswith("replaces 95.00 +/- 0.70 after 1000 iterations on cpu: test")
 
 
+def test_publish_says_when_the_number_it_replaces_was_on_another_split(tmp_path: Path) -> None:
+    tool, results = _tool(), tmp_path / "results"
+
+    def run_on(split: str, accuracy: float, iterations: int) -> Path:
+        run = _run(tmp_path, accuracy, iterations)
+        config = {"preset": "omniglot-maml-5w1s", "data": {"dataset": "omniglot", "split_scheme": split}}
+        (run / "config.json").write_text(json.dumps(config))
+        return run
+
+    tool.publish(run_on("maml", 0.95, 1000), results, device="cpu: test", command="c")
+    target = tool.publish(run_on("shuffled", 0.97, 2000), results, device="cpu: test", command="c")
+    data = json.loads((target / "results.json").read_text())
+    assert data["previous"] == ("replaces 95.00 +/- 0.70 after 1000 iterations on cpu: test, on the maml "
+                                "split (this one: shuffled); see git history")
+    tool.publish(run_on("shuffled", 0.98, 3000), results, device="cpu: test", command="c")
+    data = json.loads((target / "results.json").read_text())
+    assert data["previous"] == "replaces 97.00 +/- 0.70 after 2000 iterations on cpu: test; see git history"
+
+
 def test_publish_refuses_a_run_that_was_not_evaluated(tmp_path: Path) -> None:
     run = _run(tmp_path, 0.9, 10)
     (run / "eval_best.json").unlink()

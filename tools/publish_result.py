@@ -53,6 +53,12 @@ def median_sec_per_iter(metrics: Path) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _split(config: Any) -> str | None:
+    """The config's ``data.split_scheme``, if it names one."""
+    data = config.get("data") if isinstance(config, dict) else None
+    return data.get("split_scheme") if isinstance(data, dict) else None
+
+
 def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, paper: str | None = None) -> Path:
     """Write ``results_dir/<preset>/`` from ``run_dir``; returns that folder."""
     evaluation = _read_json(run_dir / "eval_best.json")
@@ -65,12 +71,18 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
                          f"(`metagrad plot {run_dir}` draws the curves)")
     target = results_dir / preset
     old = target / "results.json"
+    config = _read_json(run_dir / "config.json")
     previous = None
     if old.is_file():
         before = json.loads(old.read_text(encoding="utf-8"))
+        # Another split is another test set: say so, or the two numbers read as comparable.
+        old_config = target / "config.json"
+        split, old_split = _split(config), _split(_read_json(old_config)) if old_config.is_file() else None
+        where = f"on {before.get('device', '?')}"
+        if old_split not in (None, split):
+            where += f", on the {old_split} split (this one: {split})"
         previous = (f"replaces {before['test_accuracy'] * 100:.2f} +/- {before['test_ci95'] * 100:.2f} after "
-                    f"{before.get('iterations', '?')} iterations on {before.get('device', '?')}; "
-                    "see git history")
+                    f"{before.get('iterations', '?')} iterations {where}; see git history")
     result = dict(evaluation)
     result.update({
         "device": device,
@@ -83,7 +95,6 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
     target.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copyfile(run_dir / name, target / name)
-    config = _read_json(run_dir / "config.json")
     if isinstance(config.get("data"), dict):
         config["data"].update(dict.fromkeys(MACHINE_PATHS))
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
