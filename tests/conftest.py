@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch, as metagrad's command does, so that idle OpenMP threads wait passively (metagrad/_openmp.py).
+import metagrad  # noqa: F401
+
+# isort: split
 import pytest
 import torch
 

@@ -16,6 +16,7 @@ Experiments (run folders, checkpoints, presets) live in :mod:`metagrad.training`
 learn2learn-compatible layer in :mod:`metagrad.compat.learn2learn`.
 """
 
+import metagrad._openmp  # noqa: F401  (first: it must run before anything imports torch)
 from metagrad.algorithms import ALGORITHMS, MetaBatchOutput, evaluate, meta_batch_loss, meta_train_step
 from metagrad.data import EpisodeSampler, FewShotDataset, dataset_info, load_dataset
 from metagrad.errors import ConfigError, DataError, MetagradError, TrainingError
