@@ -89,9 +89,12 @@ def _crash_at(monkeypatch: pytest.MonkeyPatch, iteration: int, action: Any = Non
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_run_writes_a_complete_run_folder(tmp_path: Path, fake_data: list) -> None:
+def test_run_writes_a_complete_run_folder(tmp_path: Path, fake_data: list,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     run_dir = tmp_path / "run"
-    results = run(tiny_config(run_dir), quiet=True)
+    with caplog.at_level("INFO", logger="metagrad"):
+        results = run(tiny_config(run_dir), quiet=True)
+    assert f"run folder {run_dir}, device cpu, 1 thread(s)" in caplog.messages
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json", "metrics.jsonl", "metrics.csv", "latest.pt", "best.pt", "results.json"}
     assert json.loads((run_dir / "results.json").read_text()) == results
@@ -101,6 +104,7 @@ def test_run_writes_a_complete_run_folder(tmp_path: Path, fake_data: list) -> No
     assert (results["preset"], results["ways"], results["iterations"], results["test_tasks"]) == (
         "omniglot-maml-5w1s", 3, 6, 8)
     assert results["device"] == "cpu" and set(results["versions"]) == {"python", "torch", "metagrad"}
+    assert results["cpu_threads"] == torch.get_num_threads() == 1  # the tests' count (conftest)
     assert 0 <= results["test_accuracy"] <= 1 and results["test_ci95"] >= 0
 
     rows = read_metrics(run_dir)
@@ -301,6 +305,7 @@ def test_evaluate_checkpoint_reproduces_the_results(fake_data: list, reference_r
     for key in ("test_accuracy", "test_ci95", "test_loss", "test_tasks", "test_inner_steps"):
         assert evaluation[key] == results[key]
     assert evaluation["checkpoint_iteration"] == results["best_iteration"]
+    assert evaluation["cpu_threads"] == torch.get_num_threads()
     assert json.loads((reference_run / "eval_best.json").read_text()) == evaluation
 
     assert evaluation["status"] == "complete"

@@ -426,6 +426,8 @@ def _run(config: Config, world: World, device: torch.device, *, resume: bool, qu
         distributed.on_main(world, _create_run_dir, config, run_dir)
     if world.is_main:
         where = f"{world.size} processes on {device.type}" if world.size > 1 else f"device {device}"
+        if device.type == "cpu":
+            where += f", {torch.get_num_threads()} thread(s)" + (" each" if world.size > 1 else "")
         logger.info("run folder %s, %s", run_dir, where)
 
     torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
@@ -658,6 +660,7 @@ def _meta_test(
         "best_iteration": state.best_iteration,
         "wall_time_s": state.elapsed_s + seconds,
         "device": str(device),
+        "cpu_threads": torch.get_num_threads(),  # per process; the CPU's share of the wall time
         "processes": world.size,
         "seed": config.run.seed,
         "versions": _versions(),
@@ -782,6 +785,7 @@ def evaluate_checkpoint(
         **test,
         "wall_time_s": time.perf_counter() - start,
         "device": str(torch_device),
+        "cpu_threads": torch.get_num_threads(),
         "versions": _versions(),
         **_training_progress(run_dir, config, state if checkpoint == "latest" else None),
     }
