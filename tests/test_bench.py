@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -97,3 +98,30 @@ def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
     assert report["summaries"][0]["speedup"] == 2.0
     assert "MALLOC_MMAP_MAX_" not in envs["metagrad"]  # metagrad sets its own, in-process
     assert (envs["l2l"].get("MALLOC_MMAP_MAX_") == "0") == (l2l_malloc == "keep")
+
+
+def _threads_summary(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[dict], dict]:
+    bench = load_script("benchmarks/bench_threads.py")
+    common = ["--preset", "omniglot-anil-5w1s", "--rounds", "1", "--iterations", "1", "--warmup", "0"]
+    assert bench.main([*common, *args]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    return lines[1:-1], lines[-1]
+
+
+def test_thread_benchmark_arms_run_with_the_policies_they_name(capsys: pytest.CaptureFixture[str]) -> None:
+    runs, summary = _threads_summary(capsys, "--scenarios", "idle", "--arms", "torch-default", "metagrad")
+    policies = {run["arm"]: run["omp_wait_policy"] for run in runs}
+    assert policies == {"torch-default": "(unset)", "metagrad": "PASSIVE"}
+    assert all(len(run["times"]) == 1 and not run["timed_out"] for run in runs)
+    assert summary["idle/metagrad_speedup"] == pytest.approx(
+        summary["idle/torch-default_sec_per_iter"] / summary["idle/metagrad_sec_per_iter"])
+
+
+def test_thread_benchmark_stops_slow_children_and_its_neighbour(capsys: pytest.CaptureFixture[str]) -> None:
+    runs, summary = _threads_summary(capsys, "--scenarios", "neighbour", "--arms", "one-thread",
+                                     "--child-timeout", "0.5")
+    assert [(r["arm"], r["timed_out"], r["sec_per_iter"]) for r in runs] == [("one-thread", True, None)]
+    assert summary["neighbour/one-thread"].startswith("timed out")
+    leftover = subprocess.run(["pgrep", "-f", "bench_threads.py --neighbour-loop"], capture_output=True,
+                              check=False)
+    assert leftover.returncode == 1, leftover.stdout  # no process matched: the neighbour was killed
