@@ -217,14 +217,12 @@ def test_eval_plot_results_of_missing_runs(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_results_reads_hand_made_and_partial_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import shutil
-
     shipped = Path(__file__).resolve().parents[1] / "results" / "omniglot-maml-5w1s"
     config = json.loads((shipped / "config.json").read_text())
-    assert config["data"]["split_scheme"] == "maml"  # trained before the presets took the papers' split
+    config["data"]["split_scheme"] = "maml"  # as runs trained before the presets took the papers' split
     heldout = tmp_path / "heldout"
     heldout.mkdir()
-    shutil.copy(shipped / "config.json", heldout / "config.json")
+    (heldout / "config.json").write_text(json.dumps(config))
     (heldout / "results.json").write_text(json.dumps(
         {"test_accuracy": 0.95, "test_ci95": 0.01, "iterations": 100, "iterations_planned": 60000}))
     config["data"]["split_scheme"] = "shuffled"  # now the preset's own settings
