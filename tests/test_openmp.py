@@ -9,27 +9,37 @@ import sys
 
 import pytest
 
-from metagrad._openmp import POLICY, prefer_passive_wait
+from metagrad._openmp import POLICY, prefer_passive_wait, spinning_warning
 
 
 def test_sets_passive_when_unset_and_torch_not_loaded() -> None:
     environ: dict[str, str] = {}
-    assert prefer_passive_wait(environ, modules=set())
+    assert prefer_passive_wait(environ, modules=set()) == "set"
     assert environ == {"OMP_WAIT_POLICY": POLICY} and POLICY == "PASSIVE"
 
 
 @pytest.mark.parametrize("value", ["ACTIVE", "passive", ""])
 def test_keeps_the_users_policy(value: str) -> None:
     environ = {"OMP_WAIT_POLICY": value}
-    assert not prefer_passive_wait(environ, modules=set())
+    assert prefer_passive_wait(environ, modules=set()) == "user"
+    assert prefer_passive_wait(environ, modules={"torch"}) == "user"
     assert environ == {"OMP_WAIT_POLICY": value}
 
 
 def test_leaves_the_environment_alone_once_torch_is_loaded() -> None:
     # libgomp read the variable when torch loaded it: setting it now would claim an effect it cannot have
     environ: dict[str, str] = {}
-    assert not prefer_passive_wait(environ, modules={"torch"})
+    assert prefer_passive_wait(environ, modules={"torch"}) == "torch first"
     assert environ == {}
+
+
+def test_warns_only_where_threads_spin_because_torch_came_first() -> None:
+    warning = spinning_warning("cpu", 2, "torch first")
+    assert warning is not None and "Import metagrad before torch" in warning
+    assert "OMP_WAIT_POLICY=PASSIVE" in warning
+    assert spinning_warning("cpu", 1, "torch first") is None  # one thread: nothing waits
+    assert spinning_warning("cuda", 2, "torch first") is None
+    assert spinning_warning("cpu", 2, "set") is None and spinning_warning("cpu", 2, "user") is None
 
 
 def _policy_after(code: str, **env: str) -> str:

@@ -30,16 +30,30 @@ POLICY = "PASSIVE"
 
 
 def prefer_passive_wait(environ: MutableMapping[str, str] = os.environ,
-                        modules: Container[str] = sys.modules) -> bool:
+                        modules: Container[str] = sys.modules) -> str:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` if it is unset and torch is not in ``modules``.
 
     Returns:
-        Whether the variable was set.
+        ``"set"`` (set here), ``"user"`` (already set: left as it is) or ``"torch first"`` (unset, but
+        torch was imported before metagrad: left unset, libgomp's default spinning applies).
     """
-    if "OMP_WAIT_POLICY" in environ or "torch" in modules:
-        return False
+    if "OMP_WAIT_POLICY" in environ:
+        return "user"
+    if "torch" in modules:
+        return "torch first"
     environ["OMP_WAIT_POLICY"] = POLICY
-    return True
+    return "set"
 
 
-prefer_passive_wait()
+STATUS = prefer_passive_wait()
+"""What happened when metagrad was imported: ``"set"``, ``"user"`` or ``"torch first"``."""
+
+
+def spinning_warning(device_type: str, threads: int, status: str | None = None) -> str | None:
+    """The warning for a CPU run whose idle threads spin because torch was imported first, else None."""
+    status = STATUS if status is None else status
+    if device_type != "cpu" or threads <= 1 or status != "torch first":
+        return None
+    return (f"torch was imported before metagrad, so its {threads} OpenMP threads spin while they wait: "
+            "beside other work on the machine this can be 50x slower (README, 'CPU threads'). Import "
+            "metagrad before torch, or start Python with OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1.")

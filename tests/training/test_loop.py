@@ -299,6 +299,24 @@ def test_nan_loss_at_the_first_iteration(tmp_path: Path, fake_data: list) -> Non
         run(config, quiet=True)
 
 
+def test_runs_warn_when_torch_came_first_and_threads_spin(
+        tmp_path: Path, fake_data: list, reference_run: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from metagrad import _openmp
+
+    monkeypatch.setattr(_openmp, "STATUS", "torch first")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level("WARNING", logger="metagrad"):
+            evaluate_checkpoint(reference_run, test_tasks=2)
+            run(tiny_config(tmp_path / "run"), quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("torch was imported before metagrad" in w for w in warnings)
+
+
 def test_evaluate_checkpoint_reproduces_the_results(fake_data: list, reference_run: Path) -> None:
     results = json.loads((reference_run / "results.json").read_text())
     evaluation = evaluate_checkpoint(reference_run)

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 import metagrad
-from metagrad import algorithms
+from metagrad import _openmp, algorithms
 from metagrad.algorithms import MetaBatchOutput
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
@@ -260,6 +260,12 @@ def _versions() -> dict[str, str]:
             "metagrad": metagrad.__version__}
 
 
+def _warn_if_spinning(device: torch.device) -> None:
+    warning = _openmp.spinning_warning(device.type, torch.get_num_threads())
+    if warning is not None:
+        logger.warning(warning)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -429,6 +435,7 @@ def _run(config: Config, world: World, device: torch.device, *, resume: bool, qu
         if device.type == "cpu":
             where += f", {torch.get_num_threads()} thread(s)" + (" each" if world.size > 1 else "")
         logger.info("run folder %s, %s", run_dir, where)
+        _warn_if_spinning(device)
 
     torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
     model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
@@ -767,6 +774,7 @@ def evaluate_checkpoint(
         raise ConfigError(f"{run_dir} holds no {checkpoint}.pt yet (no checkpoint was written)")
 
     torch_device = resolve_device(config.run.device)
+    _warn_if_spinning(torch_device)
     dataset = _load_splits(config.data, ("test",))["test"]
     data = config.data
     sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=torch_device)
