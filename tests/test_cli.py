@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -320,3 +321,23 @@ def test_python_dash_m_metagrad(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "metagrad", "--version"], check=False, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("metagrad ")
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    from metagrad.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser, name: str):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    missing = []
+    for name, parser in parsers(build_parser(), "metagrad"):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # its commands are listed with their help
+                missing += [f"{name} {a.dest}" for a in action._choices_actions if not a.help]
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{name}: {action.dest}")
+    assert missing == []

@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", formatter_class=_HelpFormatter,
                                    help="meta-test a run's checkpoint again (writes eval_<checkpoint>.json)")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+                          help="a run folder (metagrad train's --run-dir) or a published results/<preset>")
     evaluate.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                           help="best validation accuracy, or the latest checkpoint")
     evaluate.add_argument("--test-tasks", type=int, metavar="INT", help="test tasks (default: the run's)")
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", formatter_class=_HelpFormatter,
                                help="learning curves (loss and accuracy) of a run as a PNG")
-    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (it holds metrics.jsonl)")
     plot.add_argument("--output", metavar="PNG", help="output file (default: RUN_DIR/learning_curves.png)")
     plot.set_defaults(func=_cmd_plot)
 
