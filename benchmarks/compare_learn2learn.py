@@ -182,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int,
                         help="intra-op threads for both libraries (OMP_NUM_THREADS; default: torch's "
                              "choice). On a machine shared with other jobs, 1 thread is far steadier: 2 "
-                             "OpenMP threads that must meet at every small operator slow down many-fold "
-                             "when cores are busy")
+                             "OpenMP threads that must meet at every small operator slow down when cores "
+                             "are busy (many-fold if they spin: see --omp-wait-policy)")
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
+                        default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper(),
+                        help="OpenMP wait policy for both libraries (default: $OMP_WAIT_POLICY, else "
+                             "PASSIVE, what metagrad's commands use; learn2learn would otherwise get "
+                             "libgomp's spinning default, which matters from 2 threads on)")
     parser.add_argument("--l2l-python",
                         help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
     parser.add_argument("--l2l-malloc", choices=("default", "keep"), default="default",
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if unavailable:
         print(f"learn2learn baseline unavailable: {unavailable}\nreporting metagrad alone", file=sys.stderr)
 
-    env = dict(os.environ)
+    env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy}  # the same for both libraries
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     l2l_env = {**env, **malloc.GLIBC_ENV} if args.l2l_malloc == "keep" else env
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(summaries))
     report = {"machine": machine_line(mg_results), "device": args.device, "threads": args.threads,
+              "omp_wait_policy": args.omp_wait_policy,
               "l2l_malloc": args.l2l_malloc, "metagrad_malloc": metagrad_malloc,
               "max_load": max(loads, default=None), "rounds": args.rounds,
               "iterations": args.iterations, "baseline_unavailable": unavailable, "summaries": summaries,

@@ -98,6 +98,8 @@ def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
     assert report["summaries"][0]["speedup"] == 2.0
     assert "MALLOC_MMAP_MAX_" not in envs["metagrad"]  # metagrad sets its own, in-process
     assert (envs["l2l"].get("MALLOC_MMAP_MAX_") == "0") == (l2l_malloc == "keep")
+    # both libraries wait alike (learn2learn alone would get libgomp's spinning default)
+    assert envs["l2l"]["OMP_WAIT_POLICY"] == envs["metagrad"]["OMP_WAIT_POLICY"] == report["omp_wait_policy"]
 
 
 def _threads_summary(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[dict], dict]:
