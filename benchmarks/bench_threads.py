@@ -48,7 +48,7 @@ SCENARIOS = ("idle", "neighbour")
 
 
 def child(preset: str, iterations: int, warmup: int, torch_first: bool) -> None:
-    """Print one JSON line per timed iteration, then a final line with the settings in effect."""
+    """Print one JSON line with the settings in effect, then one per timed iteration."""
     # The first import decides: metagrad first sets OMP_WAIT_POLICY (unless set), torch first keeps
     # libgomp's default.
     importlib.import_module("torch" if torch_first else "metagrad")
@@ -60,7 +60,8 @@ def child(preset: str, iterations: int, warmup: int, torch_first: bool) -> None:
     print(json.dumps({"threads": torch.get_num_threads(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}), flush=True)
     config = load_preset(preset)
-    # One bench call per iteration, so that a child stopped by the timeout has reported what it did.
+    # One bench call per iteration, so that a child stopped by the timeout has reported what it did
+    # (each call builds its own random data and model, outside the timed step).
     for i in range(warmup + iterations):
         result = run_bench(config, iterations=1, warmup=0, count_flops=False, report=False)
         if i >= warmup:
