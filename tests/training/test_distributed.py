@@ -35,9 +35,17 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 TINY_CLI = Path(__file__).parent / "tiny_cli.py"
-OVERRIDES = {"meta.iterations": 6, "run.checkpoint_every": 2, "run.eval_tasks": 5, "run.test_tasks": 9}
+OVERRIDES = {"meta.iterations": 6, "meta.tasks_per_chunk": 2, "run.checkpoint_every": 2, "run.eval_tasks": 5,
+             "run.test_tasks": 9}
 """The tiny run, 6 iterations of 4 tasks (2 per process). Validation takes chunks of 4 + 1 tasks and the
-test 4 + 4 + 1, so some processes score 1 task of a chunk, or none."""
+test 4 + 4 + 1, so some processes score 1 task of a chunk, or none.
+
+One process back-propagates its 4 training tasks in chunks of 2, as each of 2 processes does its share:
+the documented condition for the same bits. With the automatic chunk (all 4 at once) a task's gradient
+can round differently than in a chunk of 2 (CPU convolution kernels may pick their blocking by the
+number of grouped tasks: seen on an AVX-512 machine, 1e-5 on a gradient of 167, not on the one before),
+and Adam's first steps, about meta_lr times the sign of each gradient, carry such rounding into the
+validation scores within a few iterations."""
 
 PRE_NORM_BIASES = [f"features.{i}.conv.bias" for i in range(4)]
 """Conv biases that BatchNorm cancels: their meta-gradient is zero up to rounding, which Adam scales up
