@@ -1,8 +1,9 @@
 """CPU threads and OpenMP wait policy, on idle cores and beside a busy neighbour.
 
 A user trains in one terminal and evaluates in another; two runs share a small machine; CI runs beside
-a training. This times ``metagrad bench``'s meta-training step (a preset's shapes on random data: task
-sampling, meta-batch loss, backward, Adam) in a child process for each arm:
+a training. This times ``metagrad bench``'s meta-training step on the CPU, also where a GPU is present (a
+preset's shapes on random data: task sampling, meta-batch loss, backward, Adam) in a child process for
+each arm:
 
 - ``torch-default``: torch's default thread count (one per core) and libgomp's default wait policy
   (the child imports torch before metagrad, so metagrad leaves ``OMP_WAIT_POLICY`` alone);
@@ -55,17 +56,23 @@ def child(preset: str, iterations: int, warmup: int, torch_first: bool) -> None:
     import torch
 
     from metagrad.bench import run_bench
-    from metagrad.training.config import load_preset
 
-    print(json.dumps({"threads": torch.get_num_threads(),
+    config = cpu_preset(preset)
+    print(json.dumps({"threads": torch.get_num_threads(), "device": config.run.device,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}), flush=True)
-    config = load_preset(preset)
     # One bench call per iteration, so that a child stopped by the timeout has reported what it did
     # (each call builds its own random data and model, outside the timed step).
     for i in range(warmup + iterations):
         result = run_bench(config, iterations=1, warmup=0, count_flops=False, report=False)
         if i >= warmup:
             print(json.dumps({"sec": result["sec_per_iter"]}), flush=True)
+
+
+def cpu_preset(preset: str) -> Any:
+    """The preset on the CPU: the device "auto" would time a GPU where there is one."""
+    from metagrad.training.config import resolve_config
+
+    return resolve_config(preset=preset, overrides={"run.device": "cpu"})
 
 
 def neighbour_command(preset: str) -> list[str]:
@@ -121,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from metagrad.bench import run_bench
-        from metagrad.training.config import load_preset
 
         torch.set_num_threads(1)
-        config = load_preset(args.preset)
+        config = cpu_preset(args.preset)
         while True:
             run_bench(config, iterations=10, warmup=0, count_flops=False, report=False)
 

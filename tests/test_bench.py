@@ -114,6 +114,7 @@ def test_thread_benchmark_arms_run_with_the_policies_they_name(capsys: pytest.Ca
     runs, summary = _threads_summary(capsys, "--scenarios", "idle", "--arms", "torch-default", "metagrad")
     policies = {run["arm"]: run["omp_wait_policy"] for run in runs}
     assert policies == {"torch-default": "(unset)", "metagrad": "PASSIVE"}
+    assert {run["device"] for run in runs} == {"cpu"}  # a thread benchmark, also where a GPU is present
     assert all(len(run["times"]) == 1 and not run["timed_out"] for run in runs)
     assert summary["idle/metagrad_speedup"] == pytest.approx(
         summary["idle/torch-default_sec_per_iter"] / summary["idle/metagrad_sec_per_iter"])
