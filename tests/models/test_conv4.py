@@ -90,3 +90,22 @@ def test_build_model_errors() -> None:
         MiniImagenetCNN(5, layers=7)
     with pytest.raises(ConfigError, match="sizes"):
         OmniglotFC(5, sizes=())
+
+
+@pytest.mark.parametrize("make", [lambda init: OmniglotCNN(5, strided=True, norm_init=init),
+                                  lambda init: MiniImagenetCNN(5, hidden_size=8, norm_init=init)])
+def test_norm_init_ones_starts_batchnorm_at_one_and_changes_nothing_else(make) -> None:
+    torch.manual_seed(0)
+    uniform = make("learn2learn")
+    torch.manual_seed(0)
+    ones = make("ones")
+    norms = [m for m in ones.modules() if isinstance(m, BatchNorm)]
+    assert len(norms) == 4 and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+    assert not any(torch.all(m.weight == 1) for m in uniform.modules() if isinstance(m, BatchNorm))
+    # Same parameter names and shapes, so checkpoints of either load into the other; the first
+    # convolution is drawn before any BatchNorm, so it is the same draw in both.
+    shapes = [{k: v.shape for k, v in model.named_parameters()} for model in (uniform, ones)]
+    assert shapes[0] == shapes[1]
+    torch.testing.assert_close(ones.features[0].conv.weight, uniform.features[0].conv.weight)
+    with pytest.raises(ConfigError, match="unknown norm_init 'zero'; valid: learn2learn, ones"):
+        make("zero")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from metagrad.errors import ConfigError
 from metagrad.training import Config, load_preset, resolve_config
@@ -132,6 +133,9 @@ BAD_OVERRIDES = [
     ({"model.name": "resnet"}, "unknown model 'resnet'; valid models: omniglot-cnn"),
     ({"model.hidden_size": 0}, "model.hidden_size must be positive"),
     ({"model.name": "mini-imagenet-cnn"}, "strided applies to omniglot-cnn only"),
+    ({"model.norm_init": "zeros"}, "unknown model.norm_init 'zeros'; valid: learn2learn, ones"),
+    ({"model.name": "omniglot-fc", "model.strided": False, "model.norm_init": "ones"},
+     "norm_init applies to omniglot-cnn and mini-imagenet-cnn only"),
     ({"meta.algorithm": "reptile"}, "unknown algorithm 'reptile'; valid algorithms: maml, fomaml, anil"),
     ({"meta.algorithm": "fomaml"}, "fomaml is first-order MAML: set meta.first_order to true"),
     ({"meta.inner_lr": 0.0}, r"meta.inner_lr \(--inner-lr\) must be positive, got 0.0"),
@@ -206,3 +210,16 @@ def test_resume_may_change_only_harmless_settings() -> None:
 
 def test_config_to_dict_is_json_ready() -> None:
     assert json.loads(json.dumps(config_to_dict(Config())))["meta"]["inner_lr"] == 0.4
+
+
+def test_norm_init_reaches_the_model_the_run_builds() -> None:
+    from metagrad.models.layers import BatchNorm
+    from metagrad.training.loop import _build_model
+
+    for name in ("omniglot-maml-20w1s", "mini-imagenet-maml-5w1s"):
+        config = resolve_config(preset=name, overrides={"model.norm_init": "ones"})
+        image_shape = (1, 28, 28) if "omniglot" in name else (3, 84, 84)
+        model = _build_model(config.model, config.data.ways, image_shape)
+        norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
+        assert norms and all(torch.all(m.weight == 1) for m in norms)
+    assert load_preset("omniglot-maml-20w1s").model.norm_init == "learn2learn"

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from metagrad.errors import ConfigError
-from metagrad.models.layers import ConvBlock, LinearBlock, fc_init_, maml_init_
+from metagrad.models.layers import ConvBlock, LinearBlock, check_norm_init, fc_init_, maml_init_
 
 __all__ = ["MINI_IMAGENET_SIZE", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC"]
 
@@ -49,14 +49,16 @@ class OmniglotCNN(nn.Module):
     positions: on 1x28x28 inputs the max-pool variant ends at 1x1 (28-14-7-3-1), so this is a flatten;
     the strided one ends at 2x2 (28-14-7-4-2), averaged as in the MAML paper.
 
-    Initialization: convolutions xavier-uniform, zero bias; BatchNorm weight U[0, 1), bias 0; head weight
-    N(0, 1), zero bias (as learn2learn and the MAML reference code).
+    Initialization: convolutions xavier-uniform, zero bias; BatchNorm weight U[0, 1) (learn2learn) or 1
+    (``norm_init="ones"``), bias 0; head weight N(0, 1), zero bias (as learn2learn and the MAML
+    reference code).
 
     Args:
         ways: number of classes N (head outputs).
         hidden_size: filters per convolution.
         layers: number of conv blocks.
         strided: stride-2 convolutions instead of max-pooling.
+        norm_init: how BatchNorm's weight starts: "learn2learn" (U[0, 1)) or "ones".
 
     Shapes:
         x: (B, 1, H, W) with H, W >= 2**layers -> logits (B, ways). ``features(x)``: (B, hidden_size).
@@ -65,11 +67,14 @@ class OmniglotCNN(nn.Module):
         Finn et al. 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML.
     """
 
-    def __init__(self, ways: int, hidden_size: int = 64, layers: int = 4, strided: bool = False) -> None:
+    def __init__(self, ways: int, hidden_size: int = 64, layers: int = 4, strided: bool = False,
+                 norm_init: str = "learn2learn") -> None:
         super().__init__()
         _check_positive(ways=ways, hidden_size=hidden_size, layers=layers)
+        check_norm_init(norm_init)
         channels = [1] + [hidden_size] * layers
-        blocks = [ConvBlock(c_in, hidden_size, strided=strided) for c_in in channels[:-1]]
+        blocks = [ConvBlock(c_in, hidden_size, strided=strided, norm_init=norm_init)
+                  for c_in in channels[:-1]]
         self.features = nn.Sequential(*blocks, SpatialMean())
         self.classifier = nn.Linear(hidden_size, ways)
         nn.init.normal_(self.classifier.weight)
@@ -122,12 +127,13 @@ class MiniImagenetCNN(nn.Module):
     On 3x84x84 images the maps shrink 84-42-21-10-5, so the body outputs 5*5*hidden_size (800 for the
     standard 32 filters) flattened features. BatchNorm uses eps 1e-3 and batch statistics.
     Initialization: convolutions and head xavier-uniform with zero bias; BatchNorm weight U[0, 1), bias 0
-    (learn2learn's ``MiniImagenetCNN``).
+    (learn2learn's ``MiniImagenetCNN``), or weight 1 with ``norm_init="ones"``.
 
     Args:
         ways: number of classes N.
         hidden_size: filters per convolution.
         layers: number of conv blocks (84 is halved, rounding down, once per block).
+        norm_init: how BatchNorm's weight starts: "learn2learn" (U[0, 1)) or "ones".
 
     Shapes:
         x: (B, 3, 84, 84) -> logits (B, ways). ``features(x)``: (B, hidden_size * s * s), s = 5 for 4 layers.
@@ -136,15 +142,18 @@ class MiniImagenetCNN(nn.Module):
         Ravi and Larochelle 2017, "Optimization as a Model for Few-Shot Learning", ICLR.
     """
 
-    def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4) -> None:
+    def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4,
+                 norm_init: str = "learn2learn") -> None:
         super().__init__()
         _check_positive(ways=ways, hidden_size=hidden_size, layers=layers)
+        check_norm_init(norm_init)
         side = MINI_IMAGENET_SIZE
         for _ in range(layers):
             side //= 2
         if side < 1:
             raise ConfigError(f"layers={layers} pools {MINI_IMAGENET_SIZE}-pixel images away; use 6 or fewer")
-        blocks = [ConvBlock(3 if i == 0 else hidden_size, hidden_size) for i in range(layers)]
+        blocks = [ConvBlock(3 if i == 0 else hidden_size, hidden_size, norm_init=norm_init)
+                  for i in range(layers)]
         # (B, hidden, side, side) -> (B, hidden * side * side)
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.classifier = nn.Linear(hidden_size * side * side, ways)

@@ -13,10 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BN_EPS", "BatchNorm", "ConvBlock", "LinearBlock", "fc_init_", "maml_init_"]
+from metagrad.errors import ConfigError
+
+__all__ = ["BN_EPS", "NORM_INITS", "BatchNorm", "ConvBlock", "LinearBlock", "check_norm_init", "fc_init_",
+           "maml_init_"]
 
 BN_EPS = 1e-3
 """BatchNorm epsilon of learn2learn's few-shot networks (torch's default is 1e-5)."""
+
+NORM_INITS = ("learn2learn", "ones")
+"""How a conv block's BatchNorm scale starts: learn2learn's U[0, 1), or 1 (torch's default).
+
+MAML's TensorFlow code has no BatchNorm scale at all (``tf.contrib.layers.batch_norm`` with its
+default ``scale=False``), which is a scale of 1 that never changes; "ones" starts there.
+"""
+
+
+def check_norm_init(norm_init: str) -> None:
+    """Raise ConfigError unless ``norm_init`` is one of ``NORM_INITS``."""
+    if norm_init not in NORM_INITS:
+        raise ConfigError(f"unknown norm_init {norm_init!r}; valid: {', '.join(NORM_INITS)}")
 
 
 def maml_init_(layer: nn.Conv2d | nn.Linear) -> None:
@@ -73,22 +89,31 @@ class ConvBlock(nn.Module):
     """3x3 convolution (padding 1), BatchNorm, ReLU, then a 2x2 max-pool or a stride-2 convolution.
 
     Initialization (learn2learn's ``ConvBlock``): convolution xavier-uniform with zero bias;
-    BatchNorm weight uniform in [0, 1), bias zero. All drawn from torch's generator.
+    BatchNorm weight uniform in [0, 1) (or 1, see ``norm_init``), bias zero. All drawn from torch's
+    generator.
 
     Args:
         in_channels: input channels.
         out_channels: filters.
         strided: True for the MAML paper's Omniglot variant (stride-2 convolution, no pooling);
             False for a stride-1 convolution followed by a 2x2 max-pool.
+        norm_init: "learn2learn" (BatchNorm weight U[0, 1)) or "ones" (weight 1); see ``NORM_INITS``.
+            "ones" draws nothing for it, so the next draws of torch's generator come earlier.
+
+    Raises:
+        ConfigError: ``norm_init`` is not one of ``NORM_INITS``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, strided: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, strided: bool = False,
+                 norm_init: str = "learn2learn") -> None:
         super().__init__()
+        check_norm_init(norm_init)
         self.strided = strided
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
-        self.norm = BatchNorm(out_channels)
+        self.norm = BatchNorm(out_channels)  # weight 1, bias 0
         maml_init_(self.conv)
-        nn.init.uniform_(self.norm.weight)
+        if norm_init == "learn2learn":
+            nn.init.uniform_(self.norm.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with H' = ceil(H/2) if strided else floor(H/2)."""

@@ -36,6 +36,7 @@ from metagrad.algorithms import ALGORITHMS
 from metagrad.data.datasets import DATASETS
 from metagrad.errors import ConfigError
 from metagrad.models import MODELS
+from metagrad.models.layers import NORM_INITS
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -90,6 +91,8 @@ class ModelConfig:
     name: str = "omniglot-cnn"  # a name in metagrad.models.build_model
     hidden_size: int = 64  # filters per conv layer (MAML: 64 on Omniglot, 32 on Mini-ImageNet)
     strided: bool = True  # omniglot-cnn only: stride-2 convs instead of max-pooling (MAML on Omniglot)
+    norm_init: str = "learn2learn"  # conv models: BatchNorm weight starts U[0, 1) ("learn2learn") or at 1
+    #                                 ("ones"; MAML's TensorFlow code has no BatchNorm scale: 1 throughout)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "meta": MetaConfig, "run": RunConfig}
+
+_CONV_MODELS = ("omniglot-cnn", "mini-imagenet-cnn")
+"""The models whose BatchNorm start ``model.norm_init`` chooses."""
 
 RESUMABLE_CHANGES = frozenset(
     {"data.data_dir", "data.cache_dir", "run.device", "run.run_dir", "run.checkpoint_every", "run.log_every",
@@ -396,6 +402,11 @@ def validate_config(config: Config) -> Config:
     _positive("model.hidden_size", model.hidden_size)
     if model.strided and model.name != "omniglot-cnn":
         raise ConfigError(f"model.strided applies to omniglot-cnn only; set it to false for {model.name}")
+    if model.norm_init not in NORM_INITS:
+        raise ConfigError(f"unknown model.norm_init {model.norm_init!r}; valid: {', '.join(NORM_INITS)}")
+    if model.norm_init != "learn2learn" and model.name not in _CONV_MODELS:
+        raise ConfigError(f"model.norm_init applies to {' and '.join(_CONV_MODELS)} only ({model.name}'s "
+                          f"BatchNorm weights start at 1); leave it at learn2learn")
 
     if meta.algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {meta.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")

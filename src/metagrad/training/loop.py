@@ -251,6 +251,8 @@ def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, i
         kwargs["hidden_size"] = model_config.hidden_size
     if model_config.name == "omniglot-cnn":
         kwargs["strided"] = model_config.strided
+    if model_config.name != "omniglot-fc":
+        kwargs["norm_init"] = model_config.norm_init
     return build_model(model_config.name, ways, **kwargs)
 
 
