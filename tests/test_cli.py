@@ -207,6 +207,30 @@ def test_help_documents_every_option_with_its_default(capsys: pytest.CaptureFixt
         assert _main(capsys, command, "--help")[0] == 0
 
 
+def test_help_reaches_every_config_setting(capsys: pytest.CaptureFixture) -> None:
+    # Each setting has a flag or a line under "settings without a flag", with every value a registry allows.
+    import dataclasses
+
+    from metagrad.models import MODELS
+    from metagrad.models.layers import NORM_INITS
+    from metagrad.training.config import _SECTIONS, SPLIT_SCHEMES
+
+    code, out, _err = _main(capsys, "train", "--help")
+    assert code == 0
+    epilog = out[out.index("settings without a flag"):]
+    flagged = {key for _, key, _, _ in cli._TRAIN_OPTIONS} | {key for _, key, _ in cli._TRAIN_SWITCHES}
+    flagged |= {"data.data_dir", "data.cache_dir", "run.run_dir", "run.device"}  # --data-dir ... --device
+    for section, kind in _SECTIONS.items():
+        for field in dataclasses.fields(kind):
+            key = f"{section}.{field.name}"
+            assert key in flagged or f"  {key} " in epilog, f"{key}: no flag and not under --set's settings"
+    assert not flagged & {key for key, _ in cli._SET_ONLY}
+    for value in [*MODELS, *NORM_INITS, *(s for schemes in SPLIT_SCHEMES.values() for s in schemes)]:
+        assert value in epilog, value
+    assert "model.norm_init    conv models: BatchNorm's scale starts U[0, 1) (learn2learn) or at 1 (ones) " \
+           "(learn2learn)" in epilog
+
+
 def test_eval_plot_results_of_missing_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert _main(capsys, "eval", str(tmp_path)) == (
         2, "", f"error: {tmp_path} is not a run folder (it holds no config.json)\n")

@@ -56,6 +56,17 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--dist-timeout", "run.dist_timeout_s", float,
      "under torchrun: seconds a process waits for the others (start-up, each exchange) before the job fails"),
 ]
+_SET_ONLY: list[tuple[str, str]] = [
+    ("data.dataset", "omniglot or mini-imagenet"),
+    ("data.rotations", "omniglot: each 90-degree rotation of a character is a class of its own"),
+    ("data.split_scheme", "omniglot: shuffled (the papers' code), maml or vinyals; mini-imagenet: ravi"),
+    ("model.name", "omniglot-cnn, omniglot-fc or mini-imagenet-cnn"),
+    ("model.hidden_size", "filters per conv layer"),
+    ("model.strided", "omniglot-cnn: stride-2 convolutions instead of max-pooling"),
+    ("model.norm_init", "conv models: BatchNorm's scale starts U[0, 1) (learn2learn) or at 1 (ones)"),
+]
+"""(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
+
 _TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("--first-order", "meta.first_order", "first-order meta-gradient (no second derivatives)"),
     ("--vectorize", "meta.vectorize", "vmap the meta-batch (--no-vectorize: one task at a time)"),
@@ -70,6 +81,15 @@ def _default_config() -> Config:
 def _default_of(key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(_default_config(), section), name)
+
+
+def _set_only_epilog() -> str:
+    lines = [f"settings without a flag (--set KEY=VALUE; {DEFAULT_PRESET}'s value shown):"]
+    for key, text in _SET_ONLY:
+        value = _default_of(key)
+        shown = str(value).lower() if isinstance(value, bool) else value
+        lines.append(f"  {key:<18} {text} ({shown})")
+    return "\n".join(lines)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  metagrad train --resume --run-dir runs/X         # continue an interrupted run\n"
                     "  torchrun --nproc-per-node 2 -m metagrad train    # 2 data-parallel processes",
     )
+    train.epilog = _set_only_epilog()
     _add_train_options(train)
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir from its latest checkpoint")
