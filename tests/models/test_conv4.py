@@ -109,3 +109,12 @@ def test_norm_init_ones_starts_batchnorm_at_one_and_changes_nothing_else(make) -
     torch.testing.assert_close(ones.features[0].conv.weight, uniform.features[0].conv.weight)
     with pytest.raises(ConfigError, match="unknown norm_init 'zero'; valid: learn2learn, ones"):
         make("zero")
+
+
+def test_norm_init_models_are_the_ones_that_take_it() -> None:
+    import inspect
+
+    from metagrad.models import NORM_INIT_MODELS
+
+    takes = {name for name, make in MODELS.items() if "norm_init" in inspect.signature(make).parameters}
+    assert takes == set(NORM_INIT_MODELS)

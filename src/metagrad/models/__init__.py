@@ -12,7 +12,8 @@ from metagrad.models.conv4 import MiniImagenetCNN, OmniglotCNN, OmniglotFC
 from metagrad.models.layers import BatchNorm
 
 __all__ = [
-    "HEAD_PREFIX", "MODELS", "BatchNorm", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "build_model",
+    "HEAD_PREFIX", "MODELS", "NORM_INIT_MODELS", "BatchNorm", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC",
+    "build_model",
 ]
 
 HEAD_PREFIX = "classifier."
@@ -24,6 +25,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mini-imagenet-cnn": MiniImagenetCNN,
 }
 """Model name -> constructor taking ``ways`` first."""
+
+NORM_INIT_MODELS = ("omniglot-cnn", "mini-imagenet-cnn")
+"""The models whose constructor takes ``norm_init`` (the conv networks; the FC one starts BatchNorm at 1)."""
 
 
 def build_model(name: str, ways: int, **kwargs: Any) -> nn.Module:

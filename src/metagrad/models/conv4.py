@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from metagrad.errors import ConfigError
-from metagrad.models.layers import ConvBlock, LinearBlock, check_norm_init, fc_init_, maml_init_
+from metagrad.models.layers import ConvBlock, LinearBlock, fc_init_, maml_init_
 
 __all__ = ["MINI_IMAGENET_SIZE", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC"]
 
@@ -71,7 +71,6 @@ class OmniglotCNN(nn.Module):
                  norm_init: str = "learn2learn") -> None:
         super().__init__()
         _check_positive(ways=ways, hidden_size=hidden_size, layers=layers)
-        check_norm_init(norm_init)
         channels = [1] + [hidden_size] * layers
         blocks = [ConvBlock(c_in, hidden_size, strided=strided, norm_init=norm_init)
                   for c_in in channels[:-1]]
@@ -146,7 +145,6 @@ class MiniImagenetCNN(nn.Module):
                  norm_init: str = "learn2learn") -> None:
         super().__init__()
         _check_positive(ways=ways, hidden_size=hidden_size, layers=layers)
-        check_norm_init(norm_init)
         side = MINI_IMAGENET_SIZE
         for _ in range(layers):
             side //= 2

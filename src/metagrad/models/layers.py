@@ -29,10 +29,10 @@ default ``scale=False``), which is a scale of 1 that never changes; "ones" start
 """
 
 
-def check_norm_init(norm_init: str) -> None:
-    """Raise ConfigError unless ``norm_init`` is one of ``NORM_INITS``."""
+def check_norm_init(norm_init: str, name: str = "norm_init") -> None:
+    """Raise ConfigError unless ``norm_init`` is one of ``NORM_INITS``; the message calls it ``name``."""
     if norm_init not in NORM_INITS:
-        raise ConfigError(f"unknown norm_init {norm_init!r}; valid: {', '.join(NORM_INITS)}")
+        raise ConfigError(f"unknown {name} {norm_init!r}; valid: {', '.join(NORM_INITS)}")
 
 
 def maml_init_(layer: nn.Conv2d | nn.Linear) -> None:

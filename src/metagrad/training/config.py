@@ -35,8 +35,8 @@ import tomllib
 from metagrad.algorithms import ALGORITHMS
 from metagrad.data.datasets import DATASETS
 from metagrad.errors import ConfigError
-from metagrad.models import MODELS
-from metagrad.models.layers import NORM_INITS
+from metagrad.models import MODELS, NORM_INIT_MODELS
+from metagrad.models.layers import check_norm_init
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -140,9 +140,6 @@ class Config:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "meta": MetaConfig, "run": RunConfig}
-
-_CONV_MODELS = ("omniglot-cnn", "mini-imagenet-cnn")
-"""The models whose BatchNorm start ``model.norm_init`` chooses."""
 
 RESUMABLE_CHANGES = frozenset(
     {"data.data_dir", "data.cache_dir", "run.device", "run.run_dir", "run.checkpoint_every", "run.log_every",
@@ -402,10 +399,9 @@ def validate_config(config: Config) -> Config:
     _positive("model.hidden_size", model.hidden_size)
     if model.strided and model.name != "omniglot-cnn":
         raise ConfigError(f"model.strided applies to omniglot-cnn only; set it to false for {model.name}")
-    if model.norm_init not in NORM_INITS:
-        raise ConfigError(f"unknown model.norm_init {model.norm_init!r}; valid: {', '.join(NORM_INITS)}")
-    if model.norm_init != "learn2learn" and model.name not in _CONV_MODELS:
-        raise ConfigError(f"model.norm_init applies to {' and '.join(_CONV_MODELS)} only ({model.name}'s "
+    check_norm_init(model.norm_init, "model.norm_init")
+    if model.norm_init != "learn2learn" and model.name not in NORM_INIT_MODELS:
+        raise ConfigError(f"model.norm_init applies to {' and '.join(NORM_INIT_MODELS)} only ({model.name}'s "
                           f"BatchNorm weights start at 1); leave it at learn2learn")
 
     if meta.algorithm not in ALGORITHMS:

@@ -55,7 +55,7 @@ from metagrad.algorithms import MetaBatchOutput
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError, MetagradError, TrainingError
-from metagrad.models import build_model
+from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.training import distributed
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
@@ -251,7 +251,7 @@ def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, i
         kwargs["hidden_size"] = model_config.hidden_size
     if model_config.name == "omniglot-cnn":
         kwargs["strided"] = model_config.strided
-    if model_config.name != "omniglot-fc":
+    if model_config.name in NORM_INIT_MODELS:
         kwargs["norm_init"] = model_config.norm_init
     return build_model(model_config.name, ways, **kwargs)
 
