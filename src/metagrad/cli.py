@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import metagrad
+from metagrad.data.datasets import DATASETS
 from metagrad.errors import ConfigError, MetagradError
-from metagrad.training.config import DEFAULT_PRESET, Config, load_preset, parse_assignment, resolve_config
+from metagrad.models import MODELS
+from metagrad.training.config import (
+    DEFAULT_PRESET,
+    SPLIT_SCHEMES,
+    Config,
+    load_preset,
+    parse_assignment,
+    resolve_config,
+)
 from metagrad.training.distributed import World, world_from_environment
 
 __all__ = ["build_parser", "main"]
@@ -56,11 +65,16 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--dist-timeout", "run.dist_timeout_s", float,
      "under torchrun: seconds a process waits for the others (start-up, each exchange) before the job fails"),
 ]
+def _either(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
 _SET_ONLY: list[tuple[str, str]] = [
-    ("data.dataset", "omniglot or mini-imagenet"),
+    ("data.dataset", _either(list(DATASETS))),
     ("data.rotations", "omniglot: each 90-degree rotation of a character is a class of its own"),
-    ("data.split_scheme", "omniglot: shuffled (the papers' code), maml or vinyals; mini-imagenet: ravi"),
-    ("model.name", "omniglot-cnn, omniglot-fc or mini-imagenet-cnn"),
+    ("data.split_scheme", "; ".join(f"{dataset}: {_either(schemes)}" for dataset, schemes in
+                                    SPLIT_SCHEMES.items())),
+    ("model.name", _either(list(MODELS))),
     ("model.hidden_size", "filters per conv layer"),
     ("model.strided", "omniglot-cnn: stride-2 convolutions instead of max-pooling"),
     ("model.norm_init", "conv models: BatchNorm's scale starts U[0, 1) (learn2learn) or at 1 (ones)"),
