@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.types import Buffers, Params
+from metagrad import vmap_exact
+from metagrad.types import Buffers, LossFn, Params
 
 __all__ = ["adapt", "forward_with", "inner_step", "sgd_step", "support_loss"]
 
@@ -42,9 +43,10 @@ def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) 
     return torch.func.functional_call(model, (params, buffers), (x,))
 
 
-def support_loss(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of ``model`` run with ``params`` on ``x`` (B, ...) against labels ``y`` (B,)."""
-    return F.cross_entropy(forward_with(model, params, buffers, x), y)
+def support_loss(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, y: Tensor,
+                 loss_fn: LossFn | None = None) -> Tensor:
+    """``loss_fn`` (default: mean cross-entropy) of ``model`` with ``params`` on ``x`` (B, ...) and ``y``."""
+    return (loss_fn or F.cross_entropy)(forward_with(model, params, buffers, x), y)
 
 
 def sgd_step(params: Params, grads: Params, *, lr: float) -> Params:
@@ -75,8 +77,9 @@ def inner_step(
     first_order: bool = False,
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> Params:
-    """One gradient step on the cross-entropy of ``(x, y)``: ``p - inner_lr * grad`` for ``p`` in ``keys``.
+    """One gradient step on the loss of ``(x, y)``: ``p - inner_lr * grad`` for ``p`` in ``keys``.
 
     Args:
         model: supplies the computation.
@@ -90,6 +93,7 @@ def inner_step(
         keys: names of the parameters to adapt (ANIL: the head's); None adapts all. The others are
             returned unchanged (the same tensors).
         under_vmap: True when called inside ``torch.func.vmap``; uses ``torch.func.grad``.
+        loss_fn: ``loss_fn(outputs, y) -> scalar`` for one task; None for mean cross-entropy.
 
     Returns:
         A new dict holding every name of ``params``.
@@ -99,10 +103,14 @@ def inner_step(
     """
     keys = _check_keys(params, keys)
     if under_vmap:
-        def loss_of(adapted: Params) -> Tensor:
-            return support_loss(model, {**params, **adapted}, buffers, x, y)
+        def loss_of(adapted: Params) -> tuple[Tensor, list[Tensor]]:
+            # BatchNorm statistics recorded inside grad leave it as its aux output (vmap_exact.aux_scope).
+            with vmap_exact.aux_scope() as stats:
+                loss = support_loss(model, {**params, **adapted}, buffers, x, y, loss_fn)
+            return loss, stats
 
-        grads = torch.func.grad(loss_of)({k: params[k] for k in keys})
+        grads, stats = torch.func.grad(loss_of, has_aux=True)({k: params[k] for k in keys})
+        vmap_exact.extend_stats(stats)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         return sgd_step(params, grads, lr=inner_lr)
@@ -111,10 +119,12 @@ def inner_step(
     # (under no_grad, or on detached parameters); they change nothing when params already require grad.
     with torch.enable_grad():
         leaves = {k: p if (p := params[k]).requires_grad else p.detach().requires_grad_() for k in keys}
-        loss = support_loss(model, {**params, **leaves}, buffers, x, y)
+        loss = support_loss(model, {**params, **leaves}, buffers, x, y, loss_fn)
         # create_graph keeps the gradient differentiable, so the outer loss sees d(grad)/d(params):
         # that is the second-order term. First order drops it (the gradient is a constant).
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order)
+        # A parameter the support loss does not use gets a zero gradient (it stays where it is).
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order,
+                                    allow_unused=True, materialize_grads=True)
         return sgd_step({**params, **leaves}, dict(zip(keys, grads)), lr=inner_lr)
 
 
@@ -130,6 +140,7 @@ def adapt(
     first_order: bool = False,
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> Params:
     """Adapt ``params`` to one task with ``steps`` gradient steps on its support set (MAML's inner loop).
 
@@ -141,13 +152,14 @@ def adapt(
         model: supplies the computation.
         params: name -> tensor, the initialization being meta-learned.
         buffers: name -> tensor, passed through.
-        support_x: (N*K, C, H, W) support images of one task.
-        support_y: (N*K,) int64 labels in [0, N).
+        support_x: (N*K, C, H, W) support images of one task (or any inputs the model takes).
+        support_y: (N*K,) int64 labels in [0, N) (or any targets ``loss_fn`` takes).
         inner_lr: inner learning rate alpha.
         steps: number of inner gradient steps (0 returns the parameters unchanged).
         first_order: first-order approximation (inner gradients detached).
         keys: parameter names the inner loop adapts; None = all (MAML), the head's = ANIL.
         under_vmap: True inside ``torch.func.vmap`` (see the module docstring).
+        loss_fn: ``loss_fn(outputs, support_y) -> scalar``; None for mean cross-entropy.
 
     Returns:
         Adapted parameters: a new dict with every name of ``params``.
@@ -174,6 +186,6 @@ def adapt(
     for _ in range(steps):
         adapted = inner_step(
             model, adapted, buffers, support_x, support_y,
-            inner_lr=inner_lr, first_order=first_order, keys=keys, under_vmap=under_vmap,
+            inner_lr=inner_lr, first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
         )
     return adapted

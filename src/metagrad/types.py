@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ Buffers = dict[str, Tensor]
 """Buffers keyed by ``nn.Module.named_buffers()`` names (kept apart from parameters)."""
 
 Metrics = dict[str, float]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(outputs, targets) -> scalar`` of one task, e.g. ``F.cross_entropy`` or ``F.mse_loss``."""
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,15 @@ References:
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from collections.abc import Iterable
+
 from torch import Tensor, nn
 
-from metagrad.algorithms.maml import accuracy
+from metagrad.algorithms.maml import query_metrics
 from metagrad.errors import ConfigError
 from metagrad.functional import adapt, forward_with
 from metagrad.models import HEAD_PREFIX
-from metagrad.types import Buffers, Params
+from metagrad.types import Buffers, LossFn, Params
 
 __all__ = ["BODY_PREFIX", "anil_task_loss", "split_body_head"]
 
@@ -64,6 +65,8 @@ def anil_task_loss(
     inner_steps: int,
     first_order: bool = False,
     under_vmap: bool = False,
+    loss_fn: LossFn | None = None,
+    keys: Iterable[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Query loss and accuracy of one task after adapting only the head on the support features.
 
@@ -79,6 +82,8 @@ def anil_task_loss(
         inner_steps: inner gradient steps on the head.
         first_order: detach the inner gradients.
         under_vmap: True when vmapped over tasks.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; None for cross-entropy.
+        keys: full parameter names the inner loop may adapt (None: all); of these, the head's are adapted.
 
     Returns:
         ``(query_loss, query_acc)`` scalars; the loss is differentiable w.r.t. body and head parameters.
@@ -87,9 +92,9 @@ def anil_task_loss(
     body_buffers, head_buffers = _strip(buffers, BODY_PREFIX), _strip(buffers, HEAD_PREFIX)
     support_f = forward_with(model.features, body, body_buffers, support_x)  # (N*K, D)
     query_f = forward_with(model.features, body, body_buffers, query_x)  # (N*Q, D)
+    head_keys = list(head) if keys is None else [k for k in head if HEAD_PREFIX + k in set(keys)]
     head = adapt(
-        model.classifier, head, head_buffers, support_f, support_y,
-        inner_lr=inner_lr, steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
+        model.classifier, head, head_buffers, support_f, support_y, keys=head_keys,
+        inner_lr=inner_lr, steps=inner_steps, first_order=first_order, under_vmap=under_vmap, loss_fn=loss_fn,
     )
-    logits = forward_with(model.classifier, head, head_buffers, query_f)  # (N*Q, N)
-    return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
+    return query_metrics(forward_with(model.classifier, head, head_buffers, query_f), query_y, loss_fn)

@@ -16,14 +16,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.functional import adapt, forward_with
-from metagrad.types import Buffers, Params
+from metagrad.types import Buffers, LossFn, Params
 
-__all__ = ["accuracy", "maml_task_loss"]
+__all__ = ["accuracy", "is_classification", "maml_task_loss", "query_metrics"]
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of ``labels`` (B,) that ``logits`` (B, N) rank first, as a float scalar tensor."""
     return (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
+
+
+def is_classification(outputs: Tensor, targets: Tensor) -> bool:
+    """True where accuracy means something: integer labels (B,) and class scores (B, N)."""
+    return not targets.is_floating_point() and outputs.dim() == targets.dim() + 1
+
+
+def query_metrics(outputs: Tensor, targets: Tensor, loss_fn: LossFn | None) -> tuple[Tensor, Tensor]:
+    """``(loss, accuracy)`` of one task's query set; accuracy is NaN where targets are not class labels."""
+    loss = (loss_fn or F.cross_entropy)(outputs, targets)
+    if is_classification(outputs, targets):
+        return loss, accuracy(outputs, targets)
+    return loss, outputs.new_full((), float("nan")).detach()
 
 
 def maml_task_loss(
@@ -40,6 +53,7 @@ def maml_task_loss(
     first_order: bool = False,
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
+    loss_fn: LossFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Query loss and accuracy of one task after adapting ``params`` on its support set.
 
@@ -56,14 +70,14 @@ def maml_task_loss(
         first_order: detach the inner gradients (first-order MAML).
         keys: parameter names the inner loop adapts; None = all.
         under_vmap: True when vmapped over tasks (``torch.func.grad`` in the inner loop).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for support and query; None for cross-entropy.
 
     Returns:
-        ``(query_loss, query_acc)``: scalar mean cross-entropy, differentiable w.r.t. ``params``,
-        and scalar accuracy.
+        ``(query_loss, query_acc)``: scalar query loss, differentiable w.r.t. ``params``, and scalar
+        accuracy (NaN where the targets are not class labels).
     """
     adapted = adapt(
-        model, params, buffers, support_x, support_y,
-        inner_lr=inner_lr, steps=inner_steps, first_order=first_order, keys=keys, under_vmap=under_vmap,
+        model, params, buffers, support_x, support_y, inner_lr=inner_lr, steps=inner_steps,
+        first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
     )
-    logits = forward_with(model, adapted, buffers, query_x)  # (N*Q, N)
-    return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
+    return query_metrics(forward_with(model, adapted, buffers, query_x), query_y, loss_fn)  # (N*Q, N) logits

@@ -8,8 +8,10 @@ three strategies (``STRATEGIES``); the ``vectorize`` flag picks between them:
   batched matrix products) and differentiated with plain autograd; see ``algorithms/batched.py``.
   On CPU the tasks go in cache-sized chunks (``algorithms.batched.tasks_per_chunk``).
 * ``"vmap"`` (``vectorize=True`` on any other model): ``torch.func.vmap`` over the task dimension, the
-  inner gradients taken with ``torch.func.grad``. BatchNorm still normalizes each task with its own
-  statistics because its mean and variance are vmapped per task.
+  inner gradients taken with ``torch.func.grad``, under ``metagrad.vmap_exact.ExactFunctions``: torch's
+  fused normalizations (whose double backward is wrong under vmap) are computed from their definition,
+  and BatchNorm running statistics are updated afterwards in the loop's order. A model that vmap
+  cannot run exactly (``vmap_exact.loop_reason``) takes the loop; the choice is logged once per model.
 * ``"loop"`` (``vectorize=False``): a plain Python loop over tasks with ``torch.autograd.grad``, kept as
   the reference the tests compare the other paths against.
 
@@ -26,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from metagrad import vmap_exact
 from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.batched import batched_anil, batched_maml, tasks_per_chunk
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.models.batched import plan_for
-from metagrad.types import Buffers, Episode, Params
+from metagrad.types import Buffers, Episode, LossFn, Params
 
 __all__ = [
     "ALGORITHMS",
@@ -52,12 +55,13 @@ logger = logging.getLogger(__name__)
 
 TaskLoss = Callable[..., tuple[Tensor, Tensor]]
 """``f(model, params, buffers, support_x, support_y, query_x, query_y, *, inner_lr, inner_steps,
-first_order, under_vmap) -> (query_loss, query_acc)`` for one task."""
+first_order, under_vmap, loss_fn) -> (query_loss, query_acc)`` for one task."""
 
 VMAP_RANDOMNESS = "different"
 """vmap's randomness mode: each task draws its own random numbers, as independent tasks would (e.g.
-different dropout masks). The standard models use no randomness; a model that does gets different
-draws from the per-task loop, so the two paths then agree only in distribution."""
+different dropout masks). The loop draws them task after task from torch's generator, so a model with
+dropout in train mode gets other masks on the two paths: they agree in distribution, and each computes
+the exact meta-gradient of the masks it drew."""
 
 
 STRATEGIES = ("batched", "vmap", "loop")
@@ -94,12 +98,13 @@ class MetaBatchOutput:
     Attributes:
         loss: scalar mean query loss over the tasks, differentiable w.r.t. the params it was given.
         task_losses: (T,) detached query loss of each task.
-        task_accs: (T,) detached query accuracy of each task.
+        task_accs: (T,) detached query accuracy of each task; None where the targets are not class
+            labels (a regression loss).
     """
 
     loss: Tensor
     task_losses: Tensor
-    task_accs: Tensor
+    task_accs: Tensor | None
 
 
 def _resolve(algorithm: str, first_order: bool | None) -> tuple[Algorithm, bool]:
@@ -116,10 +121,11 @@ def _check_episode(episode: Episode, inner_lr: float, inner_steps: int) -> None:
     if not math.isfinite(inner_lr) or inner_lr < 0:
         raise ConfigError(f"inner_lr must be a finite non-negative number, got {inner_lr}")
     sx, sy, qx, qy = episode.support_x, episode.support_y, episode.query_x, episode.query_y
-    if sx.dim() < 2 or sy.dim() != 2 or qy.dim() != 2 or sx.shape[:2] != sy.shape or qx.shape[:2] != qy.shape:
+    if (min(t.dim() for t in (sx, sy, qx, qy)) < 2 or sx.shape[:2] != sy.shape[:2]
+            or qx.shape[:2] != qy.shape[:2]):
         raise ValueError(
-            "episode must hold support_x (T, N*K, ...), support_y (T, N*K), query_x (T, N*Q, ...), "
-            f"query_y (T, N*Q); got {tuple(sx.shape)}, {tuple(sy.shape)}, {tuple(qx.shape)}, "
+            "episode must hold support_x (T, N*K, ...), support_y (T, N*K, ...), query_x (T, N*Q, ...), "
+            f"query_y (T, N*Q, ...); got {tuple(sx.shape)}, {tuple(sy.shape)}, {tuple(qx.shape)}, "
             f"{tuple(qy.shape)}"
         )
     if episode.num_tasks == 0 or qx.shape[0] != sx.shape[0]:
@@ -127,11 +133,33 @@ def _check_episode(episode: Episode, inner_lr: float, inner_steps: int) -> None:
                          f"{sx.shape[0]} and {qx.shape[0]}")
 
 
-def _vectorized(task_loss: Callable[..., tuple[Tensor, Tensor]], episode: Episode) -> tuple[Tensor, Tensor]:
-    # Parameters are closed over, so vmap treats them as shared by all tasks (unbatched).
-    return torch.func.vmap(task_loss, randomness=VMAP_RANDOMNESS)(
-        episode.support_x, episode.support_y, episode.query_x, episode.query_y
-    )
+_VMAP_ERRORS = ("vmap", "captured Tensor", "functorch", "Batching rule", "in-place operation")
+
+
+def _vectorized(task_loss: Callable[..., tuple[Tensor, Tensor]], model: nn.Module, buffers: Buffers,
+                episode: Episode) -> tuple[Tensor, Tensor]:
+    modes: list[vmap_exact.ExactFunctions] = []
+
+    def exact_task(*task: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        with vmap_exact.exact_functions(buffers) as mode:
+            loss, acc = task_loss(*task)
+        modes.append(mode)
+        return loss, acc, mode.task_stats()
+
+    # Parameters and buffers are closed over, so vmap treats them as shared by all tasks (unbatched).
+    try:
+        losses, accs, stats = torch.func.vmap(exact_task, randomness=VMAP_RANDOMNESS)(
+            episode.support_x, episode.support_y, episode.query_x, episode.query_y
+        )
+    except RuntimeError as err:
+        if not any(s in str(err) for s in _VMAP_ERRORS):
+            raise
+        raise ConfigError(
+            f"{type(model).__name__} cannot run vectorized over tasks: {str(err).splitlines()[0]} Pass "
+            "vectorize=False (CLI: --no-vectorize) to run one task at a time, which is exact."
+        ) from err
+    vmap_exact.replay_running_stats(buffers, modes[0], stats, episode.num_tasks)
+    return losses, accs
 
 
 def _looped(task_loss: Callable[..., tuple[Tensor, Tensor]], episode: Episode) -> tuple[Tensor, Tensor]:
@@ -139,18 +167,51 @@ def _looped(task_loss: Callable[..., tuple[Tensor, Tensor]], episode: Episode) -
     return torch.stack(losses), torch.stack(accs)
 
 
+_LOGGED: set[tuple[type, str, str]] = set()
+
+
+def _log_once(model: nn.Module, strategy: str, why: str) -> None:
+    key = (type(model), strategy, why)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("%s runs on the %s strategy: %s", type(model).__name__, strategy, why)
+
+
+def _frozen(params: Params) -> frozenset[str]:
+    """Names of frozen parameters (``requires_grad=False`` beside others that require it).
+
+    The inner loop leaves them as they are, as learn2learn's ``adapt`` does by default; when no
+    parameter requires grad (detached copies, as in evaluation) every one is adapted.
+    """
+    if not any(p.requires_grad for p in params.values()):
+        return frozenset()
+    return frozenset(k for k, p in params.items() if not p.requires_grad)
+
+
+def _accuracies(accs: Tensor) -> Tensor | None:
+    # Per-task accuracies are NaN where the targets are not class labels (query_metrics): report None.
+    return None if accs.isnan().all() else accs.detach()
+
+
 def strategy_for(algorithm: str, model: nn.Module, params: Params, buffers: Buffers, *,
                  vectorize: bool = True) -> str:
     """The strategy ``vectorize`` selects for this model: "batched" where the model is one of the
-    standard networks and ``params`` holds exactly its parameters, "vmap" for other models, and "loop"
-    when ``vectorize`` is False."""
+    standard networks and ``params`` holds exactly its parameters, "vmap" for other models that vmap
+    runs exactly, and "loop" when ``vectorize`` is False or vmap cannot be exact
+    (``vmap_exact.loop_reason``). The choice is logged once per model class."""
     if not vectorize:
         return "loop"
     spec = ALGORITHMS.get(algorithm)
     names = dict(model.named_parameters())
     if (spec is not None and spec.task_loss in _BATCHED and not buffers and params.keys() == names.keys()
-            and all(params[k].shape == v.shape for k, v in names.items()) and plan_for(model) is not None):
+            and all(params[k].shape == v.shape for k, v in names.items()) and not _frozen(params)
+            and plan_for(model) is not None):
         return "batched"
+    reason = vmap_exact.loop_reason(model)
+    if reason is not None:
+        _log_once(model, "loop", f"{reason}; one task at a time is exact but slower")
+        return "loop"
+    _log_once(model, "vmap", "not one of metagrad's standard networks; torch.func.vmap over tasks")
     return "vmap"
 
 
@@ -165,6 +226,7 @@ def task_losses(
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of ``algorithm``, both still attached to the graph.
 
@@ -172,7 +234,8 @@ def task_losses(
     """
     strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
     return _task_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
-                        inner_steps=inner_steps, first_order=first_order, strategy=strategy)
+                        inner_steps=inner_steps, first_order=first_order, strategy=strategy, loss_fn=loss_fn,
+                        frozen=_frozen(params))
 
 
 def _task_losses(
@@ -186,6 +249,8 @@ def _task_losses(
     inner_steps: int,
     first_order: bool | None,
     strategy: str,
+    loss_fn: LossFn | None = None,
+    frozen: frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor]:
     # task_losses with an explicit strategy (the tests run every strategy through here).
     spec, first_order = _resolve(algorithm, first_order)
@@ -199,13 +264,14 @@ def _task_losses(
         chunk = tasks_per_chunk(plan, params, episode)
         losses, accs = zip(*(
             _BATCHED[spec.task_loss](plan, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
-                                     inner_steps=inner_steps, first_order=first_order)
+                                     inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn)
             for i in range(0, episode.num_tasks, chunk)
         ))
         return torch.cat(losses), torch.cat(accs)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
     under_vmap = strategy == "vmap"
+    keys = [k for k in params if k not in frozen] if frozen else None
 
     def one_task(
         support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
@@ -213,9 +279,12 @@ def _task_losses(
         return spec.task_loss(
             model, params, buffers, support_x, support_y, query_x, query_y,
             inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
+            loss_fn=loss_fn, keys=keys,
         )
 
-    return (_vectorized if under_vmap else _looped)(one_task, episode)
+    if under_vmap:
+        return _vectorized(one_task, model, buffers, episode)
+    return _looped(one_task, episode)
 
 
 def meta_batch_loss(
@@ -229,6 +298,7 @@ def meta_batch_loss(
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> MetaBatchOutput:
     """The meta-training loss of a meta-batch: mean query loss after adapting to each task.
 
@@ -247,6 +317,9 @@ def meta_batch_loss(
         vectorize: True for the fastest vectorized strategy available for ``model`` ("batched" on the
             standard networks, else "vmap"; see ``strategy_for``), False for the per-task loop (the
             reference path). All give the same numbers.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for one task, used in the inner loop and on the
+            query set; None for mean cross-entropy on class labels. E.g. ``F.mse_loss`` for regression
+            (the episode's targets are then float tensors (T, K, ...) and ``task_accs`` is None).
 
     Returns:
         ``MetaBatchOutput(loss, task_losses, task_accs)``.
@@ -261,10 +334,10 @@ def meta_batch_loss(
         >>> out.loss.backward()
     """
     losses, accs = task_losses(
-        algorithm, model, params, buffers, episode,
-        inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
+        algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
+        first_order=first_order, vectorize=vectorize, loss_fn=loss_fn,
     )
-    return MetaBatchOutput(losses.mean(), losses.detach(), accs.detach())
+    return MetaBatchOutput(losses.mean(), losses.detach(), _accuracies(accs))
 
 
 def evaluate(
@@ -277,6 +350,7 @@ def evaluate(
     inner_lr: float,
     inner_steps: int,
     vectorize: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> Tensor:
     """Query accuracy of each task after adaptation, keeping no meta-gradient graph.
 
@@ -292,7 +366,7 @@ def evaluate(
         (T,) detached query accuracies.
     """
     return evaluate_with_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
-                                inner_steps=inner_steps, vectorize=vectorize)[1]
+                                inner_steps=inner_steps, vectorize=vectorize, loss_fn=loss_fn)[1]
 
 
 def evaluate_with_losses(
@@ -305,15 +379,17 @@ def evaluate_with_losses(
     inner_lr: float,
     inner_steps: int,
     vectorize: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``evaluate``, also returning the query losses: detached ``(losses (T,), accuracies (T,))``."""
     _resolve(algorithm, None)
+    strategy, frozen = strategy_for(algorithm, model, params, buffers, vectorize=vectorize), _frozen(params)
     params = {k: v.detach() for k, v in params.items()}
-    buffers = {k: v.detach() for k, v in buffers.items()}
+    buffers = {k: v.detach() for k, v in buffers.items()}  # views: running statistics still update
     with torch.no_grad():  # the inner loop re-enables what it needs (functional.inner_step)
-        losses, accs = task_losses(
-            algorithm, model, params, buffers, episode,
-            inner_lr=inner_lr, inner_steps=inner_steps, first_order=True, vectorize=vectorize,
+        losses, accs = _task_losses(
+            algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
+            first_order=True, strategy=strategy, loss_fn=loss_fn, frozen=frozen,
         )
     return losses.detach(), accs.detach()
 
@@ -329,6 +405,7 @@ def meta_train_step(
     first_order: bool | None = None,
     vectorize: bool = True,
     max_tasks_per_chunk: int | None = None,
+    loss_fn: LossFn | None = None,
 ) -> MetaBatchOutput:
     """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
 
@@ -355,7 +432,7 @@ def meta_train_step(
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                                  inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
-                                 max_tasks_per_chunk=max_tasks_per_chunk)
+                                 max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn)
     if not torch.isfinite(out.loss):
         raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
     set_gradients(params, grads / episode.num_tasks)
@@ -375,6 +452,7 @@ def chunk_gradients(
     first_order: bool | None = None,
     vectorize: bool = True,
     max_tasks_per_chunk: int | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """The meta-gradient of a meta-batch, computed chunk of tasks by chunk, each back-propagated at once.
 
@@ -406,6 +484,7 @@ def chunk_gradients(
             raise ValueError(f"max_tasks_per_chunk must be at least 1 (or None), got {max_tasks_per_chunk}")
         chunk = min(chunk, max_tasks_per_chunk)
     names = list(params)
+    trainable = [n for n in names if params[n].requires_grad]
     losses, accs = [], []
     total = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64,
                         device=next(iter(params.values())).device)
@@ -413,20 +492,25 @@ def chunk_gradients(
         part = episode.slice(start, start + chunk)
         task_loss, task_acc = _task_losses(
             algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
-            first_order=first_order, strategy=strategy,
+            first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=_frozen(params),
         )
-        chunk_grads = torch.autograd.grad(task_loss.sum(), [params[n] for n in names], allow_unused=True)
-        total += torch.cat([
-            (g if g is not None else torch.zeros_like(params[n])).reshape(-1)
-            for n, g in zip(names, chunk_grads)
+        chunk_grads = dict(zip(trainable, torch.autograd.grad(
+            task_loss.sum(), [params[n] for n in trainable], allow_unused=True)))
+        total += torch.cat([  # zeros for frozen parameters and for those the loss does not use
+            (g if (g := chunk_grads.get(n)) is not None else torch.zeros_like(params[n])).reshape(-1)
+            for n in names
         ]).double()
         losses.append(task_loss.detach())
         accs.append(task_acc.detach())
     task_losses_ = torch.cat(losses)
-    return MetaBatchOutput(task_losses_.mean(), task_losses_, torch.cat(accs)), total
+    return MetaBatchOutput(task_losses_.mean(), task_losses_, _accuracies(torch.cat(accs))), total
 
 
 def set_gradients(params: Params, flat: Tensor) -> None:
-    """Set each parameter's ``.grad`` from a flat (P,) vector in ``params`` order (cast to its dtype)."""
+    """Set each parameter's ``.grad`` from a flat (P,) vector in ``params`` order (cast to its dtype).
+
+    Frozen parameters (``requires_grad=False``) get none, so that no optimizer moves them.
+    """
     for p, g in zip(params.values(), flat.split([p.numel() for p in params.values()])):
-        p.grad = g.view_as(p).to(p.dtype, copy=True)
+        if p.requires_grad:
+            p.grad = g.view_as(p).to(p.dtype, copy=True)

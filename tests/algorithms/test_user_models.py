@@ -1,0 +1,328 @@
+"""Models as users write them (their own ``nn.Module`` classes with torch's layers): the vectorized path
+gives the per-task loop's meta-gradients and running statistics in float64, first and second order, or
+the model is refused with a message that says what to do."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from maml_reference import random_episode
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+from metagrad.algorithms import meta_batch_loss, meta_train_step
+from metagrad.algorithms.meta_batch import strategy_for
+from metagrad.errors import ConfigError
+from metagrad.types import Episode
+
+INNER_LR = 0.4
+WAYS = 3
+
+
+class ConvBN(nn.Module):
+    """The issue's model: Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d -> Flatten -> Linear."""
+
+    def __init__(self, **norm: object) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, **norm), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Flatten())
+        self.classifier = nn.Linear(8 * 4 * 4, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class MLPBatchNorm1d(nn.Module):
+    def __init__(self, **norm: object) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16, **norm), nn.Linear(16, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.bn(self.fc1(x.view(x.shape[0], -1)))))
+
+
+class ConvNorm(nn.Module):
+    """A conv net around any normalization layer of (B, 8, 8, 8) activations."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(1, 8, 3, padding=1), norm, nn.Linear(8 * 16, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(F.avg_pool2d(F.gelu(self.norm(self.conv(x))), 2), 1))
+
+
+class Residual(nn.Module):
+    """A stem and one residual block with BatchNorm (running statistics), then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        h = F.relu(h + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(h))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class ViewCat(nn.Module):
+    """Two branches concatenated, with view / flatten / cat between the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 3, 5, padding=2)
+        self.norm = nn.BatchNorm2d(6, track_running_stats=False)
+        self.fc = nn.Linear(6 * 16, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.a(x), self.b(x)], dim=1)
+        h = F.max_pool2d(F.relu(self.norm(h)), 2)
+        return self.fc(h.view(h.shape[0], 6, -1).flatten(1))
+
+
+class Tied(nn.Module):
+    """One linear layer applied twice (tied weights) and its transpose as the head's input map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(64, 12), nn.Linear(12, 12), nn.Linear(12, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x.flatten(1)))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        return self.out(h @ self.shared.weight.t())
+
+
+class Frozen(ConvBN):
+    """The first convolution frozen (``requires_grad=False``), as when fine-tuning on a fixed stem."""
+
+    def __init__(self) -> None:
+        super().__init__(track_running_stats=False)
+        self.features[0].requires_grad_(False)
+
+
+class Unused(nn.Module):
+    """A parameter the loss does not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 10), nn.Linear(10, WAYS)
+        self.spare = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1(x.flatten(1))))
+
+
+class WithBuffers(nn.Module):
+    """Buffers of its own: a fixed input mask and scale, read in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mask", (torch.rand(1, 8, 8) > 0.3).double())
+        self.register_buffer("scale", torch.tensor(1.5))
+        self.fc1, self.fc2 = nn.Linear(64, 10), nn.Linear(10, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.elu(self.fc1((x * self.mask * self.scale).flatten(1))))
+
+
+class FunctionalBatchNorm(nn.Module):
+    """BatchNorm written in forward with ``F.batch_norm`` and the module's own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 64, WAYS)
+        self.gamma, self.beta = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.batch_norm(self.conv(x), None, None, self.gamma, self.beta, training=True, eps=1e-3)
+        return self.fc(F.relu(h).flatten(1))
+
+
+# name -> factory; each checked vectorized against the per-task loop.
+ZOO = {
+    "bn2d-batch-stats": lambda: ConvBN(track_running_stats=False),
+    "bn2d-running-stats": lambda: ConvBN(),
+    "bn2d-no-affine": lambda: ConvBN(affine=False),
+    "bn2d-no-affine-batch-stats": lambda: ConvBN(affine=False, track_running_stats=False),
+    "bn2d-momentum-0.5": lambda: ConvBN(momentum=0.5),
+    "bn1d-running-stats": lambda: MLPBatchNorm1d(),
+    "bn1d-batch-stats": lambda: MLPBatchNorm1d(track_running_stats=False),
+    "groupnorm": lambda: ConvNorm(nn.GroupNorm(2, 8)),
+    "layernorm": lambda: ConvNorm(nn.LayerNorm([8, 8, 8])),
+    "layernorm-last-dim": lambda: ConvNorm(nn.LayerNorm(8)),
+    "instancenorm-affine": lambda: ConvNorm(nn.InstanceNorm2d(8, affine=True)),
+    "residual": Residual,
+    "view-cat": ViewCat,
+    "tied": Tied,
+    "frozen": Frozen,
+    "unused-parameter": Unused,
+    "buffers": WithBuffers,
+    "functional-batch-norm": FunctionalBatchNorm,
+    "dropout-eval": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5),
+                                          nn.Linear(16, WAYS)).eval(),
+}
+
+
+def _episode(seed: int = 0, tasks: int = 3) -> Episode:
+    return random_episode(tasks, WAYS, 2, 2, (1, 8, 8), seed=seed)
+
+
+def _build(factory, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory().double()
+
+
+def _meta(model: nn.Module, episode: Episode, *, vectorize: bool, first_order: bool = False,
+          algorithm: str = "maml", steps: int = 2) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """(meta-loss, meta-gradient by name, buffers after) of ``model``'s own tensors."""
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    out = meta_batch_loss(algorithm, model, params, buffers, episode, inner_lr=INNER_LR, inner_steps=steps,
+                          first_order=first_order, vectorize=vectorize)
+    trainable = {k: p for k, p in params.items() if p.requires_grad}
+    grads = torch.autograd.grad(out.loss, list(trainable.values()), allow_unused=True)
+    grads = {k: g if g is not None else torch.zeros_like(p) for (k, p), g in zip(trainable.items(), grads)}
+    return out.loss.detach(), grads, {k: b.clone() for k, b in buffers.items()}
+
+
+def assert_dicts_close(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    scale = max((g.abs().max().item() for g in expected.values() if g.numel()), default=1.0)
+    for k, value in expected.items():
+        assert_close(actual[k], value, rtol=1e-7, atol=1e-10 * max(scale, 1e-12), msg=k)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_user_model_vectorized_matches_loop(name: str, first_order: bool) -> None:
+    model = _build(ZOO[name])
+    twin = copy.deepcopy(model)  # both paths update running statistics: each gets its own
+    episode = _episode()
+    assert strategy_for("maml", model, dict(model.named_parameters()), dict(model.named_buffers())) == "vmap"
+    loss, grads, buffers = _meta(model, episode, vectorize=True, first_order=first_order)
+    ref_loss, ref_grads, ref_buffers = _meta(twin, episode, vectorize=False, first_order=first_order)
+    assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    assert_dicts_close(grads, ref_grads)
+    assert_dicts_close(buffers, ref_buffers)
+
+
+def test_running_statistics_move_as_in_the_loop() -> None:
+    # 3 tasks x (2 support forwards + 1 query forward) = 9 BatchNorm calls, each an update.
+    model = _build(ZOO["bn2d-running-stats"])
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    _meta(model, _episode(), vectorize=True)
+    after = dict(model.named_buffers())
+    assert after["features.1.num_batches_tracked"].item() == 9
+    assert not torch.equal(after["features.1.running_mean"], before["features.1.running_mean"])
+
+
+@pytest.mark.parametrize("name", ["bn2d-running-stats", "residual", "frozen", "unused-parameter"])
+def test_user_model_matches_finite_differences(name: str) -> None:
+    model = _build(ZOO[name])
+    episode = _episode(seed=1, tasks=2)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    buffers0 = {k: b.clone() for k, b in model.named_buffers()}
+
+    def meta_loss() -> float:
+        for k, b in model.named_buffers():  # each evaluation starts from the same statistics
+            b.copy_(buffers0[k])
+        with torch.no_grad():
+            return meta_batch_loss("maml", model, dict(model.named_parameters()), dict(model.named_buffers()),
+                                   episode, inner_lr=INNER_LR, inner_steps=2, vectorize=False).loss.item()
+
+    _, grads, _ = _meta(model, episode, vectorize=True)
+    direction = {k: torch.randn_like(p) for k, p in params.items()}
+    h = 1e-6
+    with torch.no_grad():
+        for k, p in params.items():
+            p.add_(direction[k], alpha=h)
+    up = meta_loss()
+    with torch.no_grad():
+        for k, p in params.items():
+            p.add_(direction[k], alpha=-2 * h)
+    down = meta_loss()
+    predicted = sum((grads[k] * direction[k]).sum() for k in params).item()
+    assert (up - down) / (2 * h) == pytest.approx(predicted, rel=1e-5, abs=1e-9)
+
+
+def test_frozen_parameters_are_neither_adapted_nor_updated() -> None:
+    model = _build(ZOO["frozen"])
+    episode = _episode()
+    loss, grads, _ = _meta(model, episode, vectorize=True)
+    assert "features.0.weight" not in grads
+    unfrozen = copy.deepcopy(model).requires_grad_(True)  # the inner loop would adapt the stem too
+    assert not torch.isclose(loss, _meta(unfrozen, episode, vectorize=True)[0])
+    before = model.features[0].weight.clone()
+    meta_train_step("maml", model, torch.optim.Adam(model.parameters(), lr=0.1), episode, inner_lr=INNER_LR,
+                    inner_steps=1)
+    assert torch.equal(model.features[0].weight, before)
+
+
+@pytest.mark.parametrize("name", ["bn2d-running-stats", "bn2d-batch-stats"])
+def test_anil_on_user_models(name: str) -> None:
+    model = _build(ZOO[name])  # ANIL adapts .classifier on the features of .features
+    twin = copy.deepcopy(model)
+    loss, grads, buffers = _meta(model, _episode(), vectorize=True, algorithm="anil")
+    ref_loss, ref_grads, ref_buffers = _meta(twin, _episode(), vectorize=False, algorithm="anil")
+    assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    assert_dicts_close(grads, ref_grads)
+    assert_dicts_close(buffers, ref_buffers)
+
+
+def test_dropout_draws_its_own_masks_per_task() -> None:
+    model = _build(lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5),
+                                         nn.Linear(16, WAYS)))
+    one = _episode(tasks=1)
+    same = Episode(*(t.expand(4, *t.shape[1:])
+                     for t in (one.support_x, one.support_y, one.query_x, one.query_y)))
+    out = meta_batch_loss("maml", model, dict(model.named_parameters()), {}, same, inner_lr=INNER_LR,
+                          inner_steps=1)
+    assert out.task_losses.unique().numel() == 4  # the same task four times, four different masks
+
+
+@pytest.mark.parametrize("name, why", [
+    ("bn-momentum-none", "cumulative average"),
+    ("instancenorm-running-stats", "tracks running statistics"),
+])
+def test_models_vmap_cannot_update_run_one_task_at_a_time(name: str, why: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    factory = {"bn-momentum-none": lambda: ConvBN(momentum=None),
+               "instancenorm-running-stats": lambda: ConvNorm(nn.InstanceNorm2d(8, track_running_stats=True))}
+    model = _build(factory[name])
+    twin = copy.deepcopy(model)
+    with caplog.at_level(logging.INFO, logger="metagrad"):
+        strategy = strategy_for("maml", model, dict(model.named_parameters()), dict(model.named_buffers()))
+    assert strategy == "loop"
+    assert why in caplog.text and "loop" in caplog.text
+    _, grads, buffers = _meta(model, _episode(), vectorize=True)
+    _, ref_grads, ref_buffers = _meta(twin, _episode(), vectorize=False)
+    assert_dicts_close(grads, ref_grads)
+    assert_dicts_close(buffers, ref_buffers)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1)
+        if h.sum() > 0:  # Python control flow on a tensor's value: vmap cannot batch it
+            h = -h
+        return self.fc(h)
+
+
+def test_a_model_vmap_cannot_run_is_refused_with_the_fix() -> None:
+    model = _build(DataDependent)
+    with pytest.raises(ConfigError, match="DataDependent cannot run vectorized over tasks.*vectorize=False"):
+        meta_batch_loss("maml", model, dict(model.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
+                        inner_steps=1)
+    meta_batch_loss("maml", model, dict(model.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
+                    inner_steps=1, vectorize=False)  # the loop runs it
