@@ -17,7 +17,15 @@ learn2learn-compatible layer in :mod:`metagrad.compat.learn2learn`.
 """
 
 import metagrad._openmp  # noqa: F401  (first: it must run before anything imports torch)
-from metagrad.algorithms import ALGORITHMS, MetaBatchOutput, evaluate, meta_batch_loss, meta_train_step
+from metagrad.algorithms import (
+    ALGORITHMS,
+    MetaBatchOutput,
+    check_model,
+    evaluate,
+    evaluate_with_losses,
+    meta_batch_loss,
+    meta_train_step,
+)
 from metagrad.data import EpisodeSampler, FewShotDataset, dataset_info, load_dataset
 from metagrad.errors import ConfigError, DataError, MetagradError, TrainingError
 from metagrad.functional import adapt, forward_with, inner_step
@@ -41,8 +49,10 @@ __all__ = [
     "__version__",
     "adapt",
     "build_model",
+    "check_model",
     "dataset_info",
     "evaluate",
+    "evaluate_with_losses",
     "forward_with",
     "inner_step",
     "load_dataset",

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import metagrad
 from metagrad.algorithms import meta_train_step
+from metagrad.algorithms.check import ModelCheck, check_model
 from metagrad.algorithms.meta_batch import strategy_for
 from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
@@ -44,7 +45,7 @@ from metagrad.errors import ConfigError
 from metagrad.training.config import Config
 from metagrad.training.loop import _build_model, resolve_device
 
-__all__ = ["IMAGE_SHAPES", "matmul_gflops", "run_bench"]
+__all__ = ["IMAGE_SHAPES", "check_preset_model", "matmul_gflops", "run_bench"]
 
 IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"omniglot": (1, 28, 28), "mini-imagenet": (3, 84, 84)}
 """(C, H, W) of each dataset's images as the models take them."""
@@ -226,6 +227,18 @@ def run_bench(
     if json_output:
         print(json.dumps(result), flush=True)
     return result
+
+
+def check_preset_model(config: Config) -> ModelCheck:
+    """``check_model`` on ``config``'s model, algorithm, ways, shots and inner steps (3 random tasks)."""
+    data, meta = config.data, config.meta
+    if data.dataset not in IMAGE_SHAPES:
+        raise ConfigError(f"bench: unknown dataset {data.dataset!r}; valid: {', '.join(IMAGE_SHAPES)}")
+    torch.manual_seed(config.run.seed)
+    model = _build_model(config.model, data.ways, IMAGE_SHAPES[data.dataset])
+    return check_model(model, IMAGE_SHAPES[data.dataset], algorithm=meta.algorithm, ways=data.ways,
+                       shots=data.shots, query_shots=data.query_shots, tasks=3, inner_lr=meta.inner_lr,
+                       inner_steps=meta.inner_steps, seed=config.run.seed)
 
 
 def _print_report(r: dict[str, Any]) -> None:

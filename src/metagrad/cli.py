@@ -1,6 +1,7 @@
 """The ``metagrad`` command: argparse -> config -> the library. Nothing else lives here.
 
-Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data download``, ``bench``.
+Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data download``, ``bench``,
+``check``.
 Errors the user can fix (:class:`~metagrad.errors.MetagradError`) print ``error: <message>`` on stderr,
 without a traceback, and exit with the error's code (2 for a bad configuration, 1 otherwise); argparse
 errors (an unknown option, a malformed number) exit 2 as well.
@@ -236,8 +237,75 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.tasks_per_chunk is not None:
         overrides["meta.tasks_per_chunk"] = args.tasks_per_chunk
     config = resolve_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    if args.check:
+        report = bench.check_preset_model(config)
+        print(report)
+        if not report.ok:
+            return 1
     bench.run_bench(config, iterations=args.iterations, json_output=args.json)
     return 0
+
+
+def _user_model(spec: str, kwargs_json: str | None) -> Any:
+    """The object named by ``FILE.py:NAME`` or ``MODULE:NAME``, called with ``kwargs_json``'s keywords."""
+    import importlib.util
+
+    location, _, name = spec.rpartition(":")
+    if not location or not name:
+        raise ConfigError(f"model {spec!r}: expected a registered name ({', '.join(sorted(MODELS))}), "
+                          "FILE.py:NAME or MODULE:NAME")
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--kwargs is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--kwargs must be a JSON object, e.g. '{\"ways\": 5}'")
+    if location.endswith(".py"):
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as err:
+            raise ConfigError(f"model {spec!r}: cannot import {location}: {err}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ConfigError(f"model {spec!r}: {location} has no class or function {name}")
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model {spec!r}: {err}; pass constructor arguments with --kwargs") from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from torch import nn
+
+    from metagrad.algorithms.check import check_model
+    from metagrad.bench import IMAGE_SHAPES
+    from metagrad.models import build_model
+
+    if args.model in MODELS:
+        kwargs = json.loads(args.kwargs) if args.kwargs else {}
+        model = build_model(args.model, args.ways, **kwargs)
+        default_shape = IMAGE_SHAPES["mini-imagenet" if "imagenet" in args.model else "omniglot"]
+    else:
+        model = _user_model(args.model, args.kwargs)
+        default_shape = IMAGE_SHAPES["omniglot"]
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {args.model!r} built a {type(model).__name__}, not a torch.nn.Module")
+    try:
+        shape = tuple(int(n) for n in args.input_shape.split(",")) if args.input_shape else default_shape
+    except ValueError:
+        raise ConfigError(f"--input-shape {args.input_shape!r}: expected integers like 1,28,28") from None
+    report = check_model(model, shape, algorithm=args.algorithm, ways=args.ways, shots=args.shots,
+                         query_shots=args.query_shots, tasks=args.tasks, inner_lr=args.inner_lr,
+                         inner_steps=args.inner_steps)
+    print(report)
+    return 0 if report.ok else 1
 
 
 _COMPUTE_COMMANDS = (_cmd_train, _cmd_eval, _cmd_bench)
@@ -352,7 +420,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tasks back-propagated together (default: the preset's, 0 = automatic); "
                             "1 shows the memory of one task at a time")
     bench.add_argument("--json", action="store_true", help="print the result as one JSON object, last line")
+    bench.add_argument("--check", action="store_true",
+                       help="first check in float64 that the preset's model gets exact meta-gradients on the "
+                            "path it takes (as `metagrad check`); stop with status 1 if not")
     bench.set_defaults(func=_cmd_bench)
+
+    check = commands.add_parser(
+        "check", formatter_class=_HelpFormatter,
+        help="check that metagrad's meta-gradients are exact for a model (float64, random tasks)",
+        description="Run a model on a small random meta-batch in float64 and compare the meta-gradient of "
+                    "the path metagrad takes for it (batched, vmap or loop) with the per-task loop's, first "
+                    "and second order, and the loop's with finite differences. Exit status 1 if they differ."
+                    "\n\nexamples:\n"
+                    "  metagrad check omniglot-cnn\n"
+                    "  metagrad check my_models.py:ResNet12 --kwargs '{\"ways\": 5}' --input-shape 3,84,84")
+    check.add_argument("model", metavar="MODEL",
+                       help="a registered model name, FILE.py:NAME or MODULE:NAME (a class or function)")
+    check.add_argument("--kwargs", metavar="JSON", help="keyword arguments for MODEL's constructor")
+    check.add_argument("--input-shape", metavar="C,H,W",
+                       help="one input's shape (default: 1,28,28; 3,84,84 for mini-imagenet-cnn)")
+    check.add_argument("--algorithm", default="maml", choices=("maml", "fomaml", "anil"),
+                       help="algorithm to check")
+    check.add_argument("--ways", type=int, default=5, metavar="INT", help="classes per random task")
+    check.add_argument("--shots", type=int, default=2, metavar="INT", help="support samples per class")
+    check.add_argument("--query-shots", type=int, default=2, metavar="INT", help="query samples per class")
+    check.add_argument("--tasks", type=int, default=3, metavar="INT", help="tasks in the random meta-batch")
+    check.add_argument("--inner-steps", type=int, default=2, metavar="INT", help="inner steps")
+    check.add_argument("--inner-lr", type=float, default=0.1, metavar="FLOAT", help="inner step size")
+    check.set_defaults(func=_cmd_check)
     return parser
 
 

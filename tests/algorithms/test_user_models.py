@@ -14,7 +14,7 @@ from maml_reference import random_episode
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from metagrad.algorithms import meta_batch_loss, meta_train_step
+from metagrad.algorithms import meta_batch, meta_batch_loss, meta_train_step
 from metagrad.algorithms.meta_batch import strategy_for
 from metagrad.errors import ConfigError
 from metagrad.types import Episode
@@ -291,8 +291,10 @@ def test_dropout_draws_its_own_masks_per_task() -> None:
     ("bn-momentum-none", "cumulative average"),
     ("instancenorm-running-stats", "tracks running statistics"),
 ])
-def test_models_vmap_cannot_update_run_one_task_at_a_time(name: str, why: str,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_models_vmap_cannot_update_run_one_task_at_a_time(
+        name: str, why: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(meta_batch, "_LOGGED", set())  # the choice is logged once per model class
     factory = {"bn-momentum-none": lambda: ConvBN(momentum=None),
                "instancenorm-running-stats": lambda: ConvNorm(nn.InstanceNorm2d(8, track_running_stats=True))}
     model = _build(factory[name])

@@ -1,6 +1,7 @@
 """Meta-learning algorithms (MAML, first-order MAML, ANIL) over a meta-batch of tasks."""
 
 from metagrad.algorithms.anil import anil_task_loss
+from metagrad.algorithms.check import ModelCheck, check_model
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.algorithms.meta_batch import (
     ALGORITHMS,
@@ -11,10 +12,12 @@ from metagrad.algorithms.meta_batch import (
     evaluate_with_losses,
     meta_batch_loss,
     meta_train_step,
+    strategy_for,
     task_losses,
 )
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "anil_task_loss", "chunk_gradients", "evaluate",
-    "evaluate_with_losses", "maml_task_loss", "meta_batch_loss", "meta_train_step", "task_losses",
+    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "ModelCheck", "anil_task_loss", "check_model",
+    "chunk_gradients", "evaluate", "evaluate_with_losses", "maml_task_loss", "meta_batch_loss",
+    "meta_train_step", "strategy_for", "task_losses",
 ]
