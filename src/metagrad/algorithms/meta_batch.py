@@ -188,9 +188,9 @@ def _frozen(params: Params) -> frozenset[str]:
     return frozenset(k for k, p in params.items() if not p.requires_grad)
 
 
-def _accuracies(accs: Tensor) -> Tensor | None:
-    # Per-task accuracies are NaN where the targets are not class labels (query_metrics): report None.
-    return None if accs.isnan().all() else accs.detach()
+def _accuracies(accs: Tensor, episode: Episode) -> Tensor | None:
+    # Float targets (regression) have no accuracy; decided from the dtype, without a device sync.
+    return None if episode.query_y.is_floating_point() else accs.detach()
 
 
 def strategy_for(algorithm: str, model: nn.Module, params: Params, buffers: Buffers, *,
@@ -337,7 +337,7 @@ def meta_batch_loss(
         algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
         first_order=first_order, vectorize=vectorize, loss_fn=loss_fn,
     )
-    return MetaBatchOutput(losses.mean(), losses.detach(), _accuracies(accs))
+    return MetaBatchOutput(losses.mean(), losses.detach(), _accuracies(accs, episode))
 
 
 def evaluate(
@@ -503,7 +503,7 @@ def chunk_gradients(
         losses.append(task_loss.detach())
         accs.append(task_acc.detach())
     task_losses_ = torch.cat(losses)
-    return MetaBatchOutput(task_losses_.mean(), task_losses_, _accuracies(torch.cat(accs))), total
+    return MetaBatchOutput(task_losses_.mean(), task_losses_, _accuracies(torch.cat(accs), episode)), total
 
 
 def set_gradients(params: Params, flat: Tensor) -> None:
