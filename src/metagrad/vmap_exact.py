@@ -97,6 +97,8 @@ class ExactFunctions(TorchFunctionMode):
     def __init__(self, buffers: Buffers) -> None:
         super().__init__()
         self._names = {id(t): name for name, t in buffers.items()}
+        self._counters = {id(t) for name, t in buffers.items()
+                          if name.rpartition(".")[2] == "num_batches_tracked"}
         self.updates: list[_Update] = []  # one per BatchNorm call that updates running statistics
         self.stats: list[list[Tensor]] = [[]]  # a stack of segments; see aux_scope
         self.counts: dict[str, int] = {}  # num_batches_tracked name -> increments per task
@@ -112,7 +114,7 @@ class ExactFunctions(TorchFunctionMode):
             x, shape = a["input"], list(a["normalized_shape"])
             y, _, _ = _normalize(x, list(range(x.dim() - len(shape), x.dim())), a["eps"])
             return _affine(y, a["weight"], a["bias"], shape)
-        if func is torch.Tensor.add_ and id(args[0]) in self._names:  # num_batches_tracked.add_(1)
+        if func is torch.Tensor.add_ and id(args[0]) in self._counters:  # num_batches_tracked.add_(1)
             name = self._names[id(args[0])]
             self.counts[name] = self.counts.get(name, 0) + int(args[1] if len(args) > 1 else kwargs["other"])
             return args[0]

@@ -328,3 +328,23 @@ def test_a_model_vmap_cannot_run_is_refused_with_the_fix() -> None:
                         inner_steps=1)
     meta_batch_loss("maml", model, dict(model.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
                     inner_steps=1, vectorize=False)  # the loop runs it
+
+
+class CountsItsCalls(nn.Module):
+    """Updates a buffer of its own in place during forward (a running mean of its inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, WAYS)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.add_(x.detach().mean())
+        return self.fc(x.flatten(1))
+
+
+def test_a_model_updating_its_own_buffer_is_refused_with_the_fix() -> None:
+    model = _build(CountsItsCalls)
+    with pytest.raises(ConfigError, match="CountsItsCalls cannot run vectorized over tasks.*vectorize=False"):
+        meta_batch_loss("maml", model, dict(model.named_parameters()), dict(model.named_buffers()),
+                        _episode(), inner_lr=INNER_LR, inner_steps=1)
