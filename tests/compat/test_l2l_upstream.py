@@ -19,6 +19,9 @@ UPSTREAM = [
     "tests/unit/algorithms/maml_test.py",
     "tests/unit/algorithms/metasgd_test.py",
     "tests/unit/utils_test.py",
+    "tests/unit/data/task_dataset_test.py",
+    "tests/unit/data/transforms_test.py",
+    "tests/unit/data/utils_test.py",
 ]
 """learn2learn test files that must pass, whole, against the compat layer."""
 

@@ -7,7 +7,8 @@ Provided: ``l2l.algorithms.MAML`` / ``MetaSGD``; ``l2l.clone_module`` / ``update
 docs/MIGRATION.md lists every name, what differs and what is not provided.
 """
 
-from metagrad.compat.learn2learn import algorithms, vision
+from metagrad.compat.learn2learn import algorithms, data, vision
 from metagrad.compat.learn2learn.utils import clone_module, clone_parameters, detach_module, update_module
 
-__all__ = ["algorithms", "clone_module", "clone_parameters", "detach_module", "update_module", "vision"]
+__all__ = ["algorithms", "clone_module", "clone_parameters", "data", "detach_module", "update_module",
+           "vision"]
