@@ -24,24 +24,27 @@ class ClassImages(Dataset):
     """``(image, label)`` pairs over a uint8 tensor (classes, images_per_class, C, H, W).
 
     Item ``i`` is image ``i % images_per_class`` of class ``label = i // images_per_class``, as a float
-    tensor (C, H, W) in [0, 1] (``uint8 / 255``), passed through ``transform``; the label is a Python
-    int passed through ``target_transform``.
+    tensor (C, H, W) (``uint8 / 255`` in [0, 1] by default), passed through ``transform``; the label is
+    a Python int passed through ``target_transform``.
 
     Args:
         images: (classes, images_per_class, C, H, W) uint8.
+        pixel_max: the float value of pixel 255: 1.0 (the default), or 255.0 for learn2learn's
+            ``MiniImagenet``, whose images are unscaled floats.
         transform: applied to each image tensor (learn2learn's datasets give PIL images; these give
             tensors, so torchvision's ``ToTensor`` is not needed).
         target_transform: applied to each label.
     """
 
     def __init__(self, images: Tensor, transform: Callable[[Tensor], Any] | None = None,
-                 target_transform: Callable[[int], Any] | None = None) -> None:
+                 target_transform: Callable[[int], Any] | None = None, pixel_max: float = 1.0) -> None:
         if images.dim() != 5:
             raise ValueError(f"images must be (classes, images_per_class, C, H, W), "
                              f"got {tuple(images.shape)}")
         self.images = images
         self.transform = transform
         self.target_transform = target_transform
+        self.pixel_max = pixel_max
 
     def __len__(self) -> int:
         return self.images.shape[0] * self.images.shape[1]
@@ -50,7 +53,7 @@ class ClassImages(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         label, position = divmod(index % len(self), self.images.shape[1])
-        image: Any = self.images[label, position].float() / 255  # (C, H, W) in [0, 1]
+        image: Any = self.images[label, position].float() * (self.pixel_max / 255)  # (C, H, W)
         if self.transform is not None:
             image = self.transform(image)
         target: Any = label if self.target_transform is None else self.target_transform(label)

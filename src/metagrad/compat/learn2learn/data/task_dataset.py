@@ -30,6 +30,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from metagrad.compat.learn2learn.data.description import DataDescription
 from metagrad.compat.learn2learn.data.meta_dataset import ClassImages, MetaDataset
+from metagrad.compat.learn2learn.data.rotation import RandomClassRotation
 from metagrad.compat.learn2learn.data.transforms import (
     ConsecutiveLabels,
     FilterLabels,
@@ -39,7 +40,6 @@ from metagrad.compat.learn2learn.data.transforms import (
     NWays,
     RemapLabels,
 )
-from metagrad.compat.learn2learn.vision.transforms import RandomClassRotation
 from metagrad.data.episodes import draw_tasks
 
 __all__ = ["DataDescription", "TaskDataset", "Taskset"]
@@ -160,6 +160,7 @@ class _TensorTasks:
     """
 
     images: Tensor  # (classes, per_class, C, H, W) uint8, all classes of the dataset
+    pixel_max: float  # float value of pixel 255 (ClassImages.pixel_max)
     labels: Tensor  # (L,) int64: the classes tasks are drawn from
     ways: int
     shots: int
@@ -200,13 +201,14 @@ class _TensorTasks:
         if rotation is not None and source.images.shape[-1] != source.images.shape[-2]:
             return None  # a quarter turn changes a non-square image's shape
         return cls(
-            images=source.images, labels=torch.as_tensor(labels, dtype=torch.int64), ways=ways, shots=shots,
+            images=source.images, pixel_max=source.pixel_max,
+            labels=torch.as_tensor(labels, dtype=torch.int64), ways=ways, shots=shots,
             consecutive=consecutive or ConsecutiveLabels in tail, remap=remap,
             quarter_turns=None if rotation is None else tuple(rotation.quarter_turns),
         )
 
     def task(self, seed: int) -> tuple[Tensor, Tensor]:
-        """Task ``seed``: data (ways*shots, C, H, W) float in [0, 1] and labels (ways*shots,) int64."""
+        """Task ``seed``: data (ways*shots, C, H, W) float and labels (ways*shots,) int64, on the device."""
         generator = torch.Generator().manual_seed(seed)
         n, k = self.ways, self.shots
         drawn, positions = draw_tasks(1, len(self.labels), self.images.shape[1], n, k, generator)
@@ -214,7 +216,7 @@ class _TensorTasks:
         order = classes.argsort() if self.consecutive else torch.arange(n)  # group order in the task
         classes, positions = classes[order], positions[order]
         per_class, image_shape = self.images.shape[1], self.images.shape[2:]
-        flat = (classes[:, None] * per_class + positions).flatten()  # (N*K,) image indices
+        flat = (classes[:, None] * per_class + positions).flatten().to(self.images.device)  # (N*K,)
         # index_select on the (classes*per_class, C, H, W) view: about 100x faster here than advanced
         # indexing with two index tensors, which dominated the task's time on Omniglot.
         data = self.images.view(-1, *image_shape).index_select(0, flat).view(n, k, *image_shape)
@@ -222,11 +224,11 @@ class _TensorTasks:
             choices = torch.tensor(self.quarter_turns)
             turns = choices[torch.randint(len(choices), (n,), generator=generator)]  # (N,) per class
             data = torch.stack([torch.rot90(group, int(t), dims=(-2, -1)) for group, t in zip(data, turns)])
-        data = data.flatten(0, 1).float() / 255  # (N*K, C, H, W)
+        data = data.flatten(0, 1).float() * (self.pixel_max / 255)  # (N*K, C, H, W)
         if self.remap == "shuffle":  # the draw order is a uniformly random numbering of the classes
             group_labels = order
         elif self.remap == "sorted":
             group_labels = classes.argsort().argsort()
         else:
             group_labels = classes
-        return data, group_labels.repeat_interleave(k)
+        return data, group_labels.repeat_interleave(k).to(self.images.device)

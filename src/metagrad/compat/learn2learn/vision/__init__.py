@@ -1,5 +1,5 @@
 """``l2l.vision``: the standard few-shot networks, datasets, transforms and benchmark task sets."""
 
-from metagrad.compat.learn2learn.vision import benchmarks, models, transforms
+from metagrad.compat.learn2learn.vision import benchmarks, datasets, models, transforms
 
-__all__ = ["benchmarks", "models", "transforms"]
+__all__ = ["benchmarks", "datasets", "models", "transforms"]
