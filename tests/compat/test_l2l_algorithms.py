@@ -272,3 +272,23 @@ def test_metasgd_lrs_argument_and_errors() -> None:
     short = l2l.algorithms.MetaSGD(model, lrs=[torch.ones(2, 3, dtype=torch.float64)]).clone()
     with pytest.raises(ValueError, match="1 learning rates for 2 parameters"):
         short.adapt(short(x).sum())
+
+
+def test_maml_update_is_adapt_after_the_gradient() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    learner = l2l.algorithms.MAML(model, lr=0.3).clone()
+    learner.adapt(learner(x).square().sum())
+    clone = l2l.clone_module(model)
+    grads = torch.autograd.grad(clone(x).square().sum(), list(clone.parameters()), create_graph=True)
+    assert l2l.algorithms.maml_update(clone, 0.3, grads) is clone
+    for a, b in zip(clone.parameters(), learner.parameters()):
+        assert_close(a, b)
+    plain = nn.Linear(3, 1).double()
+    plain(torch.ones(2, 3, dtype=torch.float64)).sum().backward()  # .grad is used when grads is None
+    bias = plain.bias.detach().clone()
+    l2l.algorithms.maml_update(plain, 0.5)
+    assert_close(plain.bias, bias - 0.5 * 2)
+    with pytest.raises(ValueError, match="1 gradients for 2 parameters"):
+        l2l.algorithms.maml_update(plain, 0.5, [None])

@@ -14,7 +14,7 @@ Attributes the wrapper lacks are looked up on the wrapped module (``learner.feat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from metagrad.compat.learn2learn.utils import clone_module, clone_parameters, set_parameters
 from metagrad.functional import sgd_step
 
-__all__ = ["MAML", "MetaSGD"]
+__all__ = ["MAML", "MetaSGD", "maml_update"]
 
 
 class _Learner(nn.Module):
@@ -59,6 +59,37 @@ def _gradients(loss: Tensor, params: dict[str, Tensor], *, first_order: bool, al
         raise RuntimeError(f"{err}\nadapt(): if some parameters are frozen (requires_grad=False) or unused "
                            "by the loss, pass allow_nograd=True and/or allow_unused=True") from err
     return {k: g for k, g in zip(names, grads) if g is not None}
+
+
+def maml_update(model: nn.Module, lr: float, grads: Sequence[Tensor | None] | None = None) -> nn.Module:
+    """Replace each parameter ``p`` of ``model`` (usually a clone) by ``p - lr * g``, in place (what ``adapt``
+    does after taking the gradient).
+
+    Args:
+        model: the module to update.
+        lr: the step size.
+        grads: one gradient (or None: unchanged) per ``model.parameters()``; None uses each parameter's
+            ``.grad``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: ``grads`` has a different length than ``model.parameters()``.
+
+    Example:
+        >>> learner = l2l.clone_module(model)
+        >>> grads = torch.autograd.grad(loss, learner.parameters(), create_graph=True)
+        >>> l2l.algorithms.maml_update(learner, lr=0.1, grads=grads)
+    """
+    params = dict(model.named_parameters())
+    grads = [p.grad for p in params.values()] if grads is None else list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"maml_update: {len(grads)} gradients for {len(params)} parameters; pass one per "
+                         "model.parameters() (None leaves one unchanged)")
+    step = {k: g for k, g in zip(params, grads) if g is not None}
+    set_parameters(model, sgd_step(params, step, lr=lr))
+    return model
 
 
 class MAML(_Learner):
