@@ -101,14 +101,26 @@ def test_standard_pipeline_fast_and_per_sample_paths(fast: bool, monkeypatch: py
 
 def test_fast_path_layouts_follow_learn2learn() -> None:
     dataset = l2l.data.MetaDataset(_encoded())
-    nk = l2l.data.Taskset(dataset, [T.NWays(dataset, 4), T.KShots(dataset, 2), T.LoadData(dataset)])
-    assert nk._fast is not None
     random.seed(0)
-    for _ in range(10):
-        data, labels = nk.sample()  # NWays + KShots keep dataset order; labels are the original ones
-        classes = [_origin(x)[0] for x in data]
-        assert labels.tolist() == classes and classes == sorted(classes)
-    fused = l2l.data.Taskset(dataset, [T.FusedNWaysKShots(dataset, 4, 2), T.LoadData(dataset),
+    for fast in (True, False):  # the per-sample path is learn2learn's semantics; the fast path must agree
+        collate = None if fast else torch.utils.data.default_collate
+        nk = l2l.data.Taskset(dataset, [T.NWays(dataset, 2), T.KShots(dataset, 2), T.LoadData(dataset)],
+                              task_collate=collate)
+        filtered = l2l.data.Taskset(dataset, [T.FilterLabels(dataset, list(range(8))), T.NWays(dataset, 4),
+                                              T.KShots(dataset, 2), T.LoadData(dataset)],
+                                    task_collate=collate)
+        assert (nk._fast is not None) == (filtered._fast is not None) == fast
+        orders = set()
+        for _ in range(20):
+            data, labels = nk.sample()  # NWays draws classes in random order; labels are the original ones
+            classes = [_origin(x)[0] for x in data]
+            assert labels.tolist() == classes
+            orders.add(classes == sorted(classes))
+            data, labels = filtered.sample()  # after FilterLabels, NWays keeps the dataset's order
+            classes = [_origin(x)[0] for x in data]
+            assert labels.tolist() == classes and classes == sorted(classes) and max(classes) < 8
+        assert orders == {True, False}
+    fused = l2l.data.Taskset(dataset, [T.FusedNWaysKShots(dataset, 2, 2), T.LoadData(dataset),
                                        T.RemapLabels(dataset, shuffle=False)])
     assert fused._fast is not None
     orders = set()
@@ -118,6 +130,10 @@ def test_fast_path_layouts_follow_learn2learn() -> None:
         assert labels[::2].tolist() == [sorted(classes).index(c) for c in classes]
         orders.add(classes == sorted(classes))
     assert orders == {True, False}  # without ConsecutiveLabels, classes come in drawn order
+    shuffled = l2l.data.Taskset(dataset, [T.FusedNWaysKShots(dataset, 2, 2), T.LoadData(dataset),
+                                          T.RemapLabels(dataset)])
+    # RemapLabels numbers the classes at random, apart from the order they come in (learn2learn shuffles)
+    assert {tuple(shuffled.sample()[1][::2].tolist()) for _ in range(20)} == {(0, 1), (1, 0)}
     unknown = l2l.data.Taskset(dataset, [T.FusedNWaysKShots(dataset, 4, 2, replacement=True),
                                          T.LoadData(dataset)])
     assert unknown._fast is None  # with replacement: the per-sample path

@@ -154,8 +154,8 @@ class _TensorTasks:
     """Whole tasks by tensor indexing, for the standard pipeline over :class:`ClassImages`.
 
     Layout and labels as learn2learn's pipeline gives them: ``ways * shots`` samples, those of a class
-    consecutive; classes in drawn order, or by ascending label with ``ConsecutiveLabels`` (and with
-    ``NWays, KShots``, which keep dataset order); labels the original ones, or with ``RemapLabels`` 0..N-1
+    consecutive; classes in drawn order, or by ascending label with ``ConsecutiveLabels`` (and after
+    ``FilterLabels``, which keeps dataset order); labels the original ones, or with ``RemapLabels`` 0..N-1
     assigned at random (``shuffle=False``: by ascending original label).
     """
 
@@ -187,7 +187,10 @@ class _TensorTasks:
                 return None
             if start:
                 labels = [label for label in labels if label in set(transforms[0].labels)]
-            ways, shots, consecutive, rest = transforms[start].n, transforms[start + 1].k, True, start + 2
+            # NWays on the whole dataset lists its classes in drawn order; after FilterLabels it keeps the
+            # description's (dataset) order, which for ClassImages is ascending label order.
+            ways, shots, rest = transforms[start].n, transforms[start + 1].k, start + 2
+            consecutive = bool(start)
         tail = steps[rest + 1:]
         allowed = {RemapLabels, ConsecutiveLabels, RandomClassRotation}
         if steps[rest:rest + 1] != [LoadData] or not set(tail) <= allowed or len(set(tail)) != len(tail):
@@ -225,8 +228,9 @@ class _TensorTasks:
             turns = choices[torch.randint(len(choices), (n,), generator=generator)]  # (N,) per class
             data = torch.stack([torch.rot90(group, int(t), dims=(-2, -1)) for group, t in zip(data, turns)])
         data = data.flatten(0, 1).float() * (self.pixel_max / 255)  # (N*K, C, H, W)
-        if self.remap == "shuffle":  # the draw order is a uniformly random numbering of the classes
-            group_labels = order
+        if self.remap == "shuffle":  # a uniformly random numbering of the classes, as random.shuffle's
+            # sorted by label, the draw order is one; in draw order, a permutation drawn apart from it is
+            group_labels = order if self.consecutive else torch.randperm(n, generator=generator)
         elif self.remap == "sorted":
             group_labels = classes.argsort().argsort()
         else:
