@@ -47,6 +47,10 @@ def test_meta_dataset_accepts_any_indexable_pairs() -> None:
     image, label = images[5]
     assert label == 2 and image.shape == (1, 4, 4) and _origin(image) == (2, 1)
 
+    relabelled = l2l.data.MetaDataset(l2l.data.ClassImages(_encoded(classes=3, per_class=2).images,
+                                                           target_transform=lambda c: f"class{c}"))
+    assert relabelled.labels == ["class0", "class1", "class2"]  # the bookkeeping sees target_transform
+
     with pytest.raises(TypeError, match="indexable dataset"):
         l2l.data.MetaDataset(42)
     with pytest.raises(ValueError, match="one scalar label"):

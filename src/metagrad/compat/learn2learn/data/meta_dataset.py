@@ -100,7 +100,8 @@ class MetaDataset(Dataset):
                            indices_to_labels: dict[int, Hashable] | None = None) -> None:
         """Build ``labels_to_indices``, ``indices_to_labels`` and ``labels`` (from either map if given)."""
         if labels_to_indices is None and indices_to_labels is None:
-            if isinstance(self.dataset, ClassImages):  # the layout says it: no item is loaded
+            if isinstance(self.dataset, ClassImages) and self.dataset.target_transform is None:
+                # the layout says it: no item is loaded
                 classes, per_class = self.dataset.images.shape[:2]
                 indices_to_labels = {i: i // per_class for i in range(classes * per_class)}
             else:
