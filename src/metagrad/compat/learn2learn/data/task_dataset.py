@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from metagrad.compat.learn2learn.data.description import DataDescription
 from metagrad.compat.learn2learn.data.meta_dataset import ClassImages, MetaDataset
