@@ -115,6 +115,10 @@ def test_wrapper_basics() -> None:
     assert [id(p) for p in learner.parameters()] == [id(p) for p in fast.values()]
     assert_close(learner.module[2](torch.tanh(learner.module[0](x))), learner(x))  # .module is adapted too
     assert getattr(learner, "0") is learner.module[0]  # attribute lookup falls back to the module
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        learner.nothing  # noqa: B018
+    with pytest.raises(AttributeError):  # not a RecursionError, before __init__ has run
+        l2l.algorithms.MAML.__new__(l2l.algorithms.MAML).anything  # noqa: B018
     for p, b in zip(model.parameters(), before):  # the original module is never modified
         assert_close(p.detach(), b)
     assert not torch.allclose(learner(x), model(x))

@@ -35,9 +35,11 @@ class _Learner(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "module":
+            # Through __dict__: before __init__ has run (unpickling), _modules itself is missing.
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None:
                 raise
-            return getattr(self._modules["module"], name)
+            return getattr(module, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (with this learner's fast weights, for a clone)."""
