@@ -141,6 +141,20 @@ def test_inner_step_and_sgd_step() -> None:
     assert stepped["classifier.weight"] is params["classifier.weight"]
 
 
+def test_sgd_step_with_a_learning_rate_per_name() -> None:
+    params = {"w": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
+    lrs = {"w": torch.tensor([[0.1], [0.2]], dtype=torch.float64, requires_grad=True),
+           "b": torch.full((3,), 0.5, dtype=torch.float64)}
+    grads = {"w": torch.full((2, 3), 2.0, dtype=torch.float64)}
+    stepped = sgd_step(params, grads, lr=lrs)
+    assert_close(stepped["w"], torch.tensor([[0.8] * 3, [0.6] * 3], dtype=torch.float64))
+    assert stepped["b"] is params["b"]
+    (lr_grad,) = torch.autograd.grad(stepped["w"].sum(), [lrs["w"]])  # the rates stay differentiable
+    assert_close(lr_grad, torch.full((2, 1), -6.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"no learning rate for \['w'\]"):
+        sgd_step(params, grads, lr={"b": lrs["b"]})
+
+
 def test_errors() -> None:
     model = _model()
     params = dict(model.named_parameters())

@@ -73,6 +73,7 @@ def _either(names: Sequence[str]) -> str:
 _SET_ONLY: list[tuple[str, str]] = [
     ("data.dataset", _either(list(DATASETS))),
     ("data.rotations", "omniglot: each 90-degree rotation of a character is a class of its own"),
+    ("data.folder", "folder: your dataset's folder, DATA_DIR/FOLDER/{train,validation,test}/CLASS/IMAGE"),
     ("data.split_scheme", "; ".join(f"{dataset}: {_either(schemes)}" for dataset, schemes in
                                     SPLIT_SCHEMES.items())),
     ("model.name", _either(list(MODELS))),

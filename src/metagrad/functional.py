@@ -49,8 +49,17 @@ def support_loss(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, 
     return (loss_fn or F.cross_entropy)(forward_with(model, params, buffers, x), y)
 
 
-def sgd_step(params: Params, grads: Params, *, lr: float) -> Params:
-    """``p - lr * g`` for each name in ``grads``; the other parameters are returned unchanged (a new dict)."""
+def sgd_step(params: Params, grads: Params, *, lr: float | Params) -> Params:
+    """``p - lr * g`` for each name in ``grads``; the other parameters are returned unchanged (a new dict).
+
+    ``lr`` is one float for all, or a learning rate per name (Meta-SGD: a tensor broadcastable to the
+    parameter, which may itself require grad); a dict must cover every name in ``grads``.
+    """
+    if isinstance(lr, dict):
+        missing = sorted(set(grads) - set(lr))
+        if missing:
+            raise ValueError(f"lr has no learning rate for {missing}; give one per name in grads")
+        return {**params, **{k: params[k] - lr[k] * g for k, g in grads.items()}}
     return {**params, **{k: params[k] - lr * g for k, g in grads.items()}}
 
 

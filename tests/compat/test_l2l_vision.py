@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from repo_scripts import load_script
 from torch import nn
 
 import metagrad.compat.learn2learn as l2l
-from metagrad.data import datasets
+from metagrad.data import datasets, miniimagenet, omniglot
 from metagrad.data.datasets import FewShotDataset
 from metagrad.errors import ConfigError
 from metagrad.models import HEAD_PREFIX
@@ -28,11 +31,20 @@ def test_models_have_learn2learn_signatures() -> None:
     small = l2l.vision.models.OmniglotFC(input_size=64, output_size=3, sizes=[16, 8])
     assert small(torch.rand(2, 64)).shape == (2, 3)
 
-    mini = l2l.vision.models.MiniImagenetCNN(5)
-    assert mini.features(torch.rand(2, 3, 84, 84)).shape == (2, 800)
-    wide = l2l.vision.models.MiniImagenetCNN(output_size=5, hidden_size=16, layers=4)
-    assert wide.classifier.in_features == 400
-    for model in (cnn, fc, mini):
+    mini = l2l.vision.models.MiniImagenetCNN(5)  # learn2learn 0.2.0: MiniImagenetCNN = CNN4, 64 filters
+    assert l2l.vision.models.MiniImagenetCNN is l2l.vision.models.CNN4
+    assert mini.features(torch.rand(2, 3, 84, 84)).shape == (2, 1600)
+    narrow = l2l.vision.models.MiniImagenetCNN(output_size=5, hidden_size=16, layers=4)
+    assert narrow.classifier.in_features == 400 and narrow(torch.rand(2, 3, 84, 84)).shape == (2, 5)
+    # anil_fc100.py's network: 32x32 inputs, so the embedding is 2 * 2 * 64
+    fc100 = l2l.vision.models.CNN4(output_size=5, hidden_size=64, embedding_size=64 * 4)
+    assert fc100(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    strided = l2l.vision.models.CNN4(3, hidden_size=8, layers=3, channels=1, max_pool=False,
+                                     embedding_size=8 * 16)
+    assert strided(torch.rand(2, 1, 28, 28)).shape == (2, 3)  # 28-14-7-4
+    with pytest.raises(ConfigError, match="layers=3 or 4"):
+        l2l.vision.models.CNN4(5, layers=5)
+    for model in (cnn, fc, mini, fc100):
         assert isinstance(model.features, nn.Module) and isinstance(model.classifier, nn.Linear)
         assert {k for k, _ in model.named_parameters() if k.startswith(HEAD_PREFIX)} == {
             "classifier.weight", "classifier.bias"}
@@ -66,26 +78,30 @@ def test_get_tasksets_samples_like_learn2learn(fake_load: list[dict[str, Any]]) 
     )
     assert [c["split"] for c in fake_load] == ["train", "validation", "test"]
     assert all(c["data_dir"] == str(Path("~/data").expanduser()) and c["rotations"] for c in fake_load)
+    assert isinstance(tasksets.train, l2l.data.Taskset) and tasksets.train._fast is not None
 
-    data, labels = tasksets.train.sample()
-    assert data.shape == (20, 1, 4, 4) and data.dtype == torch.float32 and 0 <= data.min() <= data.max() <= 1
-    assert labels.dtype == torch.int64 and labels.tolist() == [c for c in range(5) for _ in range(4)]
-    origin = _origins(data).view(5, 4)  # (ways, samples): a class's samples are consecutive
-    classes = origin // 10
-    assert torch.all(classes == classes[:, :1]) and len(set(classes[:, 0].tolist())) == 5
-    assert all(len(set(row.tolist())) == 4 for row in origin % 10)  # distinct samples of each class
+    for _ in range(10):
+        data, labels = tasksets.train.sample()
+        assert data.shape == (20, 1, 4, 4) and data.dtype == torch.float32
+        assert 0 <= data.min() <= data.max() <= 1
+        assert labels.dtype == torch.int64
+        origin = _origins(data).view(5, 4)  # (ways, samples): a class's samples are consecutive
+        classes = origin // 10
+        assert torch.all(classes == classes[:, :1]) and len(set(classes[:, 0].tolist())) == 5
+        assert classes[:, 0].tolist() == sorted(classes[:, 0].tolist())  # ConsecutiveLabels
+        assert all(len(set(row.tolist())) == 4 for row in origin % 10)  # distinct samples of each class
+        groups = labels.view(5, 4)
+        assert torch.all(groups == groups[:, :1]) and sorted(groups[:, 0].tolist()) == list(range(5))
 
-    # learn2learn's examples split support and query by even and odd positions: each class is in both.
-    support, query = labels[0::2], labels[1::2]
-    assert sorted(support.tolist()) == sorted(query.tolist()) == [c for c in range(5) for _ in range(2)]
+        # learn2learn's examples split support and query by even and odd positions: each class is in both.
+        assert sorted(labels[0::2].tolist()) == sorted(labels[1::2].tolist()) == sorted([*range(5)] * 2)
 
     data, labels = tasksets.validation.sample()
-    assert data.shape == (6, 1, 4, 4) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert data.shape == (6, 1, 4, 4) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
     assert tasksets.test.sample()[0].shape == (6, 1, 4, 4)
 
 
 def test_fixed_task_pool_and_seeding(fake_load: list[dict[str, Any]]) -> None:
-    torch.manual_seed(3)
     pool = l2l.vision.benchmarks.get_tasksets("mini-imagenet", train_samples=2, test_samples=2, num_tasks=4)
     assert len(pool.train) == 4
     tasks = {tuple(_origins(pool.train[i][0]).tolist()) for i in range(4)}
@@ -95,14 +111,14 @@ def test_fixed_task_pool_and_seeding(fake_load: list[dict[str, Any]]) -> None:
     with pytest.raises(IndexError):
         pool.train[4]
 
-    torch.manual_seed(3)
-    again = l2l.vision.benchmarks.get_tasksets("mini-imagenet", train_samples=2, test_samples=2)
-    torch.manual_seed(3)
-    same = l2l.vision.benchmarks.get_tasksets("mini-imagenet", train_samples=2, test_samples=2)
-    assert torch.equal(again.train.sample()[0], same.train.sample()[0])
-    assert not torch.equal(again.train.sample()[0], again.train.sample()[0])
-    with pytest.raises(TypeError, match="unlimited"):
-        len(again.train)
+    runs = []
+    for _ in range(2):  # learn2learn's task sets draw from Python's random: random.seed reproduces them
+        random.seed(3)
+        fresh = l2l.vision.benchmarks.get_tasksets("mini-imagenet", train_samples=2, test_samples=2)
+        runs.append([fresh.train.sample()[0] for _ in range(2)])
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[0][1])
+    assert len(fresh.train) == 1  # learn2learn's length of an unlimited task set
 
 
 def test_get_tasksets_errors(fake_load: list[dict[str, Any]]) -> None:
@@ -115,3 +131,53 @@ def test_get_tasksets_errors(fake_load: list[dict[str, Any]]) -> None:
     with pytest.raises(ConfigError, match="num_tasks"):
         l2l.vision.benchmarks.get_tasksets("omniglot", train_samples=2, test_samples=2, num_tasks=0)
     assert l2l.vision.benchmarks.list_tasksets() == ("omniglot", "mini-imagenet")
+
+
+@pytest.fixture
+def builders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """tests/data/data_builders.py, with its small Omniglot and Mini-ImageNet counting as complete."""
+    module = load_script("tests/data/data_builders.py")
+    monkeypatch.setattr(omniglot, "OFFICIAL_COUNTS", module.SMALL_COUNTS)
+    monkeypatch.setattr(miniimagenet, "OFFICIAL_COUNTS", module.SMALL_MINI_COUNTS)
+    monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
+    return module
+
+
+def test_full_omniglot_in_a_learn2learn_pipeline(tmp_path: Path, builders: ModuleType) -> None:
+    builders.write_omniglot_zips(tmp_path / "data" / "omniglot")
+    omniglot_ds = l2l.vision.datasets.FullOmniglot(root=tmp_path / "data")
+    assert len(omniglot_ds) == 10 * 20 and omniglot_ds.class_names[0] == "Braille/character01"
+    image, label = omniglot_ds[21]
+    assert image.shape == (1, 28, 28) and label == 1 and 0 <= image.min() < image.max() <= 1
+    dataset = l2l.data.MetaDataset(omniglot_ds)
+    assert len(dataset.labels) == 10
+    transforms = [
+        l2l.data.transforms.FusedNWaysKShots(dataset, n=3, k=2, filter_labels=list(range(6))),
+        l2l.data.transforms.LoadData(dataset),
+        l2l.data.transforms.RemapLabels(dataset),
+        l2l.data.transforms.ConsecutiveLabels(dataset),
+        l2l.vision.transforms.RandomClassRotation(dataset, [0.0, 90.0, 180.0, 270.0]),
+    ]
+    tasks = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=20)
+    assert tasks._fast is not None
+    data, labels = tasks.sample()
+    assert data.shape == (6, 1, 28, 28) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_mini_imagenet_dataset_reads_learn2learns_pickle(tmp_path: Path, builders: ModuleType) -> None:
+    builders.write_mini_pickle(tmp_path / "data" / "mini-imagenet", "validation")
+    mini = l2l.vision.datasets.MiniImagenet(root=tmp_path / "data", mode="validation")
+    assert len(mini) == 2 * 6
+    image, label = mini[7]
+    assert image.shape == (3, 84, 84) and image.max() > 1  # unscaled floats in [0, 255], as learn2learn's
+    assert image.dtype == torch.float32 and float(image.max()) <= 255 and label == 1
+    dataset = l2l.data.MetaDataset(mini)
+    transforms = [l2l.data.transforms.NWays(dataset, 2), l2l.data.transforms.KShots(dataset, 3),
+                  l2l.data.transforms.LoadData(dataset)]
+    tasks = l2l.data.Taskset(dataset, transforms)
+    data, _ = tasks.sample()
+    assert tasks._fast is not None and data.shape == (6, 3, 84, 84) and data.max() > 1
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        l2l.vision.datasets.MiniImagenet(root=tmp_path / "data", mode="val")
+    with pytest.raises(ConfigError, match="cannot be downloaded"):
+        l2l.vision.datasets.MiniImagenet(root=tmp_path / "data", mode="validation", download=True)

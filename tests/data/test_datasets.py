@@ -26,7 +26,7 @@ from metagrad.errors import ConfigError, DataError
 
 
 def test_registry_names() -> None:
-    assert list(DATASETS) == ["omniglot", "mini-imagenet"]
+    assert list(DATASETS) == ["omniglot", "mini-imagenet", "folder"]
 
 
 @pytest.mark.parametrize(

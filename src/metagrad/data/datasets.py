@@ -4,7 +4,8 @@ Entry points: :func:`load_dataset` (one split as a :class:`FewShotDataset`), :fu
 (the facts ``metagrad data info`` prints) and :func:`download`. Data comes from ``data_dir``
 (:func:`resolve_data_dir`); decoded tensors are cached in ``cache_dir`` (:func:`resolve_cache_dir`),
 so the data folder may be read-only. Each dataset's module documents its formats, class order and splits:
-:mod:`metagrad.data.omniglot`, :mod:`metagrad.data.miniimagenet`.
+:mod:`metagrad.data.omniglot`, :mod:`metagrad.data.miniimagenet`, :mod:`metagrad.data.folder` (your own
+images, one folder per class).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad.data import miniimagenet, omniglot
+from metagrad.data import folder, miniimagenet, omniglot
 from metagrad.errors import ConfigError, DataError
 
 __all__ = [
@@ -76,11 +77,12 @@ class FewShotDataset:
 class _Spec:
     """How to find, load, describe and download one dataset."""
 
-    find_root: Callable[[Path], Path]
+    find_root: Callable[..., Path]  # (data_dir, **root options)
     load_split: Callable[..., tuple[Tensor, list[str]]]  # (root, split, cache_dir, **options)
     info: Callable[..., dict]  # (root, cache_dir, **options)
     download: Callable[[Path], Path] | None
-    options: dict[str, tuple[Any, ...]]  # option name -> allowed values
+    options: dict[str, tuple[Any, ...] | type]  # option name -> allowed values, or the type of a free value
+    root_options: tuple[str, ...] = ()  # required options that locate the data (go to find_root)
 
 
 DATASETS: dict[str, _Spec] = {
@@ -97,6 +99,14 @@ DATASETS: dict[str, _Spec] = {
         info=miniimagenet.info,
         download=None,
         options={"split_scheme": ("ravi",)},  # Ravi & Larochelle's 64/16/20, the only one in use
+    ),
+    "folder": _Spec(  # a user's own: <data_dir>/<folder>/{train,validation,test}/<class>/<image>
+        find_root=folder.find_root,
+        load_split=folder.load_split,
+        info=folder.info,
+        download=None,
+        options={"split_scheme": ("folders",), "folder": str},  # the split is the folder's own
+        root_options=("folder",),
     ),
 }
 """Dataset name -> how to load it. ``name in DATASETS`` checks a name."""
@@ -139,11 +149,24 @@ def _check_options(name: str, spec: _Spec, options: dict[str, Any]) -> None:
             valid = ", ".join(spec.options) or "none"
             raise ConfigError(f"dataset {name!r} has no option {key!r}; its options: {valid}")
         allowed = spec.options[key]
+        if isinstance(allowed, type):
+            if not isinstance(value, allowed):
+                raise ConfigError(f"{name} option {key}={value!r} must be a {allowed.__name__}")
+            continue
         # bool is an int subclass and 1 == True: compare types too, so rotations=1 is refused
         if not any(value == a and type(value) is type(a) for a in allowed):
             raise ConfigError(
                 f"{name} option {key}={value!r} is not valid; choose one of {', '.join(map(repr, allowed))}"
             )
+
+
+def _root_options(name: str, spec: _Spec, options: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the options that locate the data (``folder``); each is required."""
+    missing = [key for key in spec.root_options if key not in options]
+    if missing:
+        raise ConfigError(f"dataset {name!r} needs option(s) {', '.join(missing)} "
+                          f"(config data.{missing[0]}): the data is {folder.LAYOUT}")
+    return {key: options.pop(key) for key in spec.root_options}
 
 
 def load_dataset(
@@ -158,7 +181,9 @@ def load_dataset(
     """Load one split of a dataset as a single uint8 tensor, decoding (once) and caching as needed.
 
     Args:
-        name: a key of :data:`DATASETS`: ``"omniglot"`` or ``"mini-imagenet"``.
+        name: a key of :data:`DATASETS`: ``"omniglot"``, ``"mini-imagenet"`` or ``"folder"`` (your own
+            images, ``<data_dir>/<folder>/{train,validation,test}/<class>/<image>``; see
+            :mod:`metagrad.data.folder`).
         split: ``"train"``, ``"validation"`` or ``"test"``.
         data_dir: folder holding ``omniglot/`` or ``mini-imagenet/``; see :func:`resolve_data_dir`.
         cache_dir: folder for decoded caches; see :func:`resolve_cache_dir`.
@@ -167,14 +192,16 @@ def load_dataset(
             a fixed random order, as MAML's code), ``"maml"`` (the same cut of the sorted order) or
             ``"vinyals"`` (1028/172/423), and ``rotations=True`` (each 90-degree rotation is its own
             class: 4x the classes). Mini-ImageNet: ``split_scheme="ravi"`` (64/16/20, the only choice).
+            Folder: ``folder="<name>"`` (required) and ``split_scheme="folders"`` (the only choice).
 
     Returns:
         A :class:`FewShotDataset` with ``images`` (classes, images_per_class, C, H, W) uint8:
         Omniglot (4400 | 400 | 1692, 20, 1, 28, 28) with rotations, ink = 255;
-        Mini-ImageNet (64 | 16 | 20, 600, 3, 84, 84) RGB.
+        Mini-ImageNet (64 | 16 | 20, 600, 3, 84, 84) RGB; a folder (classes, n, 1, 28, 28) grayscale or
+        (classes, n, 3, 84, 84) RGB.
 
     Raises:
-        ConfigError: unknown dataset, split or option.
+        ConfigError: unknown dataset, split or option, or a missing ``folder``.
         DataError: missing, corrupt or incomplete data (the message says how to get it).
 
     Example:
@@ -186,11 +213,12 @@ def load_dataset(
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r} for {name}; valid splits: {', '.join(SPLITS)}")
     _check_options(name, spec, options)
+    located = _root_options(name, spec, options)
     data_root = resolve_data_dir(data_dir)
     if download and spec.download is not None:
         root = spec.download(data_root)  # fetches only what is missing
     else:
-        root = spec.find_root(data_root)
+        root = spec.find_root(data_root, **located)
     images, class_names = spec.load_split(root, split, resolve_cache_dir(cache_dir), **options)
     return FewShotDataset(name, split, images, class_names)
 
@@ -216,8 +244,10 @@ def dataset_info(
     """
     spec = _spec(name)
     _check_options(name, spec, options)
+    located = _root_options(name, spec, options)
     options.pop("rotations", None)  # counts are before rotation either way
-    return spec.info(spec.find_root(resolve_data_dir(data_dir)), resolve_cache_dir(cache_dir), **options)
+    root = spec.find_root(resolve_data_dir(data_dir), **located)
+    return spec.info(root, resolve_cache_dir(cache_dir), **options)
 
 
 def download(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -230,6 +260,8 @@ def download(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> Pa
     """
     spec = _spec(name)
     data_root = resolve_data_dir(data_dir)
+    if spec.root_options:
+        raise DataError(f"{name} is your own data: put it in {data_root} as {folder.LAYOUT}")
     if spec.download is None:
         root = spec.find_root(data_root)
         raise DataError(f"{name} cannot be downloaded automatically. {miniimagenet.sources_hint(root)}")

@@ -8,7 +8,7 @@ from metagrad.data.datasets import FewShotDataset
 from metagrad.errors import ConfigError
 from metagrad.types import Episode
 
-__all__ = ["EpisodeSampler"]
+__all__ = ["EpisodeSampler", "draw_tasks"]
 
 
 def _check_count(name: str, value: object) -> int:
@@ -17,6 +17,22 @@ def _check_count(name: str, value: object) -> int:
     if value <= 0:
         raise ConfigError(f"{name}={value} must be a positive integer (at least 1)")
     return value
+
+
+def draw_tasks(num_tasks: int, num_classes: int, per_class: int, ways: int, samples: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices of ``num_tasks`` tasks: ``ways`` distinct classes, ``samples`` distinct images of each.
+
+    Returns:
+        classes (T, N) int64 in [0, num_classes), in uniformly random order, and positions (T, N, S)
+        int64 in [0, per_class) within each chosen class, in uniformly random order. On the CPU.
+    """
+    # The indices of the n largest of C uniform keys are n distinct classes in uniformly random order:
+    # the first n entries of a random permutation, without sorting all C keys (topk, not argsort).
+    classes = torch.rand(num_tasks, num_classes, generator=generator).topk(ways, dim=1).indices  # (T, N)
+    # Likewise S distinct images of each chosen class: (T, N, S) positions within the class.
+    positions = torch.rand(num_tasks, ways, per_class, generator=generator).topk(samples, dim=2).indices
+    return classes, positions
 
 
 class EpisodeSampler:
@@ -95,11 +111,7 @@ class EpisodeSampler:
         """
         t = _check_count("num_tasks", num_tasks)
         n, k, q = self.ways, self.shots, self.query_shots
-        # The indices of the n largest of C uniform keys are n distinct classes in uniformly random order:
-        # the first n entries of a random permutation, without sorting all C keys (topk, not argsort).
-        classes = torch.rand(t, self._num_classes, generator=generator).topk(n, dim=1).indices  # (T, N)
-        # Likewise K+Q distinct images of each chosen class: (T, N, K+Q) positions within the class.
-        samples = torch.rand(t, n, self._per_class, generator=generator).topk(k + q, dim=2).indices
+        classes, samples = draw_tasks(t, self._num_classes, self._per_class, n, k + q, generator)
         flat = (classes.unsqueeze(2) * self._per_class + samples).to(self.device)  # (T, N, K+Q) image indices
         support = flat[:, :, :k].reshape(t, n * k)  # (T, N, K) -> (T, N*K): a class's samples consecutive
         query = flat[:, :, k:].reshape(t, n * q)  # (T, N, Q) -> (T, N*Q)

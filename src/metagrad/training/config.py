@@ -34,6 +34,7 @@ import tomllib
 
 from metagrad.algorithms import ALGORITHMS
 from metagrad.data.datasets import DATASETS
+from metagrad.data.folder import check_folder_name
 from metagrad.errors import ConfigError
 from metagrad.models import MODELS, NORM_INIT_MODELS
 from metagrad.models.layers import check_norm_init
@@ -82,6 +83,7 @@ class DataConfig:
     query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
     rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
     split_scheme: str = "shuffled"  # Omniglot: "shuffled", "maml", "vinyals"; Mini-ImageNet: "ravi"
+    folder: str | None = None  # dataset "folder" only: your dataset's folder, data_dir/<folder>/{train,...}
 
 
 @dataclass(frozen=True)
@@ -393,6 +395,11 @@ def validate_config(config: Config) -> Config:
         )
     if data.rotations and data.dataset != "omniglot":
         raise ConfigError(f"data.rotations applies to omniglot only; set it to false for {data.dataset}")
+    if (data.folder is not None) != (data.dataset == "folder"):
+        raise ConfigError("data.folder names your dataset's folder and goes with data.dataset = \"folder\" "
+                          f"(got dataset {data.dataset!r} and folder {data.folder!r})")
+    if data.folder is not None:
+        check_folder_name(data.folder)
 
     if model.name not in MODELS:
         raise ConfigError(f"unknown model {model.name!r}; valid models: {', '.join(MODELS)}")

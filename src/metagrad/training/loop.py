@@ -237,6 +237,8 @@ def _load_splits(data: DataConfig, splits: tuple[str, ...]) -> dict[str, FewShot
     options: dict[str, Any] = {"split_scheme": data.split_scheme}
     if data.dataset == "omniglot":
         options["rotations"] = data.rotations
+    if data.folder is not None:
+        options["folder"] = data.folder
     return {
         split: load_dataset(data.dataset, split, data_dir=data.data_dir, cache_dir=data.cache_dir, **options)
         for split in splits

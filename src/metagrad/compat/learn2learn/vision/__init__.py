@@ -1,5 +1,5 @@
-"""``l2l.vision``: the standard few-shot networks and benchmark task sets."""
+"""``l2l.vision``: the standard few-shot networks, datasets, transforms and benchmark task sets."""
 
-from metagrad.compat.learn2learn.vision import benchmarks, models
+from metagrad.compat.learn2learn.vision import benchmarks, datasets, models, transforms
 
-__all__ = ["benchmarks", "models"]
+__all__ = ["benchmarks", "datasets", "models", "transforms"]

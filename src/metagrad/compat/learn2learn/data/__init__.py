@@ -1,0 +1,10 @@
+"""``l2l.data``: datasets of labelled samples and the task sets drawn from them."""
+
+from metagrad.compat.learn2learn.data import transforms
+from metagrad.compat.learn2learn.data.description import DataDescription
+from metagrad.compat.learn2learn.data.meta_dataset import ClassImages, MetaDataset
+from metagrad.compat.learn2learn.data.task_dataset import TaskDataset, Taskset
+from metagrad.compat.learn2learn.data.utils import InfiniteIterator, partition_task
+
+__all__ = ["ClassImages", "DataDescription", "InfiniteIterator", "MetaDataset", "TaskDataset", "Taskset",
+           "partition_task", "transforms"]

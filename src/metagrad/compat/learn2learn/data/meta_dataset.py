@@ -1,0 +1,132 @@
+"""``l2l.data.MetaDataset``: any indexable ``(sample, label)`` dataset with its label bookkeeping.
+
+Also :class:`ClassImages`, the ``(image, label)`` view of a metagrad image tensor (classes x images per
+class) that ``l2l.vision.datasets`` return and that ``MetaDataset`` makes of a metagrad
+:class:`~metagrad.data.FewShotDataset`. A task set over one draws its tasks as tensor indexing
+(see ``task_dataset.py``) instead of loading image after image.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from metagrad.data.datasets import FewShotDataset
+
+__all__ = ["ClassImages", "MetaDataset"]
+
+
+class ClassImages(Dataset):
+    """``(image, label)`` pairs over a uint8 tensor (classes, images_per_class, C, H, W).
+
+    Item ``i`` is image ``i % images_per_class`` of class ``label = i // images_per_class``, as a float
+    tensor (C, H, W) (``uint8 / 255`` in [0, 1] by default), passed through ``transform``; the label is
+    a Python int passed through ``target_transform``.
+
+    Args:
+        images: (classes, images_per_class, C, H, W) uint8.
+        pixel_max: the float value of pixel 255: 1.0 (the default), or 255.0 for learn2learn's
+            ``MiniImagenet``, whose images are unscaled floats.
+        transform: applied to each image tensor (learn2learn's datasets give PIL images; these give
+            tensors, so torchvision's ``ToTensor`` is not needed).
+        target_transform: applied to each label.
+    """
+
+    def __init__(self, images: Tensor, transform: Callable[[Tensor], Any] | None = None,
+                 target_transform: Callable[[int], Any] | None = None, pixel_max: float = 1.0) -> None:
+        if images.dim() != 5:
+            raise ValueError(f"images must be (classes, images_per_class, C, H, W), "
+                             f"got {tuple(images.shape)}")
+        self.images = images
+        self.transform = transform
+        self.target_transform = target_transform
+        self.pixel_max = pixel_max
+
+    def __len__(self) -> int:
+        return self.images.shape[0] * self.images.shape[1]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        label, position = divmod(index % len(self), self.images.shape[1])
+        image: Any = self.images[label, position].float() * (self.pixel_max / 255)  # (C, H, W)
+        if self.transform is not None:
+            image = self.transform(image)
+        target: Any = label if self.target_transform is None else self.target_transform(label)
+        return image, target
+
+
+class MetaDataset(Dataset):
+    """Wrap a classification dataset so tasks can pick samples by label (learn2learn's ``MetaDataset``).
+
+    Args:
+        dataset: anything with ``len()`` and ``dataset[i] -> (sample, label)``: a torch ``Dataset``, a
+            list of pairs, a :class:`ClassImages` or a metagrad ``FewShotDataset`` (wrapped in
+            :class:`ClassImages`). Labels may be ints, strings or 0-d tensors (stored as ``.item()``).
+        labels_to_indices: label -> list of indices, if already known (else built by reading every item).
+        indices_to_labels: index -> label, if already known.
+
+    Attributes:
+        labels: the distinct labels, in order of first appearance.
+        labels_to_indices: label -> indices of its samples.
+        indices_to_labels: index -> label.
+
+    Raises:
+        TypeError: ``dataset`` has no ``len()`` or no indexing.
+        ValueError: a label is not a scalar.
+    """
+
+    def __init__(self, dataset: Any, labels_to_indices: dict[Hashable, list[int]] | None = None,
+                 indices_to_labels: dict[int, Hashable] | None = None) -> None:
+        if isinstance(dataset, FewShotDataset):
+            dataset = ClassImages(dataset.images)
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(f"MetaDataset needs an indexable dataset with a length (dataset[i] -> "
+                            f"(sample, label)), got {type(dataset).__name__}")
+        self.dataset = dataset
+        self.create_bookkeeping(labels_to_indices, indices_to_labels)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def create_bookkeeping(self, labels_to_indices: dict[Hashable, list[int]] | None = None,
+                           indices_to_labels: dict[int, Hashable] | None = None) -> None:
+        """Build ``labels_to_indices``, ``indices_to_labels`` and ``labels`` (from either map if given)."""
+        if labels_to_indices is None and indices_to_labels is None:
+            if isinstance(self.dataset, ClassImages) and self.dataset.target_transform is None:
+                # the layout says it: no item is loaded
+                classes, per_class = self.dataset.images.shape[:2]
+                indices_to_labels = {i: i // per_class for i in range(classes * per_class)}
+            else:
+                indices_to_labels = {i: _scalar_label(self.dataset[i], i) for i in range(len(self.dataset))}
+        if labels_to_indices is None:
+            labels_to_indices = defaultdict(list)
+            for index, label in indices_to_labels.items():
+                labels_to_indices[label].append(index)
+        elif indices_to_labels is None:
+            indices_to_labels = {i: label for label, indices in labels_to_indices.items() for i in indices}
+        self.labels_to_indices = dict(labels_to_indices)
+        self.indices_to_labels = dict(indices_to_labels)
+        self.labels = list(self.labels_to_indices)
+
+
+def _scalar_label(item: Any, index: int) -> Hashable:
+    try:
+        label = item[1]
+    except (TypeError, IndexError, KeyError) as err:
+        raise TypeError(f"dataset[{index}] must be a (sample, label) pair, "
+                        f"got {type(item).__name__}") from err
+    if hasattr(label, "item"):
+        try:
+            label = label.item()
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"dataset[{index}] has a label of shape {tuple(label.shape)}; "
+                             "MetaDataset needs one scalar label per sample") from err
+    return label

@@ -1,0 +1,169 @@
+"""A user's own few-shot dataset: one folder of images per class.
+
+Input: ``<data_dir>/<folder>/{train,validation,test}/<class>/<image>``, where ``<folder>`` is the
+dataset's name (config ``data.folder``), each split folder holds one subfolder per class (its name is the
+class name) and each class folder holds images in any format Pillow reads. Hidden files (``.DS_Store``,
+``._*``) are skipped; every other file must be an image.
+
+Decoding happens once per split, into one uint8 tensor (classes, images_per_class, C, H, W) cached in
+the cache folder and rebuilt when a file changes (as Omniglot and Mini-ImageNet). Images are converted to
+the inputs of metagrad's standard networks: when every image of the dataset is grayscale (Pillow modes
+"1", "L", "LA", "I", "I;16", "F"), to 1x28x28 grayscale as Omniglot (its networks: ``omniglot-cnn``,
+``omniglot-fc``); otherwise to 3x84x84 RGB as Mini-ImageNet (``mini-imagenet-cnn``). Resizing is Lanczos,
+to a square (the aspect ratio is not kept, as Omniglot's and Mini-ImageNet's preparations do).
+Pixel values are kept as they are (no inversion).
+
+Classes are sorted by folder name and images within a class by file name. Every class of a split must
+have the same number of images; a split whose classes differ is cut to its smallest class's count (the
+first images by name), with a warning that says how many were left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from tqdm import tqdm
+
+from metagrad.data import _io
+from metagrad.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GRAY_SIZE", "RGB_SIZE", "SPLIT_FOLDERS", "check_folder_name", "find_root", "info", "load_split"]
+
+SPLIT_FOLDERS = ("train", "validation", "test")  # split name = folder name
+GRAY_SIZE = 28  # side of grayscale datasets (Omniglot's networks)
+RGB_SIZE = 84  # side of color datasets (Mini-ImageNet's networks)
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+MIN_CLASSES = 2  # fewer cannot make a classification task
+MIN_IMAGES = 2  # per class: at least one support and one query image
+LAYOUT = "<data_dir>/<folder>/{train,validation,test}/<class>/<image>"
+
+
+def check_folder_name(folder: object) -> str:
+    """``folder`` if it names one folder (no path separator); else ConfigError saying what to set."""
+    if not isinstance(folder, str) or not folder or folder in (".", "..") or "/" in folder or "\\" in folder:
+        raise ConfigError(f"data.folder must be the name of one folder under the data folder ({LAYOUT}), "
+                          f"got {folder!r}")
+    return folder
+
+
+def find_root(data_dir: Path, folder: str) -> Path:
+    """``<data_dir>/<folder>``, checked to hold the three split folders.
+
+    Raises:
+        DataError: the folder or one of its split folders is missing (the message shows the layout).
+    """
+    root = data_dir / check_folder_name(folder)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist. Put your images there as {LAYOUT}, or set "
+                        f"data.data_dir / data.folder to where they are.")
+    missing = [name for name in SPLIT_FOLDERS if not (root / name).is_dir()]
+    if missing:
+        raise DataError(f"{root} has no {', '.join(missing)} folder; the layout is {LAYOUT}")
+    return root
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
+def _listing(root: Path, split: str) -> dict[str, list[Path]]:
+    """class name -> its image files, sorted, for one split; checks the counts."""
+    folder = root / split
+    classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not _hidden(f))
+               for d in sorted(folder.iterdir()) if d.is_dir() and not _hidden(d)}
+    if len(classes) < MIN_CLASSES:
+        raise DataError(f"{folder} has {len(classes)} class folder(s); a few-shot split needs at least "
+                        f"{MIN_CLASSES} (one subfolder per class: {LAYOUT})")
+    small = {name: len(files) for name, files in classes.items() if len(files) < MIN_IMAGES}
+    if small:
+        name, count = next(iter(small.items()))
+        others = f" ({len(small)} classes have too few)" if len(small) > 1 else ""
+        raise DataError(f"class folder {folder / name} has {count} image(s); each class needs at least "
+                        f"{MIN_IMAGES} (support and query){others}")
+    return classes
+
+
+def _mode(path: Path) -> str:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read {path} as an image ({exc}); remove or replace it") from None
+
+
+def _grayscale(root: Path) -> bool:
+    """Whether every image of every split is grayscale (then the dataset is 1x28x28).
+
+    Reads every file's header (not only up to the first color image), so an unreadable file in any
+    split is reported by the first split loaded.
+    """
+    modes = [_mode(f) for split in SPLIT_FOLDERS for files in _listing(root, split).values() for f in files]
+    return all(mode in GRAY_MODES for mode in modes)
+
+
+def _decode(path: Path, gray: bool) -> np.ndarray:
+    side = GRAY_SIZE if gray else RGB_SIZE
+    try:
+        with Image.open(path) as image:
+            converted = image.convert("L" if gray else "RGB").resize((side, side), Image.LANCZOS)
+            return np.asarray(converted).reshape(side, side, -1)  # (side, side, C)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot decode {path} ({exc}); remove or replace it") from None
+
+
+def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "folders"
+               ) -> tuple[Tensor, list[str]]:
+    """One split as ``(images (classes, images_per_class, C, 28 | 84, 28 | 84) uint8, class_names)``.
+
+    Raises:
+        DataError: a split with fewer than 2 classes, a class with fewer than 2 images, or an image that
+            cannot be read (the message names the file).
+    """
+    classes = _listing(root, split)
+    per_class = min(len(files) for files in classes.values())
+    dropped = sum(len(files) - per_class for files in classes.values())
+    if dropped:
+        logger.warning("%s: classes have %d to %d images; using the first %d of each (%d images left out)",
+                       root / split, per_class, max(len(f) for f in classes.values()), per_class, dropped)
+    names = sorted(classes)
+    files = [f for name in names for f in classes[name][:per_class]]
+    all_files = sorted(f for s in SPLIT_FOLDERS for fs in _listing(root, s).values() for f in fs)
+    # the key covers every split's files: one of them decides whether the dataset is grayscale
+    key = _io.fingerprint([(str(f.relative_to(root)), f.stat()) for f in all_files])
+    cache = _io.cache_file(cache_dir, f"folder-{root.name}-{split}", root)
+    cached = _io.load_cache(cache, key)
+    if cached is not None:
+        images = cached.get("images")
+        if isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == 5 \
+                and tuple(images.shape[:2]) == (len(names), per_class) and cached.get("class_names") == names:
+            return images, names
+        logger.warning("cache %s holds unexpected contents; rebuilding it", cache)
+    gray = _grayscale(root)
+    logger.info("decoding %s '%s' from %s (once; cached in %s)", root.name, split, root / split, cache)
+    bar = tqdm(files, desc=f"Decoding {root.name} {split} (once)", unit="img",
+               disable=not _io.show_progress())
+    pixels = np.stack([_decode(f, gray) for f in bar])  # (classes*per_class, side, side, C)
+    side, channels = pixels.shape[1], pixels.shape[3]
+    # (classes*per_class, side, side, C) -> (classes, per_class, C, side, side)
+    images = torch.from_numpy(pixels).reshape(len(names), per_class, side, side, channels)
+    images = images.permute(0, 1, 4, 2, 3).contiguous()
+    _io.save_cache(cache, key, images=images, class_names=names)
+    return images, names
+
+
+def info(root: Path, cache_dir: Path, *, split_scheme: str = "folders") -> dict:
+    """Facts about the dataset under ``root``; loads (and caches) each split."""
+    splits, shape = {}, None
+    for split in SPLIT_FOLDERS:
+        images, _ = load_split(root, split, cache_dir)
+        splits[split] = {"classes": images.shape[0], "images_per_class": images.shape[1]}
+        shape = list(images.shape[2:])
+    return {"dataset": "folder", "folder": root.name, "image_shape": shape, "splits": splits,
+            "root": str(root), "split_scheme": split_scheme}
