@@ -41,8 +41,9 @@ def show_progress() -> bool:
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
 
-    A reader never sees a half-written file: the rename (``os.replace``) is atomic on one file system,
-    and an interrupted writer leaves only a hidden ``.<name>.*.part`` file that nothing reads.
+    A reader never sees a half-written file: the temporary file is flushed to disk, then renamed
+    (``os.replace``, atomic on one file system); an interrupted or failed writer (a full disk) leaves
+    the previous ``path`` as it was, and at most a hidden ``.<name>.*.part`` file that nothing reads.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -50,9 +51,17 @@ def atomic_write(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())  # the content reaches the disk before the name points at it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`; OSError on failure, ``path`` intact."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE_FORMAT_VERSION) -> str:
@@ -66,6 +75,37 @@ def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE
     for name, st in sorted(files, key=lambda item: item[0]):
         digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of nested dicts, lists and tuples of tensors and plain values (keys, scalars, and each
+    tensor's dtype, shape and bytes): the same content gives the same digest however it is stored.
+
+    Example:
+        >>> content_digest({"w": torch.zeros(2)}) == content_digest({"w": torch.zeros(2)})
+        True
+    """
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, (numel * size,)
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # numbers, strings, bools, None: repr is exact (floats round-trip)
+        digest.update(f"{type(value).__name__}:{value!r}|".encode())
 
 
 def cache_file(cache_dir: Path, prefix: str, source: Path) -> Path:
@@ -97,16 +137,22 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
     if payload.get("key") != key:
         logger.warning("cache %s is stale (the source files changed since it was built); rebuilding it", path)
         return None
+    checksum = payload.pop("checksum", None)
+    if checksum != content_digest(payload):
+        why = "it has no checksum (an older metagrad wrote it)" if checksum is None else \
+            "its content does not match its checksum (damaged on disk)"
+        logger.warning("cache %s cannot be trusted: %s; rebuilding it", path, why)
+        return None
     return payload
 
 
 def save_cache(path: Path, key: str, **tensors_and_lists: Any) -> None:
-    """Write ``{"key", "version", **tensors_and_lists}`` atomically; warn (not fail) if the folder is
-    read-only."""
+    """Write ``{"key", "version", **tensors_and_lists, "checksum"}`` atomically; warn (not fail) if the
+    folder is read-only or full. The checksum (:func:`content_digest` of the rest) is verified on load."""
     payload = {"key": key, "version": CACHE_FORMAT_VERSION, **tensors_and_lists}
     try:
         with atomic_write(path) as tmp:
-            torch.save(payload, tmp)
+            torch.save({**payload, "checksum": content_digest(payload)}, tmp)
     except OSError as exc:
         logger.warning(
             "could not write the cache %s (%s); the data will be decoded again next time. "
@@ -152,7 +198,7 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
         DataError: no network, a server error, a checksum mismatch, or an unwritable folder.
     """
     logger.info("downloading %s to %s", url, dest)
-    created = _missing_folders(dest.parent)
+    created = missing_folders(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(dest) as tmp:
@@ -171,19 +217,19 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
                     f"(truncated or altered); nothing was saved. {manual_hint}"
                 )
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         reason = getattr(exc, "reason", exc)
         raise DataError(f"could not download {url} ({reason}). {manual_hint}") from None
     except OSError as exc:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise DataError(f"could not save {dest} ({exc.strerror or exc}). {manual_hint}") from None
     except BaseException:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise
     return dest
 
 
-def _missing_folders(folder: Path) -> list[Path]:
+def missing_folders(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, deepest first."""
     missing = []
     while not folder.exists() and folder != folder.parent:
@@ -192,7 +238,7 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _remove_if_empty(folders: list[Path]) -> None:
+def remove_if_empty(folders: list[Path]) -> None:
     # A failed download should not leave behind the empty folders it made: an empty dataset folder
     # looks like data to the next command and hides the "put the files here" message.
     for folder in folders:  # deepest first

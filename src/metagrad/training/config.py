@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -33,8 +34,9 @@ from typing import Any
 import tomllib
 
 from metagrad.algorithms import ALGORITHMS
+from metagrad.data._io import write_text_atomically
 from metagrad.data.datasets import DATASETS
-from metagrad.errors import ConfigError
+from metagrad.errors import ConfigError, FileError, describe_os_error
 from metagrad.models import MODELS, NORM_INIT_MODELS
 from metagrad.models.layers import check_norm_init
 
@@ -47,6 +49,7 @@ __all__ = [
     "MetaConfig",
     "ModelConfig",
     "RunConfig",
+    "absolute_folders",
     "check_resume_compatible",
     "config_from_dict",
     "config_to_dict",
@@ -220,10 +223,32 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write ``config`` as JSON (without ``run.run_dir``: a copy of the run goes to a new folder)."""
+    """Write ``config`` as JSON (without ``run.run_dir``: a copy of the run goes to a new folder).
+
+    Raises:
+        FileError: the file cannot be written (any earlier file is left as it was).
+    """
     data = config_to_dict(config)
     del data["run"]["run_dir"]
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    try:
+        write_text_atomically(Path(path), json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "write", path)) from None
+
+
+def absolute_folders(config: Config) -> Config:
+    """``config`` with ``~`` expanded and its data, cache and run folders made absolute (from the current
+    folder), so that a run's config.json works from any folder. Unset folders stay None."""
+
+    def absolute(folder: str | None) -> str | None:
+        return None if folder is None else os.path.abspath(os.path.expanduser(folder))
+
+    data, run = config.data, config.run
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(data, data_dir=absolute(data.data_dir), cache_dir=absolute(data.cache_dir)),
+        run=dataclasses.replace(run, run_dir=absolute(run.run_dir)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
