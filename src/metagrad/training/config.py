@@ -190,6 +190,8 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ConfigError(f"{source} is nested too deeply to be a config file") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -210,11 +212,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): is it a config file? "
+                          "Save it as UTF-8") from None
     if path.suffix == ".json":
         try:
             content = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply to be a config file") from None
     else:
         content = _parse_toml(text, f"config file {path}")
     if not isinstance(content, dict):
@@ -340,7 +347,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects SECTION.KEY=VALUE such as meta.inner_lr=0.1, got {text!r}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return key, value
 
@@ -379,7 +386,10 @@ def resolve_config(
                 f"unknown setting {dotted!r}; settings are SECTION.KEY with SECTION one of "
                 f"{', '.join(_SECTIONS)}"
             )
-        merged.setdefault(section, {})[key] = value
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise ConfigError(f"[{section}] must be a table of settings, not {merged[section]!r} "
+                              f"(in {config_file})")
+        merged[section][key] = value
     source = f"preset {preset}" + (f" + {config_file}" if config_file is not None else "")
     return validate_config(_build(merged, source))
 

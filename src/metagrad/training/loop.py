@@ -271,7 +271,14 @@ def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, i
         kwargs["strided"] = model_config.strided
     if model_config.name in NORM_INIT_MODELS:
         kwargs["norm_init"] = model_config.norm_init
-    return build_model(model_config.name, ways, **kwargs)
+    try:
+        return build_model(model_config.name, ways, **kwargs)
+    except (RuntimeError, MemoryError) as exc:  # torch's allocator: "can't allocate memory"
+        if "alloc" not in str(exc) and not isinstance(exc, MemoryError):
+            raise
+        raise ConfigError(f"the model ({model_config.name}, {ways} ways, hidden_size "
+                          f"{model_config.hidden_size}) does not fit in memory; choose a smaller "
+                          "model.hidden_size or data.ways") from None
 
 
 def _versions() -> dict[str, str]:
@@ -491,6 +498,8 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         split: EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
         for split, dataset in datasets.items()
     }
+    torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
+    model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
     if not resume:
         distributed.on_main(world, _create_run_dir, config, run_dir)
     if world.is_main:
@@ -500,8 +509,6 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         logger.info("run folder %s, %s", run_dir, where)
         _warn_if_spinning(device)
 
-    torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
-    model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
     params: Params = dict(model.named_parameters())
     buffers: Buffers = dict(model.named_buffers())
     optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
