@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import io
 import logging
 import os
 import pickle
@@ -16,12 +17,15 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from metagrad.errors import DataError
@@ -30,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 """Bump when the decoded tensors change (resize, inversion, class order): old caches then go stale."""
+
+MAX_IMAGE_BYTES = 64 << 20
+"""The largest image file (or archive member, uncompressed) read: Omniglot's are ~1 KB, ImageNet's JPEGs
+under 20 MB. A larger one is a damaged or hostile file (a zip bomb), refused before it is read."""
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""The most pixels an image may have (8000 x 5000; ImageNet's largest are ~12 million): a PNG or JPEG
+bomb (a small file that decodes to gigabytes) is refused from its header, before it is decoded."""
 
 
 def show_progress() -> bool:
@@ -170,6 +182,60 @@ def check_member_name(name: str, archive: Path) -> list[str]:
             "folder); refusing to read it. Get the archive again from its official source."
         )
     return parts
+
+
+def check_size(size: int, name: str, fix: str) -> None:
+    """Refuse file or archive member ``name`` if its ``size`` (uncompressed bytes) is above
+    :data:`MAX_IMAGE_BYTES`."""
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(
+            f"{name} is {size:,} bytes (uncompressed), more than any image file should be "
+            f"({MAX_IMAGE_BYTES:,}): a damaged or hostile file (a zip bomb?); refusing to read it. {fix}"
+        )
+
+
+def read_member(archive: zipfile.ZipFile, entry: str, path: Path, fix: str) -> bytes:
+    """Read archive member ``entry`` after checking its declared size, never more than that size.
+
+    ``zipfile`` stops at the declared size and checks the CRC there, so a member that inflates beyond
+    what it declares is a ``BadZipFile``, not a memory blow-up.
+    """
+    info = archive.getinfo(entry)
+    check_size(info.file_size, f"{path}: {entry}", fix)
+    with archive.open(info) as member:
+        return member.read(MAX_IMAGE_BYTES + 1)
+
+
+def decode_image(source: bytes | Path, name: str, mode: str, size: int, fix: str) -> np.ndarray:
+    """An image file -> (size, size[, channels]) uint8 in PIL ``mode``, Lanczos-resized.
+
+    Args:
+        source: the file's bytes, or its path.
+        name: how errors name the file (an archive member: ``archive/entry``).
+        mode: PIL mode, ``"L"`` or ``"RGB"``.
+        size: pixels per side of the result.
+        fix: appended to every error: how to get a good copy.
+
+    Raises:
+        DataError: not an image, corrupt, or above :data:`MAX_IMAGE_PIXELS` (checked from the header,
+            before decoding).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{name} is {width} x {height} pixels, more than {MAX_IMAGE_PIXELS:,}: a damaged or "
+                        f"hostile image (a decompression bomb?); refusing to decode it. {fix}"
+                    )
+                return np.asarray(image.convert(mode).resize((size, size), Image.LANCZOS))
+    except (FileNotFoundError, DataError):
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"cannot decode {name} ({exc}): the file is corrupt. {fix}") from None
 
 
 def looks_like_html(head: bytes) -> bool:
