@@ -62,12 +62,19 @@ def atomic_write(path: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make e.g. config.json private
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())  # the content reaches the disk before the name points at it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: Path, text: str) -> None:
