@@ -4,9 +4,11 @@ relative folders. The same classes through real processes: tests/test_cli_proces
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,32 @@ def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, err
+
+
+# ----------------------------------------------------------------------------------------- output pipes
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr", "both"])
+def test_pipes_closed_early_never_stop_a_training(
+    tmp_path: Path, fake_data: list, monkeypatch: pytest.MonkeyPatch, closed: str
+) -> None:
+    # `metagrad train ... | head -1`, its reader gone: a real pipe whose read end is closed.
+    read, write = os.pipe()
+    os.close(read)
+    broken = open(write, "w", buffering=1)  # noqa: SIM115 (closed below)
+    for name in ("stdout", "stderr") if closed == "both" else (closed,):
+        monkeypatch.setattr(sys, name, broken)
+    run_dir = tmp_path / "run"
+    try:
+        code = cli.main(["train", *TINY_ARGS, "--iterations", "4", "--log-every", "1",
+                         "--run-dir", str(run_dir)])
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            broken.close()
+    assert code == 0
+    assert json.loads((run_dir / "results.json").read_text())["iterations"] == 4
+    assert torch.load(run_dir / "latest.pt", weights_only=True)["iteration"] == 4
 
 
 # ------------------------------------------------------------------------------------ one run per folder
