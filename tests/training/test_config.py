@@ -190,6 +190,34 @@ def test_bad_config_files(tmp_path: Path, name: str, content: str, message: str)
         resolve_config(config_file=tmp_path / name)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [("latin1.toml", "[run]\nseed = 1 # caf\xe9\n".encode("latin-1"), r"is not UTF-8 text \(byte 20\)"),
+     ("binary.json", bytes(range(256)), "is not UTF-8 text"),
+     ("deep.json", b"[" * 100_000, "nested too deeply"),
+     ("deep.toml", b"a = " + b"[" * 100_000, "nested too deeply"),
+     ("folder.toml", None, "cannot read config file")],
+)
+def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, content: bytes | None,
+                                                   message: str) -> None:
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"{name}.*{message}|{message}.*{name}"):
+        resolve_config(config_file=path)
+
+
+def test_a_section_that_is_not_a_table_with_an_option_for_it(tmp_path: Path) -> None:
+    (tmp_path / "flat.toml").write_text("data = 5\n")
+    with pytest.raises(ConfigError, match=r"\[data\] must be a table of settings, not 5 \(in .*flat.toml\)"):
+        resolve_config(config_file=tmp_path / "flat.toml", overrides={"data.ways": 3})
+    with pytest.raises(ConfigError, match="--set expects"):
+        parse_assignment("data.ways")
+    assert parse_assignment("data.ways=" + "[" * 100_000)[0] == "data.ways"  # a string, not a crash
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file .*missing.toml"):
         resolve_config(config_file=tmp_path / "missing.toml")
