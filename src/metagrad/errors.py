@@ -72,4 +72,5 @@ def describe_os_error(exc: OSError, action: str, path: str | os.PathLike[str] | 
     where = path if path is not None else exc.filename
     reason = exc.strerror or str(exc) or type(exc).__name__
     fix = _FIXES.get(exc.errno or 0)
-    return f"cannot {action} {where}: {reason}" + (f" ({fix})" if fix and fix not in reason else "")
+    what = f"{action} {where}" if where is not None else action
+    return f"cannot {what}: {reason}" + (f" ({fix})" if fix and fix not in reason else "")

@@ -892,8 +892,9 @@ def evaluate_checkpoint(
     """Meta-test a run's checkpoint again and write ``eval_<checkpoint>.json`` in the run folder.
 
     With the defaults this reproduces the run's ``results.json`` numbers (the same test tasks), and it
-    works on a run that is still going or was interrupted: then the evaluation says how far training
-    got (``iterations`` of ``iterations_planned``, from ``latest.pt``; ``status`` "partial"), and
+    works on a run that was interrupted (not on one still training: the folder is locked meanwhile,
+    see :mod:`metagrad.training.runlock`): then the evaluation says how far training got
+    (``iterations`` of ``iterations_planned``, from ``latest.pt``; ``status`` "partial"), and
     ``metagrad results`` shows it for a run that has no ``results.json`` yet.
 
     Args:
@@ -908,8 +909,11 @@ def evaluate_checkpoint(
         The evaluation: test accuracy, its 95% CI, the checkpoint's iteration, ...
 
     Raises:
-        ConfigError: not a run folder, unknown checkpoint name, fewer than 2 test tasks, bad device.
-        TrainingError: the checkpoint (and its previous copy) is unreadable.
+        ConfigError: not a run folder, unknown checkpoint name, fewer than 2 test tasks, bad device; a
+            checkpoint that does not fit config.json (the differing setting or parameter is named).
+        RunFolderInUse: another process trains or evaluates in the folder.
+        TrainingError: the checkpoint (and its previous copy) is unreadable or fails its checksum.
+        ResultNotSaved: ``eval_<checkpoint>.json`` cannot be written (``.result`` holds the evaluation).
     """
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "latest"):
