@@ -16,8 +16,9 @@ import torch
 from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad import cli
-from metagrad.errors import ConfigError, FileError
+from metagrad.errors import ConfigError, TrainingError
 from metagrad.training import evaluate_checkpoint, loop, run
+from metagrad.training.checkpoint import save_checkpoint
 
 TINY_ARGS = ["--ways", "3", "--shots", "1", "--query-shots", "2", "--set", "model.hidden_size=8",
              "--meta-batch-size", "4", "--test-inner-steps", "2", "--eval-every", "2", "--eval-tasks", "4",
@@ -159,8 +160,19 @@ def test_eval_refuses_non_finite_parameters(tmp_path: Path, fake_data: list, fin
     next(iter(best["params"].values())).fill_(float("nan"))
     torch.save(best, run_dir / "best.pt")
     (run_dir / "best.prev.pt").unlink(missing_ok=True)
-    with pytest.raises(FileError, match="NaN or infinite values"):
+    with pytest.raises(TrainingError, match="NaN or infinite values"):
         evaluate_checkpoint(run_dir)
+
+
+def test_resume_refuses_a_checkpoint_that_lacks_the_optimizer(
+    tmp_path: Path, fake_data: list, finished_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    latest = torch.load(run_dir / "latest.pt", weights_only=True)
+    del latest["optimizer"], latest["checksum"]
+    save_checkpoint(latest, run_dir / "latest.pt")  # a valid checksum: made so, not damaged
+    code, _, err = _main(capsys, "train", "--resume", "--run-dir", str(run_dir))
+    assert code == 1 and "latest.pt is not a complete metagrad checkpoint (KeyError: 'optimizer')" in err
 
 
 # ----------------------------------------------------------------------------------------- divergence

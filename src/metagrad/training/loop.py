@@ -527,8 +527,9 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
             state = _RunState(**checkpoint["progress"])
             offsets = {name: int(checkpoint["metrics"][name]) for name in ("jsonl", "csv")}
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checkpoint made by other means
-            raise FileError(f"{run_dir / LATEST_NAME} is not a complete metagrad checkpoint "
-                            f"({type(exc).__name__}: {exc}); start a new run, or restore the file") from None
+            raise TrainingError(f"{run_dir / LATEST_NAME} is not a complete metagrad checkpoint "
+                                f"({type(exc).__name__}: {exc}); start a new run, or restore the file"
+                                ) from None
         if world.is_main:
             logger.info("resuming %s from iteration %d", run_dir, state.iteration)
     elif resume and world.is_main:
@@ -722,13 +723,13 @@ def restore_params(params: Params, checkpoint: dict[str, Any], path: Path, confi
     Raises:
         ConfigError: the checkpoint was trained with other :data:`MODEL_SETTINGS` than ``config``, or a
             parameter is missing, unknown or of another shape (the message names it).
-        FileError: the checkpoint holds no parameters, or NaN or infinite ones.
+        TrainingError: the checkpoint holds no parameters, or NaN or infinite ones.
     """
     where = path.parent / CONFIG_NAME
     check_model_settings(checkpoint, path, config)
     saved = checkpoint.get("params")
     if not isinstance(saved, dict) or not all(isinstance(t, Tensor) for t in saved.values()):
-        raise FileError(f"{path} holds no parameters: it is damaged or not a metagrad checkpoint")
+        raise TrainingError(f"{path} holds no parameters: it is damaged or not a metagrad checkpoint")
     unknown, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
     if unknown or missing:
         what = (f"has a parameter {unknown[0]!r} that the model of {where} lacks" if unknown
@@ -744,8 +745,8 @@ def restore_params(params: Params, checkpoint: dict[str, Any], path: Path, confi
                 f"model.hidden_size={config.model.hidden_size}; restore the settings it was trained with"
             )
         if not bool(torch.isfinite(tensor).all()):
-            raise FileError(f"{path} holds NaN or infinite values in {name}: it comes from a diverged run; "
-                            "use another checkpoint")
+            raise TrainingError(f"{path} holds NaN or infinite values in {name}: it comes from a diverged "
+                                "run; use another checkpoint")
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)

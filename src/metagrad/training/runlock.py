@@ -83,6 +83,10 @@ def _acquire(path: Path, command: str) -> int | None:
         except OSError as exc:
             holder = _holder(fd)
             os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
+                logger.warning("cannot lock %s (%s): nothing stops a second process from using the folder "
+                               "at the same time", path, exc.strerror)
+                return None
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise FileError(describe_os_error(exc, "lock", path)) from None
             raise RunFolderInUse(
