@@ -13,6 +13,7 @@ from metagrad.errors import ConfigError
 from metagrad.training import Config, load_preset, resolve_config
 from metagrad.training.config import (
     DEFAULT_PRESET,
+    absolute_folders,
     check_resume_compatible,
     config_to_dict,
     list_presets,
@@ -251,3 +252,16 @@ def test_norm_init_reaches_the_model_the_run_builds() -> None:
         norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
         assert norms and all(torch.all(m.weight == 1) for m in norms)
     assert load_preset("omniglot-maml-20w1s").model.norm_init == "learn2learn"
+
+
+def test_absolute_folders_expands_home_and_the_current_folder(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = absolute_folders(resolve_config(overrides={"data.data_dir": "data", "data.cache_dir": "~/cache",
+                                                        "run.run_dir": "~"}))
+    assert config.data.data_dir == str(tmp_path / "data")
+    assert config.data.cache_dir == str(tmp_path / "home" / "cache")
+    assert config.run.run_dir == str(tmp_path / "home")
+    unset = absolute_folders(resolve_config(overrides={"data.data_dir": ""}))
+    assert (unset.data.data_dir, unset.data.cache_dir, unset.run.run_dir) == ("", None, None)  # the defaults

@@ -245,10 +245,10 @@ def save_config(config: Config, path: str | Path) -> None:
 
 def absolute_folders(config: Config) -> Config:
     """``config`` with ``~`` expanded and its data, cache and run folders made absolute (from the current
-    folder), so that a run's config.json works from any folder. Unset folders stay None."""
+    folder), so that a run's config.json works from any folder. Unset (None or empty) folders stay so."""
 
     def absolute(folder: str | None) -> str | None:
-        return None if folder is None else os.path.abspath(os.path.expanduser(folder))
+        return os.path.abspath(os.path.expanduser(folder)) if folder else folder
 
     data, run = config.data, config.run
     return dataclasses.replace(
