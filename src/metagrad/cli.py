@@ -1,6 +1,8 @@
 """The ``metagrad`` command: argparse -> config -> the library. Nothing else lives here.
 
 Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data download``, ``bench``.
+stdout carries results only; progress, metric rows and messages go to stderr, and a closed stdout or
+stderr never fails a command that did its work (see docs/ROBUSTNESS.md).
 Errors the user can fix (:class:`~metagrad.errors.MetagradError`) print ``error: <message>`` on stderr,
 without a traceback, and exit with the error's code (2 for a bad configuration, 1 otherwise); argparse
 errors (an unknown option, a malformed number) exit 2 as well.

@@ -302,3 +302,18 @@ def test_tilde_and_relative_folders_are_resolved_once(
     monkeypatch.setattr(loop, "load_dataset", fake_load_dataset(calls))
     assert _main(capsys, "eval", "~/x")[0] == 0
     assert calls[0][2]["data_dir"] == str(work / "data")
+
+
+def test_eval_of_an_older_run_with_a_relative_data_folder_says_so(
+    tmp_path: Path, fake_data: list, finished_run: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    _edit_config(run_dir, "data", "data_dir", "data")  # as config.json stored it before issue 21
+    monkeypatch.chdir(tmp_path)
+    evaluate_checkpoint(run_dir)
+    assert "has a relative data_dir 'data': it is read from" in caplog.text and "--data-dir" in caplog.text
+    assert fake_data[-1][2]["data_dir"] == str(tmp_path / "data")
+    caplog.clear()
+    evaluate_checkpoint(run_dir, data_dir=str(tmp_path))
+    assert "relative" not in caplog.text

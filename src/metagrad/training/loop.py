@@ -922,6 +922,7 @@ def evaluate_checkpoint(
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder (it holds no {CONFIG_NAME})")
     config = config_from_dict(load_config_file(run_dir / CONFIG_NAME), source=str(run_dir / CONFIG_NAME))
+    _warn_if_relative(config.data, run_dir / CONFIG_NAME, data_dir=data_dir, cache_dir=cache_dir)
     overrides = {"test_tasks": test_tasks, "device": device}
     config = dataclasses.replace(
         config,
@@ -932,6 +933,16 @@ def evaluate_checkpoint(
     config = absolute_folders(config_from_dict(config_to_dict(config), source="eval options"))  # checks them
     with lock_run_dir(run_dir, "eval", create=False):
         return _evaluate(run_dir, checkpoint, config)
+
+
+def _warn_if_relative(data: DataConfig, source: Path, **given: str | None) -> None:
+    """Say so when a folder that ``given`` does not override is relative in ``source`` (runs made before
+    config.json stored absolute folders): it is read from the current folder, maybe not the run's."""
+    for name, value in given.items():
+        saved = getattr(data, name)
+        if value is None and saved and not Path(saved).expanduser().is_absolute():
+            logger.warning("%s has a relative %s %r: it is read from %s; pass --%s if that is not where "
+                           "the run found it", source, name, saved, Path.cwd(), name.replace("_", "-"))
 
 
 def _evaluate(run_dir: Path, checkpoint: str, config: Config) -> dict[str, Any]:
