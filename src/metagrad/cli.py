@@ -14,6 +14,7 @@ results; the other processes print warnings and errors only, errors marked with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -177,7 +178,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         results = run(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     except ResultNotSaved as exc:  # the meta-test is done: show its number before the error
-        _print_train_result(exc.result)
+        with contextlib.suppress(OSError):  # a closed stdout must not hide the error
+            _print_train_result(exc.result)
         raise
     if world_from_environment().is_main:  # under torchrun, rank 0 reports
         _print_train_result(results)
@@ -196,7 +198,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(args.run_dir, checkpoint=args.checkpoint, test_tasks=args.test_tasks,
                                      device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
     except ResultNotSaved as exc:  # eval_<checkpoint>.json could not be written: the number is not lost
-        _print_evaluation(args, exc.result)
+        with contextlib.suppress(OSError):  # a closed stdout must not hide the error
+            _print_evaluation(args, exc.result)
         raise
     _print_evaluation(args, result)
     return 0
