@@ -1,7 +1,8 @@
 """The ``metagrad`` command: argparse -> config -> the library. Nothing else lives here.
 
 Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data download``, ``bench``,
-``check``.
+``check``. stdout carries results only; progress, metric rows and messages go to stderr, and a closed
+stdout or stderr never fails a command that did its work (see docs/ROBUSTNESS.md).
 Errors the user can fix (:class:`~metagrad.errors.MetagradError`) print ``error: <message>`` on stderr,
 without a traceback, and exit with the error's code (2 for a bad configuration, 1 otherwise); argparse
 errors (an unknown option, a malformed number) exit 2 as well.
@@ -13,6 +14,7 @@ results; the other processes print warnings and errors only, errors marked with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -21,11 +23,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import metagrad
 from metagrad.data.datasets import DATASETS
-from metagrad.errors import ConfigError, MetagradError
+from metagrad.errors import ConfigError, MetagradError, ResultNotSaved, describe_os_error
 from metagrad.models import MODELS
 from metagrad.training.config import (
     DEFAULT_PRESET,
@@ -108,22 +110,29 @@ def _set_only_epilog() -> str:
     return "\n".join(lines)
 
 
+def _user_path(text: str) -> str:
+    """A path option with ``~`` expanded: the shell leaves ``--run-dir=~/x`` and quoted paths alone."""
+    return os.path.expanduser(text)
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("configuration (preset < --config file < single options)")
     source.add_argument("--preset", metavar="NAME",
                         help=f"named preset (default: the config file's preset, else {DEFAULT_PRESET}); "
                              "see src/metagrad/configs/ or any wrong name for the list")
-    source.add_argument("--config", metavar="FILE",
+    source.add_argument("--config", metavar="FILE", type=_user_path,
                         help="TOML file with [data] [model] [meta] [run] tables, or a run's config.json "
                              "(repeats that run in a new folder)")
     source.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="assignments",
                         help="set any config value, e.g. --set model.hidden_size=32 (repeatable)")
     folders = parser.add_argument_group("folders and device")
-    folders.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data "
-                                            "folder where the data is downloaded)")
-    folders.add_argument("--cache-dir", help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
-                                             "$XDG_CACHE_HOME/metagrad)")
-    folders.add_argument("--run-dir", help="run folder (default: runs/<preset>-<timestamp>)")
+    folders.add_argument("--data-dir", type=_user_path,
+                         help="dataset folder (default: $METAGRAD_DATA, else a user data "
+                              "folder where the data is downloaded)")
+    folders.add_argument("--cache-dir", type=_user_path,
+                         help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
+                              "$XDG_CACHE_HOME/metagrad)")
+    folders.add_argument("--run-dir", type=_user_path, help="run folder (default: runs/<preset>-<timestamp>)")
     folders.add_argument("--device",
                          help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, then mps, then cpu)")
     options = parser.add_argument_group(
@@ -167,25 +176,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"start a new run with: metagrad train --run-dir {args.run_dir}"
             )
     config = resolve_config(preset=args.preset, config_file=config_file, overrides=_overrides(args))
-    results = run(config, resume=args.resume, quiet=args.quiet)
-    if not world_from_environment().is_main:  # under torchrun, rank 0 reports
-        return 0
-    print(f"test accuracy {100 * results['test_accuracy']:.2f}% ± {100 * results['test_ci95']:.2f}% "
-          f"(95% CI over {results['test_tasks']} tasks); run folder {results['run_dir']}")
+    try:
+        results = run(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    except ResultNotSaved as exc:  # the meta-test is done: show its number before the error
+        with contextlib.suppress(OSError):  # a closed stdout must not hide the error
+            _print_train_result(exc.result)
+        raise
+    if world_from_environment().is_main:  # under torchrun, rank 0 reports
+        _print_train_result(results)
     return 0
+
+
+def _print_train_result(results: dict[str, Any]) -> None:
+    print(f"test accuracy {100 * results['test_accuracy']:.2f}% ± {100 * results['test_ci95']:.2f}% "
+          f"(95% CI over {results['test_tasks']} tasks); run folder {results['run_dir']}", flush=True)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from metagrad.training.loop import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.run_dir, checkpoint=args.checkpoint, test_tasks=args.test_tasks,
-                                 device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    try:
+        result = evaluate_checkpoint(args.run_dir, checkpoint=args.checkpoint, test_tasks=args.test_tasks,
+                                     device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    except ResultNotSaved as exc:  # eval_<checkpoint>.json could not be written: the number is not lost
+        with contextlib.suppress(OSError):  # a closed stdout must not hide the error
+            _print_evaluation(args, exc.result)
+        raise
+    _print_evaluation(args, result)
+    return 0
+
+
+def _print_evaluation(args: argparse.Namespace, result: dict[str, Any]) -> None:
     print(f"{args.run_dir} ({args.checkpoint}.pt, iteration {result['checkpoint_iteration']}): test accuracy "
           f"{100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
-          f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)")
+          f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)", flush=True)
     if args.json:
-        print(json.dumps(result))
-    return 0
+        print(json.dumps(result), flush=True)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -361,26 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a --run-dir holding an earlier run's files, replacing them")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no metric lines")
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("eval", formatter_class=_HelpFormatter,
                                    help="meta-test a run's checkpoint again (writes eval_<checkpoint>.json)")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", type=_user_path,
                           help="a run folder (metagrad train's --run-dir) or a published results/<preset>")
     evaluate.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                           help="best validation accuracy, or the latest checkpoint")
     evaluate.add_argument("--test-tasks", type=int, metavar="INT", help="test tasks (default: the run's)")
     evaluate.add_argument("--device", help="device (default: the run's setting)")
-    evaluate.add_argument("--data-dir", help="dataset folder (default: the run's setting)")
-    evaluate.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's setting)")
+    evaluate.add_argument("--data-dir", type=_user_path, help="dataset folder (default: the run's setting)")
+    evaluate.add_argument("--cache-dir", type=_user_path,
+                          help="decoded-dataset cache (default: the run's setting)")
     evaluate.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     evaluate.set_defaults(func=_cmd_eval)
 
     plot = commands.add_parser("plot", formatter_class=_HelpFormatter,
                                help="learning curves (loss and accuracy) of a run as a PNG")
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (it holds metrics.jsonl)")
-    plot.add_argument("--output", metavar="PNG", help="output file (default: RUN_DIR/learning_curves.png)")
+    plot.add_argument("run_dir", metavar="RUN_DIR", type=_user_path,
+                      help="a run folder (it holds metrics.jsonl)")
+    plot.add_argument("--output", metavar="PNG", type=_user_path,
+                      help="output file (default: RUN_DIR/learning_curves.png)")
     plot.set_defaults(func=_cmd_plot)
 
     results = commands.add_parser(
@@ -389,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the split and the number of test tasks each accuracy was measured on, iterations, wall "
                     "time, device, and the published accuracy beside each run that trained a packaged preset "
                     "unchanged (a run whose data, model or algorithm settings differ says which).")
-    results.add_argument("paths", nargs="*", default=["runs"], metavar="PATH",
+    results.add_argument("paths", nargs="*", default=["runs"], metavar="PATH", type=_user_path,
                          help="run folders, or folders of runs")
     results.set_defaults(func=_cmd_results)
 
@@ -397,23 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     info = data_commands.add_parser("info", formatter_class=_HelpFormatter, help="facts about a dataset")
     info.add_argument("name", metavar="NAME", help="omniglot or mini-imagenet")
-    info.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
-    info.add_argument("--cache-dir", help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
-                                          "$XDG_CACHE_HOME/metagrad)")
+    info.add_argument("--data-dir", type=_user_path,
+                      help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
+    info.add_argument("--cache-dir", type=_user_path,
+                      help="decoded-dataset cache (default: $METAGRAD_CACHE, else "
+                           "$XDG_CACHE_HOME/metagrad)")
     info.add_argument("--json", action="store_true",
                       help="also print the facts as one JSON object, last line")
     info.set_defaults(func=_cmd_data_info)
     fetch = data_commands.add_parser("download", formatter_class=_HelpFormatter,
                                      help="download and verify a dataset")
     fetch.add_argument("name", metavar="NAME", help="omniglot (Mini-ImageNet has no stable download)")
-    fetch.add_argument("--data-dir", help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
+    fetch.add_argument("--data-dir", type=_user_path,
+                       help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     fetch.set_defaults(func=_cmd_data_download)
 
     bench = commands.add_parser("bench", formatter_class=_HelpFormatter,
                                 help="time meta-training steps of a preset on random data")
     bench.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
                        help="preset whose shapes are timed")
-    bench.add_argument("--config", metavar="FILE", help="TOML or JSON config on top of the preset")
+    bench.add_argument("--config", metavar="FILE", type=_user_path,
+                       help="TOML or JSON config on top of the preset")
     bench.add_argument("--iterations", type=int, default=20, metavar="INT",
                        help="timed iterations after warm-up")
     bench.add_argument("--device", help="device (default: the preset's, auto)")
@@ -480,9 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         world = world_from_environment()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}", sys.stderr)
         return exc.exit_code
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_LevelFormatter("%(message)s"))
     logger.addHandler(handler)
     previous_level = logger.level
@@ -498,14 +533,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metagrad.training.loop import TrainingInterrupted
 
         prefix = "interrupted" if isinstance(exc, TrainingInterrupted) else "error"
-        print(f"{prefix}{_rank_note(world)}: {exc}", file=sys.stderr)
+        _say(f"{prefix}{_rank_note(world)}: {exc}", sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    except BrokenPipeError:  # stdout piped into e.g. `head`, which stopped reading, after all was saved
         return 0
+    except OSError as exc:  # a read or write that no layer below turned into a message of its own
+        _say(f"error{_rank_note(world)}: {describe_os_error(exc, 'read or write')}", sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted", sys.stderr)
         return 130
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+        for stream in (sys.stdout, sys.stderr):
+            _detach_if_broken(stream)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log records on stderr; a stderr that cannot be written loses the records, never the run."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
+def _say(text: str, stream: TextIO) -> None:
+    """Print a line that must not become a second error (the stream's reader may be gone)."""
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _detach_if_broken(stream: TextIO) -> None:
+    """Flush ``stream``; if it cannot be written, point its descriptor at /dev/null.
+
+    Python flushes stdout and stderr at exit and turns a failure there into exit status 120 and a
+    message: a closed pipe must not change the status of a command that did its work.
+    """
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):
+            pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from metagrad.errors import ConfigError
+from metagrad.errors import ConfigError, FileError, describe_os_error
 from metagrad.training.metrics import read_metrics
 
 __all__ = ["plot_run"]
@@ -46,7 +46,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         The path of the PNG.
 
     Raises:
-        ConfigError: the folder holds no metrics, or no train row yet.
+        ConfigError: the folder holds no metrics, or no train row yet; an unknown image format.
+        FileError: metrics.jsonl is damaged, or the PNG cannot be written (missing folder, full disk...).
     """
     import matplotlib
 
@@ -88,6 +89,12 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     name = run_dir.resolve().name
     fig.suptitle(f"{name} ({preset})" if preset and preset != name else name)  # the preset once, not twice
     path = Path(output) if output is not None else run_dir / "learning_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "write the plot", path)) from None
+    except ValueError as exc:  # matplotlib: an output name whose extension is no image format it knows
+        raise ConfigError(f"cannot write the plot {path}: {exc}; name a .png, .pdf or .svg file") from None
+    finally:
+        plt.close(fig)
     return path

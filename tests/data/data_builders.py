@@ -71,15 +71,18 @@ def omniglot_entries(layout: dict[str, dict[str, int]] | None = None, drawings: 
 def write_omniglot_zips(
     root: Path, layout: dict[str, dict[str, int]] | None = None, *, drawings: int = 20,
     extra: dict[str, dict[str, bytes]] | None = None, skip: set[str] = frozenset(),
+    compression: int = zipfile.ZIP_STORED,
 ) -> Path:
     """Write images_background.zip and images_evaluation.zip in the official layout under ``root``.
 
     Args:
         extra: image set -> {entry name: bytes} added to that zip (for hostile or odd entries).
         skip: entry names left out.
+        compression: ``zipfile.ZIP_STORED`` (as the official archives' PNGs) or ``ZIP_DEFLATED``.
     """
     root.mkdir(parents=True, exist_ok=True)
-    archives = {name: zipfile.ZipFile(root / f"{name}.zip", "w") for name in omniglot.IMAGE_SET_NAMES}
+    archives = {name: zipfile.ZipFile(root / f"{name}.zip", "w", compression)
+                for name in omniglot.IMAGE_SET_NAMES}
     for image_set, name, data in omniglot_entries(layout, drawings):
         if name not in skip:
             archives[image_set].writestr(name, data)

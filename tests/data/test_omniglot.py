@@ -23,7 +23,7 @@ from data_builders import (
 )
 from PIL import Image
 
-from metagrad.data import EpisodeSampler, dataset_info, load_dataset, omniglot
+from metagrad.data import EpisodeSampler, _io, dataset_info, load_dataset, omniglot
 from metagrad.errors import DataError
 
 # Characters per alphabet of the real data set (SOURCE.md of ../shared/data/omniglot), in class order.
@@ -418,3 +418,79 @@ def test_real_omniglot_pixels_match_learn2learn(real_omniglot) -> None:
         expected = reference_pixels(zf.read(entry))
     assert names[-1] == "ULOG/character26"
     np.testing.assert_array_equal(images[-1, -1, 0].numpy(), expected)
+
+
+# ------------------------------------------------------------------------------------- hostile input
+
+
+def _flip_byte_inside(path: Path, content: bytes) -> None:
+    """Flip one bit in the middle of ``content`` where it is stored in ``path`` (the file stays loadable)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(content) + len(content) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_zip_bomb_member_is_refused_before_inflating(tmp_path: Path, monkeypatch) -> None:
+    name = "images_background/Braille/character01/0001_01.png"
+    bomb = bytes(_io.MAX_IMAGE_BYTES + 1)  # zeros: a few hundred KB once deflated
+    root = write_omniglot_zips(tmp_path / "o", skip={name}, extra={"images_background": {name: bomb}},
+                               compression=zipfile.ZIP_DEFLATED)
+    assert (root / "images_background.zip").stat().st_size < 2 << 20
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("a member was inflated"))
+    with pytest.raises(DataError, match=r"background\.zip: .*0001_01\.png is 67,108,865 bytes.*zip bomb"):
+        load_small(root, tmp_path / "cache")
+
+
+def test_member_larger_than_it_declares_is_corrupt(tmp_path: Path) -> None:
+    name = "images_background/Braille/character01/0001_01.png"
+    root = write_omniglot_zips(tmp_path / "o", skip={name},
+                               extra={"images_background": {name: bytes(1 << 20)}},
+                               compression=zipfile.ZIP_DEFLATED)
+    archive = root / "images_background.zip"
+    data = bytearray(archive.read_bytes())
+    # Declare 100 bytes for 1 MiB: the size field of the local header and of the central directory entry.
+    at = data.find(name.encode())
+    while at != -1:
+        if data[at - 30:at - 26] == b"PK\x03\x04":
+            data[at - 30 + 22:at - 30 + 26] = (100).to_bytes(4, "little")
+        elif data[at - 46:at - 42] == b"PK\x01\x02":
+            data[at - 46 + 24:at - 46 + 28] = (100).to_bytes(4, "little")
+        at = data.find(name.encode(), at + 1)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"0001_01\.png.*corrupt"):
+        load_small(root, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("side", [8000, 15000])  # above metagrad's pixel limit; above PIL's own
+def test_png_bomb_in_an_extracted_folder_is_named(tmp_path: Path, side: int) -> None:
+    root = write_omniglot_folders(tmp_path / "o" / "omniglot")
+    bomb = root / "images_evaluation/Tengwar/character01/0009_03.png"
+    Image.new("1", (side, side), color=1).save(bomb)  # a few KB that decode to side * side pixels
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(DataError, match=rf"0009_03\.png (is {side} x {side} pixels|\(Image size)"):
+        load_small(root, tmp_path / "cache")
+
+
+def test_flipped_byte_in_the_cache_is_rebuilt(small_omniglot: Path, tmp_path: Path, caplog) -> None:
+    first, _ = load_small(small_omniglot / "omniglot", tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("omniglot-*.pt")
+    _flip_byte_inside(cache, first.numpy().tobytes()[:4096])
+    assert not torch.equal(torch.load(cache, weights_only=True)["images"], first)  # torch loads it silently
+    with caplog.at_level(logging.WARNING):
+        second, _ = load_small(small_omniglot / "omniglot", tmp_path / "cache")
+    assert "does not match its checksum" in caplog.text and "rebuilding" in caplog.text
+    assert torch.equal(first, second)
+    assert torch.equal(torch.load(cache, weights_only=True)["images"], first)  # rewritten
+
+
+def test_cache_without_a_checksum_is_rebuilt_once(small_omniglot: Path, tmp_path: Path, caplog) -> None:
+    load_small(small_omniglot / "omniglot", tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("omniglot-*.pt")
+    payload = torch.load(cache, weights_only=True)
+    del payload["checksum"]  # as an older metagrad wrote it
+    torch.save(payload, cache)
+    with caplog.at_level(logging.WARNING):
+        load_small(small_omniglot / "omniglot", tmp_path / "cache")
+    assert "has no checksum" in caplog.text
+    assert "checksum" in torch.load(cache, weights_only=True)

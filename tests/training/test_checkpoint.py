@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metagrad.errors import TrainingError
+from metagrad.errors import FileError, TrainingError
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     capture_rng_state,
@@ -94,3 +95,54 @@ def test_rng_states_round_trip() -> None:
     restore_rng_state(state, generators, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected[0])
     assert torch.equal(torch.rand(3, generator=generators["train"]), expected[1])
+
+
+def _flip_bit_in_params(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit inside ``tensor``'s bytes where the checkpoint file stores them."""
+    data = bytearray(path.read_bytes())
+    at = data.index(tensor.numpy().tobytes())
+    data[at + 1] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bit_falls_back_to_the_previous_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                     ) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(_state(1), path)
+    save_checkpoint(_state(2), path)
+    _flip_bit_in_params(path, _state(2)["params"]["w"])
+    assert torch.load(path, weights_only=True)["iteration"] == 2  # torch itself loads it without a word
+    with caplog.at_level(logging.WARNING):
+        state = load_checkpoint(path)
+    assert state["iteration"] == 1 and "does not match its checksum" in caplog.text
+
+
+def test_flipped_bit_without_a_previous_copy_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(_state(3), path)
+    _flip_bit_in_params(path, _state(3)["params"]["w"])
+    with pytest.raises(TrainingError, match=r"no readable checkpoint: .*best\.pt .*does not match its"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_checksum_loads_as_legacy(tmp_path: Path) -> None:
+    torch.save(_state(5), tmp_path / "best.pt")  # as metagrad wrote them before checksums (results/*/best.pt)
+    state = load_checkpoint(tmp_path / "best.pt")
+    assert state["iteration"] == 5 and torch.equal(state["params"]["w"], torch.full((3,), 5.0))
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    path = tmp_path / "latest.pt"
+    save_checkpoint(_state(1), path)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(FileError, match=r"cannot write the checkpoint .*latest\.pt: No space left on device "
+                                        r"\(the disk is full"):
+        save_checkpoint(_state(2), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]  # no temporary file left

@@ -13,6 +13,7 @@ from metagrad.errors import ConfigError
 from metagrad.training import Config, load_preset, resolve_config
 from metagrad.training.config import (
     DEFAULT_PRESET,
+    absolute_folders,
     check_resume_compatible,
     config_to_dict,
     list_presets,
@@ -190,6 +191,34 @@ def test_bad_config_files(tmp_path: Path, name: str, content: str, message: str)
         resolve_config(config_file=tmp_path / name)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [("latin1.toml", "[run]\nseed = 1 # caf\xe9\n".encode("latin-1"), r"is not UTF-8 text \(byte 20\)"),
+     ("binary.json", bytes(range(256)), "is not UTF-8 text"),
+     ("deep.json", b"[" * 100_000, "nested too deeply"),
+     ("deep.toml", b"a = " + b"[" * 100_000, "nested too deeply"),
+     ("folder.toml", None, "cannot read config file")],
+)
+def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, content: bytes | None,
+                                                   message: str) -> None:
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"{name}.*{message}|{message}.*{name}"):
+        resolve_config(config_file=path)
+
+
+def test_a_section_that_is_not_a_table_with_an_option_for_it(tmp_path: Path) -> None:
+    (tmp_path / "flat.toml").write_text("data = 5\n")
+    with pytest.raises(ConfigError, match=r"\[data\] must be a table of settings, not 5 \(in .*flat.toml\)"):
+        resolve_config(config_file=tmp_path / "flat.toml", overrides={"data.ways": 3})
+    with pytest.raises(ConfigError, match="--set expects"):
+        parse_assignment("data.ways")
+    assert parse_assignment("data.ways=" + "[" * 100_000)[0] == "data.ways"  # a string, not a crash
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file .*missing.toml"):
         resolve_config(config_file=tmp_path / "missing.toml")
@@ -223,3 +252,16 @@ def test_norm_init_reaches_the_model_the_run_builds() -> None:
         norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
         assert norms and all(torch.all(m.weight == 1) for m in norms)
     assert load_preset("omniglot-maml-20w1s").model.norm_init == "learn2learn"
+
+
+def test_absolute_folders_expands_home_and_the_current_folder(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = absolute_folders(resolve_config(overrides={"data.data_dir": "data", "data.cache_dir": "~/cache",
+                                                        "run.run_dir": "~"}))
+    assert config.data.data_dir == str(tmp_path / "data")
+    assert config.data.cache_dir == str(tmp_path / "home" / "cache")
+    assert config.run.run_dir == str(tmp_path / "home")
+    unset = absolute_folders(resolve_config(overrides={"data.data_dir": ""}))
+    assert (unset.data.data_dir, unset.data.cache_dir, unset.run.run_dir) == ("", None, None)  # the defaults

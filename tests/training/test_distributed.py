@@ -170,7 +170,7 @@ def test_rank_0_alone_writes_and_shows_progress(two_process_run: dict[str, Any])
     # Rank 1 ran with every write under the run folder forbidden (tiny_cli.py's audit hook), twice.
     resumed = two_process_run["resumed"]
     assert resumed.returncode == 0, resumed.stderr
-    rows = [json.loads(line) for line in resumed.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in resumed.stderr.splitlines() if line.startswith("{")]
     best = json.loads((two_process_run["run_dir"] / "results.json").read_text())["best_iteration"]
     assert [(r["step"], r["split"]) for r in rows] == [(6, "validation"), (best, "test")]
     assert resumed.stdout.count("test accuracy") == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metagrad.errors import TrainingError
+from metagrad.errors import FileError, TrainingError
 from metagrad.training.metrics import COLUMNS, MetricsWriter, mean_ci95, read_metrics
 
 
@@ -67,3 +67,19 @@ def test_metrics_shorter_than_the_checkpoint_says_is_an_error(tmp_path: Path) ->
     MetricsWriter(tmp_path).close()
     with pytest.raises(TrainingError, match="metrics.jsonl holds 0 bytes but the checkpoint recorded 100"):
         MetricsWriter(tmp_path, {"jsonl": 100, "csv": 10})
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"step": 3, "split": "tra', "not json at all", "[1, 2]",
+     '{"step": "3", "split": "train", "loss": 1, "acc": 1}',
+     '{"step": 3, "split": "train", "loss": null, "acc": 0.5}', b"\xff\xfe".decode("latin-1")],
+)
+def test_a_damaged_metrics_line_is_named(tmp_path: Path, line: str) -> None:
+    writer = MetricsWriter(tmp_path)
+    writer.write({"step": 1, "split": "train", "loss": 1.0, "acc": 0.5})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="latin-1") as handle:
+        handle.write(line + "\n")
+    with pytest.raises(FileError, match=r"line 2 of .*metrics.jsonl is not a metric row|is not UTF-8 text"):
+        read_metrics(tmp_path)

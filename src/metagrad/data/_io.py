@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import io
 import logging
 import os
 import pickle
@@ -16,12 +17,15 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from metagrad.errors import DataError
@@ -30,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 """Bump when the decoded tensors change (resize, inversion, class order): old caches then go stale."""
+
+MAX_IMAGE_BYTES = 64 << 20
+"""The largest image file (or archive member, uncompressed) read: Omniglot's are ~1 KB, ImageNet's JPEGs
+under 20 MB. A larger one is a damaged or hostile file (a zip bomb), refused before it is read."""
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""The most pixels an image may have (8000 x 5000; ImageNet's largest are ~12 million): a PNG or JPEG
+bomb (a small file that decodes to gigabytes) is refused from its header, before it is decoded."""
 
 
 def show_progress() -> bool:
@@ -41,18 +53,34 @@ def show_progress() -> bool:
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
 
-    A reader never sees a half-written file: the rename (``os.replace``) is atomic on one file system,
-    and an interrupted writer leaves only a hidden ``.<name>.*.part`` file that nothing reads.
+    A reader never sees a half-written file: the temporary file is flushed to disk, then renamed
+    (``os.replace``, atomic on one file system); an interrupted or failed writer (a full disk) leaves
+    the previous ``path`` as it was, and at most a hidden ``.<name>.*.part`` file that nothing reads.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make e.g. config.json private
         yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())  # the content reaches the disk before the name points at it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`; OSError on failure, ``path`` intact."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE_FORMAT_VERSION) -> str:
@@ -66,6 +94,37 @@ def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE
     for name, st in sorted(files, key=lambda item: item[0]):
         digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of nested dicts, lists and tuples of tensors and plain values (keys, scalars, and each
+    tensor's dtype, shape and bytes): the same content gives the same digest however it is stored.
+
+    Example:
+        >>> content_digest({"w": torch.zeros(2)}) == content_digest({"w": torch.zeros(2)})
+        True
+    """
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # the raw bytes, (numel * size,)
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # numbers, strings, bools, None: repr is exact (floats round-trip)
+        digest.update(f"{type(value).__name__}:{value!r}|".encode())
 
 
 def cache_file(cache_dir: Path, prefix: str, source: Path) -> Path:
@@ -97,16 +156,22 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
     if payload.get("key") != key:
         logger.warning("cache %s is stale (the source files changed since it was built); rebuilding it", path)
         return None
+    checksum = payload.pop("checksum", None)
+    if checksum != content_digest(payload):
+        why = "it has no checksum (an older metagrad wrote it)" if checksum is None else \
+            "its content does not match its checksum (damaged on disk)"
+        logger.warning("cache %s cannot be trusted: %s; rebuilding it", path, why)
+        return None
     return payload
 
 
 def save_cache(path: Path, key: str, **tensors_and_lists: Any) -> None:
-    """Write ``{"key", "version", **tensors_and_lists}`` atomically; warn (not fail) if the folder is
-    read-only."""
+    """Write ``{"key", "version", **tensors_and_lists, "checksum"}`` atomically; warn (not fail) if the
+    folder is read-only or full. The checksum (:func:`content_digest` of the rest) is verified on load."""
     payload = {"key": key, "version": CACHE_FORMAT_VERSION, **tensors_and_lists}
     try:
         with atomic_write(path) as tmp:
-            torch.save(payload, tmp)
+            torch.save({**payload, "checksum": content_digest(payload)}, tmp)
     except OSError as exc:
         logger.warning(
             "could not write the cache %s (%s); the data will be decoded again next time. "
@@ -124,6 +189,60 @@ def check_member_name(name: str, archive: Path) -> list[str]:
             "folder); refusing to read it. Get the archive again from its official source."
         )
     return parts
+
+
+def check_size(size: int, name: str, fix: str) -> None:
+    """Refuse file or archive member ``name`` if its ``size`` (uncompressed bytes) is above
+    :data:`MAX_IMAGE_BYTES`."""
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(
+            f"{name} is {size:,} bytes (uncompressed), more than any image file should be "
+            f"({MAX_IMAGE_BYTES:,}): a damaged or hostile file (a zip bomb?); refusing to read it. {fix}"
+        )
+
+
+def read_member(archive: zipfile.ZipFile, entry: str, path: Path, fix: str) -> bytes:
+    """Read archive member ``entry`` after checking its declared size, never more than that size.
+
+    ``zipfile`` stops at the declared size and checks the CRC there, so a member that inflates beyond
+    what it declares is a ``BadZipFile``, not a memory blow-up.
+    """
+    info = archive.getinfo(entry)
+    check_size(info.file_size, f"{path}: {entry}", fix)
+    with archive.open(info) as member:
+        return member.read(MAX_IMAGE_BYTES + 1)
+
+
+def decode_image(source: bytes | Path, name: str, mode: str, size: int, fix: str) -> np.ndarray:
+    """An image file -> (size, size[, channels]) uint8 in PIL ``mode``, Lanczos-resized.
+
+    Args:
+        source: the file's bytes, or its path.
+        name: how errors name the file (an archive member: ``archive/entry``).
+        mode: PIL mode, ``"L"`` or ``"RGB"``.
+        size: pixels per side of the result.
+        fix: appended to every error: how to get a good copy.
+
+    Raises:
+        DataError: not an image, corrupt, or above :data:`MAX_IMAGE_PIXELS` (checked from the header,
+            before decoding).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{name} is {width} x {height} pixels, more than {MAX_IMAGE_PIXELS:,}: a damaged or "
+                        f"hostile image (a decompression bomb?); refusing to decode it. {fix}"
+                    )
+                return np.asarray(image.convert(mode).resize((size, size), Image.LANCZOS))
+    except (FileNotFoundError, DataError):
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"cannot decode {name} ({exc}): the file is corrupt. {fix}") from None
 
 
 def looks_like_html(head: bytes) -> bool:
@@ -152,7 +271,7 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
         DataError: no network, a server error, a checksum mismatch, or an unwritable folder.
     """
     logger.info("downloading %s to %s", url, dest)
-    created = _missing_folders(dest.parent)
+    created = missing_folders(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(dest) as tmp:
@@ -171,19 +290,19 @@ def download(url: str, dest: Path, md5: str, *, manual_hint: str, timeout: float
                     f"(truncated or altered); nothing was saved. {manual_hint}"
                 )
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         reason = getattr(exc, "reason", exc)
         raise DataError(f"could not download {url} ({reason}). {manual_hint}") from None
     except OSError as exc:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise DataError(f"could not save {dest} ({exc.strerror or exc}). {manual_hint}") from None
     except BaseException:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise
     return dest
 
 
-def _missing_folders(folder: Path) -> list[Path]:
+def missing_folders(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, deepest first."""
     missing = []
     while not folder.exists() and folder != folder.parent:
@@ -192,7 +311,7 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _remove_if_empty(folders: list[Path]) -> None:
+def remove_if_empty(folders: list[Path]) -> None:
     # A failed download should not leave behind the empty folders it made: an empty dataset folder
     # looks like data to the next command and hides the "put the files here" message.
     for folder in folders:  # deepest first

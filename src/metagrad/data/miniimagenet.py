@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
@@ -197,15 +196,13 @@ def _read_csv(path: Path) -> dict[str, list[str]]:
 def _decode_jpeg(path: Path) -> np.ndarray:
     """An image file -> (84, 84, 3) uint8 RGB, Lanczos-resized."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS))
+        _io.check_size(path.stat().st_size, str(path), "Replace it.")
+        return _io.decode_image(path, str(path), "RGB", IMAGE_SIZE, "Replace it.")
     except FileNotFoundError:
         raise DataError(
             f"{path} is listed in the split CSV but missing from the images folder. "
             f"{sources_hint(path.parent.parent)}"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode {path} ({exc}): the file is corrupt; replace it.") from None
 
 
 def _load_csv(path: Path, split: str, cache_dir: Path, counts: Counts) -> tuple[Tensor, list[str]]:

@@ -45,7 +45,6 @@ References:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import zipfile
@@ -57,7 +56,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
@@ -83,6 +81,7 @@ VINYALS_VALIDATION_ALPHABETS = frozenset(
     {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
 )
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
+_GET_AGAIN = "Get the official archives again."
 
 
 @dataclass(frozen=True)
@@ -192,6 +191,7 @@ def _list_zip(name: str, path: Path) -> _ImageSet:
             continue
         if len(parts) != 4 or parts[0] != name:
             raise _layout_error(path, info.filename)
+        _io.check_size(info.file_size, f"{path}: {info.filename}", _GET_AGAIN)  # before anything is inflated
         characters[(parts[1], parts[2])].append(info.filename)
     image_set.characters = {key: sorted(characters[key]) for key in sorted(characters)}
     return image_set
@@ -276,13 +276,8 @@ def cache_path(root: Path, cache_dir: Path) -> Path:
 
 def _decode_png(data: bytes, entry: str) -> np.ndarray:
     """PNG bytes -> (28, 28) uint8 with ink = 255: grayscale, Lanczos resize, then invert (as learn2learn)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode {entry} ({exc}): the file is corrupt. "
-                        "Get the official archives again.") from None
-    return 255 - np.asarray(small)  # the files draw black ink on white; we want ink = 255
+    small = _io.decode_image(data, entry, "L", IMAGE_SIZE, _GET_AGAIN)
+    return 255 - small  # the files draw black ink on white; we want ink = 255
 
 
 def _decode(listing: _Listing, counts: Counts) -> Tensor:
@@ -304,10 +299,12 @@ def _decode(listing: _Listing, counts: Counts) -> Tensor:
 def _read(image_set: _ImageSet, entry: str, archives: dict[Path, zipfile.ZipFile]) -> bytes:
     try:
         if not image_set.is_zip:
-            return (image_set.path / entry).read_bytes()
+            path = image_set.path / entry
+            _io.check_size(path.stat().st_size, str(path), _GET_AGAIN)
+            return path.read_bytes()
         if image_set.path not in archives:
             archives[image_set.path] = zipfile.ZipFile(image_set.path)
-        return archives[image_set.path].read(entry)
+        return _io.read_member(archives[image_set.path], entry, image_set.path, _GET_AGAIN)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise DataError(
             f"cannot read {entry} from {image_set.path} ({exc}): the archive or folder is corrupt. "

@@ -5,6 +5,10 @@ A checkpoint is a dict of tensors and plain Python values only, so it loads with
 file in the same folder, which is flushed to disk and then renamed over the target; the file it
 replaces is kept as ``<name>.prev.pt``. A checkpoint cut short by ``kill -9`` or a full disk is thus
 never the only copy: :func:`load_checkpoint` reports it and falls back to the previous one.
+
+Each checkpoint carries a ``checksum``: the SHA-256 of its content (:func:`metagrad.data._io.content_digest`),
+verified on load, so flipped bits on disk are an unreadable checkpoint, not silently different numbers.
+Checkpoints written before checksums existed (the published ``results/*/best.pt``) load as legacy files.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 
 import torch
 
-from metagrad.errors import TrainingError
+from metagrad.data._io import content_digest
+from metagrad.errors import FileError, TrainingError, describe_os_error
 
 __all__ = ["FORMAT_VERSION", "capture_rng_state", "load_checkpoint", "previous_path", "restore_rng_state",
            "save_checkpoint"]
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 """Bumped when the checkpoint layout changes incompatibly."""
+
+CHECKSUM_KEY = "checksum"
 
 
 def previous_path(path: Path) -> Path:
@@ -37,21 +44,30 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` atomically to ``path``, keeping the file it replaces as ``<name>.prev.pt``.
 
     Args:
-        state: tensors and plain Python values only (dicts, lists, tuples, numbers, strings, None).
+        state: tensors and plain Python values only (dicts, lists, tuples, numbers, strings, None); a
+            ``checksum`` of this content is added.
         path: target file; its folder must exist.
+
+    Raises:
+        FileError: the file cannot be written (full disk, read-only folder...); the previous
+            checkpoint is left as it was.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise FileError(describe_os_error(exc, "write the checkpoint", path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -91,6 +107,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
             state = torch.load(candidate, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
                 raise ValueError(f"not a metagrad checkpoint of format {FORMAT_VERSION}")
+            _verify_checksum(state)
         # any failure to read means "unreadable": a truncated zip, a pickle refused by weights_only, garbage
         except Exception as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
@@ -104,6 +121,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     if problems:
         raise TrainingError("no readable checkpoint: " + "; ".join(problems))
     return None
+
+
+def _verify_checksum(state: dict[str, Any]) -> None:
+    """Remove and check ``state``'s checksum; a checkpoint without one is a legacy file, accepted."""
+    expected = state.pop(CHECKSUM_KEY, None)
+    if expected is None:
+        return
+    if expected != content_digest(state):
+        raise ValueError("its content does not match its checksum (the file was altered or damaged on disk)")
 
 
 def capture_rng_state(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, Any]:

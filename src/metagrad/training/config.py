@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -33,9 +34,10 @@ from typing import Any
 import tomllib
 
 from metagrad.algorithms import ALGORITHMS
+from metagrad.data._io import write_text_atomically
 from metagrad.data.datasets import DATASETS
 from metagrad.data.folder import check_folder_name
-from metagrad.errors import ConfigError
+from metagrad.errors import ConfigError, FileError, describe_os_error
 from metagrad.models import MODELS, NORM_INIT_MODELS
 from metagrad.models.layers import check_norm_init
 
@@ -48,6 +50,7 @@ __all__ = [
     "MetaConfig",
     "ModelConfig",
     "RunConfig",
+    "absolute_folders",
     "check_resume_compatible",
     "config_from_dict",
     "config_to_dict",
@@ -189,6 +192,8 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ConfigError(f"{source} is nested too deeply to be a config file") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -209,11 +214,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): is it a config file? "
+                          "Save it as UTF-8") from None
     if path.suffix == ".json":
         try:
             content = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply to be a config file") from None
     else:
         content = _parse_toml(text, f"config file {path}")
     if not isinstance(content, dict):
@@ -222,10 +232,32 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write ``config`` as JSON (without ``run.run_dir``: a copy of the run goes to a new folder)."""
+    """Write ``config`` as JSON (without ``run.run_dir``: a copy of the run goes to a new folder).
+
+    Raises:
+        FileError: the file cannot be written (any earlier file is left as it was).
+    """
     data = config_to_dict(config)
     del data["run"]["run_dir"]
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    try:
+        write_text_atomically(Path(path), json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "write", path)) from None
+
+
+def absolute_folders(config: Config) -> Config:
+    """``config`` with ``~`` expanded and its data, cache and run folders made absolute (from the current
+    folder), so that a run's config.json works from any folder. Unset (None or empty) folders stay so."""
+
+    def absolute(folder: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(folder)) if folder else folder
+
+    data, run = config.data, config.run
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(data, data_dir=absolute(data.data_dir), cache_dir=absolute(data.cache_dir)),
+        run=dataclasses.replace(run, run_dir=absolute(run.run_dir)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +349,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects SECTION.KEY=VALUE such as meta.inner_lr=0.1, got {text!r}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return key, value
 
@@ -356,7 +388,10 @@ def resolve_config(
                 f"unknown setting {dotted!r}; settings are SECTION.KEY with SECTION one of "
                 f"{', '.join(_SECTIONS)}"
             )
-        merged.setdefault(section, {})[key] = value
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise ConfigError(f"[{section}] must be a table of settings, not {merged[section]!r} "
+                              f"(in {config_file})")
+        merged[section][key] = value
     source = f"preset {preset}" + (f" + {config_file}" if config_file is not None else "")
     return validate_config(_build(merged, source))
 

@@ -33,6 +33,7 @@ processes (see :func:`metagrad.training.distributed.all_reduce_gradients`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,6 +43,7 @@ import platform
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,15 +54,24 @@ from torch import Tensor, nn
 import metagrad
 from metagrad import _openmp, algorithms
 from metagrad.algorithms import MetaBatchOutput
+from metagrad.data._io import write_text_atomically
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
-from metagrad.errors import ConfigError, MetagradError, TrainingError
+from metagrad.errors import (
+    ConfigError,
+    FileError,
+    MetagradError,
+    ResultNotSaved,
+    TrainingError,
+    describe_os_error,
+)
 from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.training import distributed
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     capture_rng_state,
     load_checkpoint,
+    previous_path,
     restore_rng_state,
     save_checkpoint,
 )
@@ -70,6 +81,8 @@ from metagrad.training.config import (
     DataConfig,
     MetaConfig,
     ModelConfig,
+    _flatten,
+    absolute_folders,
     check_resume_compatible,
     config_from_dict,
     config_to_dict,
@@ -77,8 +90,9 @@ from metagrad.training.config import (
     save_config,
 )
 from metagrad.training.distributed import ONE_PROCESS, World
-from metagrad.training.metrics import MetricsWriter, mean_ci95
+from metagrad.training.metrics import CSV_NAME, JSONL_NAME, MetricsWriter, mean_ci95
 from metagrad.training.progress import Progress
+from metagrad.training.runlock import lock_run_dir
 from metagrad.types import Buffers, Params
 
 if TYPE_CHECKING:
@@ -102,6 +116,10 @@ LATEST_NAME = "latest.pt"
 BEST_NAME = "best.pt"
 RESULTS_NAME = "results.json"
 CI95_FORMULA = "1.96 * sample std (ddof=1) / sqrt(n) over per-task accuracies"
+RUN_FILES = frozenset({CONFIG_NAME, JSONL_NAME, CSV_NAME, LATEST_NAME, BEST_NAME, RESULTS_NAME,
+                       previous_path(Path(LATEST_NAME)).name, previous_path(Path(BEST_NAME)).name,
+                       "learning_curves.png"})
+"""The files a run writes (besides ``eval_*.json``): a new run never overwrites them without ``overwrite``."""
 
 
 class TrainingInterrupted(MetagradError):
@@ -255,7 +273,14 @@ def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, i
         kwargs["strided"] = model_config.strided
     if model_config.name in NORM_INIT_MODELS:
         kwargs["norm_init"] = model_config.norm_init
-    return build_model(model_config.name, ways, **kwargs)
+    try:
+        return build_model(model_config.name, ways, **kwargs)
+    except (RuntimeError, MemoryError) as exc:  # torch's allocator: "can't allocate memory"
+        if "alloc" not in str(exc) and not isinstance(exc, MemoryError):
+            raise
+        raise ConfigError(f"the model ({model_config.name}, {ways} ways, hidden_size "
+                          f"{model_config.hidden_size}) does not fit in memory; choose a smaller "
+                          "model.hidden_size or data.ways") from None
 
 
 def _versions() -> dict[str, str]:
@@ -270,10 +295,13 @@ def _warn_if_spinning(device: torch.device) -> None:
         logger.warning(warning)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+def _write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write a result as JSON atomically; on failure raise :class:`ResultNotSaved` holding ``result``."""
+    try:
+        write_text_atomically(path, json.dumps(result, indent=2) + "\n")
+    except OSError as exc:
+        raise ResultNotSaved(describe_os_error(exc, "write", path) + "; the result is printed above, "
+                             "and the earlier file, if any, is unchanged", result) from None
 
 
 class _StopFlag:
@@ -354,12 +382,27 @@ def _default_run_dir(preset: str) -> Path:
     return path
 
 
-def _check_run_dir(config: Config, resume: bool) -> Path:
-    """The run folder, after checking it suits ``resume``; nothing is written yet."""
+def _run_dir_of(config: Config, resume: bool) -> Path:
+    """The run folder ``config`` names (or a new default one); checks only that it can be a folder."""
+    if resume and config.run.run_dir is None:
+        raise ConfigError("--resume needs the run folder: metagrad train --resume --run-dir DIR")
+    run_dir = Path(config.run.run_dir) if config.run.run_dir is not None else _default_run_dir(config.preset)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
+    return run_dir
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """The names of the files in ``run_dir`` that a run writes (config, metrics, checkpoints, results)."""
+    return sorted(p.name for p in run_dir.glob("*") if p.name in RUN_FILES or p.match("eval_*.json"))
+
+
+def _check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:
+    """Check that ``run_dir`` suits ``resume`` (it holds a run) or a new run (it holds none, or
+    ``overwrite``); nothing is written yet."""
     if resume:
-        if config.run.run_dir is None:
-            raise ConfigError("--resume needs the run folder: metagrad train --resume --run-dir DIR")
-        run_dir = Path(config.run.run_dir)
+        if overwrite:
+            raise ConfigError("--resume continues the run in --run-dir, --overwrite replaces it: choose one")
         if not (run_dir / CONFIG_NAME).is_file():
             raise ConfigError(
                 f"no run to resume in {run_dir} (it holds no {CONFIG_NAME}); "
@@ -367,26 +410,30 @@ def _check_run_dir(config: Config, resume: bool) -> Path:
             )
         saved = config_from_dict(load_config_file(run_dir / CONFIG_NAME), source=str(run_dir / CONFIG_NAME))
         check_resume_compatible(saved, config)
-        return run_dir
-    run_dir = Path(config.run.run_dir) if config.run.run_dir is not None else _default_run_dir(config.preset)
-    if (run_dir / CONFIG_NAME).exists():
+        return
+    found = _run_files(run_dir)
+    if found and not overwrite:
+        what = ("a run" if CONFIG_NAME in found
+                else f"files of a run ({', '.join(found)}) but no {CONFIG_NAME}")
         raise ConfigError(
-            f"{run_dir} already holds a run; continue it with --resume, or pass another --run-dir"
+            f"{run_dir} already holds {what}; continue it with --resume, replace it with --overwrite, "
+            "or pass another --run-dir"
         )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
-    return run_dir
 
 
 def _create_run_dir(config: Config, run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create run folder {run_dir}: {exc.strerror or exc}") from None
+    """Write the new run's config.json, after removing an earlier run's files (``--overwrite``)."""
+    for name in _run_files(run_dir):
+        try:
+            (run_dir / name).unlink()
+        except OSError as exc:
+            raise FileError(describe_os_error(exc, "remove the earlier run's file", run_dir / name)) from None
     save_config(config, run_dir / CONFIG_NAME)
 
 
-def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def run(
+    config: Config, *, resume: bool = False, quiet: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Meta-train, validate and meta-test as ``config`` says, in a run folder.
 
     Args:
@@ -395,13 +442,18 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
             differ from the saved one only in settings that do not change the result
             (``config.RESUMABLE_CHANGES``: device, data and cache folders, checkpoint and log frequency).
         quiet: print nothing (no progress bar, no metric lines); the files are written all the same.
+        overwrite: start a new run in a folder that holds an earlier run's files, replacing them (they
+            are removed once the data has loaded). Without it such a folder is refused.
 
     Returns:
         The content of ``results.json``: test accuracy, its 95% CI, wall time, versions, ...
 
     Raises:
         ConfigError: a bad configuration, a device that is not available, a run folder that already
-            holds a run (without ``resume``) or holds none (with it).
+            holds a run's files (without ``resume`` or ``overwrite``) or holds no run (with ``resume``).
+        RunFolderInUse: another process trains or evaluates in the run folder.
+        FileError: a run file cannot be read or written (full disk, read-only folder...).
+        ResultNotSaved: the meta-test ended but results.json could not be written (``.result`` holds it).
         DataError: the dataset is missing or corrupt.
         TrainingError: the loss became NaN or infinite (the last good checkpoint is kept).
         TrainingInterrupted: SIGINT or SIGTERM arrived; a checkpoint was written first.
@@ -417,21 +469,39 @@ def run(config: Config, *, resume: bool = False, quiet: bool = False) -> dict[st
     world = distributed.world_from_environment()
     distributed.check_meta_batch_size(config.meta.meta_batch_size, world)
     device = distributed.process_device(world, resolve_device(config.run.device))
-    with distributed.process_group(world, device, config.run.dist_timeout_s):
-        return _run(config, world, device, resume=resume, quiet=quiet)
+    config = absolute_folders(config)
+    with distributed.process_group(world, device, config.run.dist_timeout_s), contextlib.ExitStack() as lock:
+
+        def claim_run_dir() -> Path:  # rank 0 locks the folder for the whole run, then checks it
+            run_dir = _run_dir_of(config, resume)
+            lock.enter_context(lock_run_dir(run_dir, "train"))
+            _check_run_dir(run_dir, config, resume, overwrite)
+            return run_dir
+
+        _check_same_config(world, config)
+        run_dir = distributed.on_main(world, claim_run_dir)
+        try:
+            return _run(config, world, device, run_dir, resume=resume, quiet=quiet)
+        except FileError as exc:
+            if isinstance(exc, ResultNotSaved) or not (run_dir / CONFIG_NAME).is_file():
+                raise
+            raise FileError(f"{exc}; the last checkpoint and metrics are intact: once that is fixed, "
+                            f"continue with: {_resume_command(world, run_dir)}") from None
 
 
-def _run(config: Config, world: World, device: torch.device, *, resume: bool, quiet: bool) -> dict[str, Any]:
-    _check_same_config(world, config)
-    run_dir = distributed.on_main(world, _check_run_dir, config, resume)
+def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, resume: bool,
+         quiet: bool) -> dict[str, Any]:
     data, meta = config.data, config.meta
-    # Data first: a missing dataset or an impossible task shape fails before the run folder exists.
+    # Data first: a missing dataset or an impossible task shape fails before anything is written (the
+    # locked folder, if this run created it, is removed again).
     with distributed.local_main_first(world):  # one process per node downloads and decodes
         datasets = _load_splits(data, ("train", "validation", "test"))
     samplers = {
         split: EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
         for split, dataset in datasets.items()
     }
+    torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
+    model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
     if not resume:
         distributed.on_main(world, _create_run_dir, config, run_dir)
     if world.is_main:
@@ -441,8 +511,6 @@ def _run(config: Config, world: World, device: torch.device, *, resume: bool, qu
         logger.info("run folder %s, %s", run_dir, where)
         _warn_if_spinning(device)
 
-    torch.manual_seed(config.run.seed)  # the model's initialization (the same in every process)
-    model = _build_model(config.model, data.ways, datasets["train"].image_shape).to(device)
     params: Params = dict(model.named_parameters())
     buffers: Buffers = dict(model.named_buffers())
     optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
@@ -454,13 +522,16 @@ def _run(config: Config, world: World, device: torch.device, *, resume: bool, qu
     # since each samples the whole meta-batch.
     checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
-        with torch.no_grad():
-            for name, tensor in checkpoint["params"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng_state(checkpoint["rng"], generators, device)
-        state = _RunState(**checkpoint["progress"])
-        offsets = checkpoint["metrics"]
+        restore_params(params, checkpoint, run_dir / LATEST_NAME, config)
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            restore_rng_state(checkpoint["rng"], generators, device)
+            state = _RunState(**checkpoint["progress"])
+            offsets = {name: int(checkpoint["metrics"][name]) for name in ("jsonl", "csv")}
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checkpoint made by other means
+            raise TrainingError(f"{run_dir / LATEST_NAME} is not a complete metagrad checkpoint "
+                                f"({type(exc).__name__}: {exc}); start a new run, or restore the file"
+                                ) from None
         if world.is_main:
             logger.info("resuming %s from iteration %d", run_dir, state.iteration)
     elif resume and world.is_main:
@@ -538,6 +609,7 @@ def _train(
 
     def write_checkpoint() -> None:
         distributed.check_same_parameters(world, params, state.iteration)  # never save a diverged run
+        _check_finite(params, state.iteration, latest)
         if not world.is_main:
             return
         assert writer is not None
@@ -561,20 +633,17 @@ def _train(
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
-        out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
-        scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
-                                                    torch.stack([out.task_losses, out.task_accs], dim=1),
-                                                    my_tasks)
+        with _overflow_stops(iteration, latest):
+            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
+            scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
+                                                        torch.stack([out.task_losses, out.task_accs], dim=1),
+                                                        my_tasks)
         task_losses, task_accs = scores.unbind(dim=1)
         loss = task_losses.mean().item()
         if not math.isfinite(loss):
-            saved = (f"the last good checkpoint is {latest}" if latest.exists()
-                     else "no checkpoint was written yet")
-            raise TrainingError(
-                f"the meta-training loss is {loss} at iteration {iteration}: training stopped before that "
-                f"update, {saved}; try a smaller --meta-lr or --inner-lr"
-            )
-        apply_meta_update(optimizer, lr)
+            raise _diverged(f"the meta-training loss is {loss}", iteration, latest)
+        with _overflow_stops(iteration, latest):
+            apply_meta_update(optimizer, lr)
         acc = task_accs.mean().item()
         seconds = time.perf_counter() - start
         state.iteration = iteration
@@ -585,20 +654,25 @@ def _train(
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
             start = time.perf_counter()
-            losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
-                                        run_config.eval_tasks, task_generator(run_config.seed, "validation"),
-                                        world=world)
+            with _overflow_stops(iteration, latest):
+                losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
+                                            run_config.eval_tasks,
+                                            task_generator(run_config.seed, "validation"), world=world)
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
                    "acc": accs.mean().item(), "tasks_per_sec": run_config.eval_tasks / seconds, "lr": lr}
             _report(row, writer, progress)
+            if not (math.isfinite(row["loss"]) and math.isfinite(row["acc"])):
+                raise _diverged(f"the validation loss is {row['loss']}", iteration, latest)
             if state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy:
                 state.best_val_accuracy, state.best_iteration = row["acc"], iteration
+                _check_finite(params, iteration, latest)
                 if world.is_main:
                     save_checkpoint(
                         {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
-                         "params": {k: v.detach().cpu() for k, v in params.items()}},
+                         "params": {k: v.detach().cpu() for k, v in params.items()},
+                         "config": config_to_dict(config)},
                         run_dir / BEST_NAME,
                     )
 
@@ -610,6 +684,89 @@ def _train(
                 f"{signal.Signals(signum).name} received: stopped after iteration {iteration} and "
                 f"saved {latest}; continue with: {_resume_command(world, run_dir)}",
                 signum,
+            )
+
+
+def _diverged(what: str, iteration: int, latest: Path) -> TrainingError:
+    saved = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was written yet"
+    return TrainingError(
+        f"{what} at iteration {iteration}: training stopped before that update, {saved}; "
+        "try a smaller --meta-lr or --inner-lr"
+    )
+
+
+@contextlib.contextmanager
+def _overflow_stops(iteration: int, latest: Path) -> Iterator[None]:
+    """Turn a number too large for its type (torch's "cannot be converted ... without overflow", raised
+    e.g. by Adam for a huge learning rate) into the same stop as a NaN loss."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise _diverged(f"a value overflowed ({str(exc).splitlines()[0]})", iteration, latest) from None
+
+
+def _check_finite(params: Params, iteration: int, latest: Path) -> None:
+    """Refuse to go on (and so to save) with a NaN or infinite parameter."""
+    bad = [name for name, tensor in params.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise _diverged(f"parameter {bad[0]} is not finite", iteration, latest)
+
+
+MODEL_SETTINGS = ("data.dataset", "data.ways", "data.rotations", "model.name", "model.hidden_size",
+                  "model.strided", "model.norm_init")
+"""The settings a checkpoint's parameters depend on: a checkpoint fits only a config that agrees on them."""
+
+
+def restore_params(params: Params, checkpoint: dict[str, Any], path: Path, config: Config) -> None:
+    """Copy a checkpoint's parameters into ``params``, after checking that they belong to this model.
+
+    Raises:
+        ConfigError: the checkpoint was trained with other :data:`MODEL_SETTINGS` than ``config``, or a
+            parameter is missing, unknown or of another shape (the message names it).
+        TrainingError: the checkpoint holds no parameters, or NaN or infinite ones.
+    """
+    where = path.parent / CONFIG_NAME
+    check_model_settings(checkpoint, path, config)
+    saved = checkpoint.get("params")
+    if not isinstance(saved, dict) or not all(isinstance(t, Tensor) for t in saved.values()):
+        raise TrainingError(f"{path} holds no parameters: it is damaged or not a metagrad checkpoint")
+    unknown, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
+    if unknown or missing:
+        what = (f"has a parameter {unknown[0]!r} that the model of {where} lacks" if unknown
+                else f"lacks the parameter {missing[0]!r} of the model of {where}")
+        raise ConfigError(f"{path} {what} ({config.model.name}): the checkpoint comes from another model; "
+                          "restore the run's config.json or use another checkpoint")
+    for name, tensor in saved.items():
+        if tensor.shape != params[name].shape:
+            raise ConfigError(
+                f"{path} does not fit the model of {where}: parameter {name} has shape "
+                f"{tuple(tensor.shape)} in the checkpoint but {tuple(params[name].shape)} with "
+                f"data.ways={config.data.ways}, "
+                f"model.hidden_size={config.model.hidden_size}; restore the settings it was trained with"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(f"{path} holds NaN or infinite values in {name}: it comes from a diverged "
+                                "run; use another checkpoint")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def check_model_settings(checkpoint: dict[str, Any], path: Path, config: Config) -> None:
+    """Raise ConfigError naming the first of :data:`MODEL_SETTINGS` in which the config the checkpoint
+    was trained with (when it records one) differs from ``config``."""
+    saved_config = checkpoint.get("config")
+    if not isinstance(saved_config, dict):
+        return  # best.pt before it recorded its config: restore_params checks the shapes
+    where = path.parent / CONFIG_NAME
+    ours, theirs = _flatten(config_to_dict(config)), _flatten(saved_config)
+    for key in MODEL_SETTINGS:
+        if key in theirs and theirs[key] != ours[key]:
+            raise ConfigError(
+                f"{path} was trained with {key}={theirs[key]!r} but {where} says {ours[key]!r}: they do not "
+                f"fit together; restore {key} in {where} (or use the checkpoint of that run)"
             )
 
 
@@ -636,9 +793,7 @@ def _meta_test(
     checkpoint_name = "latest"
     if best is not None:
         checkpoint_name = "best"
-        with torch.no_grad():
-            for name, tensor in best["params"].items():
-                params[name].copy_(tensor)
+        restore_params(params, best, run_dir / BEST_NAME, config)
     if world.is_main:
         logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
                     best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
@@ -678,7 +833,7 @@ def _meta_test(
         "run_dir": str(run_dir),
     }
     if world.is_main:
-        _write_json(run_dir / RESULTS_NAME, results)
+        _write_result(run_dir / RESULTS_NAME, results)
     logger.debug("test accuracy %.2f%% +/- %.2f%% over %d tasks; results in %s", 100 * test["test_accuracy"],
                  100 * test["test_ci95"], test["test_tasks"], run_dir / RESULTS_NAME)
     return results
@@ -740,8 +895,9 @@ def evaluate_checkpoint(
     """Meta-test a run's checkpoint again and write ``eval_<checkpoint>.json`` in the run folder.
 
     With the defaults this reproduces the run's ``results.json`` numbers (the same test tasks), and it
-    works on a run that is still going or was interrupted: then the evaluation says how far training
-    got (``iterations`` of ``iterations_planned``, from ``latest.pt``; ``status`` "partial"), and
+    works on a run that was interrupted (not on one still training: the folder is locked meanwhile,
+    see :mod:`metagrad.training.runlock`): then the evaluation says how far training got
+    (``iterations`` of ``iterations_planned``, from ``latest.pt``; ``status`` "partial"), and
     ``metagrad results`` shows it for a run that has no ``results.json`` yet.
 
     Args:
@@ -756,8 +912,11 @@ def evaluate_checkpoint(
         The evaluation: test accuracy, its 95% CI, the checkpoint's iteration, ...
 
     Raises:
-        ConfigError: not a run folder, unknown checkpoint name, fewer than 2 test tasks, bad device.
-        TrainingError: the checkpoint (and its previous copy) is unreadable.
+        ConfigError: not a run folder, unknown checkpoint name, fewer than 2 test tasks, bad device; a
+            checkpoint that does not fit config.json (the differing setting or parameter is named).
+        RunFolderInUse: another process trains or evaluates in the folder.
+        TrainingError: the checkpoint (and its previous copy) is unreadable or fails its checksum.
+        ResultNotSaved: ``eval_<checkpoint>.json`` cannot be written (``.result`` holds the evaluation).
     """
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "latest"):
@@ -765,6 +924,7 @@ def evaluate_checkpoint(
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder (it holds no {CONFIG_NAME})")
     config = config_from_dict(load_config_file(run_dir / CONFIG_NAME), source=str(run_dir / CONFIG_NAME))
+    _warn_if_relative(config.data, run_dir / CONFIG_NAME, data_dir=data_dir, cache_dir=cache_dir)
     overrides = {"test_tasks": test_tasks, "device": device}
     config = dataclasses.replace(
         config,
@@ -772,10 +932,27 @@ def evaluate_checkpoint(
         data=dataclasses.replace(config.data, data_dir=data_dir or config.data.data_dir,
                                  cache_dir=cache_dir or config.data.cache_dir),
     )
-    config = config_from_dict(config_to_dict(config), source="eval options")  # checks the overrides
-    state = load_checkpoint(run_dir / f"{checkpoint}.pt")
+    config = absolute_folders(config_from_dict(config_to_dict(config), source="eval options"))  # checks them
+    with lock_run_dir(run_dir, "eval", create=False):
+        return _evaluate(run_dir, checkpoint, config)
+
+
+def _warn_if_relative(data: DataConfig, source: Path, **given: str | None) -> None:
+    """Say so when a folder that ``given`` does not override is relative in ``source`` (runs made before
+    config.json stored absolute folders): it is read from the current folder, maybe not the run's."""
+    for name, value in given.items():
+        saved = getattr(data, name)
+        if value is None and saved and not Path(saved).expanduser().is_absolute():
+            logger.warning("%s has a relative %s %r: it is read from %s; pass --%s if that is not where "
+                           "the run found it", source, name, saved, Path.cwd(), name.replace("_", "-"))
+
+
+def _evaluate(run_dir: Path, checkpoint: str, config: Config) -> dict[str, Any]:
+    path = run_dir / f"{checkpoint}.pt"
+    state = load_checkpoint(path)
     if state is None:
         raise ConfigError(f"{run_dir} holds no {checkpoint}.pt yet (no checkpoint was written)")
+    check_model_settings(state, path, config)  # before the data is loaded: the clearest message first
 
     torch_device = resolve_device(config.run.device)
     _warn_if_spinning(torch_device)
@@ -784,16 +961,14 @@ def evaluate_checkpoint(
     sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=torch_device)
     model = _build_model(config.model, data.ways, dataset.image_shape).to(torch_device)
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["params"].items():
-            params[name].copy_(tensor)
+    restore_params(params, state, path, config)
     start = time.perf_counter()
     with _StopFlag() as stop:
         test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop)
     evaluation = {
         "preset": config.preset,
         "checkpoint": checkpoint,
-        "checkpoint_iteration": state["iteration"],
+        "checkpoint_iteration": state.get("iteration"),
         **test,
         "wall_time_s": time.perf_counter() - start,
         "device": str(torch_device),
@@ -801,5 +976,5 @@ def evaluate_checkpoint(
         "versions": _versions(),
         **_training_progress(run_dir, config, state if checkpoint == "latest" else None),
     }
-    _write_json(run_dir / f"eval_{checkpoint}.json", evaluation)
+    _write_result(run_dir / f"eval_{checkpoint}.json", evaluation)
     return evaluation

@@ -9,18 +9,20 @@ sizes so that a resumed run cuts them back to what the checkpoint saw.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from metagrad.errors import TrainingError
+from metagrad.errors import FileError, TrainingError, describe_os_error
 
 __all__ = ["COLUMNS", "MetricsWriter", "mean_ci95", "read_metrics"]
 
@@ -63,41 +65,60 @@ class MetricsWriter:
 
     Raises:
         TrainingError: a file is shorter than ``offsets`` says (it was edited or lost since).
+        FileError: a file cannot be opened or written (here or by any method): full disk, read-only...
     """
 
     def __init__(self, run_dir: Path, offsets: dict[str, int] | None = None) -> None:
         self.jsonl_path = run_dir / JSONL_NAME
         self.csv_path = run_dir / CSV_NAME
-        if offsets is None:
-            # both stay open for the whole run (one row per iteration) and are closed by close()
-            self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115
-            self._csv = open(self.csv_path, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            self._csv.write(",".join(COLUMNS) + "\n")
-            self._csv.flush()
-        else:
-            self._jsonl = _open_truncated(self.jsonl_path, offsets["jsonl"])
-            self._csv = _open_truncated(self.csv_path, offsets["csv"])
+        with self._failing_as(self.jsonl_path):
+            if offsets is None:
+                # both stay open for the whole run (one row per iteration) and are closed by close()
+                self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115
+            else:
+                self._jsonl = _open_truncated(self.jsonl_path, offsets["jsonl"])
+        with self._failing_as(self.csv_path):
+            if offsets is None:
+                self._csv = open(self.csv_path, "w", encoding="utf-8", newline="")  # noqa: SIM115
+                self._csv.write(",".join(COLUMNS) + "\n")
+                self._csv.flush()
+            else:
+                self._csv = _open_truncated(self.csv_path, offsets["csv"])
+
+    @contextlib.contextmanager
+    def _failing_as(self, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:  # a write on an open file names no file: say which
+            raise FileError(describe_os_error(exc, "write", path)) from None
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (keys from :data:`COLUMNS`; missing keys are written as null)."""
         row = {key: row.get(key) for key in COLUMNS}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        with self._failing_as(self.jsonl_path):
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow(["" if row[k] is None else row[k] for k in COLUMNS])
-        self._csv.write(buffer.getvalue())
-        self._csv.flush()
+        with self._failing_as(self.csv_path):
+            self._csv.write(buffer.getvalue())
+            self._csv.flush()
 
     def offsets(self) -> dict[str, int]:
         """Current sizes of both files, after forcing them to disk (for a checkpoint)."""
-        for handle in (self._jsonl, self._csv):
-            handle.flush()
-            os.fsync(handle.fileno())
+        for path, handle in ((self.jsonl_path, self._jsonl), (self.csv_path, self._csv)):
+            with self._failing_as(path):
+                handle.flush()
+                os.fsync(handle.fileno())
         return {"jsonl": self._jsonl.tell(), "csv": self._csv.tell()}
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._csv.close()
+        """Close both files; what cannot be flushed any more is lost quietly (the error was reported)."""
+        for handle in (self._jsonl, self._csv):
+            try:
+                handle.close()
+            except OSError:
+                pass
 
 
 def _open_truncated(path: Path, size: int) -> io.TextIOWrapper:
@@ -118,11 +139,37 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: the folder holds no ``metrics.jsonl``.
+        FileError: the file cannot be read, or a line is not a metric row (the message gives its number).
     """
+    path = Path(run_dir) / JSONL_NAME
     rows = []
-    with open(Path(run_dir) / JSONL_NAME, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break
-            rows.append(json.loads(line))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.endswith("\n"):
+                    break
+                rows.append(_parse_row(line, path, number))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "read", path)) from None
+    except UnicodeDecodeError:
+        raise FileError(f"{path} is not UTF-8 text: it was damaged; restore it or delete the bad lines") \
+            from None
     return rows
+
+
+def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        row = None
+    if not (isinstance(row, dict) and isinstance(row.get("split"), str) and isinstance(row.get("step"), int)
+            and all(_is_number(row.get(key)) for key in ("loss", "acc"))):
+        raise FileError(f"line {number} of {path} is not a metric row ({line.strip()[:60]!r}): the file was "
+                        "damaged or edited; restore it, or delete that line")
+    return row
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from metagrad.errors import ConfigError
+from metagrad.errors import ConfigError, FileError
 from metagrad.training.config import Config, resolve_config
 from metagrad.training.metrics import read_metrics
 from metagrad.training.papers import PUBLISHED, preset_differences, published_for
@@ -71,7 +71,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
     # `metagrad eval` has measured it.
     try:
         steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
-    except FileNotFoundError:
+    except (FileNotFoundError, FileError):  # no metrics yet, or damaged ones: the row says "0/N" iterations
         steps = []
     row.update(accuracy="(not tested)", iterations=f"{steps[-1] if steps else 0}/{config.meta.iterations}",
                wall="", device="")
