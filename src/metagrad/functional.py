@@ -4,9 +4,14 @@ Parameters and buffers are dicts keyed by ``named_parameters()`` / ``named_buffe
 function here reads or writes the module's own tensors: a module only supplies the computation.
 Every function returns new dicts and never mutates its inputs.
 
-Two ways to take the inner gradient, chosen by ``under_vmap``:
+``gradient_step`` is the inner loop's one update rule, ``p - lr * grad``, on a loss given as a closure
+over the parameters; ``inner_step`` and ``adapt`` apply it to a model's loss on a support set, and the
+batched networks (``algorithms/batched.py``) to all tasks' summed loss. Learning rates are a number, one
+per parameter name (Meta-SGD's per-element tensors, MAML++'s per-layer scalars; learned ones may require
+grad), or a sequence of either, one per inner step (``lr_at``). Two ways to take the gradient, chosen by
+``under_vmap``:
 
-* ``under_vmap=False`` (the per-task reference path): ``torch.autograd.grad`` with
+* ``under_vmap=False`` (the per-task reference path, and the batched one): ``torch.autograd.grad`` with
   ``create_graph=not first_order``.
 * ``under_vmap=True`` (inside ``torch.func.vmap`` over tasks): ``torch.func.grad``, because
   ``torch.autograd.grad`` cannot differentiate through vmap's batched tensors. ``torch.func.grad`` always
@@ -16,16 +21,19 @@ Two ways to take the inner gradient, chosen by ``under_vmap``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad import vmap_exact
-from metagrad.types import Buffers, LossFn, Params
+from metagrad.errors import ConfigError
+from metagrad.types import Buffers, LearningRate, LossFn, Params, StepLR
 
-__all__ = ["adapt", "forward_with", "inner_step", "sgd_step", "support_loss"]
+__all__ = ["adapt", "check_learning_rate", "forward_with", "gradient_step", "inner_step", "lr_at", "sgd_step",
+           "support_loss"]
 
 
 def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
@@ -49,18 +57,100 @@ def support_loss(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, 
     return (loss_fn or F.cross_entropy)(forward_with(model, params, buffers, x), y)
 
 
-def sgd_step(params: Params, grads: Params, *, lr: float | Params) -> Params:
+def lr_at(lr: LearningRate, step: int) -> StepLR:
+    """The learning rate of inner step ``step``: ``lr[step]`` for a per-step sequence, else ``lr``."""
+    if isinstance(lr, Sequence):
+        if step >= len(lr):
+            raise ValueError(f"inner_lr gives {len(lr)} per-step learning rates; step {step} has none")
+        return lr[step]
+    return lr
+
+
+def check_learning_rate(lr: LearningRate, steps: int) -> None:
+    """Raise ConfigError for a negative or non-finite float, or a per-step sequence shorter than ``steps``.
+
+    Tensors (learned rates, Meta-SGD's or MAML++'s) are not checked: they may legitimately change sign.
+    """
+    if isinstance(lr, Sequence):
+        if len(lr) < steps:
+            raise ConfigError(f"inner_lr gives {len(lr)} per-step learning rates for {steps} inner steps")
+        for one in lr:
+            check_learning_rate(one, 0)
+    elif isinstance(lr, (int, float)) and (not math.isfinite(lr) or lr < 0):
+        raise ConfigError(f"inner_lr must be a finite non-negative number, got {lr}")
+
+
+def sgd_step(params: Params, grads: Params, *, lr: StepLR) -> Params:
     """``p - lr * g`` for each name in ``grads``; the other parameters are returned unchanged (a new dict).
 
-    ``lr`` is one float for all, or a learning rate per name (Meta-SGD: a tensor broadcastable to the
-    parameter, which may itself require grad); a dict must cover every name in ``grads``.
+    ``lr`` is one number (or scalar tensor) for all, or a learning rate per name: Meta-SGD's tensor of the
+    parameter's shape, MAML++'s scalar per layer; either may require grad (learned rates). A per-name
+    rate broadcasts against a per-task (T, ...) parameter. A mapping must cover every name in ``grads``.
     """
-    if isinstance(lr, dict):
+    if isinstance(lr, Mapping):
         missing = sorted(set(grads) - set(lr))
         if missing:
             raise ValueError(f"lr has no learning rate for {missing}; give one per name in grads")
         return {**params, **{k: params[k] - lr[k] * g for k, g in grads.items()}}
     return {**params, **{k: params[k] - lr * g for k, g in grads.items()}}
+
+
+def gradient_step(
+    loss_of: Callable[[Params], Tensor],
+    params: Params,
+    *,
+    lr: StepLR,
+    keys: Iterable[str] | None = None,
+    first_order: bool = False,
+    under_vmap: bool = False,
+) -> Params:
+    """The inner loop's one update rule: ``p - lr * d loss_of(params) / dp`` for ``p`` in ``keys``.
+
+    Every inner loop in metagrad takes its steps here (the per-task loop, vmap, the batched networks,
+    evaluation); the learn2learn layer's ``adapt`` applies the same ``sgd_step``.
+
+    Args:
+        loss_of: the loss as a function of the parameters (a closure over the data).
+        params: current parameters; not modified. On the batched path adapted ones carry a task
+            dimension (T, ...) and ``loss_of`` sums the tasks' losses, so each copy gets its task's gradient.
+        lr: one step's learning rate (see ``sgd_step``).
+        keys: names to update; None updates all. The others are returned unchanged (the same tensors).
+        first_order: detach the gradient (first-order MAML); otherwise keep its graph so that the
+            meta-gradient includes the second-order term.
+        under_vmap: True inside ``torch.func.vmap``: ``torch.func.grad`` takes the gradient, since
+            ``torch.autograd.grad`` cannot differentiate through vmap's batched tensors.
+
+    Returns:
+        A new dict holding every name of ``params``.
+
+    Raises:
+        ValueError: a name in ``keys`` is not in ``params``, or ``keys`` is empty.
+    """
+    keys = _check_keys(params, keys)
+    if under_vmap:
+        def on_keys(adapted: Params) -> tuple[Tensor, list[Tensor]]:
+            # BatchNorm statistics recorded inside grad leave it as its aux output (vmap_exact.aux_scope).
+            with vmap_exact.aux_scope() as stats:
+                loss = loss_of({**params, **adapted})
+            return loss, stats
+
+        grads, stats = torch.func.grad(on_keys, has_aux=True)({k: params[k] for k in keys})
+        vmap_exact.extend_stats(stats)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        return sgd_step(params, grads, lr=lr)
+
+    # enable_grad and fresh leaves for constants let this run at test time too (under no_grad, or on
+    # detached parameters); they change nothing when params already require grad.
+    with torch.enable_grad():
+        leaves = {k: p if (p := params[k]).requires_grad else p.detach().requires_grad_() for k in keys}
+        loss = loss_of({**params, **leaves})
+        # create_graph keeps the gradient differentiable, so the outer loss sees d(grad)/d(params):
+        # that is the second-order term. First order drops it (the gradient is a constant).
+        # A parameter the loss does not use gets a zero gradient (it stays where it is).
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order,
+                                    allow_unused=True, materialize_grads=True)
+        return sgd_step({**params, **leaves}, dict(zip(keys, grads)), lr=lr)
 
 
 def _check_keys(params: Params, keys: Iterable[str] | None) -> list[str]:
@@ -82,7 +172,7 @@ def inner_step(
     x: Tensor,
     y: Tensor,
     *,
-    inner_lr: float,
+    inner_lr: StepLR,
     first_order: bool = False,
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
@@ -96,7 +186,7 @@ def inner_step(
         buffers: buffers passed through to ``forward_with``.
         x: (B, C, H, W) support inputs of one task.
         y: (B,) int64 support labels.
-        inner_lr: the inner learning rate alpha.
+        inner_lr: the step's learning rate alpha: a number, or one per parameter name (``sgd_step``).
         first_order: detach the inner gradient (first-order MAML); otherwise keep its graph so the
             meta-gradient includes the second-order term.
         keys: names of the parameters to adapt (ANIL: the head's); None adapts all. The others are
@@ -110,31 +200,11 @@ def inner_step(
     Raises:
         ValueError: a name in ``keys`` is not in ``params``, or ``keys`` is empty.
     """
-    keys = _check_keys(params, keys)
-    if under_vmap:
-        def loss_of(adapted: Params) -> tuple[Tensor, list[Tensor]]:
-            # BatchNorm statistics recorded inside grad leave it as its aux output (vmap_exact.aux_scope).
-            with vmap_exact.aux_scope() as stats:
-                loss = support_loss(model, {**params, **adapted}, buffers, x, y, loss_fn)
-            return loss, stats
+    def loss_of(current: Params) -> Tensor:
+        return support_loss(model, current, buffers, x, y, loss_fn)
 
-        grads, stats = torch.func.grad(loss_of, has_aux=True)({k: params[k] for k in keys})
-        vmap_exact.extend_stats(stats)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        return sgd_step(params, grads, lr=inner_lr)
-
-    # The reference path. enable_grad and fresh leaves for constants let it run at test time too
-    # (under no_grad, or on detached parameters); they change nothing when params already require grad.
-    with torch.enable_grad():
-        leaves = {k: p if (p := params[k]).requires_grad else p.detach().requires_grad_() for k in keys}
-        loss = support_loss(model, {**params, **leaves}, buffers, x, y, loss_fn)
-        # create_graph keeps the gradient differentiable, so the outer loss sees d(grad)/d(params):
-        # that is the second-order term. First order drops it (the gradient is a constant).
-        # A parameter the support loss does not use gets a zero gradient (it stays where it is).
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order,
-                                    allow_unused=True, materialize_grads=True)
-        return sgd_step({**params, **leaves}, dict(zip(keys, grads)), lr=inner_lr)
+    return gradient_step(loss_of, params, lr=inner_lr, keys=keys, first_order=first_order,
+                         under_vmap=under_vmap)
 
 
 def adapt(
@@ -144,7 +214,7 @@ def adapt(
     support_x: Tensor,
     support_y: Tensor,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     steps: int,
     first_order: bool = False,
     keys: Iterable[str] | None = None,
@@ -163,7 +233,8 @@ def adapt(
         buffers: name -> tensor, passed through.
         support_x: (N*K, C, H, W) support images of one task (or any inputs the model takes).
         support_y: (N*K,) int64 labels in [0, N) (or any targets ``loss_fn`` takes).
-        inner_lr: inner learning rate alpha.
+        inner_lr: inner learning rate alpha: a number, one per parameter name, or a sequence of
+            either with one per step (see the module docstring).
         steps: number of inner gradient steps (0 returns the parameters unchanged).
         first_order: first-order approximation (inner gradients detached).
         keys: parameter names the inner loop adapts; None = all (MAML), the head's = ANIL.
@@ -192,9 +263,9 @@ def adapt(
         )
     keys = _check_keys(params, keys)
     adapted = dict(params)
-    for _ in range(steps):
+    for step in range(steps):
         adapted = inner_step(
-            model, adapted, buffers, support_x, support_y,
-            inner_lr=inner_lr, first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
+            model, adapted, buffers, support_x, support_y, inner_lr=lr_at(inner_lr, step),
+            first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
         )
     return adapted

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +15,13 @@ Buffers = dict[str, Tensor]
 """Buffers keyed by ``nn.Module.named_buffers()`` names (kept apart from parameters)."""
 
 Metrics = dict[str, float]
+
+StepLR = float | Tensor | Mapping[str, float | Tensor]
+"""One inner step's learning rate: a number (or scalar tensor), or one per parameter name."""
+
+LearningRate = StepLR | Sequence[StepLR]
+"""An inner learning rate: one step's (Meta-SGD's per-element tensors, MAML++'s per-layer scalars), or a
+sequence with one per inner step."""
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, targets) -> scalar`` of one task, e.g. ``F.cross_entropy`` or ``F.mse_loss``."""

@@ -15,7 +15,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -23,7 +23,7 @@ from metagrad.algorithms.maml import query_metrics
 from metagrad.errors import ConfigError
 from metagrad.functional import adapt, forward_with
 from metagrad.models import HEAD_PREFIX
-from metagrad.types import Buffers, LossFn, Params
+from metagrad.types import Buffers, LearningRate, LossFn, Params
 
 __all__ = ["BODY_PREFIX", "anil_task_loss", "split_body_head"]
 
@@ -52,6 +52,15 @@ def split_body_head(model: nn.Module, params: Params) -> tuple[Params, Params]:
     return _strip(params, BODY_PREFIX), _strip(params, HEAD_PREFIX)
 
 
+def _head_rates(lr: LearningRate) -> LearningRate:
+    """Rates keyed by the whole model's names, re-keyed by the head's own (the head runs on its own)."""
+    if isinstance(lr, Sequence):
+        return [_head_rates(one) for one in lr]
+    if isinstance(lr, Mapping):
+        return _strip(dict(lr), HEAD_PREFIX)
+    return lr
+
+
 def anil_task_loss(
     model: nn.Module,
     params: Params,
@@ -61,7 +70,7 @@ def anil_task_loss(
     query_x: Tensor,
     query_y: Tensor,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool = False,
     under_vmap: bool = False,
@@ -95,6 +104,7 @@ def anil_task_loss(
     head_keys = list(head) if keys is None else [k for k in head if HEAD_PREFIX + k in set(keys)]
     head = adapt(
         model.classifier, head, head_buffers, support_f, support_y, keys=head_keys,
-        inner_lr=inner_lr, steps=inner_steps, first_order=first_order, under_vmap=under_vmap, loss_fn=loss_fn,
+        inner_lr=_head_rates(inner_lr), steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
+        loss_fn=loss_fn,
     )
     return query_metrics(forward_with(model.classifier, head, head_buffers, query_f), query_y, loss_fn)

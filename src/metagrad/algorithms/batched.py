@@ -7,8 +7,8 @@ per-task loop's (the tests in ``tests/algorithms`` compare all paths against a h
 
 Inner loop: each adapted parameter is expanded to one copy per task (``p.expand(T, ...)``, a view, so
 the graph still reaches the meta-parameter ``p``). The support loss summed over tasks depends on copy t
-only through task t, so one ``torch.autograd.grad`` of that sum gives every task its own gradient.
-``create_graph=not first_order`` keeps the second-order term.
+only through task t, so one gradient of that sum gives every task its own gradient: the step is
+``functional.gradient_step``, the one every inner loop takes.
 
 ANIL runs the body once on all tasks' support and query images (shared weights; per-task, per-set
 BatchNorm statistics as in ``anil_task_loss``), then adapts only the head on those features.
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metagrad.algorithms.maml import is_classification
+from metagrad.functional import gradient_step, lr_at
 from metagrad.models.batched import BatchedPlan, task_batched_body, task_batched_forward, task_batched_head
-from metagrad.types import Episode, LossFn, Params
+from metagrad.types import Episode, LearningRate, LossFn, Params
 
 __all__ = ["CPU_CHUNK_ELEMENTS", "batched_anil", "batched_maml", "tasks_per_chunk"]
 
@@ -59,25 +60,20 @@ def _task_acc(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Sequence[str], x: Tensor,
-           y: Tensor, *, inner_lr: float, steps: int, first_order: bool, loss_fn: LossFn | None) -> Params:
+           y: Tensor, *, inner_lr: LearningRate, steps: int, first_order: bool,
+           loss_fn: LossFn | None) -> Params:
     """``steps`` SGD steps of every task at once; adapted tensors come back per task, (T, ...)."""
     tasks = x.shape[0]
     fast = dict(params)
-    for _ in range(steps):
-        # enable_grad and fresh leaves for constants let evaluate() run this under no_grad.
-        with torch.enable_grad():
-            adapted = {}
-            for k in keys:
-                p = fast[k]
-                if not p.requires_grad:
-                    p = p.detach().requires_grad_()
-                adapted[k] = p if p.dim() > params[k].dim() else p.expand(tasks, *p.shape)  # (T, ...)
-            # task t's loss sees only copy t
-            loss = _task_loss(forward({**fast, **adapted}, x), y, loss_fn).sum()
-            # create_graph keeps d(grad)/d(params): MAML's second-order term; first order drops it.
-            grads = torch.autograd.grad(loss, list(adapted.values()), create_graph=not first_order,
-                                        allow_unused=True, materialize_grads=True)
-            fast = {**fast, **{k: adapted[k] - inner_lr * g for k, g in zip(keys, grads)}}
+
+    def loss_of(current: Params) -> Tensor:
+        return _task_loss(forward(current, x), y, loss_fn).sum()  # task t's loss sees only copy t
+
+    for step in range(steps):
+        # one copy per task: a view (T, ...), so the graph still reaches the shared parameter
+        fast.update({k: fast[k] if fast[k].dim() > params[k].dim() else fast[k].expand(tasks, *fast[k].shape)
+                     for k in keys})
+        fast = gradient_step(loss_of, fast, lr=lr_at(inner_lr, step), keys=keys, first_order=first_order)
     return fast
 
 
@@ -96,8 +92,8 @@ def tasks_per_chunk(plan: BatchedPlan, params: Params, episode: Episode) -> int:
     return max(1, min(episode.num_tasks, CPU_CHUNK_ELEMENTS // per_task))
 
 
-def batched_maml(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: float, inner_steps: int,
-                 first_order: bool, loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+def batched_maml(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: LearningRate,
+                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of MAML (all parameters adapted)."""
     fast = _adapt(lambda p, x: task_batched_forward(plan, p, x), params, list(params),
                   episode.support_x, episode.support_y, inner_lr=inner_lr, steps=inner_steps,
@@ -106,8 +102,8 @@ def batched_maml(plan: BatchedPlan, params: Params, episode: Episode, *, inner_l
     return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
 
 
-def batched_anil(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: float, inner_steps: int,
-                 first_order: bool, loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+def batched_anil(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: LearningRate,
+                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of ANIL (only the head adapted)."""
     support_x, query_x = episode.support_x, episode.query_x
     tasks = support_x.shape[0]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.functional import adapt, forward_with
-from metagrad.types import Buffers, LossFn, Params
+from metagrad.types import Buffers, LearningRate, LossFn, Params
 
 __all__ = ["accuracy", "is_classification", "maml_task_loss", "query_metrics"]
 
@@ -48,7 +48,7 @@ def maml_task_loss(
     query_x: Tensor,
     query_y: Tensor,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool = False,
     keys: Iterable[str] | None = None,

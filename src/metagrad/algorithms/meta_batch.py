@@ -21,7 +21,6 @@ All three give the same numbers (up to rounding); the exactness tests in ``tests
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,8 +32,9 @@ from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.batched import batched_anil, batched_maml, tasks_per_chunk
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
+from metagrad.functional import check_learning_rate
 from metagrad.models.batched import plan_for
-from metagrad.types import Buffers, Episode, LossFn, Params
+from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params
 
 __all__ = [
     "ALGORITHMS",
@@ -115,11 +115,10 @@ def _resolve(algorithm: str, first_order: bool | None) -> tuple[Algorithm, bool]
     return spec, spec.first_order or bool(first_order)
 
 
-def _check_episode(episode: Episode, inner_lr: float, inner_steps: int) -> None:
+def _check_episode(episode: Episode, inner_lr: LearningRate, inner_steps: int) -> None:
     if inner_steps < 0:
         raise ConfigError(f"inner_steps must be >= 0, got {inner_steps}")
-    if not math.isfinite(inner_lr) or inner_lr < 0:
-        raise ConfigError(f"inner_lr must be a finite non-negative number, got {inner_lr}")
+    check_learning_rate(inner_lr, inner_steps)
     sx, sy, qx, qy = episode.support_x, episode.support_y, episode.query_x, episode.query_y
     if (min(t.dim() for t in (sx, sy, qx, qy)) < 2 or sx.shape[:2] != sy.shape[:2]
             or qx.shape[:2] != qy.shape[:2]):
@@ -222,7 +221,7 @@ def task_losses(
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
@@ -245,7 +244,7 @@ def _task_losses(
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool | None,
     strategy: str,
@@ -294,7 +293,7 @@ def meta_batch_loss(
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
@@ -310,7 +309,9 @@ def meta_batch_loss(
         buffers: name -> tensor, usually ``dict(model.named_buffers())`` (empty for the standard models).
         episode: T tasks: support_x (T, N*K, C, H, W), support_y (T, N*K), query_x (T, N*Q, C, H, W),
             query_y (T, N*Q).
-        inner_lr: inner learning rate alpha.
+        inner_lr: inner learning rate alpha: a number, one per parameter name (e.g. Meta-SGD's learned
+            tensors), or a sequence of either with one per inner step (``functional.lr_at``). Learned
+            rates that require grad receive their meta-gradient from ``out.loss.backward()``.
         inner_steps: inner gradient steps per task.
         first_order: True makes "maml" and "anil" first order (inner gradients detached); None or
             False keeps their second-order meta-gradient. "fomaml" is first order whatever this says.
@@ -347,7 +348,7 @@ def evaluate(
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     vectorize: bool = True,
     loss_fn: LossFn | None = None,
@@ -376,7 +377,7 @@ def evaluate_with_losses(
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     vectorize: bool = True,
     loss_fn: LossFn | None = None,
@@ -400,7 +401,7 @@ def meta_train_step(
     optimizer: torch.optim.Optimizer,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
@@ -447,7 +448,7 @@ def chunk_gradients(
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: float,
+    inner_lr: LearningRate,
     inner_steps: int,
     first_order: bool | None = None,
     vectorize: bool = True,
