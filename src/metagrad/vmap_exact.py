@@ -227,4 +227,7 @@ def loop_reason(model: nn.Module) -> str | None:
                     "(momentum=None), which vmap cannot update task by task")
         if isinstance(module, nn.modules.instancenorm._InstanceNorm) and tracking:
             return f"{name or 'the model'} ({type(module).__name__}) tracks running statistics"
+        if isinstance(module, nn.RNNBase):
+            return (f"{name or 'the model'} ({type(module).__name__}) runs a fused kernel that vmap "
+                    "cannot batch")
     return None

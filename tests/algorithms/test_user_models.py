@@ -14,7 +14,7 @@ from maml_reference import random_episode
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from metagrad.algorithms import meta_batch, meta_batch_loss, meta_train_step
+from metagrad.algorithms import chunk_gradients, meta_batch, meta_batch_loss, meta_train_step
 from metagrad.algorithms.meta_batch import strategy_for
 from metagrad.errors import ConfigError
 from metagrad.types import Episode
@@ -348,3 +348,56 @@ def test_a_model_updating_its_own_buffer_is_refused_with_the_fix() -> None:
     with pytest.raises(ConfigError, match="CountsItsCalls cannot run vectorized over tasks.*vectorize=False"):
         meta_batch_loss("maml", model, dict(model.named_parameters()), dict(model.named_buffers()),
                         _episode(), inner_lr=INNER_LR, inner_steps=1)
+
+
+class Sequence(nn.Module):
+    """A sequence model on (B, 4, 8) inputs: an LSTM or a Transformer encoder layer, then a linear head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = (nn.LSTM(8, 8, batch_first=True) if kind == "lstm"
+                     else nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+        self.head = nn.Linear(8, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)[0] if self.kind == "lstm" else self.body(x)
+        return self.head(h.mean(dim=1))
+
+
+def _sequences(tasks: int = 2) -> Episode:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(WAYS).expand(tasks, WAYS)
+    return Episode(torch.randn(tasks, WAYS, 4, 8, generator=g, dtype=torch.float64), labels,
+                   torch.randn(tasks, WAYS, 4, 8, generator=g, dtype=torch.float64), labels)
+
+
+def test_an_lstm_runs_one_task_at_a_time_and_exactly() -> None:
+    model = _build(lambda: Sequence("lstm"))
+    assert strategy_for("maml", model, dict(model.named_parameters()), {}) == "loop"
+    _, grads, _ = _meta(model, _sequences(), vectorize=True)
+    _, ref_grads, _ = _meta(copy.deepcopy(model), _sequences(), vectorize=False)
+    assert_dicts_close(grads, ref_grads)
+
+
+def _attention_has_double_backward() -> bool:
+    q = torch.randn(WAYS, 2, 4, 4, dtype=torch.float64, requires_grad=True)  # the encoder layer's shapes
+    try:
+        (g,) = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)
+        g.sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_attention_has_double_backward(), reason="this torch differentiates attention twice")
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_an_operation_without_second_derivative_is_refused_with_the_fix(vectorize: bool) -> None:
+    # torch 2.13 has no double backward for scaled_dot_product_attention's CPU flash kernel
+    model = _build(lambda: Sequence("transformer"))
+    params = dict(model.named_parameters())
+    with pytest.raises(ConfigError, match="cannot differentiate twice.*first_order=True"):
+        chunk_gradients("maml", model, params, {}, _sequences(), inner_lr=INNER_LR, inner_steps=1,
+                        vectorize=vectorize)
+    chunk_gradients("maml", model, params, {}, _sequences(), inner_lr=INNER_LR, inner_steps=1,
+                    vectorize=vectorize, first_order=True)  # first order needs no second derivative

@@ -135,6 +135,19 @@ def _check_episode(episode: Episode, inner_lr: LearningRate, inner_steps: int) -
 _VMAP_ERRORS = ("vmap", "captured Tensor", "functorch", "Batching rule", "in-place operation")
 
 
+def _no_second_derivative(err: RuntimeError, model: nn.Module) -> ConfigError | None:
+    """The message for an operation torch cannot differentiate twice (e.g. CPU flash attention), else None."""
+    text = str(err)
+    if "derivative for" not in text or "not implemented" not in text:
+        return None
+    return ConfigError(
+        f"{type(model).__name__} uses an operation that torch cannot differentiate twice "
+        f"({text.splitlines()[0]}), which second-order MAML needs. Train it first order (first_order=True; "
+        "CLI: --algorithm fomaml), or replace that operation (e.g. attention written out instead of "
+        "scaled_dot_product_attention's fused kernel)."
+    )
+
+
 def _vectorized(task_loss: Callable[..., tuple[Tensor, Tensor]], model: nn.Module, buffers: Buffers,
                 episode: Episode) -> tuple[Tensor, Tensor]:
     modes: list[vmap_exact.ExactFunctions] = []
@@ -151,6 +164,8 @@ def _vectorized(task_loss: Callable[..., tuple[Tensor, Tensor]], model: nn.Modul
             episode.support_x, episode.support_y, episode.query_x, episode.query_y
         )
     except RuntimeError as err:
+        if (explained := _no_second_derivative(err, model)) is not None:
+            raise explained from err
         if not any(s in str(err) for s in _VMAP_ERRORS):
             raise
         raise ConfigError(
@@ -491,12 +506,17 @@ def chunk_gradients(
                         device=next(iter(params.values())).device)
     for start in range(0, episode.num_tasks, chunk):
         part = episode.slice(start, start + chunk)
-        task_loss, task_acc = _task_losses(
-            algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
-            first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=_frozen(params),
-        )
-        chunk_grads = dict(zip(trainable, torch.autograd.grad(
-            task_loss.sum(), [params[n] for n in trainable], allow_unused=True)))
+        try:
+            task_loss, task_acc = _task_losses(
+                algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
+                first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=_frozen(params),
+            )
+            chunk_grads = dict(zip(trainable, torch.autograd.grad(
+                task_loss.sum(), [params[n] for n in trainable], allow_unused=True)))
+        except RuntimeError as err:  # in the outer backward: where a missing second derivative shows
+            if (explained := _no_second_derivative(err, model)) is not None:
+                raise explained from err
+            raise
         total += torch.cat([  # zeros for frozen parameters and for those the loss does not use
             (g if (g := chunk_grads.get(n)) is not None else torch.zeros_like(params[n])).reshape(-1)
             for n in names
