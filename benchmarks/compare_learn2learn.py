@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                              "choice). On a machine shared with other jobs, 1 thread is far steadier: 2 "
                              "OpenMP threads that must meet at every small operator slow down when cores "
                              "are busy (many-fold if they spin: see --omp-wait-policy)")
-    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
-                        default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE").upper(),
-                        help="OpenMP wait policy for both libraries (default: $OMP_WAIT_POLICY, else "
-                             "PASSIVE, what metagrad's commands use; learn2learn would otherwise get "
-                             "libgomp's spinning default, which matters from 2 threads on)")
+    parser.add_argument("--omp-wait-policy", choices=("installed", "PASSIVE", "ACTIVE"),
+                        default=os.environ.get("OMP_WAIT_POLICY", "").upper() or "installed",
+                        help="OpenMP waiting: each library as installed (metagrad's command sets its own, "
+                             "learn2learn gets libgomp's default), or this OMP_WAIT_POLICY for both "
+                             "(default: $OMP_WAIT_POLICY, else installed); matters from 2 threads on")
     parser.add_argument("--l2l-python",
                         help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
     parser.add_argument("--l2l-malloc", choices=("default", "keep"), default="default",
@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if unavailable:
         print(f"learn2learn baseline unavailable: {unavailable}\nreporting metagrad alone", file=sys.stderr)
 
-    env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait_policy}  # the same for both libraries
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if args.omp_wait_policy != "installed":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy  # the same for both libraries
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     l2l_env = {**env, **malloc.GLIBC_ENV} if args.l2l_malloc == "keep" else env

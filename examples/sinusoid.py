@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test = sample_tasks(600, args.shots, torch.Generator().manual_seed(args.seed + 1))
 
     def test_mse(steps: int) -> float:
-        losses, _ = mg.algorithms.evaluate_with_losses(
+        losses, _ = mg.evaluate_with_losses(
             "maml", model, dict(model.named_parameters()), {}, test, inner_lr=args.inner_lr,
             inner_steps=steps, loss_fn=F.mse_loss)
         return losses.mean().item()

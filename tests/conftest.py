@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Before torch, as metagrad's command does, so that idle OpenMP threads wait passively (metagrad/_openmp.py).
-import metagrad  # noqa: F401
+# The suite shares its cores with other work: before torch loads, set OpenMP's waiting as the metagrad
+# command does (metagrad/_openmp.py), or spinning threads make the multi-threaded tests many times slower.
+from metagrad import _openmp
+
+_openmp.tune_wait()
 
 # isort: split
 import pytest

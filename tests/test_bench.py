@@ -92,7 +92,8 @@ def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
     monkeypatch.setattr(compare, "setup_learn2learn", lambda python: ("l2l-python", None))
     monkeypatch.setattr(compare, "run_json", fake_run)
     monkeypatch.setattr(compare, "check_shapes", lambda config, result: None)
-    assert compare.main(["--configs", "c", "--rounds", "1", "--l2l-malloc", l2l_malloc]) == 0
+    assert compare.main(["--configs", "c", "--rounds", "1", "--l2l-malloc", l2l_malloc,
+                         "--omp-wait-policy", "PASSIVE"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["l2l_malloc"] == l2l_malloc and report["metagrad_malloc"] == "keep"
     assert report["summaries"][0]["speedup"] == 2.0
@@ -100,6 +101,9 @@ def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
     assert (envs["l2l"].get("MALLOC_MMAP_MAX_") == "0") == (l2l_malloc == "keep")
     # both libraries wait alike (learn2learn alone would get libgomp's spinning default)
     assert envs["l2l"]["OMP_WAIT_POLICY"] == envs["metagrad"]["OMP_WAIT_POLICY"] == report["omp_wait_policy"]
+    # or each as installed: metagrad's command sets its own, learn2learn gets libgomp's default
+    assert compare.main(["--configs", "c", "--rounds", "1", "--omp-wait-policy", "installed"]) == 0
+    assert not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & ({*envs["l2l"]} | {*envs["metagrad"]})
 
 
 def _threads_summary(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[dict], dict]:
@@ -110,21 +114,42 @@ def _threads_summary(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[li
     return lines[1:-1], lines[-1]
 
 
-def test_thread_benchmark_arms_run_with_the_policies_they_name(capsys: pytest.CaptureFixture[str]) -> None:
-    runs, summary = _threads_summary(capsys, "--scenarios", "idle", "--arms", "torch-default", "metagrad")
-    policies = {run["arm"]: run["omp_wait_policy"] for run in runs}
-    assert policies == {"torch-default": "(unset)", "metagrad": "PASSIVE"}
+def test_thread_benchmark_arms_run_with_the_settings_they_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from metagrad._openmp import SETTING
+
+    runs, summary = _threads_summary(capsys, "--scenarios", "idle", "--arms", "libgomp-default", "metagrad",
+                                     "spin-500")
+    settings = {run["arm"]: {name: run[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if run[name]}
+                for run in runs}
+    assert settings == {"libgomp-default": {}, "metagrad": SETTING, "spin-500": {"GOMP_SPINCOUNT": "500"}}
     assert {run["device"] for run in runs} == {"cpu"}  # a thread benchmark, also where a GPU is present
     assert all(len(run["times"]) == 1 and not run["timed_out"] for run in runs)
-    assert summary["idle/metagrad_speedup"] == pytest.approx(
-        summary["idle/torch-default_sec_per_iter"] / summary["idle/metagrad_sec_per_iter"])
+    assert summary["idle/metagrad"]["median_s"] == next(r["times"][0] for r in runs if r["arm"] == "metagrad")
+
+
+def test_thread_benchmark_targets_compare_with_learn2learn_and_one_thread() -> None:
+    bench = load_script("benchmarks/bench_threads.py")
+
+    def run(arm: str, scenario: str, times: list[float], timed_out: bool = False) -> dict:
+        return {"arm": arm, "scenario": scenario, "times": times, "timed_out": timed_out}
+
+    runs = [run("learn2learn", "idle", [0.8, 0.9, 1.0]), run("metagrad", "idle", [0.5, 0.4, 0.6]),
+            run("one-thread", "neighbour", [0.4, 0.5, 0.6]), run("metagrad", "neighbour", [0.6, 1.2, 0.7]),
+            run("active", "idle", [0.3]), run("active", "neighbour", [9.0], timed_out=True)]
+    summary = bench.summarize(runs, ["metagrad", "active", "one-thread", "learn2learn"],
+                              ["idle", "neighbour"], child_timeout=40)
+    assert summary["idle/metagrad"]["vs_learn2learn"] == pytest.approx(0.9 / 0.5)
+    assert summary["neighbour/metagrad"]["worst_vs_one_thread"] == pytest.approx(1.2 / 0.5)
+    assert summary["neighbour/active"]["worst_vs_one_thread"] is None  # stalled: no finite worst step
+    assert summary["neighbour/active"]["timed_out"]
+    assert "stalled" in bench.markdown(summary, ["metagrad", "active"])
 
 
 def test_thread_benchmark_stops_slow_children_and_its_neighbour(capsys: pytest.CaptureFixture[str]) -> None:
     runs, summary = _threads_summary(capsys, "--scenarios", "neighbour", "--arms", "one-thread",
                                      "--child-timeout", "0.5")
-    assert [(r["arm"], r["timed_out"], r["sec_per_iter"]) for r in runs] == [("one-thread", True, None)]
-    assert summary["neighbour/one-thread"].startswith("timed out")
+    assert [(r["arm"], r["timed_out"], r["times"]) for r in runs] == [("one-thread", True, [])]
+    assert summary["neighbour/one-thread"]["timed_out"] and summary["neighbour/one-thread"]["steps"] == 0
     leftover = subprocess.run(["pgrep", "-f", "bench_threads.py --neighbour-loop"], capture_output=True,
                               check=False)
     assert leftover.returncode == 1, leftover.stdout  # no process matched: the neighbour was killed

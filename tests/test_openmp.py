@@ -1,77 +1,129 @@
-"""metagrad asks OpenMP for passive waiting where it can take effect, and never overrides the user."""
+"""Importing metagrad changes nothing; the ``metagrad`` command sets OpenMP's waiting before torch loads."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from metagrad._openmp import POLICY, prefer_passive_wait, spinning_warning
+from metagrad._openmp import ENV_VAR, SETTING, USER_VARIABLES, spinning_warning, tune_wait
+
+OPENMP_VARIABLES = (*USER_VARIABLES, ENV_VAR, "OMP_NUM_THREADS", "OMP_DISPLAY_ENV")
+needs_libgomp = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                   reason="torch's Linux wheels use libgomp; elsewhere another OpenMP")
 
 
-def test_sets_passive_when_unset_and_torch_not_loaded() -> None:
+def _clean_environment(**env: str) -> dict[str, str]:
+    """This process's environment without OpenMP settings (conftest set some), plus ``env``."""
+    return {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES} | env
+
+
+def _python(code: str, **env: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=_clean_environment(**env), capture_output=True,
+                          text=True, check=True, timeout=120)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_tune_wait_sets_the_setting_when_the_user_chose_nothing() -> None:
     environ: dict[str, str] = {}
-    assert prefer_passive_wait(environ, modules=set()) == "set"
-    assert environ == {"OMP_WAIT_POLICY": POLICY} and POLICY == "PASSIVE"
+    assert tune_wait(environ, modules=set()) == SETTING
+    assert environ == SETTING
 
 
-@pytest.mark.parametrize("value", ["ACTIVE", "passive", ""])
-def test_keeps_the_users_policy(value: str) -> None:
-    environ = {"OMP_WAIT_POLICY": value}
-    assert prefer_passive_wait(environ, modules=set()) == "user"
-    assert prefer_passive_wait(environ, modules={"torch"}) == "user"
-    assert environ == {"OMP_WAIT_POLICY": value}
+@pytest.mark.parametrize("chosen", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": ""},
+                                    {"GOMP_SPINCOUNT": "300000"}, {ENV_VAR: "default"},
+                                    {ENV_VAR: " Default"}])
+def test_tune_wait_keeps_the_users_choice(chosen: dict[str, str]) -> None:
+    environ = dict(chosen)
+    assert tune_wait(environ, modules=set()) == {}
+    assert environ == chosen
 
 
-def test_leaves_the_environment_alone_once_torch_is_loaded() -> None:
-    # libgomp read the variable when torch loaded it: setting it now would claim an effect it cannot have
+def test_tune_wait_does_nothing_once_torch_is_loaded() -> None:
+    # libgomp read its variables when torch loaded it: setting them now would claim an effect they lack
     environ: dict[str, str] = {}
-    assert prefer_passive_wait(environ, modules={"torch"}) == "torch first"
+    assert tune_wait(environ, modules={"torch"}) == {}
     assert environ == {}
 
 
-def test_warns_only_where_threads_spin_because_torch_came_first() -> None:
-    warning = spinning_warning("cpu", 2, "torch first")
-    assert warning is not None and "Import metagrad before torch" in warning
-    assert "OMP_WAIT_POLICY=PASSIVE" in warning
-    assert spinning_warning("cpu", 1, "torch first") is None  # one thread: nothing waits
-    assert spinning_warning("cuda", 2, "torch first") is None
-    assert spinning_warning("cpu", 2, "set") is None and spinning_warning("cpu", 2, "user") is None
+def test_warns_only_for_several_cpu_threads_under_libgomps_default() -> None:
+    warning = spinning_warning("cpu", 2, environ={})
+    assert warning is not None and "OMP_NUM_THREADS=1" in warning
+    assert all(f"{name}={value}" in warning for name, value in SETTING.items())
+    assert "import metagrad" not in warning  # the import order no longer matters
+    assert spinning_warning("cpu", 1, environ={}) is None  # one thread: nothing waits
+    assert spinning_warning("cuda", 2, environ={}) is None
+    assert spinning_warning("cpu", 2, environ=dict(SETTING)) is None
+    assert spinning_warning("cpu", 2, environ={"GOMP_SPINCOUNT": "1000"}) is None
+    assert spinning_warning("cpu", 2, environ={ENV_VAR: "default"}) is None
 
 
-def _policy_after(code: str, **env: str) -> str:
-    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
-    code += "; import os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
-                         check=True, timeout=120)
-    return out.stdout.strip().splitlines()[-1]
+def test_importing_metagrad_changes_neither_the_environment_nor_the_threads() -> None:
+    # A fresh process, so that torch loads here; the public API and the command's modules are used too.
+    code = ("import os, json; before = dict(os.environ)\n"
+            "import metagrad, metagrad.__main__, metagrad.cli\n"
+            "model = metagrad.build_model('omniglot-cnn', ways=5)\n"
+            "import torch\n"
+            "print(json.dumps({'same': dict(os.environ) == before, 'threads': torch.get_num_threads()}))")
+    plain_threads = int(_python("import torch; print(torch.get_num_threads())"))
+    assert json.loads(_python(code)) == {"same": True, "threads": plain_threads}
 
 
-def test_importing_metagrad_first_sets_it_in_a_fresh_process() -> None:
-    assert _policy_after("import metagrad") == "PASSIVE"
-    assert _policy_after("import metagrad", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert _policy_after("import torch; import metagrad") == "None"
+def test_the_package_and_the_entry_point_import_no_torch() -> None:
+    assert _python("import sys, metagrad, metagrad.__main__, metagrad._openmp; "
+                   "print('torch' in sys.modules)") == "False"
 
 
-def test_the_command_line_runs_with_it_and_bench_reports_it(tmp_path) -> None:
-    # `metagrad ...` and `python -m metagrad ...` import the package before torch
+def _libgomp_report(command: list[str], **env: str) -> dict[str, str]:
+    """libgomp's own report of the variables it read when torch loaded it (OMP_DISPLAY_ENV)."""
+    done = subprocess.run(command, env=_clean_environment(OMP_DISPLAY_ENV="VERBOSE", **env),
+                          capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.startswith("metagrad "), done.stdout
+    return dict(re.findall(r"^\s*(OMP_WAIT_POLICY|GOMP_SPINCOUNT) = '([^']*)'", done.stderr, re.MULTILINE))
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("metagrad")
+    found = str(script) if script.is_file() else shutil.which("metagrad")
+    assert found, "the metagrad console script is not installed (pip install -e .)"
+    return found
+
+
+@needs_libgomp
+@pytest.mark.parametrize("launcher", ["console script", "python -m"])
+def test_the_command_sets_openmp_before_torch_loads(launcher: str) -> None:
+    command = ([_console_script()] if launcher == "console script"
+               else [sys.executable, "-m", "metagrad"]) + ["--version"]
+    default = _libgomp_report(command, **{ENV_VAR: "default"})
+    assert default == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}  # libgomp's own default
+    tuned = _libgomp_report(command)
+    assert {name: tuned[name] for name in SETTING} == SETTING
+    assert _libgomp_report(command, GOMP_SPINCOUNT="1234")["GOMP_SPINCOUNT"] == "1234"  # the user's wins
+
+
+def test_bench_reports_the_setting_it_ran_with(tmp_path: Path) -> None:
     config = tmp_path / "small.toml"
     config.write_text("[meta]\nmeta_batch_size = 2\n")
-    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "metagrad", "bench", "--config", str(config), "--iterations", "1",
                "--device", "cpu", "--json"]
-    out = subprocess.run(command, env=environ, capture_output=True, text=True, check=False, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "OpenMP wait policy PASSIVE" in out.stdout
-    assert json.loads(out.stdout.strip().splitlines()[-1])["omp_wait_policy"] == "PASSIVE"
+    done = subprocess.run(command, env=_clean_environment(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    reported = {"OMP_WAIT_POLICY": result["omp_wait_policy"], "GOMP_SPINCOUNT": result["gomp_spincount"]}
+    assert {name: reported[name] for name in SETTING} == SETTING
+    assert all(f"{name}={value}" in done.stdout for name, value in SETTING.items())
 
 
-def test_the_policy_leaves_results_bit_for_bit(tmp_path) -> None:
-    # Two threads, so that the policy has waiting threads to govern; a small step, since spinning threads
-    # beside other work (ACTIVE) are slow.
+def test_the_wait_setting_leaves_results_bit_for_bit(tmp_path: Path) -> None:
+    # Two threads, so that the setting has waiting threads to govern; a small step, since spinning
+    # threads beside other work (ACTIVE) are slow.
     script = tmp_path / "step.py"
     script.write_text(
         "import hashlib, torch, metagrad as mg\n"
@@ -86,11 +138,32 @@ def test_the_policy_leaves_results_bit_for_bit(tmp_path) -> None:
         "for p in model.parameters():\n"
         "    digest.update(p.detach().numpy().tobytes())\n"
         "print(torch.get_num_threads(), digest.hexdigest())\n")
-    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"OMP_NUM_THREADS": "2"}
     outputs = {}
-    for policy in ("ACTIVE", "PASSIVE"):
-        done = subprocess.run([sys.executable, str(script)], env=environ | {"OMP_WAIT_POLICY": policy},
+    for name, env in {"active": {"OMP_WAIT_POLICY": "ACTIVE"}, "metagrad": SETTING}.items():
+        done = subprocess.run([sys.executable, str(script)],
+                              env=_clean_environment(OMP_NUM_THREADS="2", **env),
                               capture_output=True, text=True, check=True, timeout=300)
-        outputs[policy] = done.stdout.split()
-    assert outputs["ACTIVE"][0] == "2"
-    assert outputs["ACTIVE"] == outputs["PASSIVE"]
+        outputs[name] = done.stdout.split()
+    assert outputs["active"][0] == "2"
+    assert outputs["active"] == outputs["metagrad"]
+
+
+def test_every_public_name_loads_on_first_use() -> None:
+    import metagrad
+
+    assert sorted(metagrad.__all__) == sorted([*metagrad._EXPORTS, "__version__"])
+    for name in metagrad.__all__:
+        assert getattr(metagrad, name) is not None
+    assert set(metagrad.__all__) <= set(dir(metagrad))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        metagrad.nope  # noqa: B018
+
+
+def test_help_documents_each_process_setting_and_its_switch(capsys: pytest.CaptureFixture[str]) -> None:
+    from metagrad.cli import main
+    from metagrad.training import malloc
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert f"{ENV_VAR}  'default'" in text and f"{malloc.ENV_VAR}    'default'" in text
+    assert all(f"{name}={value}" in text for name, value in SETTING.items())

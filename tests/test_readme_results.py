@@ -1,8 +1,8 @@
 """The README's Results table says what the shipped ``results/<preset>/results.json`` files say.
 
-The table is written by hand after each ``tools/publish_result.py``; these tests catch a row left behind
-when a result is republished (accuracy, split, iterations, training time, paper) and a result without
-a row or a row without a result.
+``tools/results_table.py --write README.md`` generates the table after each ``tools/publish_result.py``;
+these tests catch a table not regenerated since (a row left behind when a result is republished, a
+result without a row or a row without a result) and check each row against the JSON on their own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import re
 
 import pytest
-from repo_scripts import ROOT
+from repo_scripts import ROOT, load_script
 
 RESULTS = ROOT / "results"
 PUBLISHED = sorted(path.parent.name for path in RESULTS.glob("*/results.json"))
@@ -88,3 +88,19 @@ def test_the_readme_recheck_command_prints_the_shipped_number() -> None:
     preset, accuracy, ci = match.groups()
     results = json.loads((RESULTS / preset / "results.json").read_text(encoding="utf-8"))
     assert (accuracy, ci) == (f"{100 * results['test_accuracy']:.2f}", f"{100 * results['test_ci95']:.2f}")
+
+
+def test_the_table_is_the_generators_output() -> None:
+    generator = load_script("tools/results_table.py")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert generator.replace_table(readme, generator.table(RESULTS)) == readme, (
+        "README.md's results table is stale: run python tools/results_table.py --write README.md")
+
+
+def test_the_generator_replaces_only_what_lies_between_its_markers() -> None:
+    generator = load_script("tools/results_table.py")
+    text = f"intro\n{generator.BEGIN}\nold table\n{generator.END}\nafter\n"
+    assert generator.replace_table(text, "| new |") == (
+        f"intro\n{generator.BEGIN}\n| new |\n{generator.END}\nafter\n")
+    with pytest.raises(SystemExit, match="no results table markers"):
+        generator.replace_table("no markers here", "| new |")

@@ -14,25 +14,43 @@ The public API in one place::
 
 Experiments (run folders, checkpoints, presets) live in :mod:`metagrad.training`; the
 learn2learn-compatible layer in :mod:`metagrad.compat.learn2learn`.
+
+Importing metagrad changes nothing in the process (environment, threads, allocator). The names below
+load on first use, so that the ``metagrad`` command (``metagrad/__main__.py``) can set OpenMP's wait
+policy before anything imports torch.
 """
 
-import metagrad._openmp  # noqa: F401  (first: it must run before anything imports torch)
-from metagrad.algorithms import (
-    ALGORITHMS,
-    MetaBatchOutput,
-    check_model,
-    evaluate,
-    evaluate_with_losses,
-    meta_batch_loss,
-    meta_train_step,
-)
-from metagrad.data import EpisodeSampler, FewShotDataset, dataset_info, load_dataset
-from metagrad.errors import ConfigError, DataError, MetagradError, TrainingError
-from metagrad.functional import adapt, forward_with, inner_step
-from metagrad.models import build_model
-from metagrad.types import Buffers, Episode, Params
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {  # public name -> the module that defines it
+    "ALGORITHMS": "metagrad.algorithms",
+    "MetaBatchOutput": "metagrad.algorithms",
+    "check_model": "metagrad.algorithms",
+    "evaluate": "metagrad.algorithms",
+    "evaluate_with_losses": "metagrad.algorithms",
+    "meta_batch_loss": "metagrad.algorithms",
+    "meta_train_step": "metagrad.algorithms",
+    "EpisodeSampler": "metagrad.data",
+    "FewShotDataset": "metagrad.data",
+    "dataset_info": "metagrad.data",
+    "load_dataset": "metagrad.data",
+    "ConfigError": "metagrad.errors",
+    "DataError": "metagrad.errors",
+    "MetagradError": "metagrad.errors",
+    "TrainingError": "metagrad.errors",
+    "adapt": "metagrad.functional",
+    "forward_with": "metagrad.functional",
+    "inner_step": "metagrad.functional",
+    "build_model": "metagrad.models",
+    "Buffers": "metagrad.types",
+    "Episode": "metagrad.types",
+    "Params": "metagrad.types",
+}
 
 __all__ = [
     "ALGORITHMS",
@@ -59,3 +77,33 @@ __all__ = [
     "meta_batch_loss",
     "meta_train_step",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    from metagrad.algorithms import (
+        ALGORITHMS,
+        MetaBatchOutput,
+        check_model,
+        evaluate,
+        evaluate_with_losses,
+        meta_batch_loss,
+        meta_train_step,
+    )
+    from metagrad.data import EpisodeSampler, FewShotDataset, dataset_info, load_dataset
+    from metagrad.errors import ConfigError, DataError, MetagradError, TrainingError
+    from metagrad.functional import adapt, forward_with, inner_step
+    from metagrad.models import build_model
+    from metagrad.types import Buffers, Episode, Params
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name's module on first use (PEP 562) and caches the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'metagrad' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

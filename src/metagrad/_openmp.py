@@ -1,61 +1,67 @@
-"""Idle OpenMP threads sleep instead of spinning, unless the user chose otherwise.
+"""How idle OpenMP threads wait in the ``metagrad`` command: set before torch loads, never on import.
 
-PyTorch's CPU kernels run on OpenMP (libgomp in the Linux wheels). Between parallel regions libgomp's
-default is to spin for a while before sleeping, which costs nothing on idle cores and a great deal when
-the process gets less CPU than it has threads: a thread spins on a core that its sibling needs, and
-every one of the thousands of small kernels in a MAML step waits for the scheduler. Measured on the
-2-core development machine with ``benchmarks/bench_threads.py`` (``omniglot-maml-5w1s``, torch's default
-2 threads): beside one single-thread process started from another terminal (Linux's autogroup
-scheduling shares the cores between sessions, half and half), 28.4 s per iteration with libgomp's
-default policy, 0.58 s with ``PASSIVE`` and 0.50 s with one thread; on idle cores 0.37 s with the
-default, 0.47 s with ``PASSIVE``. Passive waiting gives up about a quarter on idle cores to avoid a
-50-fold loss on shared ones. On 16 cores (Intel Xeon, torch 2.11) the trade is larger both ways: idle,
-0.26 s with the default against 0.45 s with ``PASSIVE``; beside one single-thread process, no iteration
-in 15 s with the default against 0.52 s.
+PyTorch's CPU kernels run on OpenMP (libgomp in the Linux wheels). libgomp's default lets a thread that
+finished its share spin before it sleeps: fast on idle cores, but beside another busy process a spinning
+thread holds the core its sibling needs, and a MAML step's thousands of small parallel regions each wait
+for the scheduler (many-fold slower; measurements in docs/PERFORMANCE.md, "CPU threads").
 
-libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it, so this module runs first in
-``metagrad/__init__.py``: importing metagrad before torch sets ``OMP_WAIT_POLICY=PASSIVE`` unless
-the variable is already set: on cores of your own, ``OMP_WAIT_POLICY=ACTIVE`` spins always and
-``GOMP_SPINCOUNT=300000`` restores libgomp's default (spin a while, then sleep). With torch already
-imported it changes nothing, since the setting could no longer take effect. The policy decides only how
-waiting threads wait: results are the same bit for bit.
+libgomp reads ``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` once, when torch loads it, so the command's
+entry point (``metagrad/__main__.py``) calls :func:`tune_wait` before anything imports torch. A
+variable the user set wins; ``METAGRAD_OMP_WAIT=default`` leaves libgomp's default. The setting
+decides only how waiting threads wait: results are the same bit for bit.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Container, MutableMapping
+from collections.abc import Container, Mapping, MutableMapping
 
-POLICY = "PASSIVE"
-"""The wait policy metagrad prefers for its own processes."""
+__all__ = ["ENV_VAR", "SETTING", "USER_VARIABLES", "requested", "spinning_warning", "tune_wait"]
+
+ENV_VAR = "METAGRAD_OMP_WAIT"
+"""``default`` keeps libgomp's own waiting; anything else (or unset) lets the command set :data:`SETTING`."""
+
+SETTING = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""What the command sets: idle threads sleep at once (see docs/PERFORMANCE.md for the measurements)."""
+
+USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+"""libgomp's own variables: when either is set, the user has chosen and the command sets nothing."""
 
 
-def prefer_passive_wait(environ: MutableMapping[str, str] = os.environ,
-                        modules: Container[str] = sys.modules) -> str:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` in ``environ`` if it is unset and torch is not in ``modules``.
+def requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """False when ``METAGRAD_OMP_WAIT=default`` asks to keep libgomp's default."""
+    return environ.get(ENV_VAR, "").strip().lower() != "default"
+
+
+def tune_wait(environ: MutableMapping[str, str] = os.environ,
+              modules: Container[str] = sys.modules) -> dict[str, str]:
+    """Put :data:`SETTING` in ``environ`` unless the user chose, or torch is already loaded.
 
     Returns:
-        ``"set"`` (set here), ``"user"`` (already set: left as it is) or ``"torch first"`` (unset, but
-        torch was imported before metagrad: left unset, libgomp's default spinning applies).
+        The variables set here; empty when the user set one of :data:`USER_VARIABLES`, asked for
+        libgomp's default, or torch was already imported (libgomp has read its settings by then).
     """
-    if "OMP_WAIT_POLICY" in environ:
-        return "user"
-    if "torch" in modules:
-        return "torch first"
-    environ["OMP_WAIT_POLICY"] = POLICY
-    return "set"
+    if not requested(environ) or any(name in environ for name in USER_VARIABLES) or "torch" in modules:
+        return {}
+    environ.update(SETTING)
+    return dict(SETTING)
 
 
-STATUS = prefer_passive_wait()
-"""What happened when metagrad was imported: ``"set"``, ``"user"`` or ``"torch first"``."""
+def spinning_warning(device_type: str, threads: int,
+                     environ: Mapping[str, str] = os.environ) -> str | None:
+    """The warning for a CPU run of several threads under libgomp's default waiting, else None.
 
-
-def spinning_warning(device_type: str, threads: int, status: str | None = None) -> str | None:
-    """The warning for a CPU run whose idle threads spin because torch was imported first, else None."""
-    status = STATUS if status is None else status
-    if device_type != "cpu" or threads <= 1 or status != "torch first":
+    That is a process the ``metagrad`` command did not start (a script or notebook calling
+    :func:`metagrad.training.run`) whose user set none of libgomp's variables.
+    """
+    if device_type != "cpu" or threads <= 1 or not requested(environ):
         return None
-    return (f"torch was imported before metagrad, so its {threads} OpenMP threads spin while they wait: "
-            "beside other work on the machine this can be 50x slower (README, 'CPU threads'). Import "
-            "metagrad before torch, or start Python with OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1.")
+    if any(name in environ for name in USER_VARIABLES):
+        return None
+    setting = " ".join(f"{name}={value}" for name, value in SETTING.items())
+    return (f"this process's {threads} OpenMP threads spin while they wait (libgomp's default): beside "
+            "other work on the machine a step can be many times slower (docs/PERFORMANCE.md, 'CPU "
+            f"threads'). The metagrad command sets {setting} before torch loads; in your own script set "
+            f"it in the environment before Python starts, or use OMP_NUM_THREADS=1. On cores of your own, "
+            f"{ENV_VAR}=default silences this.")

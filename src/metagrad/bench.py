@@ -203,8 +203,9 @@ def run_bench(
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
-        # how idle OpenMP threads wait (None: libgomp's default); see metagrad/_openmp.py
+        # how idle OpenMP threads wait (None, None: libgomp's default); see metagrad/_openmp.py
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         # above the CPU count: other jobs shared the cores, times are inflated
         "load_avg": os.getloadavg()[0],
         "torch": torch.__version__,
@@ -246,9 +247,10 @@ def _print_report(r: dict[str, Any]) -> None:
     print(f"{r['preset']}: {r['algorithm']} {order} order, {r['dataset']} {r['ways']}-way {r['shots']}-shot "
           f"{r['query_shots']} query, meta-batch {r['meta_batch_size']}, {r['inner_steps']} inner step(s), "
           f"{r['strategy']} strategy")
-    policy = r["omp_wait_policy"] or "default"
+    policy = " ".join(f"{name}={r[key]}" for name, key in (("OMP_WAIT_POLICY", "omp_wait_policy"),
+                                                          ("GOMP_SPINCOUNT", "gomp_spincount")) if r[key])
     print(f"device {r['device']} ({r['device_name']}), {r['threads']} threads "
-          f"(OpenMP wait policy {policy}), torch {r['torch']}, "
+          f"(OpenMP wait: {policy or 'libgomp default'}), torch {r['torch']}, "
           f"load average {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
     print(f"sec/iter {r['sec_per_iter']:.4f} (median of {r['iterations']}, min {min(r['times']):.4f}), "
           f"tasks/s {r['tasks_per_sec']:.1f}, peak memory {r['peak_mem_mb']:.0f} MB ({r['peak_mem_kind']})")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import metagrad
+from metagrad import _openmp
 from metagrad.data.datasets import DATASETS
 from metagrad.errors import ConfigError, MetagradError, ResultNotSaved, describe_os_error
 from metagrad.models import MODELS
@@ -345,6 +346,10 @@ _COMPUTE_COMMANDS = (_cmd_train, _cmd_eval, _cmd_bench)
 # --------------------------------------------------------------------------------------------------
 
 
+def _omp_setting() -> str:
+    return " ".join(f"{name}={value}" for name, value in _openmp.SETTING.items())
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends ``(default: X)`` where an option has a default of its own; keeps descriptions' line breaks.
 
@@ -364,10 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metagrad", formatter_class=_HelpFormatter,
         description="Gradient-based meta-learning (MAML, first-order MAML, ANIL) for few-shot vision.",
         epilog="environment:\n"
-               "  METAGRAD_DATA    dataset folder when --data-dir is not given\n"
-               "  METAGRAD_CACHE   decoded-dataset cache when --cache-dir is not given\n"
-               "  METAGRAD_MALLOC  'default' stops train, eval and bench from keeping freed memory in the\n"
-               "                   heap (faster on CPU, some more peak memory; glibc only)",
+               "  METAGRAD_DATA      dataset folder when --data-dir is not given\n"
+               "  METAGRAD_CACHE     decoded-dataset cache when --cache-dir is not given\n"
+               "  METAGRAD_MALLOC    'default' stops train, eval and bench from keeping freed memory in the\n"
+               "                     heap (faster on CPU, some more peak memory; glibc only)\n"
+               "  METAGRAD_OMP_WAIT  'default' keeps libgomp's own waiting; otherwise the command sets\n"
+               f"                     {_omp_setting()} before torch loads, unless OMP_WAIT_POLICY or\n"
+               "                     GOMP_SPINCOUNT is set (how idle CPU threads wait; results unchanged)",
     )
     parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")

@@ -33,14 +33,9 @@ HEAD_KEYS = ("classifier.weight", "classifier.bias")
 
 CPU_CHUNK_ELEMENTS = 1 << 19
 """On CPU, tasks are batched in chunks whose first-layer activations (support and query) stay under
-about this many elements (2 MB in float32), which bounds the memory of the chunk's graph and of
-BatchNorm's double backward, the step's largest temporaries. Measured on 2 cores, 1 thread, interleaved,
-with freed memory kept in the heap: config a 4 tasks per chunk instead of 8, same speed within the
-machine's +-20% scatter (medians of 4 rounds 0.75 and 0.74 s/iter), peak RSS 369-371 MB instead of 398-409
-(learn2learn: 389); config b (20-way) 1 task instead of 2, 394 MB instead of 458-462 for 4-16% of its
-speed; config c 4 tasks instead of 8, slightly faster and 20 MB less; config d is one task anyway. (The
-first setting, 1M elements, had taken config a from 1.31 to 1.08 s/iter against 32 tasks at once.) On
-CUDA the whole meta-batch is one chunk (a GPU needs large batches to be busy)."""
+about this many elements (2 MB in float32): it bounds the memory of the chunk's graph and of BatchNorm's
+double backward at no measured cost in speed (docs/PERFORMANCE.md, "--tasks-per-chunk"). On CUDA the
+whole meta-batch is one chunk (a GPU needs large batches to be busy)."""
 
 
 def _task_loss(outputs: Tensor, targets: Tensor, loss_fn: LossFn | None) -> Tensor:

@@ -1,15 +1,12 @@
 """Keep freed memory in the process for reuse, instead of handing it back to the OS after every step.
 
 On Linux, glibc's ``malloc`` serves every block above a threshold (at most 32 MB) with a fresh ``mmap``
-and returns it with ``munmap`` when freed, and gives back the top of its heap once more than 128 KB
-there is free. A meta-training step allocates and frees the same large activations every iteration,
-so each one is faulted in page by page again, and the kernel zeroes every page: on config d (Mini-
-ImageNet, 75 query images of 32 x 84 x 84 floats, 68 MB per activation) ``fill_``, ReLU and BatchNorm
-ran at about 0.5 GB/s, bound by page faults (over 700,000 per step). With ``mmap`` off and the trim
-threshold at its maximum, the heap grows to the step's peak over the first steps and later steps reuse
-it (measured on 2 idle cores, 1 thread: config d 8.5-9.3 -> 5.5-5.9 s per iteration with peak RSS
-10-20% higher, from fragmentation; configs a and c 10-15% faster at the same memory; see
-docs/PERFORMANCE.md).
+and unmaps it when freed, and trims the top of its heap once more than 128 KB there is free. A
+meta-training step allocates and frees the same large activations every iteration, so without this
+each one is faulted in (and zeroed by the kernel) page by page again: on Mini-ImageNet the step was
+bound by page faults. With ``mmap`` off and the trim threshold at its maximum, the heap grows to the
+step's peak over the first steps and later steps reuse it, for some more peak memory from
+fragmentation (measurements in docs/PERFORMANCE.md, "The C allocator").
 
 This is what glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` environment variables do
 (``GLIBC_ENV``); the ``metagrad train``, ``eval`` and ``bench`` commands call :func:`keep_freed_memory`
