@@ -210,6 +210,13 @@ def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, c
         resolve_config(config_file=path)
 
 
+@pytest.mark.parametrize("name", ["bom.toml", "bom.json"])
+def test_a_byte_order_mark_is_accepted(tmp_path: Path, name: str) -> None:
+    text = '[meta]\ninner_lr = 0.25\n' if name.endswith(".toml") else '{"meta": {"inner_lr": 0.25}}'
+    (tmp_path / name).write_text(text, encoding="utf-8-sig")
+    assert resolve_config(config_file=tmp_path / name).meta.inner_lr == 0.25
+
+
 def test_a_section_that_is_not_a_table_with_an_option_for_it(tmp_path: Path) -> None:
     (tmp_path / "flat.toml").write_text("data = 5\n")
     with pytest.raises(ConfigError, match=r"\[data\] must be a table of settings, not 5 \(in .*flat.toml\)"):
