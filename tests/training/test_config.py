@@ -197,7 +197,8 @@ def test_bad_config_files(tmp_path: Path, name: str, content: str, message: str)
      ("binary.json", bytes(range(256)), "is not UTF-8 text"),
      ("deep.json", b"[" * 100_000, "nested too deeply"),
      ("deep.toml", b"a = " + b"[" * 100_000, "nested too deeply"),
-     ("folder.toml", None, "cannot read config file")],
+     ("folder.toml", None, "is not a regular file"),
+     ("huge.toml", b"# " + b"x" * (1 << 20), "more than a config file can be")],
 )
 def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, content: bytes | None,
                                                    message: str) -> None:
@@ -208,6 +209,12 @@ def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, c
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=rf"{name}.*{message}|{message}.*{name}"):
         resolve_config(config_file=path)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_a_device_as_config_file_is_not_read() -> None:
+    with pytest.raises(ConfigError, match="/dev/zero is not a regular file"):  # it would never end
+        resolve_config(config_file="/dev/zero")
 
 
 @pytest.mark.parametrize("name", ["bom.toml", "bom.json"])
