@@ -494,3 +494,16 @@ def test_cache_without_a_checksum_is_rebuilt_once(small_omniglot: Path, tmp_path
         load_small(small_omniglot / "omniglot", tmp_path / "cache")
     assert "has no checksum" in caplog.text
     assert "checksum" in torch.load(cache, weights_only=True)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_drawing_that_is_no_regular_file_is_not_read(tmp_path: Path, kind: str) -> None:
+    root = write_omniglot_folders(tmp_path / "o" / "omniglot")
+    drawing = root / "images_evaluation/Tengwar/character01/0009_03.png"
+    drawing.unlink()
+    if kind == "fifo":
+        os.mkfifo(drawing)  # reading it would block forever
+    else:
+        drawing.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(DataError, match=r"0009_03\.png is not a regular file"):
+        load_small(root, tmp_path / "cache")

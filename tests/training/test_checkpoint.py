@@ -146,3 +146,9 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]  # no temporary file left
+
+
+def test_a_checkpoint_that_is_no_regular_file_is_not_read(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "best.pt")  # torch.load would wait forever for a writer
+    with pytest.raises(TrainingError, match=r"best\.pt \(ValueError: not a regular file\)"):
+        load_checkpoint(tmp_path / "best.pt")

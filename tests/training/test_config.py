@@ -197,7 +197,8 @@ def test_bad_config_files(tmp_path: Path, name: str, content: str, message: str)
      ("binary.json", bytes(range(256)), "is not UTF-8 text"),
      ("deep.json", b"[" * 100_000, "nested too deeply"),
      ("deep.toml", b"a = " + b"[" * 100_000, "nested too deeply"),
-     ("folder.toml", None, "cannot read config file")],
+     ("folder.toml", None, "is not a regular file"),
+     ("huge.toml", b"# " + b"x" * (1 << 20), "more than a config file can be")],
 )
 def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, content: bytes | None,
                                                    message: str) -> None:
@@ -208,6 +209,19 @@ def test_config_files_that_used_to_crash_the_parser(tmp_path: Path, name: str, c
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=rf"{name}.*{message}|{message}.*{name}"):
         resolve_config(config_file=path)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_a_device_as_config_file_is_not_read() -> None:
+    with pytest.raises(ConfigError, match="/dev/zero is not a regular file"):  # it would never end
+        resolve_config(config_file="/dev/zero")
+
+
+@pytest.mark.parametrize("name", ["bom.toml", "bom.json"])
+def test_a_byte_order_mark_is_accepted(tmp_path: Path, name: str) -> None:
+    text = '[meta]\ninner_lr = 0.25\n' if name.endswith(".toml") else '{"meta": {"inner_lr": 0.25}}'
+    (tmp_path / name).write_text(text, encoding="utf-8-sig")
+    assert resolve_config(config_file=tmp_path / name).meta.inner_lr == 0.25
 
 
 def test_a_section_that_is_not_a_table_with_an_option_for_it(tmp_path: Path) -> None:

@@ -317,3 +317,13 @@ def test_eval_of_an_older_run_with_a_relative_data_folder_says_so(
     caplog.clear()
     evaluate_checkpoint(run_dir, data_dir=str(tmp_path))
     assert "relative" not in caplog.text
+
+
+def test_a_meta_batch_too_large_for_memory_is_one_message(
+    tmp_path: Path, fake_data: list, capsys: pytest.CaptureFixture
+) -> None:
+    # 10^12 tasks: their index alone would take 8 TB, which the allocator refuses at once.
+    code, _, err = _main(capsys, "train", *TINY_ARGS, "--meta-batch-size", "1000000000000",
+                         "--run-dir", str(tmp_path / "run"))
+    assert code == 1
+    assert "\nerror: out of memory at iteration 1 (" in err and "Lower --meta-batch-size" in err

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import sys
 import tempfile
 import urllib.error
@@ -199,6 +200,16 @@ def check_size(size: int, name: str, fix: str) -> None:
             f"{name} is {size:,} bytes (uncompressed), more than any image file should be "
             f"({MAX_IMAGE_BYTES:,}): a damaged or hostile file (a zip bomb?); refusing to read it. {fix}"
         )
+
+
+def check_file(path: Path, fix: str) -> None:
+    """Refuse what is not a regular file (a FIFO would block the read, ``/dev/zero`` never end it) or is
+    larger than :data:`MAX_IMAGE_BYTES`."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path} is not a regular file (a device, pipe or socket); refusing to read it. "
+                        f"{fix}")
+    check_size(st.st_size, str(path), fix)
 
 
 def read_member(archive: zipfile.ZipFile, entry: str, path: Path, fix: str) -> bytes:

@@ -196,7 +196,7 @@ def _read_csv(path: Path) -> dict[str, list[str]]:
 def _decode_jpeg(path: Path) -> np.ndarray:
     """An image file -> (84, 84, 3) uint8 RGB, Lanczos-resized."""
     try:
-        _io.check_size(path.stat().st_size, str(path), "Replace it.")
+        _io.check_file(path, "Replace it.")
         return _io.decode_image(path, str(path), "RGB", IMAGE_SIZE, "Replace it.")
     except FileNotFoundError:
         raise DataError(

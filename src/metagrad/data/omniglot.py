@@ -300,7 +300,7 @@ def _read(image_set: _ImageSet, entry: str, archives: dict[Path, zipfile.ZipFile
     try:
         if not image_set.is_zip:
             path = image_set.path / entry
-            _io.check_size(path.stat().st_size, str(path), _GET_AGAIN)
+            _io.check_file(path, _GET_AGAIN)
             return path.read_bytes()
         if image_set.path not in archives:
             archives[image_set.path] = zipfile.ZipFile(image_set.path)

@@ -104,6 +104,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         if not candidate.exists():
             continue
         try:
+            if not candidate.is_file():  # a FIFO would block the read, /dev/zero never end it
+                raise ValueError("not a regular file")
             state = torch.load(candidate, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
                 raise ValueError(f"not a metagrad checkpoint of format {FORMAT_VERSION}")

@@ -68,6 +68,9 @@ DEFAULT_PRESET = "omniglot-maml-5w1s"
 
 LR_SCHEDULES = ("constant", "cosine")
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few hundred bytes; a larger one is the wrong file, read no further."""
+
 SPLIT_SCHEMES = {name: spec.options["split_scheme"] for name, spec in DATASETS.items()}
 """Class splits each dataset offers, as its loader declares them (Mini-ImageNet: Ravi & Larochelle's only)."""
 
@@ -210,8 +213,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         ConfigError: the file is missing or unreadable, or is neither TOML nor JSON.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, or a device such as /dev/zero that never ends
+        raise ConfigError(f"config file {path} is not a regular file; pass a .toml or config.json file")
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes, more than a config file "
+                          f"can be ({MAX_CONFIG_BYTES:,}); is it the right file?")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

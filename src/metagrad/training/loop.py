@@ -275,8 +275,8 @@ def _build_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, i
         kwargs["norm_init"] = model_config.norm_init
     try:
         return build_model(model_config.name, ways, **kwargs)
-    except (RuntimeError, MemoryError) as exc:  # torch's allocator: "can't allocate memory"
-        if "alloc" not in str(exc) and not isinstance(exc, MemoryError):
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
             raise
         raise ConfigError(f"the model ({model_config.name}, {ways} ways, hidden_size "
                           f"{model_config.hidden_size}) does not fit in memory; choose a smaller "
@@ -605,7 +605,8 @@ def _train(
     latest = run_dir / LATEST_NAME
     # This process's tasks of each meta-batch: all of them, or its slice under torchrun.
     first, last = distributed.task_range(meta.meta_batch_size, world)
-    my_tasks = torch.arange(first, last)
+    with _step_guard(state.iteration + 1, latest):  # an absurd meta-batch fails here first
+        my_tasks = torch.arange(first, last)
 
     def write_checkpoint() -> None:
         distributed.check_same_parameters(world, params, state.iteration)  # never save a diverged run
@@ -632,8 +633,8 @@ def _train(
         iteration = state.iteration + 1
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
-        episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
-        with _overflow_stops(iteration, latest):
+        with _step_guard(iteration, latest):
+            episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # each process: all
             out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
             scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
@@ -642,7 +643,7 @@ def _train(
         loss = task_losses.mean().item()
         if not math.isfinite(loss):
             raise _diverged(f"the meta-training loss is {loss}", iteration, latest)
-        with _overflow_stops(iteration, latest):
+        with _step_guard(iteration, latest):
             apply_meta_update(optimizer, lr)
         acc = task_accs.mean().item()
         seconds = time.perf_counter() - start
@@ -654,7 +655,7 @@ def _train(
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
             start = time.perf_counter()
-            with _overflow_stops(iteration, latest):
+            with _step_guard(iteration, latest):
                 losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
                                             run_config.eval_tasks,
                                             task_generator(run_config.seed, "validation"), world=world)
@@ -687,24 +688,41 @@ def _train(
             )
 
 
+def _saved_note(latest: Path) -> str:
+    return f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was written yet"
+
+
 def _diverged(what: str, iteration: int, latest: Path) -> TrainingError:
-    saved = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was written yet"
     return TrainingError(
-        f"{what} at iteration {iteration}: training stopped before that update, {saved}; "
+        f"{what} at iteration {iteration}: training stopped before that update, {_saved_note(latest)}; "
         "try a smaller --meta-lr or --inner-lr"
     )
 
 
 @contextlib.contextmanager
-def _overflow_stops(iteration: int, latest: Path) -> Iterator[None]:
-    """Turn a number too large for its type (torch's "cannot be converted ... without overflow", raised
-    e.g. by Adam for a huge learning rate) into the same stop as a NaN loss."""
+def _step_guard(iteration: int, latest: Path) -> Iterator[None]:
+    """One message for what absurd settings make a step hit: a number too large for its type (torch's
+    "cannot be converted ... without overflow", e.g. Adam with a huge learning rate) stops as a NaN loss
+    does; running out of memory names the settings that size a step."""
     try:
         yield
-    except RuntimeError as exc:
-        if "overflow" not in str(exc):
+    except (RuntimeError, MemoryError) as exc:
+        reason = next(iter(str(exc).splitlines()), type(exc).__name__)
+        if _out_of_memory(exc):
+            raise TrainingError(
+                f"out of memory at iteration {iteration} ({reason}); {_saved_note(latest)}. Lower "
+                "--meta-batch-size, --tasks-per-chunk or --eval-tasks (or the model's size), or free memory"
+            ) from None
+        if "overflow" not in reason:
             raise
-        raise _diverged(f"a value overflowed ({str(exc).splitlines()[0]})", iteration, latest) from None
+        raise _diverged(f"a value overflowed ({reason})", iteration, latest) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for the allocators' failures: Python's MemoryError, torch's CPU and CUDA out-of-memory errors."""
+    text = str(exc)
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text
 
 
 def _check_finite(params: Params, iteration: int, latest: Path) -> None:
@@ -963,7 +981,7 @@ def _evaluate(run_dir: Path, checkpoint: str, config: Config) -> dict[str, Any]:
     params = dict(model.named_parameters())
     restore_params(params, state, path, config)
     start = time.perf_counter()
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, _step_guard(state.get("iteration", 0), path):
         test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop)
     evaluation = {
         "preset": config.preset,
