@@ -101,9 +101,14 @@ def test_the_command_sets_openmp_before_torch_loads(launcher: str) -> None:
     command = ([_console_script()] if launcher == "console script"
                else [sys.executable, "-m", "metagrad"]) + ["--version"]
     default = _libgomp_report(command, **{ENV_VAR: "default"})
-    assert default == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}  # libgomp's own default
+    assert int(default["GOMP_SPINCOUNT"]) > 0  # libgomp's own default spins (300,000 times in its docs)
     tuned = _libgomp_report(command)
+    # libgomp reports an unset policy as PASSIVE too: the spin count is what tells them apart
+    assert tuned != default
     assert {name: tuned[name] for name in SETTING} == SETTING
+    spins = SETTING.get("GOMP_SPINCOUNT") or ("0" if SETTING.get("OMP_WAIT_POLICY") == "PASSIVE" else None)
+    if spins is not None:
+        assert tuned["GOMP_SPINCOUNT"] == spins
     assert _libgomp_report(command, GOMP_SPINCOUNT="1234")["GOMP_SPINCOUNT"] == "1234"  # the user's wins
 
 
