@@ -146,6 +146,15 @@ class FunctionalBatchNorm(nn.Module):
         return self.fc(F.relu(h).flatten(1))
 
 
+def _with_statistics(model: nn.Module) -> nn.Module:
+    """Running statistics as after some training, so that eval mode normalizes with something real."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 # name -> factory; each checked vectorized against the per-task loop.
 ZOO = {
     "bn2d-batch-stats": lambda: ConvBN(track_running_stats=False),
@@ -166,6 +175,7 @@ ZOO = {
     "unused-parameter": Unused,
     "buffers": WithBuffers,
     "functional-batch-norm": FunctionalBatchNorm,
+    "bn2d-eval-mode": lambda: _with_statistics(ConvBN()).eval(),
     "dropout-eval": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5),
                                           nn.Linear(16, WAYS)).eval(),
 }
