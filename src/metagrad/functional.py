@@ -32,8 +32,8 @@ from metagrad import vmap_exact
 from metagrad.errors import ConfigError
 from metagrad.types import Buffers, LearningRate, LossFn, Params, StepLR
 
-__all__ = ["adapt", "check_learning_rate", "forward_with", "gradient_step", "inner_step", "lr_at", "sgd_step",
-           "support_loss"]
+__all__ = ["adapt", "check_learning_rate", "detach_learning_rate", "forward_with", "gradient_step",
+           "inner_step", "learned_rates", "lr_at", "sgd_step", "support_loss"]
 
 
 def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
@@ -78,6 +78,33 @@ def check_learning_rate(lr: LearningRate, steps: int) -> None:
             check_learning_rate(one, 0)
     elif isinstance(lr, (int, float)) and (not math.isfinite(lr) or lr < 0):
         raise ConfigError(f"inner_lr must be a finite non-negative number, got {lr}")
+
+
+def learned_rates(lr: LearningRate) -> Params:
+    """The tensors of ``lr`` that require grad (learned rates), each under a name saying where it is.
+
+    A per-name rate is named by its parameter (``"classifier.weight"``), a per-step one by step and
+    parameter (``"0.classifier.weight"``), a single learned tensor ``"lr"`` (or ``"0"`` for step 0).
+    Numbers and constant tensors are left out: the result is what the meta-gradient is taken for.
+    """
+    per_step = isinstance(lr, Sequence)
+    found: Params = {}
+    for step, one in enumerate(lr if per_step else [lr]):
+        named = one.items() if isinstance(one, Mapping) else [(None, one)]
+        for name, rate in named:
+            if isinstance(rate, Tensor) and rate.requires_grad:
+                where = ([str(step)] if per_step else []) + ([name] if name is not None else [])
+                found[".".join(where) or "lr"] = rate
+    return found
+
+
+def detach_learning_rate(lr: LearningRate) -> LearningRate:
+    """``lr`` with every tensor detached (evaluation keeps no graph to learned rates)."""
+    if isinstance(lr, Sequence):
+        return [detach_learning_rate(one) for one in lr]  # type: ignore[misc]
+    if isinstance(lr, Mapping):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in lr.items()}
+    return lr.detach() if isinstance(lr, Tensor) else lr
 
 
 def sgd_step(params: Params, grads: Params, *, lr: StepLR) -> Params:

@@ -12,8 +12,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, meta_batch_loss
+from metagrad.algorithms import meta_sgd_rates
+from metagrad.algorithms.meta_batch import (
+    STRATEGIES,
+    _task_losses,
+    chunk_gradients,
+    evaluate_with_losses,
+    meta_batch_loss,
+    meta_rates,
+    meta_train_step,
+)
 from metagrad.errors import ConfigError
+from metagrad.functional import learned_rates
 from metagrad.models import OmniglotCNN
 from metagrad.types import Episode
 
@@ -110,3 +120,71 @@ def test_too_few_per_step_rates_are_refused() -> None:
     with pytest.raises(ConfigError, match="finite non-negative"):
         meta_batch_loss("maml", model, params, {}, random_episode(2, 3, 1, 1, (1, 28, 28), seed=0),
                         inner_lr=[0.1, -0.2], inner_steps=2)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("kind", ["per-parameter", "per-layer-per-step"])
+@pytest.mark.parametrize("vectorize,chunk", [(True, None), (True, 1), (False, None)],
+                         ids=["vectorized", "one-task-chunks", "loop"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_chunk_gradients_return_the_rates_meta_gradient(model_name: str, vectorize: bool, chunk: int | None,
+                                                        kind: str, first_order: bool) -> None:
+    # The training loop's path: the flat sum gradient holds the parameters' then the learned rates'.
+    factory, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = factory().double()
+    params = dict(model.named_parameters())
+    lr = _per_parameter(params) if kind == "per-parameter" else _per_layer_per_step(params)
+    episode = random_episode(3, 3, 1, 2, shape, seed=0)
+    expected = _reference(model, params, lr, episode, first_order, list(params)) * episode.num_tasks
+    wrt = [*params.values(), *_leaves(lr)]
+    expected_flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(expected, wrt)])
+    out, flat = chunk_gradients("maml", model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
+                                first_order=first_order, vectorize=vectorize, max_tasks_per_chunk=chunk)
+    assert list(meta_rates(lr)) == [f"inner_lr.{k}" for k in learned_rates(lr)]
+    assert flat.shape == expected_flat.shape
+    assert_close(out.loss * episode.num_tasks, expected.detach(), rtol=1e-10, atol=0)
+    assert_close(flat, expected_flat, rtol=1e-7, atol=1e-10 * expected_flat.abs().max().item())
+    assert flat[-sum(t.numel() for t in _leaves(lr)):].abs().sum() > 0  # the rates get a gradient
+
+
+def test_meta_train_step_moves_the_rates_with_the_parameters() -> None:
+    torch.manual_seed(0)
+    model = OmniglotCNN(3, hidden_size=6).double()
+    params = dict(model.named_parameters())
+    rates = meta_sgd_rates(params, inner_lr=0.1, low=0.005, generator=torch.Generator().manual_seed(0))
+    tensors = [*params.values(), *rates.values()]
+    before = [t.detach().clone() for t in tensors]
+    optimizer = torch.optim.SGD(tensors, lr=1.0)
+    episode = random_episode(2, 3, 1, 1, (1, 28, 28), seed=0)
+    expected = torch.autograd.grad(meta_batch_loss("maml", model, params, {}, episode, inner_lr=rates,
+                                                   inner_steps=1).loss, tensors)
+    meta_train_step("maml", model, optimizer, episode, inner_lr=rates, inner_steps=1)
+    for tensor, old, g in zip(tensors, before, expected):
+        assert_close(tensor.detach(), old - g, rtol=1e-9, atol=1e-12)
+
+
+def test_meta_sgd_rates_start_as_asked() -> None:
+    params = dict(OmniglotCNN(3, hidden_size=6).named_parameters())
+    ones = meta_sgd_rates(params, inner_lr=0.4)
+    assert all(r.shape == params[k].shape and r.requires_grad and bool((r == 0.4).all())
+               for k, r in ones.items())
+    drawn = meta_sgd_rates(params, inner_lr=0.1, low=0.005, generator=torch.Generator().manual_seed(0))
+    values = torch.cat([r.detach().reshape(-1) for r in drawn.values()])
+    assert values.min() >= 0.005 and values.max() < 0.1 and values.std() > 0.02
+    again = meta_sgd_rates(params, inner_lr=0.1, low=0.005, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(again[k], r) for k, r in drawn.items())
+    with pytest.raises(ConfigError, match="lower end"):
+        meta_sgd_rates(params, inner_lr=0.1, low=0.2)
+
+
+def test_evaluation_keeps_no_graph_to_learned_rates() -> None:
+    model = OmniglotCNN(3, hidden_size=6).double()
+    params = dict(model.named_parameters())
+    rates = meta_sgd_rates(params, inner_lr=0.1, low=0.005, generator=torch.Generator().manual_seed(0))
+    episode = random_episode(2, 3, 1, 1, (1, 28, 28), seed=0)
+    losses, accs = evaluate_with_losses("maml", model, params, {}, episode, inner_lr=rates, inner_steps=3)
+    assert not losses.requires_grad and not accs.requires_grad
+    # The learned rates are used: they change the result from MAML's with one number.
+    plain, _ = evaluate_with_losses("maml", model, params, {}, episode, inner_lr=0.1, inner_steps=3)
+    assert not torch.equal(losses, plain)

@@ -1,4 +1,4 @@
-"""Meta-learning algorithms (MAML, first-order MAML, ANIL) over a meta-batch of tasks."""
+"""Meta-learning algorithms (MAML, first-order MAML, ANIL; Meta-SGD's rates) over a meta-batch of tasks."""
 
 from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.check import ModelCheck, check_model
@@ -11,13 +11,15 @@ from metagrad.algorithms.meta_batch import (
     evaluate,
     evaluate_with_losses,
     meta_batch_loss,
+    meta_rates,
     meta_train_step,
     strategy_for,
     task_losses,
 )
+from metagrad.algorithms.meta_sgd import meta_sgd_rates
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "MetaBatchOutput", "ModelCheck", "anil_task_loss", "check_model",
     "chunk_gradients", "evaluate", "evaluate_with_losses", "maml_task_loss", "meta_batch_loss",
-    "meta_train_step", "strategy_for", "task_losses",
+    "meta_rates", "meta_sgd_rates", "meta_train_step", "strategy_for", "task_losses",
 ]
