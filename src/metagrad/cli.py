@@ -31,6 +31,7 @@ from metagrad.errors import ConfigError, MetagradError, ResultNotSaved, describe
 from metagrad.models import MODELS
 from metagrad.training.config import (
     DEFAULT_PRESET,
+    LEARNED_INNER_LRS,
     SPLIT_SCHEMES,
     Config,
     load_preset,
@@ -82,6 +83,9 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("model.hidden_size", "filters per conv layer"),
     ("model.strided", "omniglot-cnn: stride-2 convolutions instead of max-pooling"),
     ("model.norm_init", "conv models: BatchNorm's scale starts U[0, 1) (learn2learn) or at 1 (ones)"),
+    ("meta.learned_inner_lr", "inner rates meta-learned beside the model: " + _either(list(LEARNED_INNER_LRS))
+     + " (Meta-SGD: a rate per parameter element)"),
+    ("meta.inner_lr_init_low", "per-parameter rates start uniform in [this, inner_lr); unset: at inner_lr"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 

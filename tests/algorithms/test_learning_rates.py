@@ -66,6 +66,16 @@ def _leaves(lr: object) -> list[Tensor]:
     return [t for d in (lr if isinstance(lr, list) else [lr]) for t in d.values()]
 
 
+def _problem(model_name: str, kind: str) -> tuple[nn.Module, dict[str, Tensor], object, Episode]:
+    """A float64 model of ``MODELS``, its parameters, learned rates of ``kind`` and 3 tasks."""
+    factory, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = factory().double()
+    params = dict(model.named_parameters())
+    lr = _per_parameter(params) if kind == "per-parameter" else _per_layer_per_step(params)
+    return model, params, lr, random_episode(3, 3, 1, 2, shape, seed=0)
+
+
 MODELS = {"omniglot-cnn": (lambda: OmniglotCNN(3, hidden_size=6), (1, 28, 28)),
           "user-bn": (lambda: ConvBN(track_running_stats=False), (1, 8, 8))}
 
@@ -76,12 +86,7 @@ MODELS = {"omniglot-cnn": (lambda: OmniglotCNN(3, hidden_size=6), (1, 28, 28)),
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_learned_rates_on_every_strategy(model_name: str, algorithm: str, kind: str,
                                          first_order: bool) -> None:
-    factory, shape = MODELS[model_name]
-    torch.manual_seed(0)
-    model = factory().double()
-    params = dict(model.named_parameters())
-    lr = _per_parameter(params) if kind == "per-parameter" else _per_layer_per_step(params)
-    episode = random_episode(3, 3, 1, 2, shape, seed=0)
+    model, params, lr, episode = _problem(model_name, kind)
     keys = [k for k in params if k.startswith("classifier.")] if algorithm == "anil" else list(params)
     expected = _reference(model, params, lr, episode, first_order, keys)
     wrt = [*params.values(), *_leaves(lr)]
@@ -130,12 +135,7 @@ def test_too_few_per_step_rates_are_refused() -> None:
 def test_chunk_gradients_return_the_rates_meta_gradient(model_name: str, vectorize: bool, chunk: int | None,
                                                         kind: str, first_order: bool) -> None:
     # The training loop's path: the flat sum gradient holds the parameters' then the learned rates'.
-    factory, shape = MODELS[model_name]
-    torch.manual_seed(0)
-    model = factory().double()
-    params = dict(model.named_parameters())
-    lr = _per_parameter(params) if kind == "per-parameter" else _per_layer_per_step(params)
-    episode = random_episode(3, 3, 1, 2, shape, seed=0)
+    model, params, lr, episode = _problem(model_name, kind)
     expected = _reference(model, params, lr, episode, first_order, list(params)) * episode.num_tasks
     wrt = [*params.values(), *_leaves(lr)]
     expected_flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(expected, wrt)])

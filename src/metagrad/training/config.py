@@ -43,6 +43,7 @@ from metagrad.models.layers import check_norm_init
 
 __all__ = [
     "DEFAULT_PRESET",
+    "LEARNED_INNER_LRS",
     "LR_SCHEDULES",
     "RESUMABLE_CHANGES",
     "Config",
@@ -67,6 +68,10 @@ DEFAULT_PRESET = "omniglot-maml-5w1s"
 """The preset ``metagrad train`` uses when given none: the README's main job."""
 
 LR_SCHEDULES = ("constant", "cosine")
+
+LEARNED_INNER_LRS = ("none", "per-parameter")
+"""``meta.learned_inner_lr``: "none" (``inner_lr`` is a fixed number) or "per-parameter" (Meta-SGD: a
+meta-learned rate tensor of each parameter's shape, optimized by Adam beside the parameters)."""
 
 SPLIT_SCHEMES = {name: spec.options["split_scheme"] for name, spec in DATASETS.items()}
 """Class splits each dataset offers, as its loader declares them (Mini-ImageNet: Ravi & Larochelle's only)."""
@@ -106,7 +111,10 @@ class MetaConfig:
 
     algorithm: str = "maml"  # "maml", "fomaml" (first-order MAML) or "anil" (adapt the head only)
     first_order: bool = False  # drop second-order terms of the meta-gradient (always true for fomaml)
-    inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop
+    inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop (learned rates: where they start)
+    learned_inner_lr: str = "none"  # "none" or "per-parameter" (Meta-SGD: rates meta-learned per element)
+    inner_lr_init_low: float | None = None  # per-parameter only: rates start U[low, inner_lr); None: at
+    #                                          inner_lr (learn2learn's MetaSGD: lr times ones)
     inner_steps: int = 1  # inner SGD steps during meta-training
     test_inner_steps: int = 10  # inner SGD steps on validation and test tasks
     meta_lr: float = 0.001  # Adam learning rate of the outer loop
@@ -451,6 +459,7 @@ def validate_config(config: Config) -> Config:
     if meta.algorithm == "fomaml" and not meta.first_order:
         raise ConfigError("fomaml is first-order MAML: set meta.first_order to true, or use algorithm maml")
     _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
+    _check_learned_inner_lr(meta)
     _positive("meta.meta_lr (--meta-lr)", meta.meta_lr)
     for name in ("inner_steps", "test_inner_steps", "meta_batch_size", "iterations"):
         _positive(f"meta.{name} (--{name.replace('_', '-')})", getattr(meta, name))
@@ -475,6 +484,19 @@ def validate_config(config: Config) -> Config:
             f"got {run.test_tasks}"
         )
     return config
+
+
+def _check_learned_inner_lr(meta: MetaConfig) -> None:
+    if meta.learned_inner_lr not in LEARNED_INNER_LRS:
+        raise ConfigError(f"unknown meta.learned_inner_lr {meta.learned_inner_lr!r}; valid: "
+                          f"{', '.join(LEARNED_INNER_LRS)}")
+    low = meta.inner_lr_init_low
+    if low is not None and meta.learned_inner_lr != "per-parameter":
+        raise ConfigError("meta.inner_lr_init_low sets where Meta-SGD's rates start: it needs "
+                          "meta.learned_inner_lr = \"per-parameter\" (or drop it)")
+    if low is not None and not (math.isfinite(low) and 0 <= low < meta.inner_lr):
+        raise ConfigError(f"meta.inner_lr_init_low must be in [0, meta.inner_lr={meta.inner_lr}) (the rates "
+                          f"start uniform between them), got {low}")
 
 
 def check_resume_compatible(saved: Config, requested: Config) -> None:

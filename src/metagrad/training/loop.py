@@ -103,8 +103,11 @@ __all__ = [
     "apply_meta_update",
     "compute_meta_gradients",
     "evaluate_checkpoint",
+    "inner_rates",
     "learning_rate",
+    "meta_parameters",
     "resolve_device",
+    "restore_rates",
     "run",
     "task_generator",
 ]
@@ -178,7 +181,8 @@ def learning_rate(meta: MetaConfig, iteration: int) -> float:
 
 
 def compute_meta_gradients(
-    model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig
+    model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig,
+    rates: Params | None = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """Meta-gradient of a meta-batch (one process's share of it under torchrun), chunk by chunk.
 
@@ -188,17 +192,60 @@ def compute_meta_gradients(
         buffers: its buffers, ``dict(model.named_buffers())``.
         episode: T training tasks (``metagrad.types.Episode``).
         meta: the algorithm and inner-loop settings.
+        rates: the learned inner rates (``inner_rates``); empty or None: ``meta.inner_lr``.
 
     Returns:
         ``(out, grad_sum)``: the tasks' losses and accuracies (``out.loss`` is the mean query loss over
-        the T tasks), and the gradient of the SUM of their query losses, flat (P,) float64.
+        the T tasks), and the gradient of the SUM of their query losses, flat (P + R,) float64 (the
+        parameters', then the learned rates', as ``meta_parameters`` orders them).
         ``distributed.all_reduce_gradients`` turns it into every parameter's ``.grad``.
     """
     return algorithms.chunk_gradients(
         meta.algorithm, model, params, buffers, episode,
-        inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
+        inner_lr=rates or meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
         vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
+
+
+def inner_rates(meta: MetaConfig, params: Params, seed: int) -> Params:
+    """The learned inner rates ``meta.learned_inner_lr`` asks for, as leaves that require grad; empty
+    for "none" (the inner loop then uses the number ``meta.inner_lr``).
+
+    "per-parameter" (Meta-SGD): a tensor of each parameter's shape, starting at ``meta.inner_lr`` or
+    uniform in ``[meta.inner_lr_init_low, meta.inner_lr)``, drawn from a generator of its own (seeded
+    like the task streams), so that the model's initialization and the tasks do not change.
+    The same rates serve every inner step, so test-time steps beyond ``inner_steps`` use them too.
+    """
+    if meta.learned_inner_lr == "per-parameter":
+        return algorithms.meta_sgd_rates(params, inner_lr=meta.inner_lr, low=meta.inner_lr_init_low,
+                                         generator=task_generator(seed, "inner_lr"))
+    return {}
+
+
+def meta_parameters(params: Params, rates: Params) -> Params:
+    """Everything the outer loop optimizes: the model's parameters, then the learned rates
+    (``inner_lr.<name>``), in the order of ``compute_meta_gradients``' flat gradient."""
+    return {**params, **algorithms.meta_rates(rates)}
+
+
+def restore_rates(rates: Params, checkpoint: dict[str, Any], path: Path) -> None:
+    """Copy a checkpoint's learned inner rates (``"inner_lrs"``) into ``rates``.
+
+    Raises:
+        TrainingError: the checkpoint lacks rates ``rates`` has, has others, or of other shapes.
+    """
+    saved = checkpoint.get("inner_lrs", {})
+    if not isinstance(saved, dict) or set(saved) != set(rates) or any(
+            not isinstance(t, Tensor) or t.shape != rates[k].shape for k, t in saved.items()):
+        raise TrainingError(f"{path} does not hold the learned inner rates that meta.learned_inner_lr asks "
+                            "for: it comes from a run with other settings; restore that run's config.json")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            rates[name].copy_(tensor)
+
+
+def _saved_rates(rates: Params) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in rates.items()}
 
 
 def apply_meta_update(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -219,8 +266,11 @@ def _score_tasks(
     generator: torch.Generator,
     stop: _StopFlag | None = None,
     world: World = ONE_PROCESS,
+    rates: Params | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Adapt to ``num_tasks`` tasks with the test-time inner loop; per-task query losses and accuracies.
+
+    Learned inner rates (``rates``, see ``inner_rates``) replace ``meta.inner_lr`` when given.
 
     Tasks are sampled and scored ``meta_batch_size`` at a time (to bound memory), so the tasks drawn
     from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``. With several
@@ -239,7 +289,7 @@ def _score_tasks(
             continue
         task_loss, task_acc = algorithms.evaluate_with_losses(
             meta.algorithm, model, params, buffers, episode.slice(first, last),
-            inner_lr=meta.inner_lr, inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
+            inner_lr=rates or meta.inner_lr, inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
         )
         losses.append(task_loss.float().cpu())
         accs.append(task_acc.float().cpu())
@@ -513,7 +563,8 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
 
     params: Params = dict(model.named_parameters())
     buffers: Buffers = dict(model.named_buffers())
-    optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
+    rates = inner_rates(meta, params, config.run.seed)  # Meta-SGD's learned rates; empty for MAML
+    optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
     generators = {"train": task_generator(config.run.seed, "train")}
     state = _RunState()
     offsets = None
@@ -523,6 +574,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
     checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
         restore_params(params, checkpoint, run_dir / LATEST_NAME, config)
+        restore_rates(rates, checkpoint, run_dir / LATEST_NAME)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
             restore_rng_state(checkpoint["rng"], generators, device)
@@ -536,7 +588,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
             logger.info("resuming %s from iteration %d", run_dir, state.iteration)
     elif resume and world.is_main:
         logger.warning("%s holds no checkpoint yet: starting its run from iteration 0", run_dir)
-    distributed.check_same_parameters(world, params, state.iteration)
+    distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
 
     writer = MetricsWriter(run_dir, offsets) if world.is_main else None  # rank 0 alone writes files
     try:
@@ -545,9 +597,9 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
                                 enabled=not quiet and world.is_main)
             with progress:
                 _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers,
-                       state, writer, stop, progress, world)
+                       state, writer, stop, progress, world, rates)
             results = _meta_test(config, run_dir, device, model, params, buffers, samplers["test"], state,
-                                 writer, stop, progress, world)
+                                 writer, stop, progress, world, rates)
     finally:
         if writer is not None:
             writer.close()
@@ -600,6 +652,7 @@ def _train(
     stop: _StopFlag,
     progress: Progress,
     world: World,
+    rates: Params,
 ) -> None:
     meta, run_config = config.meta, config.run
     latest = run_dir / LATEST_NAME
@@ -608,8 +661,8 @@ def _train(
     my_tasks = torch.arange(first, last)
 
     def write_checkpoint() -> None:
-        distributed.check_same_parameters(world, params, state.iteration)  # never save a diverged run
-        _check_finite(params, state.iteration, latest)
+        distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
+        _check_finite(meta_parameters(params, rates), state.iteration, latest)  # never save a diverged run
         if not world.is_main:
             return
         assert writer is not None
@@ -618,6 +671,7 @@ def _train(
                 "format": FORMAT_VERSION,
                 "iteration": state.iteration,
                 "params": {k: v.detach().cpu() for k, v in params.items()},
+                "inner_lrs": _saved_rates(rates),
                 "optimizer": optimizer.state_dict(),
                 "rng": capture_rng_state(generators, device),
                 "metrics": writer.offsets(),
@@ -634,8 +688,10 @@ def _train(
         start = time.perf_counter()
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
         with _overflow_stops(iteration, latest):
-            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
-            scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
+            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta,
+                                                   rates)
+            scores = distributed.exchange_meta_gradient(world, meta_parameters(params, rates), grad_sum,
+                                                        meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
                                                         my_tasks)
         task_losses, task_accs = scores.unbind(dim=1)
@@ -657,7 +713,8 @@ def _train(
             with _overflow_stops(iteration, latest):
                 losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
                                             run_config.eval_tasks,
-                                            task_generator(run_config.seed, "validation"), world=world)
+                                            task_generator(run_config.seed, "validation"), world=world,
+                                            rates=rates)
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
@@ -667,11 +724,12 @@ def _train(
                 raise _diverged(f"the validation loss is {row['loss']}", iteration, latest)
             if state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy:
                 state.best_val_accuracy, state.best_iteration = row["acc"], iteration
-                _check_finite(params, iteration, latest)
+                _check_finite(meta_parameters(params, rates), iteration, latest)
                 if world.is_main:
                     save_checkpoint(
                         {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
                          "params": {k: v.detach().cpu() for k, v in params.items()},
+                         "inner_lrs": _saved_rates(rates),
                          "config": config_to_dict(config)},
                         run_dir / BEST_NAME,
                     )
@@ -788,19 +846,21 @@ def _meta_test(
     stop: _StopFlag,
     progress: Progress,
     world: World,
+    rates: Params,
 ) -> dict[str, Any]:
     best = distributed.on_main(world, load_checkpoint, run_dir / BEST_NAME)
     checkpoint_name = "latest"
     if best is not None:
         checkpoint_name = "best"
         restore_params(params, best, run_dir / BEST_NAME, config)
+        restore_rates(rates, best, run_dir / BEST_NAME)
     if world.is_main:
         logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
                     best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
                     config.meta.test_inner_steps)
     start = time.perf_counter()
     try:
-        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop, world)
+        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop, world, rates)
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(
             f"{exc} during the meta-test; training is complete and saved: "
@@ -848,9 +908,10 @@ def _test(
     num_tasks: int,
     stop: _StopFlag | None = None,
     world: World = ONE_PROCESS,
+    rates: Params | None = None,
 ) -> dict[str, Any]:
     losses, accs = _score_tasks(config, model, params, buffers, sampler, num_tasks,
-                                task_generator(config.run.seed, "test"), stop, world)
+                                task_generator(config.run.seed, "test"), stop, world, rates)
     accuracy, ci95 = mean_ci95(accs)
     return {
         "test_accuracy": accuracy,
@@ -962,9 +1023,12 @@ def _evaluate(run_dir: Path, checkpoint: str, config: Config) -> dict[str, Any]:
     model = _build_model(config.model, data.ways, dataset.image_shape).to(torch_device)
     params = dict(model.named_parameters())
     restore_params(params, state, path, config)
+    rates = inner_rates(config.meta, params, config.run.seed)
+    restore_rates(rates, state, path)
     start = time.perf_counter()
     with _StopFlag() as stop:
-        test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop)
+        test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop,
+                     rates=rates)
     evaluation = {
         "preset": config.preset,
         "checkpoint": checkpoint,

@@ -1,0 +1,94 @@
+"""Meta-SGD's learned inner rates in the training loop: created, trained, checkpointed, resumed bit for bit,
+used by validation, the meta-test and ``evaluate_checkpoint``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_loop import RESUME_OVERRIDES, _assert_same_run, _Crash, _crash_at
+from tiny_run import fake_load_dataset, tiny_config
+
+from metagrad.errors import ConfigError, TrainingError
+from metagrad.training import evaluate_checkpoint, loop, run
+from metagrad.training.config import load_preset
+
+META_SGD = {"meta.learned_inner_lr": "per-parameter", "meta.inner_lr": 0.1, "meta.inner_lr_init_low": 0.005}
+
+
+@pytest.fixture(scope="module")
+def meta_sgd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("metasgd") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "load_dataset", fake_load_dataset())
+        run(tiny_config(run_dir, **RESUME_OVERRIDES, **META_SGD), quiet=True)
+    return run_dir
+
+
+def _rates(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["inner_lrs"]
+
+
+def test_rates_are_trained_and_saved(meta_sgd_run: Path) -> None:
+    latest = torch.load(meta_sgd_run / "latest.pt", weights_only=True)
+    assert set(latest["inner_lrs"]) == set(latest["params"])
+    assert all(r.shape == latest["params"][k].shape for k, r in latest["inner_lrs"].items())
+    start = loop.inner_rates(tiny_config(meta_sgd_run, **META_SGD).meta,
+                             {k: torch.zeros_like(v) for k, v in latest["params"].items()}, seed=0)
+    still = {k for k, r in latest["inner_lrs"].items() if torch.equal(r, start[k].detach())}
+    # Adam moved every rate but maybe a conv bias's: BatchNorm cancels those biases, so their gradient
+    # (and their rate's meta-gradient) is 0 up to rounding.
+    assert all(k.endswith("conv.bias") for k in still) and len(still) < len(start) // 4
+    assert set(_rates(meta_sgd_run / "best.pt")) == set(latest["params"])
+    # The Adam state covers parameters and rates.
+    assert len(latest["optimizer"]["state"]) == 2 * len(latest["params"])
+
+
+@pytest.mark.parametrize("crash_at", [5])
+def test_meta_sgd_resume_after_a_crash_is_bit_identical(
+    tmp_path: Path, fake_data: list, meta_sgd_run: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, **RESUME_OVERRIDES, **META_SGD)
+    with monkeypatch.context() as mp:
+        _crash_at(mp, crash_at)
+        with pytest.raises(_Crash):
+            run(config, quiet=True)
+    run(config, resume=True, quiet=True)
+    _assert_same_run(run_dir, meta_sgd_run)
+    for name in ("latest.pt", "best.pt"):
+        ours, theirs = _rates(run_dir / name), _rates(meta_sgd_run / name)
+        assert all(torch.equal(ours[k], t) for k, t in theirs.items()), name
+
+
+def test_evaluate_checkpoint_uses_the_learned_rates(fake_data: list, meta_sgd_run: Path) -> None:
+    results = json.loads((meta_sgd_run / "results.json").read_text())
+    evaluation = evaluate_checkpoint(meta_sgd_run)
+    assert evaluation["test_accuracy"] == results["test_accuracy"]
+    assert evaluation["test_loss"] == results["test_loss"]
+
+
+def test_a_checkpoint_without_rates_is_refused(tmp_path: Path, fake_data: list, meta_sgd_run: Path) -> None:
+    state = torch.load(meta_sgd_run / "best.pt", weights_only=True)
+    rates = loop.inner_rates(tiny_config(tmp_path, **META_SGD).meta, state["params"], seed=0)
+    del state["inner_lrs"]
+    with pytest.raises(TrainingError, match="learned inner rates"):
+        loop.restore_rates(rates, state, tmp_path / "best.pt")
+
+
+def test_learned_rate_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown meta.learned_inner_lr 'per-layer'"):
+        tiny_config(Path("x"), **{"meta.learned_inner_lr": "per-layer"})
+    with pytest.raises(ConfigError, match="needs meta.learned_inner_lr"):
+        tiny_config(Path("x"), **{"meta.inner_lr_init_low": 0.01})
+    with pytest.raises(ConfigError, match=r"inner_lr_init_low must be in \[0, meta.inner_lr=0.1\)"):
+        tiny_config(Path("x"), **{**META_SGD, "meta.inner_lr_init_low": 0.2})
+
+
+@pytest.mark.parametrize("name", ["omniglot-metasgd-5w1s", "omniglot-metasgd-20w1s",
+                                  "mini-imagenet-metasgd-5w1s", "mini-imagenet-metasgd-5w5s"])
+def test_meta_sgd_presets(name: str) -> None:
+    meta = load_preset(name).meta
+    assert meta.learned_inner_lr == "per-parameter" and meta.inner_lr_init_low is not None
