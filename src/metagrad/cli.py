@@ -84,7 +84,7 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("model.strided", "omniglot-cnn: stride-2 convolutions instead of max-pooling"),
     ("model.norm_init", "conv models: BatchNorm's scale starts U[0, 1) (learn2learn) or at 1 (ones)"),
     ("meta.learned_inner_lr", "inner rates meta-learned beside the model: " + _either(list(LEARNED_INNER_LRS))
-     + " (Meta-SGD: a rate per parameter element)"),
+     + " (Meta-SGD: a rate per parameter element; MAML++'s LSLR: per tensor and step)"),
     ("meta.inner_lr_init_low", "per-parameter rates start uniform in [this, inner_lr); unset: at inner_lr"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""

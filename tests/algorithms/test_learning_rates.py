@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from metagrad.algorithms import meta_sgd_rates
+from metagrad.algorithms import lslr_rates, meta_sgd_rates
 from metagrad.algorithms.meta_batch import (
     STRATEGIES,
     _task_losses,
@@ -176,6 +176,15 @@ def test_meta_sgd_rates_start_as_asked() -> None:
     assert all(torch.equal(again[k], r) for k, r in drawn.items())
     with pytest.raises(ConfigError, match="lower end"):
         meta_sgd_rates(params, inner_lr=0.1, low=0.2)
+
+
+def test_lslr_rates_start_at_the_inner_rate() -> None:
+    params = dict(OmniglotCNN(3, hidden_size=6).double().named_parameters())
+    rates = lslr_rates(params, inner_lr=0.1, steps=3)
+    assert len(rates) == 3 and all(list(step) == list(params) for step in rates)
+    assert all(r.dim() == 0 and r.dtype == torch.float64 and r.requires_grad and r.item() == 0.1
+               for step in rates for r in step.values())
+    assert len({id(r) for step in rates for r in step.values()}) == 3 * len(params)  # all independent
 
 
 def test_evaluation_keeps_no_graph_to_learned_rates() -> None:

@@ -1,5 +1,6 @@
-"""Meta-SGD's learned inner rates in the training loop: created, trained, checkpointed, resumed bit for bit,
-used by validation, the meta-test and ``evaluate_checkpoint``."""
+"""Learned inner rates in the training loop (Meta-SGD's per parameter element, MAML++'s LSLR per tensor and
+step): created, trained, checkpointed, resumed bit for bit, used by validation, the meta-test and
+``evaluate_checkpoint``."""
 
 from __future__ import annotations
 
@@ -16,15 +17,25 @@ from metagrad.training import evaluate_checkpoint, loop, run
 from metagrad.training.config import load_preset
 
 META_SGD = {"meta.learned_inner_lr": "per-parameter", "meta.inner_lr": 0.1, "meta.inner_lr_init_low": 0.005}
+LSLR = {"meta.learned_inner_lr": "per-layer-per-step", "meta.inner_lr": 0.1, "meta.inner_steps": 2}
+KINDS = {"meta-sgd": META_SGD, "lslr": LSLR}
 
 
 @pytest.fixture(scope="module")
-def meta_sgd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("metasgd") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_dataset", fake_load_dataset())
-        run(tiny_config(run_dir, **RESUME_OVERRIDES, **META_SGD), quiet=True)
-    return run_dir
+def learned_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One uninterrupted run of each kind of learned rates (test_inner_steps 2; LSLR: 2 train steps)."""
+    runs = {}
+    for kind, overrides in KINDS.items():
+        runs[kind] = tmp_path_factory.mktemp(kind) / "run"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loop, "load_dataset", fake_load_dataset())
+            run(tiny_config(runs[kind], **RESUME_OVERRIDES, **overrides), quiet=True)
+    return runs
+
+
+@pytest.fixture
+def meta_sgd_run(learned_runs: dict[str, Path]) -> Path:
+    return learned_runs["meta-sgd"]
 
 
 def _rates(path: Path) -> dict[str, torch.Tensor]:
@@ -46,26 +57,50 @@ def test_rates_are_trained_and_saved(meta_sgd_run: Path) -> None:
     assert len(latest["optimizer"]["state"]) == 2 * len(latest["params"])
 
 
-@pytest.mark.parametrize("crash_at", [5])
-def test_meta_sgd_resume_after_a_crash_is_bit_identical(
-    tmp_path: Path, fake_data: list, meta_sgd_run: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+def test_lslr_rates_are_one_scalar_per_tensor_and_step(learned_runs: dict[str, Path]) -> None:
+    latest = torch.load(learned_runs["lslr"] / "latest.pt", weights_only=True)
+    names = list(latest["params"])
+    assert list(latest["inner_lrs"]) == [f"{step}.{name}" for step in range(2) for name in names]
+    assert all(r.dim() == 0 for r in latest["inner_lrs"].values())
+    moved = [k for k, r in latest["inner_lrs"].items() if r.item() != pytest.approx(0.1, abs=0)]
+    assert len(moved) > len(names)  # trained: they no longer all sit at inner_lr
+
+
+def test_test_time_steps_beyond_training_take_the_last_steps_lslr_rates() -> None:
+    meta = tiny_config(Path("x"), **LSLR).meta
+    rates = loop.inner_rates(meta, {"w": torch.zeros(3), "b": torch.zeros(())}, seed=0)
+    per_step = loop.inner_learning_rate(meta, rates, 4)
+    assert [sorted(d) for d in per_step] == [["b", "w"]] * 4
+    assert [d["w"] for d in per_step] == [rates["0.w"], rates["1.w"], rates["1.w"], rates["1.w"]]
+    sgd = tiny_config(Path("x"), **META_SGD).meta
+    sgd_rates = loop.inner_rates(sgd, {"w": torch.zeros(3)}, seed=0)
+    assert loop.inner_learning_rate(sgd, sgd_rates, 4) is sgd_rates  # the same rates for every step
+    plain = tiny_config(Path("x")).meta
+    assert loop.inner_learning_rate(plain, loop.inner_rates(plain, {"w": torch.zeros(3)}, 0), 4) == 0.4
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_resume_after_a_crash_is_bit_identical_with_learned_rates(
+    tmp_path: Path, fake_data: list, learned_runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, **RESUME_OVERRIDES, **META_SGD)
+    config = tiny_config(run_dir, **RESUME_OVERRIDES, **KINDS[kind])
     with monkeypatch.context() as mp:
-        _crash_at(mp, crash_at)
+        _crash_at(mp, 5)
         with pytest.raises(_Crash):
             run(config, quiet=True)
     run(config, resume=True, quiet=True)
-    _assert_same_run(run_dir, meta_sgd_run)
+    _assert_same_run(run_dir, learned_runs[kind])
     for name in ("latest.pt", "best.pt"):
-        ours, theirs = _rates(run_dir / name), _rates(meta_sgd_run / name)
+        ours, theirs = _rates(run_dir / name), _rates(learned_runs[kind] / name)
         assert all(torch.equal(ours[k], t) for k, t in theirs.items()), name
 
 
-def test_evaluate_checkpoint_uses_the_learned_rates(fake_data: list, meta_sgd_run: Path) -> None:
-    results = json.loads((meta_sgd_run / "results.json").read_text())
-    evaluation = evaluate_checkpoint(meta_sgd_run)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_evaluate_checkpoint_uses_the_learned_rates(fake_data: list, learned_runs: dict[str, Path],
+                                                    kind: str) -> None:
+    results = json.loads((learned_runs[kind] / "results.json").read_text())
+    evaluation = evaluate_checkpoint(learned_runs[kind])
     assert evaluation["test_accuracy"] == results["test_accuracy"]
     assert evaluation["test_loss"] == results["test_loss"]
 
@@ -83,6 +118,8 @@ def test_learned_rate_settings_are_checked() -> None:
         tiny_config(Path("x"), **{"meta.learned_inner_lr": "per-layer"})
     with pytest.raises(ConfigError, match="needs meta.learned_inner_lr"):
         tiny_config(Path("x"), **{"meta.inner_lr_init_low": 0.01})
+    with pytest.raises(ConfigError, match="needs meta.learned_inner_lr"):
+        tiny_config(Path("x"), **{**LSLR, "meta.inner_lr_init_low": 0.01})
     with pytest.raises(ConfigError, match=r"inner_lr_init_low must be in \[0, meta.inner_lr=0.1\)"):
         tiny_config(Path("x"), **{**META_SGD, "meta.inner_lr_init_low": 0.2})
 

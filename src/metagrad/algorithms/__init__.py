@@ -2,6 +2,7 @@
 
 from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.check import ModelCheck, check_model
+from metagrad.algorithms.learned_rates import lslr_rates, meta_sgd_rates
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.algorithms.meta_batch import (
     ALGORITHMS,
@@ -16,10 +17,23 @@ from metagrad.algorithms.meta_batch import (
     strategy_for,
     task_losses,
 )
-from metagrad.algorithms.meta_sgd import meta_sgd_rates
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "MetaBatchOutput", "ModelCheck", "anil_task_loss", "check_model",
-    "chunk_gradients", "evaluate", "evaluate_with_losses", "maml_task_loss", "meta_batch_loss",
-    "meta_rates", "meta_sgd_rates", "meta_train_step", "strategy_for", "task_losses",
+    "ALGORITHMS",
+    "Algorithm",
+    "MetaBatchOutput",
+    "ModelCheck",
+    "anil_task_loss",
+    "check_model",
+    "chunk_gradients",
+    "evaluate",
+    "evaluate_with_losses",
+    "lslr_rates",
+    "maml_task_loss",
+    "meta_batch_loss",
+    "meta_rates",
+    "meta_sgd_rates",
+    "meta_train_step",
+    "strategy_for",
+    "task_losses",
 ]

@@ -69,9 +69,11 @@ DEFAULT_PRESET = "omniglot-maml-5w1s"
 
 LR_SCHEDULES = ("constant", "cosine")
 
-LEARNED_INNER_LRS = ("none", "per-parameter")
-"""``meta.learned_inner_lr``: "none" (``inner_lr`` is a fixed number) or "per-parameter" (Meta-SGD: a
-meta-learned rate tensor of each parameter's shape, optimized by Adam beside the parameters)."""
+LEARNED_INNER_LRS = ("none", "per-parameter", "per-layer-per-step")
+"""``meta.learned_inner_lr``: "none" (``inner_lr`` is a fixed number), "per-parameter" (Meta-SGD: a
+meta-learned rate tensor of each parameter's shape) or "per-layer-per-step" (MAML++'s LSLR: a learned
+scalar per parameter tensor and inner step, starting at ``inner_lr``); learned rates are optimized by
+Adam beside the parameters."""
 
 SPLIT_SCHEMES = {name: spec.options["split_scheme"] for name, spec in DATASETS.items()}
 """Class splits each dataset offers, as its loader declares them (Mini-ImageNet: Ravi & Larochelle's only)."""
@@ -112,7 +114,8 @@ class MetaConfig:
     algorithm: str = "maml"  # "maml", "fomaml" (first-order MAML) or "anil" (adapt the head only)
     first_order: bool = False  # drop second-order terms of the meta-gradient (always true for fomaml)
     inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop (learned rates: where they start)
-    learned_inner_lr: str = "none"  # "none" or "per-parameter" (Meta-SGD: rates meta-learned per element)
+    learned_inner_lr: str = "none"  # "none", "per-parameter" (Meta-SGD: a learned rate per element) or
+    #                                "per-layer-per-step" (MAML++'s LSLR: per parameter tensor and inner step)
     inner_lr_init_low: float | None = None  # per-parameter only: rates start U[low, inner_lr); None: at
     #                                          inner_lr (learn2learn's MetaSGD: lr times ones)
     inner_steps: int = 1  # inner SGD steps during meta-training

@@ -65,6 +65,7 @@ from metagrad.errors import (
     TrainingError,
     describe_os_error,
 )
+from metagrad.functional import learned_rates
 from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.training import distributed
 from metagrad.training.checkpoint import (
@@ -93,7 +94,7 @@ from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.metrics import CSV_NAME, JSONL_NAME, MetricsWriter, mean_ci95
 from metagrad.training.progress import Progress
 from metagrad.training.runlock import lock_run_dir
-from metagrad.types import Buffers, Params
+from metagrad.types import Buffers, LearningRate, Params
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
@@ -103,6 +104,7 @@ __all__ = [
     "apply_meta_update",
     "compute_meta_gradients",
     "evaluate_checkpoint",
+    "inner_learning_rate",
     "inner_rates",
     "learning_rate",
     "meta_parameters",
@@ -202,24 +204,43 @@ def compute_meta_gradients(
     """
     return algorithms.chunk_gradients(
         meta.algorithm, model, params, buffers, episode,
-        inner_lr=rates or meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
+        inner_lr=inner_learning_rate(meta, rates or {}, meta.inner_steps), inner_steps=meta.inner_steps,
+        first_order=meta.first_order,
         vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
 
 
 def inner_rates(meta: MetaConfig, params: Params, seed: int) -> Params:
-    """The learned inner rates ``meta.learned_inner_lr`` asks for, as leaves that require grad; empty
-    for "none" (the inner loop then uses the number ``meta.inner_lr``).
+    """The learned inner rates ``meta.learned_inner_lr`` asks for, as leaves that require grad, named as
+    ``functional.learned_rates`` names them; empty for "none" (the inner loop uses ``meta.inner_lr``).
 
     "per-parameter" (Meta-SGD): a tensor of each parameter's shape, starting at ``meta.inner_lr`` or
     uniform in ``[meta.inner_lr_init_low, meta.inner_lr)``, drawn from a generator of its own (seeded
     like the task streams), so that the model's initialization and the tasks do not change.
-    The same rates serve every inner step, so test-time steps beyond ``inner_steps`` use them too.
+    "per-layer-per-step" (MAML++'s LSLR): a scalar per parameter tensor and inner step
+    (``"<step>.<name>"``), each starting at ``meta.inner_lr``.
+    ``inner_learning_rate`` turns them into the ``inner_lr`` the algorithms take.
     """
     if meta.learned_inner_lr == "per-parameter":
         return algorithms.meta_sgd_rates(params, inner_lr=meta.inner_lr, low=meta.inner_lr_init_low,
                                          generator=task_generator(seed, "inner_lr"))
+    if meta.learned_inner_lr == "per-layer-per-step":
+        return learned_rates(algorithms.lslr_rates(params, inner_lr=meta.inner_lr, steps=meta.inner_steps))
     return {}
+
+
+def inner_learning_rate(meta: MetaConfig, rates: Params, steps: int) -> LearningRate:
+    """The ``inner_lr`` of an inner loop of ``steps`` steps: ``meta.inner_lr`` without learned rates,
+    Meta-SGD's ``rates`` (the same for every step), or LSLR's per-step dicts. LSLR has rates for the
+    ``meta.inner_steps`` steps of meta-training; test-time steps beyond them take the last step's rates.
+    """
+    if meta.learned_inner_lr == "per-layer-per-step":
+        per_step: list[dict[str, Tensor]] = [{} for _ in range(meta.inner_steps)]
+        for where, rate in rates.items():
+            step, name = where.split(".", 1)
+            per_step[int(step)][name] = rate
+        return [per_step[min(step, meta.inner_steps - 1)] for step in range(steps)]
+    return rates or meta.inner_lr
 
 
 def meta_parameters(params: Params, rates: Params) -> Params:
@@ -289,7 +310,8 @@ def _score_tasks(
             continue
         task_loss, task_acc = algorithms.evaluate_with_losses(
             meta.algorithm, model, params, buffers, episode.slice(first, last),
-            inner_lr=rates or meta.inner_lr, inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
+            inner_lr=inner_learning_rate(meta, rates or {}, meta.test_inner_steps),
+            inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
         )
         losses.append(task_loss.float().cpu())
         accs.append(task_acc.float().cpu())

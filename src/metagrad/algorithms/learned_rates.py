@@ -1,12 +1,15 @@
-"""Meta-SGD: MAML whose inner learning rate is a meta-learned tensor of each parameter's shape.
+"""Meta-learned inner learning rates: Meta-SGD's (one per parameter element) and MAML++'s LSLR (one per
+parameter tensor and inner step).
 
-Nothing here adapts anything: the rates are a ``Params`` dict passed as ``inner_lr`` to the same
-functions as MAML's (``functional.gradient_step`` multiplies each gradient by its parameter's rate,
-element by element), and ``chunk_gradients`` / ``meta_train_step`` return and apply their meta-gradient
-beside the parameters'. This module only creates them.
+Nothing here adapts anything: the rates are passed as ``inner_lr`` to the same functions as MAML's
+(``functional.gradient_step`` multiplies each gradient by its rate: element by element for Meta-SGD, a
+scalar per tensor for LSLR, ``functional.lr_at`` picking the step's), and ``chunk_gradients`` /
+``meta_train_step`` return and apply their meta-gradient beside the parameters'. This module only
+creates them.
 
 References:
     Li, Zhou, Chen & Li 2017, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", arXiv:1707.09835.
+    Antoniou, Edwards & Storkey 2019, "How to train your MAML", ICLR (Section 4, LSLR).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from metagrad.errors import ConfigError
 from metagrad.types import Params
 
-__all__ = ["meta_sgd_rates"]
+__all__ = ["lslr_rates", "meta_sgd_rates"]
 
 
 def meta_sgd_rates(params: Params, *, inner_lr: float, low: float | None = None,
@@ -47,3 +50,21 @@ def meta_sgd_rates(params: Params, *, inner_lr: float, low: float | None = None,
             rate = low + (inner_lr - low) * torch.rand(p.shape, generator=generator, dtype=p.dtype)
         rates[name] = rate.to(p.device).requires_grad_()
     return rates
+
+
+def lslr_rates(params: Params, *, inner_lr: float, steps: int) -> list[Params]:
+    """MAML++'s learned per-layer per-step rates: for each inner step, a scalar per parameter tensor.
+
+    Every rate starts at ``inner_lr``, as the reference code's ``LSLRGradientDescentLearningRule.initialise``
+    (``inner_loop_optimizers.py``) starts its per-step vector of each parameter at the inner rate.
+
+    Args:
+        params: name -> tensor, the model's parameters (their dtypes and devices are used).
+        inner_lr: every rate's start.
+        steps: inner steps in meta-training (one rate per step).
+
+    Returns:
+        ``steps`` dicts name -> 0-dim leaf tensor that requires grad; pass the list as ``inner_lr``.
+    """
+    return [{name: torch.tensor(inner_lr, dtype=p.dtype, device=p.device, requires_grad=True)
+             for name, p in params.items()} for _ in range(steps)]
