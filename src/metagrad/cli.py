@@ -86,6 +86,9 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("meta.learned_inner_lr", "inner rates meta-learned beside the model: " + _either(list(LEARNED_INNER_LRS))
      + " (Meta-SGD: a rate per parameter element; MAML++'s LSLR: per tensor and step)"),
     ("meta.inner_lr_init_low", "per-parameter rates start uniform in [this, inner_lr); unset: at inner_lr"),
+    ("meta.min_meta_lr", "cosine schedule: the floor the meta learning rate anneals to (MAML++'s CA)"),
+    ("meta.iterations_per_epoch", "an epoch is this many iterations (MAML++'s code: 500); 0: no epochs"),
+    ("meta.first_order_epochs", "first order for this many epochs, then second order (MAML++'s DA)"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 

@@ -4,7 +4,9 @@ step): created, trained, checkpointed, resumed bit for bit, used by validation, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,65 @@ def test_learned_rate_settings_are_checked() -> None:
 def test_meta_sgd_presets(name: str) -> None:
     meta = load_preset(name).meta
     assert meta.learned_inner_lr == "per-parameter" and meta.inner_lr_init_low is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# MAML++'s epochs, cosine floor (CA) and derivative-order annealing (DA)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_epochs_count_as_the_reference_code_counts_them() -> None:
+    meta = tiny_config(Path("x"), **{"meta.iterations_per_epoch": 3}).meta
+    assert [loop.epoch_of(meta, i) for i in range(1, 8)] == [0, 0, 0, 1, 1, 1, 2]
+    assert loop.epoch_of(tiny_config(Path("x")).meta, 7) == 0  # no epochs
+
+
+def test_cosine_anneals_to_its_floor_step_by_step_or_epoch_by_epoch() -> None:
+    meta = tiny_config(Path("x"), **{"meta.lr_schedule": "cosine", "meta.iterations": 8,
+                                     "meta.meta_lr": 0.01, "meta.min_meta_lr": 0.001}).meta
+    lrs = [loop.learning_rate(meta, i) for i in range(1, 9)]
+    assert lrs == pytest.approx([0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)],
+                                rel=1e-12)
+    assert lrs[0] == pytest.approx(0.01, rel=1e-12) and lrs[-1] > 0.001 and lrs == sorted(lrs, reverse=True)
+    # With epochs of 4 iterations: torch's CosineAnnealingLR(T_max=2 epochs, eta_min) stepped per epoch.
+    per_epoch = dataclasses.replace(meta, iterations_per_epoch=4)
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2, eta_min=0.001)
+    expected = []
+    for _epoch in range(2):
+        expected += [optimizer.param_groups[0]["lr"]] * 4
+        optimizer.step()
+        scheduler.step()
+    assert [loop.learning_rate(per_epoch, i) for i in range(1, 9)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_derivative_order_annealing_trains_first_order_for_the_first_epochs(
+    tmp_path: Path, fake_data: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orders = []
+    real = loop.compute_meta_gradients
+
+    def compute(model, params, buffers, episode, meta, rates=None):
+        orders.append(meta.first_order)
+        return real(model, params, buffers, episode, meta, rates)
+
+    monkeypatch.setattr(loop, "compute_meta_gradients", compute)
+    run(tiny_config(tmp_path / "run", **{"meta.iterations_per_epoch": 2, "meta.first_order_epochs": 2}),
+        quiet=True)
+    assert orders == [True] * 4 + [False] * 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["meta"]
+    assert (saved["first_order"], saved["first_order_epochs"]) == (False, 2)
+
+
+def test_epoch_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="min_meta_lr is the floor of the cosine schedule"):
+        tiny_config(Path("x"), **{"meta.min_meta_lr": 1e-5})
+    with pytest.raises(ConfigError, match=r"min_meta_lr must be in \[0, meta.meta_lr=0.001\)"):
+        tiny_config(Path("x"), **{"meta.lr_schedule": "cosine", "meta.min_meta_lr": 0.01})
+    with pytest.raises(ConfigError, match="first_order_epochs counts epochs"):
+        tiny_config(Path("x"), **{"meta.first_order_epochs": 2})
+    with pytest.raises(ConfigError, match="first_order is true throughout"):
+        tiny_config(Path("x"), **{"meta.first_order_epochs": 2, "meta.iterations_per_epoch": 5,
+                                  "meta.algorithm": "fomaml", "meta.first_order": True})
+    with pytest.raises(ConfigError, match="iterations_per_epoch must be 0"):
+        tiny_config(Path("x"), **{"meta.iterations_per_epoch": -1})

@@ -123,7 +123,11 @@ class MetaConfig:
     meta_lr: float = 0.001  # Adam learning rate of the outer loop
     meta_batch_size: int = 32  # tasks per outer step
     iterations: int = 60_000  # outer steps
-    lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to 0 at the last iteration)
+    lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to min_meta_lr at the last iteration)
+    min_meta_lr: float = 0.0  # cosine only: the floor the meta learning rate anneals to (MAML++'s CA)
+    iterations_per_epoch: int = 0  # 0: no epochs, schedules count iterations; N: an epoch is N iterations, as
+    #                               MAML++'s code counts one (the cosine then steps once per epoch)
+    first_order_epochs: int = 0  # MAML++'s DA: first order for the first E epochs, second order after
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
     tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
     #                          N tasks' graphs alive at once (lower peak memory, usually slower)
@@ -473,6 +477,7 @@ def validate_config(config: Config) -> Config:
         )
     if meta.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    _check_epochs(meta)
 
     if not 0 <= run.seed < 2**63:
         raise ConfigError(f"run.seed (--seed) must be in [0, 2**63), got {run.seed}")
@@ -500,6 +505,26 @@ def _check_learned_inner_lr(meta: MetaConfig) -> None:
     if low is not None and not (math.isfinite(low) and 0 <= low < meta.inner_lr):
         raise ConfigError(f"meta.inner_lr_init_low must be in [0, meta.inner_lr={meta.inner_lr}) (the rates "
                           f"start uniform between them), got {low}")
+
+
+def _check_epochs(meta: MetaConfig) -> None:
+    if meta.min_meta_lr != 0 and meta.lr_schedule != "cosine":
+        raise ConfigError("meta.min_meta_lr is the floor of the cosine schedule: set meta.lr_schedule = "
+                          "\"cosine\" (--lr-schedule cosine) or drop it")
+    if not (math.isfinite(meta.min_meta_lr) and 0 <= meta.min_meta_lr < meta.meta_lr):
+        raise ConfigError(f"meta.min_meta_lr must be in [0, meta.meta_lr={meta.meta_lr}), "
+                          f"got {meta.min_meta_lr}")
+    if meta.iterations_per_epoch < 0:
+        raise ConfigError(f"meta.iterations_per_epoch must be 0 (no epochs) or a number of iterations, got "
+                          f"{meta.iterations_per_epoch}")
+    if meta.first_order_epochs < 0:
+        raise ConfigError(f"meta.first_order_epochs must be >= 0, got {meta.first_order_epochs}")
+    if meta.first_order_epochs and not meta.iterations_per_epoch:
+        raise ConfigError("meta.first_order_epochs counts epochs: set meta.iterations_per_epoch (MAML++'s "
+                          "code: 500) or drop it")
+    if meta.first_order_epochs and meta.first_order:
+        raise ConfigError("meta.first_order_epochs switches first-order training to second order after those "
+                          "epochs, but meta.first_order is true throughout: drop one of them")
 
 
 def check_resume_compatible(saved: Config, requested: Config) -> None:

@@ -103,9 +103,11 @@ __all__ = [
     "TrainingInterrupted",
     "apply_meta_update",
     "compute_meta_gradients",
+    "epoch_of",
     "evaluate_checkpoint",
     "inner_learning_rate",
     "inner_rates",
+    "iteration_settings",
     "learning_rate",
     "meta_parameters",
     "resolve_device",
@@ -172,14 +174,38 @@ def task_generator(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def epoch_of(meta: MetaConfig, iteration: int) -> int:
+    """The 0-based epoch of step ``iteration`` (1-based) when ``meta.iterations_per_epoch`` sets epochs,
+    counted as MAML++'s code counts them (``experiment_builder.py``: completed iterations // iterations per
+    epoch); 0 without epochs."""
+    return (iteration - 1) // meta.iterations_per_epoch if meta.iterations_per_epoch else 0
+
+
 def learning_rate(meta: MetaConfig, iteration: int) -> float:
     """The outer learning rate used by step ``iteration`` (1-based): constant, or cosine-annealed.
 
-    The cosine schedule starts at ``meta_lr`` and decays towards 0 over ``iterations`` steps.
+    The cosine schedule starts at ``meta_lr`` and decays towards ``min_meta_lr`` over ``iterations``
+    steps, step by step; with epochs (``iterations_per_epoch``) it moves once per epoch, as MAML++'s code
+    steps torch's ``CosineAnnealingLR(T_max=total_epochs, eta_min=min_learning_rate)`` with the epoch
+    (``few_shot_learning_system.py``, ``run_train_iter``).
     """
     if meta.lr_schedule == "cosine":
-        return meta.meta_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / meta.iterations))
+        if meta.iterations_per_epoch:
+            progress = epoch_of(meta, iteration) / (meta.iterations / meta.iterations_per_epoch)
+        else:
+            progress = (iteration - 1) / meta.iterations
+        floor = meta.min_meta_lr
+        return floor + (meta.meta_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return meta.meta_lr
+
+
+def iteration_settings(meta: MetaConfig, iteration: int) -> MetaConfig:
+    """``meta`` as step ``iteration`` uses it: first order during MAML++'s DA epochs
+    (``first_order_epochs``), the configured order after. MAML++'s code trains second order when
+    ``epoch > first_order_to_second_order_epoch``; ``first_order_epochs`` is that setting plus one."""
+    if meta.first_order_epochs and epoch_of(meta, iteration) < meta.first_order_epochs:
+        return dataclasses.replace(meta, first_order=True)
+    return meta
 
 
 def compute_meta_gradients(
@@ -710,8 +736,8 @@ def _train(
         start = time.perf_counter()
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
         with _overflow_stops(iteration, latest):
-            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta,
-                                                   rates)
+            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last),
+                                                   iteration_settings(meta, iteration), rates)
             scores = distributed.exchange_meta_gradient(world, meta_parameters(params, rates), grad_sum,
                                                         meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
