@@ -247,6 +247,7 @@ def adapt(
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
     loss_fn: LossFn | None = None,
+    on_step: Callable[[int, Params], None] | None = None,
 ) -> Params:
     """Adapt ``params`` to one task with ``steps`` gradient steps on its support set (MAML's inner loop).
 
@@ -267,6 +268,8 @@ def adapt(
         keys: parameter names the inner loop adapts; None = all (MAML), the head's = ANIL.
         under_vmap: True inside ``torch.func.vmap`` (see the module docstring).
         loss_fn: ``loss_fn(outputs, support_y) -> scalar``; None for mean cross-entropy.
+        on_step: called after each step with its index (0-based) and the parameters it produced (MAML++'s
+            multi-step loss scores the query set there); None for nothing.
 
     Returns:
         Adapted parameters: a new dict with every name of ``params``.
@@ -295,4 +298,6 @@ def adapt(
             model, adapted, buffers, support_x, support_y, inner_lr=lr_at(inner_lr, step),
             first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
         )
+        if on_step is not None:
+            on_step(step, adapted)
     return adapted

@@ -45,12 +45,13 @@ def _per_layer_per_step(params: dict[str, Tensor]) -> list[dict[str, Tensor]]:
 
 def _rate(lr: object, step: int, name: str) -> Tensor:
     lr = lr[step] if isinstance(lr, list) else lr
-    return lr[name]
+    return lr if isinstance(lr, float) else lr[name]
 
 
 def _reference(model: nn.Module, params: dict[str, Tensor], lr: object, episode: Episode, first_order: bool,
-               keys: list[str]) -> Tensor:
-    """Mean query loss of MAML adapting ``keys``, unrolled by hand one task at a time."""
+               keys: list[str], step_weights: list[float] | None = None) -> Tensor:
+    """Mean query loss of MAML adapting ``keys``, unrolled by hand one task at a time; with
+    ``step_weights``, MAML++'s multi-step loss (the weighted query losses after every step)."""
     total = 0.0
     for sx, sy, qx, qy in (episode.task(i) for i in range(episode.num_tasks)):
         fast = dict(params)
@@ -58,12 +59,15 @@ def _reference(model: nn.Module, params: dict[str, Tensor], lr: object, episode:
             loss = F.cross_entropy(functional_call(model, fast, (sx,)), sy)
             grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=not first_order)
             fast = {**fast, **{k: fast[k] - _rate(lr, step, k) * g for k, g in zip(keys, grads)}}
-        total = total + F.cross_entropy(functional_call(model, fast, (qx,)), qy)
+            if step_weights is not None:
+                total = total + step_weights[step] * F.cross_entropy(functional_call(model, fast, (qx,)), qy)
+        if step_weights is None:
+            total = total + F.cross_entropy(functional_call(model, fast, (qx,)), qy)
     return total / episode.num_tasks
 
 
 def _leaves(lr: object) -> list[Tensor]:
-    return [t for d in (lr if isinstance(lr, list) else [lr]) for t in d.values()]
+    return [t for d in (lr if isinstance(lr, list) else [lr]) if isinstance(d, dict) for t in d.values()]
 
 
 def _problem(model_name: str, kind: str) -> tuple[nn.Module, dict[str, Tensor], object, Episode]:
@@ -72,32 +76,41 @@ def _problem(model_name: str, kind: str) -> tuple[nn.Module, dict[str, Tensor], 
     torch.manual_seed(0)
     model = factory().double()
     params = dict(model.named_parameters())
-    lr = _per_parameter(params) if kind == "per-parameter" else _per_layer_per_step(params)
-    return model, params, lr, random_episode(3, 3, 1, 2, shape, seed=0)
+    rates = {"per-parameter": _per_parameter, "per-layer-per-step": _per_layer_per_step,
+             "number": lambda _: 0.3}
+    return model, params, rates[kind](params), random_episode(3, 3, 1, 2, shape, seed=0)
 
 
 MODELS = {"omniglot-cnn": (lambda: OmniglotCNN(3, hidden_size=6), (1, 28, 28)),
           "user-bn": (lambda: ConvBN(track_running_stats=False), (1, 8, 8))}
 
 
+MSL_WEIGHTS = [0.3, 0.7]
+"""MAML++'s multi-step loss weights for the ``STEPS`` inner steps."""
+
+
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-@pytest.mark.parametrize("kind", ["per-parameter", "per-layer-per-step"])
+@pytest.mark.parametrize("step_weights", [None, MSL_WEIGHTS], ids=["last-step", "msl"])
+@pytest.mark.parametrize("kind", ["number", "per-parameter", "per-layer-per-step"])
 @pytest.mark.parametrize("algorithm", ["maml", "anil"])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_learned_rates_on_every_strategy(model_name: str, algorithm: str, kind: str,
-                                         first_order: bool) -> None:
+def test_learned_rates_and_multi_step_loss_on_every_strategy(
+    model_name: str, algorithm: str, kind: str, step_weights: list[float] | None, first_order: bool
+) -> None:
     model, params, lr, episode = _problem(model_name, kind)
     keys = [k for k in params if k.startswith("classifier.")] if algorithm == "anil" else list(params)
-    expected = _reference(model, params, lr, episode, first_order, keys)
+    expected = _reference(model, params, lr, episode, first_order, keys, step_weights)
+    if step_weights is not None:  # MSL computes another loss than the last step's
+        assert not torch.allclose(expected, _reference(model, params, lr, episode, first_order, keys))
     wrt = [*params.values(), *_leaves(lr)]
     expected_grads = torch.autograd.grad(expected, wrt, allow_unused=True)
+    scale = max(g.abs().max().item() for g in expected_grads if g is not None)
     strategies = STRATEGIES if model_name == "omniglot-cnn" else ("vmap", "loop")
     for strategy in strategies:
         losses, _ = _task_losses(algorithm, model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
-                                 first_order=first_order, strategy=strategy)
+                                 first_order=first_order, strategy=strategy, step_weights=step_weights)
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0, msg=strategy)
         grads = torch.autograd.grad(losses.mean(), wrt, allow_unused=True)
-        scale = max(g.abs().max().item() for g in expected_grads if g is not None)
         for g, e in zip(grads, expected_grads):
             if e is None:  # a rate ANIL never uses (the body's)
                 assert g is None or not g.any(), strategy
@@ -197,3 +210,35 @@ def test_evaluation_keeps_no_graph_to_learned_rates() -> None:
     # The learned rates are used: they change the result from MAML's with one number.
     plain, _ = evaluate_with_losses("maml", model, params, {}, episode, inner_lr=0.1, inner_steps=3)
     assert not torch.equal(losses, plain)
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vectorized", "loop"])
+def test_multi_step_loss_through_chunk_gradients_matches_finite_differences(vectorize: bool) -> None:
+    # MSL and LSLR together, second order, through the training loop's path; the reference here is
+    # independent of autograd: central differences of the loss along a random direction.
+    model, params, lr, episode = _problem("omniglot-cnn", "per-layer-per-step")
+    wrt = [*params.values(), *_leaves(lr)]
+    _, flat = chunk_gradients("maml", model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
+                              vectorize=vectorize, step_weights=MSL_WEIGHTS, max_tasks_per_chunk=2)
+    direction = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    eps = 1e-6
+
+    def loss_at(shift: float) -> float:
+        with torch.no_grad():
+            moved = [t + shift * d.view_as(t) for t, d in zip(wrt, direction.split([t.numel() for t in wrt]))]
+        shifted = dict(zip(params, moved[:len(params)]))
+        rates = moved[len(params):]
+        shifted_lr = [{k: rates[s * len(params) + i] for i, k in enumerate(params)} for s in range(STEPS)]
+        out = meta_batch_loss("maml", model, shifted, {}, episode, inner_lr=shifted_lr, inner_steps=STEPS,
+                              vectorize=False, step_weights=MSL_WEIGHTS)
+        return out.loss.item() * episode.num_tasks
+
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert numeric == pytest.approx(float(flat @ direction), rel=1e-5)
+
+
+def test_multi_step_loss_weights_must_match_the_steps() -> None:
+    model, params, lr, episode = _problem("omniglot-cnn", "number")
+    with pytest.raises(ConfigError, match="3 multi-step loss weights for 2 inner steps"):
+        meta_batch_loss("maml", model, params, {}, episode, inner_lr=lr, inner_steps=2,
+                        step_weights=[0.1, 0.2, 0.7])

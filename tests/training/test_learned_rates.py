@@ -169,9 +169,9 @@ def test_derivative_order_annealing_trains_first_order_for_the_first_epochs(
     orders = []
     real = loop.compute_meta_gradients
 
-    def compute(model, params, buffers, episode, meta, rates=None):
+    def compute(model, params, buffers, episode, meta, rates=None, **kwargs):
         orders.append(meta.first_order)
-        return real(model, params, buffers, episode, meta, rates)
+        return real(model, params, buffers, episode, meta, rates, **kwargs)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)
     run(tiny_config(tmp_path / "run", **{"meta.iterations_per_epoch": 2, "meta.first_order_epochs": 2}),
@@ -193,3 +193,40 @@ def test_epoch_settings_are_checked() -> None:
                                   "meta.algorithm": "fomaml", "meta.first_order": True})
     with pytest.raises(ConfigError, match="iterations_per_epoch must be 0"):
         tiny_config(Path("x"), **{"meta.iterations_per_epoch": -1})
+
+
+def test_multi_step_loss_weights_anneal_as_the_reference_code() -> None:
+    # The Omniglot MAML++ config: 5 inner steps, MSL over the first 10 epochs.
+    meta = tiny_config(Path("x"), **{"meta.inner_steps": 5, "meta.iterations_per_epoch": 2,
+                                     "meta.msl_epochs": 10, "meta.iterations": 30}).meta
+
+    def at_epoch(epoch: int) -> list[float] | None:
+        return loop.multi_step_loss_weights(meta, 2 * epoch + 1)
+
+    assert at_epoch(0) == pytest.approx([0.2] * 5)  # all equal at the start
+    assert at_epoch(5) == pytest.approx([0.1] * 4 + [0.6])
+    assert at_epoch(9) == pytest.approx([0.02] * 4 + [0.92])  # the last step dominates
+    assert at_epoch(10) is None and at_epoch(14) is None  # then the last step's loss alone
+    for epoch in range(10):
+        assert sum(at_epoch(epoch)) == pytest.approx(1.0)
+    long = dataclasses.replace(meta, msl_epochs=50, iterations_per_epoch=1, iterations=60)
+    floors = [0.03 / 5] * 4 + [1 - 4 * 0.03 / 5]  # the earlier steps at their floor, the last at its cap
+    assert loop.multi_step_loss_weights(long, 50) == pytest.approx(floors)
+    assert loop.multi_step_loss_weights(tiny_config(Path("x")).meta, 1) is None
+
+
+def test_multi_step_loss_in_training(tmp_path: Path, fake_data: list,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = []
+    real = loop.compute_meta_gradients
+
+    def compute(*args, step_weights=None, **kwargs):
+        weights.append(step_weights)
+        return real(*args, step_weights=step_weights, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_meta_gradients", compute)
+    run(tiny_config(tmp_path / "run", **{"meta.inner_steps": 2, "meta.iterations_per_epoch": 2,
+                                         "meta.msl_epochs": 2}), quiet=True)
+    assert weights == [pytest.approx([0.5, 0.5])] * 2 + [pytest.approx([0.25, 0.75])] * 2 + [None] * 2
+    with pytest.raises(ConfigError, match="msl_epochs counts epochs"):
+        tiny_config(tmp_path, **{"meta.msl_epochs": 2})

@@ -34,7 +34,7 @@ from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.functional import check_learning_rate, detach_learning_rate, learned_rates
 from metagrad.models.batched import plan_for
-from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params
+from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params, StepWeights
 
 __all__ = [
     "ALGORITHMS",
@@ -242,6 +242,7 @@ def task_losses(
     first_order: bool | None = None,
     vectorize: bool = True,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of ``algorithm``, both still attached to the graph.
 
@@ -250,7 +251,7 @@ def task_losses(
     strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
     return _task_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                         inner_steps=inner_steps, first_order=first_order, strategy=strategy, loss_fn=loss_fn,
-                        frozen=_frozen(params))
+                        frozen=_frozen(params), step_weights=step_weights)
 
 
 def _task_losses(
@@ -265,11 +266,15 @@ def _task_losses(
     first_order: bool | None,
     strategy: str,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
     frozen: frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor]:
     # task_losses with an explicit strategy (the tests run every strategy through here).
     spec, first_order = _resolve(algorithm, first_order)
     _check_episode(episode, inner_lr, inner_steps)
+    if step_weights is not None and len(step_weights) != inner_steps:
+        raise ConfigError(f"step_weights gives {len(step_weights)} multi-step loss weights for {inner_steps} "
+                          "inner steps; give one per step")
     logger.debug("%s on %d tasks: inner_steps=%d first_order=%s strategy=%s",
                  algorithm, episode.num_tasks, inner_steps, first_order, strategy)
     if strategy == "batched":
@@ -279,7 +284,8 @@ def _task_losses(
         chunk = tasks_per_chunk(plan, params, episode)
         losses, accs = zip(*(
             _BATCHED[spec.task_loss](plan, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
-                                     inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn)
+                                     inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn,
+                                     step_weights=step_weights)
             for i in range(0, episode.num_tasks, chunk)
         ))
         return torch.cat(losses), torch.cat(accs)
@@ -294,7 +300,7 @@ def _task_losses(
         return spec.task_loss(
             model, params, buffers, support_x, support_y, query_x, query_y,
             inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
-            loss_fn=loss_fn, keys=keys,
+            loss_fn=loss_fn, keys=keys, step_weights=step_weights,
         )
 
     if under_vmap:
@@ -314,6 +320,7 @@ def meta_batch_loss(
     first_order: bool | None = None,
     vectorize: bool = True,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> MetaBatchOutput:
     """The meta-training loss of a meta-batch: mean query loss after adapting to each task.
 
@@ -337,12 +344,16 @@ def meta_batch_loss(
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` for one task, used in the inner loop and on the
             query set; None for mean cross-entropy on class labels. E.g. ``F.mse_loss`` for regression
             (the episode's targets are then float tensors (T, K, ...) and ``task_accs`` is None).
+        step_weights: MAML++'s multi-step loss (MSL): one weight per inner step; each task's loss is then
+            the weighted sum of its query losses after every step (``maml.weighted_over_steps``), its
+            accuracy the last step's. None (MAML): the last step's query loss.
 
     Returns:
         ``MetaBatchOutput(loss, task_losses, task_accs)``.
 
     Raises:
-        ConfigError: unknown algorithm, negative ``inner_steps`` or ``inner_lr``.
+        ConfigError: unknown algorithm, negative ``inner_steps`` or ``inner_lr``, ``step_weights`` not
+            one per inner step.
         ValueError: an episode whose tensors do not have the documented shapes.
 
     Example:
@@ -352,7 +363,7 @@ def meta_batch_loss(
     """
     losses, accs = task_losses(
         algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
-        first_order=first_order, vectorize=vectorize, loss_fn=loss_fn,
+        first_order=first_order, vectorize=vectorize, loss_fn=loss_fn, step_weights=step_weights,
     )
     return MetaBatchOutput(losses.mean(), losses.detach(), _accuracies(accs, episode))
 
@@ -424,6 +435,7 @@ def meta_train_step(
     vectorize: bool = True,
     max_tasks_per_chunk: int | None = None,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> MetaBatchOutput:
     """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
 
@@ -435,7 +447,8 @@ def meta_train_step(
     learned rates of ``inner_lr`` (``functional.learned_rates``: Meta-SGD's, LSLR's) if it has any.
 
     Args:
-        algorithm, episode, inner_lr, inner_steps, first_order, vectorize: as for ``meta_batch_loss``.
+        algorithm, episode, inner_lr, inner_steps, first_order, vectorize, step_weights: as for
+            ``meta_batch_loss``.
         max_tasks_per_chunk: as for ``chunk_gradients``.
         model: the meta-learned model; its parameters are updated in place by the optimizer.
         optimizer: any ``torch.optim.Optimizer`` over the model's parameters (and learned rates).
@@ -451,7 +464,8 @@ def meta_train_step(
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                                  inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
-                                 max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn)
+                                 max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn,
+                                 step_weights=step_weights)
     if not torch.isfinite(out.loss):
         raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
     set_gradients({**params, **meta_rates(inner_lr)}, grads / episode.num_tasks)
@@ -472,6 +486,7 @@ def chunk_gradients(
     vectorize: bool = True,
     max_tasks_per_chunk: int | None = None,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """The meta-gradient of a meta-batch, computed chunk of tasks by chunk, each back-propagated at once.
 
@@ -519,6 +534,7 @@ def chunk_gradients(
             task_loss, task_acc = _task_losses(
                 algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
                 first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=_frozen(params),
+                step_weights=step_weights,
             )
             chunk_grads = dict(zip(trainable, torch.autograd.grad(
                 task_loss.sum(), [wrt[n] for n in trainable], allow_unused=True)))

@@ -128,6 +128,8 @@ class MetaConfig:
     iterations_per_epoch: int = 0  # 0: no epochs, schedules count iterations; N: an epoch is N iterations, as
     #                               MAML++'s code counts one (the cosine then steps once per epoch)
     first_order_epochs: int = 0  # MAML++'s DA: first order for the first E epochs, second order after
+    msl_epochs: int = 0  # MAML++'s MSL: for the first E epochs the loss weighs the query losses after every
+    #                     inner step, annealed towards the last one's (0: the last step's loss only)
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
     tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
     #                          N tasks' graphs alive at once (lower peak memory, usually slower)
@@ -522,6 +524,11 @@ def _check_epochs(meta: MetaConfig) -> None:
     if meta.first_order_epochs and not meta.iterations_per_epoch:
         raise ConfigError("meta.first_order_epochs counts epochs: set meta.iterations_per_epoch (MAML++'s "
                           "code: 500) or drop it")
+    if meta.msl_epochs < 0:
+        raise ConfigError(f"meta.msl_epochs must be >= 0, got {meta.msl_epochs}")
+    if meta.msl_epochs and not meta.iterations_per_epoch:
+        raise ConfigError("meta.msl_epochs counts epochs: set meta.iterations_per_epoch (MAML++'s code: 500) "
+                          "or drop it")
     if meta.first_order_epochs and meta.first_order:
         raise ConfigError("meta.first_order_epochs switches first-order training to second order after those "
                           "epochs, but meta.first_order is true throughout: drop one of them")

@@ -94,7 +94,7 @@ from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.metrics import CSV_NAME, JSONL_NAME, MetricsWriter, mean_ci95
 from metagrad.training.progress import Progress
 from metagrad.training.runlock import lock_run_dir
-from metagrad.types import Buffers, LearningRate, Params
+from metagrad.types import Buffers, LearningRate, Params, StepWeights
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
@@ -110,6 +110,7 @@ __all__ = [
     "iteration_settings",
     "learning_rate",
     "meta_parameters",
+    "multi_step_loss_weights",
     "resolve_device",
     "restore_rates",
     "run",
@@ -199,6 +200,23 @@ def learning_rate(meta: MetaConfig, iteration: int) -> float:
     return meta.meta_lr
 
 
+def multi_step_loss_weights(meta: MetaConfig, iteration: int) -> list[float] | None:
+    """MAML++'s multi-step loss weights for step ``iteration``, one per inner step; None once the
+    ``msl_epochs`` are over (or without MSL): the last step's query loss alone.
+
+    The schedule of the reference code (``few_shot_learning_system.py``,
+    ``get_per_step_loss_importance_vector``): every step starts at ``1/n``; each epoch the first
+    ``n - 1`` weights lose ``1/(n * msl_epochs)`` down to a floor of ``0.03/n`` while the last one gains
+    what they lose, up to ``1 - (n - 1) * 0.03/n``, so the last step comes to dominate.
+    """
+    if not meta.msl_epochs or epoch_of(meta, iteration) >= meta.msl_epochs:
+        return None
+    n, epoch = meta.inner_steps, epoch_of(meta, iteration)
+    decay, floor = 1.0 / n / meta.msl_epochs, 0.03 / n
+    earlier = [max(1.0 / n - epoch * decay, floor)] * (n - 1)
+    return [*earlier, min(1.0 / n + epoch * (n - 1) * decay, 1.0 - (n - 1) * floor)]
+
+
 def iteration_settings(meta: MetaConfig, iteration: int) -> MetaConfig:
     """``meta`` as step ``iteration`` uses it: first order during MAML++'s DA epochs
     (``first_order_epochs``), the configured order after. MAML++'s code trains second order when
@@ -210,7 +228,7 @@ def iteration_settings(meta: MetaConfig, iteration: int) -> MetaConfig:
 
 def compute_meta_gradients(
     model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig,
-    rates: Params | None = None,
+    rates: Params | None = None, *, step_weights: StepWeights = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """Meta-gradient of a meta-batch (one process's share of it under torchrun), chunk by chunk.
 
@@ -221,6 +239,7 @@ def compute_meta_gradients(
         episode: T training tasks (``metagrad.types.Episode``).
         meta: the algorithm and inner-loop settings.
         rates: the learned inner rates (``inner_rates``); empty or None: ``meta.inner_lr``.
+        step_weights: MAML++'s multi-step loss weights of this iteration (``multi_step_loss_weights``).
 
     Returns:
         ``(out, grad_sum)``: the tasks' losses and accuracies (``out.loss`` is the mean query loss over
@@ -231,7 +250,7 @@ def compute_meta_gradients(
     return algorithms.chunk_gradients(
         meta.algorithm, model, params, buffers, episode,
         inner_lr=inner_learning_rate(meta, rates or {}, meta.inner_steps), inner_steps=meta.inner_steps,
-        first_order=meta.first_order,
+        first_order=meta.first_order, step_weights=step_weights,
         vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
 
@@ -737,7 +756,8 @@ def _train(
         episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # every process: all
         with _overflow_stops(iteration, latest):
             out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last),
-                                                   iteration_settings(meta, iteration), rates)
+                                                   iteration_settings(meta, iteration), rates,
+                                                   step_weights=multi_step_loss_weights(meta, iteration))
             scores = distributed.exchange_meta_gradient(world, meta_parameters(params, rates), grad_sum,
                                                         meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
