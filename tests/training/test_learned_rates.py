@@ -169,9 +169,9 @@ def test_derivative_order_annealing_trains_first_order_for_the_first_epochs(
     orders = []
     real = loop.compute_meta_gradients
 
-    def compute(model, params, buffers, episode, meta, rates=None, **kwargs):
+    def compute(model, params, buffers, episode, meta, *rest):
         orders.append(meta.first_order)
-        return real(model, params, buffers, episode, meta, rates, **kwargs)
+        return real(model, params, buffers, episode, meta, *rest)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)
     run(tiny_config(tmp_path / "run", **{"meta.iterations_per_epoch": 2, "meta.first_order_epochs": 2}),
@@ -220,9 +220,9 @@ def test_multi_step_loss_in_training(tmp_path: Path, fake_data: list,
     weights = []
     real = loop.compute_meta_gradients
 
-    def compute(*args, step_weights=None, **kwargs):
-        weights.append(step_weights)
-        return real(*args, step_weights=step_weights, **kwargs)
+    def compute(*args):
+        weights.append(args[6])  # model, params, buffers, episode, meta, rates, step_weights
+        return real(*args)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)
     run(tiny_config(tmp_path / "run", **{"meta.inner_steps": 2, "meta.iterations_per_epoch": 2,

@@ -228,7 +228,7 @@ def iteration_settings(meta: MetaConfig, iteration: int) -> MetaConfig:
 
 def compute_meta_gradients(
     model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig,
-    rates: Params | None = None, *, step_weights: StepWeights = None,
+    rates: Params | None = None, step_weights: StepWeights = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """Meta-gradient of a meta-batch (one process's share of it under torchrun), chunk by chunk.
 
@@ -757,7 +757,7 @@ def _train(
         with _overflow_stops(iteration, latest):
             out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last),
                                                    iteration_settings(meta, iteration), rates,
-                                                   step_weights=multi_step_loss_weights(meta, iteration))
+                                                   multi_step_loss_weights(meta, iteration))
             scores = distributed.exchange_meta_gradient(world, meta_parameters(params, rates), grad_sum,
                                                         meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
