@@ -16,7 +16,6 @@ from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.training import evaluate_checkpoint, loop, run
-from metagrad.training.config import load_preset
 
 META_SGD = {"meta.learned_inner_lr": "per-parameter", "meta.inner_lr": 0.1, "meta.inner_lr_init_low": 0.005}
 LSLR = {"meta.learned_inner_lr": "per-layer-per-step", "meta.inner_lr": 0.1, "meta.inner_steps": 2}
@@ -124,13 +123,6 @@ def test_learned_rate_settings_are_checked() -> None:
         tiny_config(Path("x"), **{**LSLR, "meta.inner_lr_init_low": 0.01})
     with pytest.raises(ConfigError, match=r"inner_lr_init_low must be in \[0, meta.inner_lr=0.1\)"):
         tiny_config(Path("x"), **{**META_SGD, "meta.inner_lr_init_low": 0.2})
-
-
-@pytest.mark.parametrize("name", ["omniglot-metasgd-5w1s", "omniglot-metasgd-20w1s",
-                                  "mini-imagenet-metasgd-5w1s", "mini-imagenet-metasgd-5w5s"])
-def test_meta_sgd_presets(name: str) -> None:
-    meta = load_preset(name).meta
-    assert meta.learned_inner_lr == "per-parameter" and meta.inner_lr_init_low is not None
 
 
 # --------------------------------------------------------------------------------------------------
