@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from dataclasses import replace
@@ -37,6 +38,18 @@ def test_run_bench_reports_fields(algorithm: str) -> None:
     assert (result["algorithm"], result["ways"], result["meta_batch_size"]) == (algorithm, 2, 2)
     assert result["first_order"] == (algorithm == "fomaml")
     assert result["strategy"] == "batched"  # the standard networks take the fastest strategy
+
+
+@pytest.mark.parametrize("learned", ["per-parameter", "per-layer-per-step"])
+def test_bench_runs_learned_rates_and_the_first_iterations_maml_plus_plus_settings(learned: str) -> None:
+    base = tiny_config()
+    meta = dataclasses.replace(base.meta, inner_steps=2, learned_inner_lr=learned, iterations_per_epoch=5,
+                               msl_epochs=2, first_order_epochs=1)
+    result = run_bench(dataclasses.replace(base, meta=meta), iterations=1, warmup=0, report=False,
+                       count_flops=False)
+    reported = (result["learned_inner_lr"], result["multi_step_loss"], result["first_order"])
+    assert reported == (learned, True, True)
+    assert result["sec_per_iter"] > 0
 
 
 def test_json_output_is_last_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -89,6 +89,20 @@ def test_train_eval_plot_results_end_to_end(
                         "Omniglot only) | (not tested) |  | 0/60000 |  |  |")
 
 
+def test_meta_sgd_preset_trains_and_evaluates(tmp_path: Path, fake_data: None,
+                                              capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "metasgd"
+    code, out, err = _main(capsys, "train", "--preset", "omniglot-metasgd-5w1s", *TINY, "--iterations", "3",
+                           "--run-dir", str(run_dir))
+    assert code == 0, err
+    results = json.loads((run_dir / "results.json").read_text())
+    rates = torch.load(run_dir / "best.pt", weights_only=True)["inner_lrs"]
+    assert rates and all(r.min() > 0 for r in rates.values())
+    code, out, err = _main(capsys, "eval", str(run_dir), "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["test_accuracy"] == results["test_accuracy"]
+
+
 def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import os

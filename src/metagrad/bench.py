@@ -43,7 +43,15 @@ from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.training.config import Config
-from metagrad.training.loop import _build_model, resolve_device
+from metagrad.training.loop import (
+    _build_model,
+    inner_learning_rate,
+    inner_rates,
+    iteration_settings,
+    meta_parameters,
+    multi_step_loss_weights,
+    resolve_device,
+)
 
 __all__ = ["IMAGE_SHAPES", "check_preset_model", "matmul_gflops", "run_bench"]
 
@@ -124,7 +132,9 @@ def run_bench(
     """Time ``iterations`` meta-training steps of ``config``'s shapes after ``warmup`` untimed ones.
 
     Taken from the config: data (dataset, ways, shots, query_shots), model, meta (algorithm, first_order,
-    inner_lr, inner_steps, meta_lr, meta_batch_size, vectorize), run (seed, device).
+    inner_lr, inner_steps, meta_lr, meta_batch_size, vectorize, learned_inner_lr, and the settings of the
+    first iteration under MAML++'s schedules: its multi-step loss weights, its derivative order), run
+    (seed, device).
 
     Args:
         config: a resolved configuration, e.g. ``load_preset("omniglot-maml-5w1s")``.
@@ -152,16 +162,21 @@ def run_bench(
     dataset = _random_dataset(config, generator)
     sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
     model = _build_model(config.model, data.ways, dataset.image_shape).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=meta.meta_lr)
+    params = dict(model.named_parameters())
+    rates = inner_rates(meta, params, config.run.seed)  # learned inner rates (Meta-SGD, LSLR), as training
+    optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
+    first = iteration_settings(meta, 1)  # the first iteration's derivative order (MAML++'s DA)
+    step_weights = multi_step_loss_weights(meta, 1)  # and its multi-step loss (MAML++'s MSL)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step(vectorize: bool = meta.vectorize) -> None:
         episode = sampler.sample(meta.meta_batch_size, generator)
         meta_train_step(
-            meta.algorithm, model, optimizer, episode, inner_lr=meta.inner_lr, inner_steps=meta.inner_steps,
-            first_order=meta.first_order, vectorize=vectorize,
-            max_tasks_per_chunk=meta.tasks_per_chunk or None,
+            meta.algorithm, model, optimizer, episode,
+            inner_lr=inner_learning_rate(meta, rates, meta.inner_steps), inner_steps=meta.inner_steps,
+            first_order=first.first_order, vectorize=vectorize,
+            max_tasks_per_chunk=meta.tasks_per_chunk or None, step_weights=step_weights,
         )
 
     times = []
@@ -195,7 +210,9 @@ def run_bench(
         "meta_batch_size": meta.meta_batch_size,
         "inner_steps": meta.inner_steps,
         "inner_lr": meta.inner_lr,
-        "first_order": meta.first_order or meta.algorithm == "fomaml",
+        "first_order": first.first_order or meta.algorithm == "fomaml",
+        "learned_inner_lr": meta.learned_inner_lr,
+        "multi_step_loss": step_weights is not None,
         "vectorize": meta.vectorize,
         "tasks_per_chunk": meta.tasks_per_chunk,
         "strategy": strategy_for(meta.algorithm, model, dict(model.named_parameters()),

@@ -32,6 +32,7 @@ from metagrad.errors import ConfigError, MetagradError, ResultNotSaved, describe
 from metagrad.models import MODELS
 from metagrad.training.config import (
     DEFAULT_PRESET,
+    LEARNED_INNER_LRS,
     SPLIT_SCHEMES,
     Config,
     load_preset,
@@ -83,6 +84,13 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("model.hidden_size", "filters per conv layer"),
     ("model.strided", "omniglot-cnn: stride-2 convolutions instead of max-pooling"),
     ("model.norm_init", "conv models: BatchNorm's scale starts U[0, 1) (learn2learn) or at 1 (ones)"),
+    ("meta.learned_inner_lr", "inner rates meta-learned beside the model: " + _either(list(LEARNED_INNER_LRS))
+     + " (Meta-SGD: a rate per parameter element; MAML++'s LSLR: per tensor and step)"),
+    ("meta.inner_lr_init_low", "per-parameter rates start uniform in [this, inner_lr); unset: at inner_lr"),
+    ("meta.min_meta_lr", "cosine schedule: the floor the meta learning rate anneals to (MAML++'s CA)"),
+    ("meta.iterations_per_epoch", "an epoch is this many iterations (MAML++'s code: 500); 0: no epochs"),
+    ("meta.first_order_epochs", "first order for this many epochs, then second order (MAML++'s DA)"),
+    ("meta.msl_epochs", "weigh the query losses after every inner step for this many epochs (MAML++'s MSL)"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 

@@ -32,8 +32,8 @@ from metagrad import vmap_exact
 from metagrad.errors import ConfigError
 from metagrad.types import Buffers, LearningRate, LossFn, Params, StepLR
 
-__all__ = ["adapt", "check_learning_rate", "forward_with", "gradient_step", "inner_step", "lr_at", "sgd_step",
-           "support_loss"]
+__all__ = ["adapt", "check_learning_rate", "detach_learning_rate", "forward_with", "gradient_step",
+           "inner_step", "learned_rates", "lr_at", "sgd_step", "support_loss"]
 
 
 def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
@@ -78,6 +78,33 @@ def check_learning_rate(lr: LearningRate, steps: int) -> None:
             check_learning_rate(one, 0)
     elif isinstance(lr, (int, float)) and (not math.isfinite(lr) or lr < 0):
         raise ConfigError(f"inner_lr must be a finite non-negative number, got {lr}")
+
+
+def learned_rates(lr: LearningRate) -> Params:
+    """The tensors of ``lr`` that require grad (learned rates), each under a name saying where it is.
+
+    A per-name rate is named by its parameter (``"classifier.weight"``), a per-step one by step and
+    parameter (``"0.classifier.weight"``), a single learned tensor ``"lr"`` (or ``"0"`` for step 0).
+    Numbers and constant tensors are left out: the result is what the meta-gradient is taken for.
+    """
+    per_step = isinstance(lr, Sequence)
+    found: Params = {}
+    for step, one in enumerate(lr if per_step else [lr]):
+        named = one.items() if isinstance(one, Mapping) else [(None, one)]
+        for name, rate in named:
+            if isinstance(rate, Tensor) and rate.requires_grad:
+                where = ([str(step)] if per_step else []) + ([name] if name is not None else [])
+                found[".".join(where) or "lr"] = rate
+    return found
+
+
+def detach_learning_rate(lr: LearningRate) -> LearningRate:
+    """``lr`` with every tensor detached (evaluation keeps no graph to learned rates)."""
+    if isinstance(lr, Sequence):
+        return [detach_learning_rate(one) for one in lr]  # type: ignore[misc]
+    if isinstance(lr, Mapping):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in lr.items()}
+    return lr.detach() if isinstance(lr, Tensor) else lr
 
 
 def sgd_step(params: Params, grads: Params, *, lr: StepLR) -> Params:
@@ -220,6 +247,7 @@ def adapt(
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
     loss_fn: LossFn | None = None,
+    on_step: Callable[[int, Params], None] | None = None,
 ) -> Params:
     """Adapt ``params`` to one task with ``steps`` gradient steps on its support set (MAML's inner loop).
 
@@ -240,6 +268,8 @@ def adapt(
         keys: parameter names the inner loop adapts; None = all (MAML), the head's = ANIL.
         under_vmap: True inside ``torch.func.vmap`` (see the module docstring).
         loss_fn: ``loss_fn(outputs, support_y) -> scalar``; None for mean cross-entropy.
+        on_step: called after each step with its index (0-based) and the parameters it produced (MAML++'s
+            multi-step loss scores the query set there); None for nothing.
 
     Returns:
         Adapted parameters: a new dict with every name of ``params``.
@@ -268,4 +298,6 @@ def adapt(
             model, adapted, buffers, support_x, support_y, inner_lr=lr_at(inner_lr, step),
             first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
         )
+        if on_step is not None:
+            on_step(step, adapted)
     return adapted

@@ -23,6 +23,10 @@ LearningRate = StepLR | Sequence[StepLR]
 """An inner learning rate: one step's (Meta-SGD's per-element tensors, MAML++'s per-layer scalars), or a
 sequence with one per inner step."""
 
+StepWeights = Sequence[float] | None
+"""MAML++'s multi-step loss (MSL): one weight per inner step, the query loss being the weighted sum of the
+query losses after each step; None for the last step's query loss alone (MAML)."""
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(outputs, targets) -> scalar`` of one task, e.g. ``F.cross_entropy`` or ``F.mse_loss``."""
 

@@ -26,9 +26,12 @@ PRESETS = [
     for algorithm in ("maml", "anil", "fomaml") for ways in (5, 20) for shots in (1, 5)
 ] + [f"mini-imagenet-{algorithm}-5w{shots}s" for algorithm in ("maml", "anil") for shots in (1, 5)]
 
+META_SGD_PRESETS = ["omniglot-metasgd-5w1s", "omniglot-metasgd-20w1s", "mini-imagenet-metasgd-5w1s",
+                    "mini-imagenet-metasgd-5w5s"]
+
 
 def test_every_preset_of_the_issue_is_packaged() -> None:
-    assert list_presets() == sorted(PRESETS)
+    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -63,7 +66,19 @@ def test_preset_values_follow_the_papers(name: str) -> None:
                 == pytest.approx((4 if shots == 1 else 2, lr, 5)))
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", META_SGD_PRESETS)
+def test_meta_sgd_presets_are_maml_presets_with_learned_rates(name: str) -> None:
+    config = load_preset(name)
+    maml = load_preset(name.replace("metasgd", "maml"))
+    assert (config.data, config.model) == (maml.data, maml.model)
+    meta = config.meta
+    assert (meta.algorithm, meta.first_order, meta.learned_inner_lr) == ("maml", False, "per-parameter")
+    rates_and_steps = (meta.inner_lr, meta.inner_lr_init_low, meta.inner_steps, meta.test_inner_steps)
+    assert rates_and_steps == (0.1, 0.005, 1, 1)
+    assert (meta.meta_lr, meta.meta_batch_size, meta.iterations) == (0.001, maml.meta.meta_batch_size, 60_000)
+
+
+@pytest.mark.parametrize("name", PRESETS + META_SGD_PRESETS)
 def test_every_preset_cites_its_source(name: str) -> None:
     from importlib import resources
 

@@ -302,3 +302,30 @@ def test_issue_check_same_accuracy_with_one_and_two_processes(real_data: Path, t
     assert (ours["test_accuracy"], ours["test_ci95"]) == (theirs["test_accuracy"], theirs["test_ci95"])
     for key, tensor in _params(tmp_path / "one").items():
         assert torch.equal(_params(tmp_path / "two")[key], tensor), key
+
+
+MAML_PLUS_PLUS = {"meta.learned_inner_lr": "per-layer-per-step", "meta.inner_lr": 0.1, "meta.inner_steps": 2,
+                  "meta.iterations_per_epoch": 1, "meta.msl_epochs": 2, "meta.first_order_epochs": 1,
+                  "meta.iterations": 3}
+"""Learned rates, multi-step loss and derivative-order annealing together: the rates are all-reduced."""
+
+
+@pytest.mark.slow  # a torchrun start and a one-process run: about 10 s on 2 shared cores
+def test_learned_rates_under_two_processes_give_the_one_process_run(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    one = tmp_path / "one"
+    run(tiny_config(one, **{**OVERRIDES, **MAML_PLUS_PLUS}), quiet=True)
+    two = tmp_path / "two"
+    done = _torchrun(*_options({**TINY_OVERRIDES, **OVERRIDES, **MAML_PLUS_PLUS}), "--run-dir", str(two))
+    assert done.returncode == 0, done.stderr
+    ours = torch.load(two / "latest.pt", weights_only=True)["inner_lrs"]
+    theirs = torch.load(one / "latest.pt", weights_only=True)["inner_lrs"]
+    assert list(ours) == list(theirs) and len(theirs) == 2 * len(_params(one))
+    for key, rate in theirs.items():
+        if key.split(".", 1)[1] not in PRE_NORM_BIASES:
+            torch.testing.assert_close(ours[key], rate, rtol=1e-4, atol=1e-5, msg=key)
+    assert any(r.item() != 0.1 for r in theirs.values())  # trained
+    for key in ("test_accuracy", "best_iteration"):
+        assert (json.loads((two / "results.json").read_text())[key]
+                == pytest.approx(json.loads((one / "results.json").read_text())[key], abs=1e-9)), key

@@ -278,13 +278,13 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(
     real = loop.compute_meta_gradients
     calls = {"n": 0}
 
-    def compute(model, params, buffers, episode, meta):
+    def compute(model, params, buffers, episode, meta, *rest):
         calls["n"] += 1
         if calls["n"] == 5:
             nan = torch.tensor(float("nan"))
             grad_sum = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64)
             return MetaBatchOutput(nan, nan.repeat(4), torch.zeros(4)), grad_sum
-        return real(model, params, buffers, episode, meta)
+        return real(model, params, buffers, episode, meta, *rest)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)
     config = tiny_config(run_dir, **{"run.checkpoint_every": 3})

@@ -15,15 +15,15 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from metagrad.algorithms.maml import query_metrics
+from metagrad.algorithms.maml import query_metrics, weighted_over_steps
 from metagrad.errors import ConfigError
 from metagrad.functional import adapt, forward_with
 from metagrad.models import HEAD_PREFIX
-from metagrad.types import Buffers, LearningRate, LossFn, Params
+from metagrad.types import Buffers, LearningRate, LossFn, Params, StepWeights
 
 __all__ = ["BODY_PREFIX", "anil_task_loss", "split_body_head"]
 
@@ -76,6 +76,7 @@ def anil_task_loss(
     under_vmap: bool = False,
     loss_fn: LossFn | None = None,
     keys: Iterable[str] | None = None,
+    step_weights: StepWeights = None,
 ) -> tuple[Tensor, Tensor]:
     """Query loss and accuracy of one task after adapting only the head on the support features.
 
@@ -93,6 +94,7 @@ def anil_task_loss(
         under_vmap: True when vmapped over tasks.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; None for cross-entropy.
         keys: full parameter names the inner loop may adapt (None: all); of these, the head's are adapted.
+        step_weights: MAML++'s multi-step loss weights, one per inner step (``maml.weighted_over_steps``).
 
     Returns:
         ``(query_loss, query_acc)`` scalars; the loss is differentiable w.r.t. body and head parameters.
@@ -102,9 +104,13 @@ def anil_task_loss(
     support_f = forward_with(model.features, body, body_buffers, support_x)  # (N*K, D)
     query_f = forward_with(model.features, body, body_buffers, query_x)  # (N*Q, D)
     head_keys = list(head) if keys is None else [k for k in head if HEAD_PREFIX + k in set(keys)]
-    head = adapt(
-        model.classifier, head, head_buffers, support_f, support_y, keys=head_keys,
-        inner_lr=_head_rates(inner_lr), steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
-        loss_fn=loss_fn,
-    )
-    return query_metrics(forward_with(model.classifier, head, head_buffers, query_f), query_y, loss_fn)
+
+    def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
+        return adapt(model.classifier, head, head_buffers, support_f, support_y, keys=head_keys,
+                     inner_lr=_head_rates(inner_lr), steps=inner_steps, first_order=first_order,
+                     under_vmap=under_vmap, loss_fn=loss_fn, on_step=on_step)
+
+    def score(adapted: Params) -> tuple[Tensor, Tensor]:
+        return query_metrics(forward_with(model.classifier, adapted, head_buffers, query_f), query_y, loss_fn)
+
+    return weighted_over_steps(adapt_with, score, step_weights)

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagrad.algorithms.maml import is_classification
+from metagrad.algorithms.maml import is_classification, weighted_over_steps
 from metagrad.functional import gradient_step, lr_at
 from metagrad.models.batched import BatchedPlan, task_batched_body, task_batched_forward, task_batched_head
-from metagrad.types import Episode, LearningRate, LossFn, Params
+from metagrad.types import Episode, LearningRate, LossFn, Params, StepWeights
 
 __all__ = ["CPU_CHUNK_ELEMENTS", "batched_anil", "batched_maml", "tasks_per_chunk"]
 
@@ -56,7 +56,7 @@ def _task_acc(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Sequence[str], x: Tensor,
            y: Tensor, *, inner_lr: LearningRate, steps: int, first_order: bool,
-           loss_fn: LossFn | None) -> Params:
+           loss_fn: LossFn | None, on_step: Callable[[int, Params], None] | None = None) -> Params:
     """``steps`` SGD steps of every task at once; adapted tensors come back per task, (T, ...)."""
     tasks = x.shape[0]
     fast = dict(params)
@@ -69,6 +69,8 @@ def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Se
         fast.update({k: fast[k] if fast[k].dim() > params[k].dim() else fast[k].expand(tasks, *fast[k].shape)
                      for k in keys})
         fast = gradient_step(loss_of, fast, lr=lr_at(inner_lr, step), keys=keys, first_order=first_order)
+        if on_step is not None:
+            on_step(step, fast)
     return fast
 
 
@@ -88,17 +90,24 @@ def tasks_per_chunk(plan: BatchedPlan, params: Params, episode: Episode) -> int:
 
 
 def batched_maml(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: LearningRate,
-                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None,
+                 step_weights: StepWeights = None) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of MAML (all parameters adapted)."""
-    fast = _adapt(lambda p, x: task_batched_forward(plan, p, x), params, list(params),
-                  episode.support_x, episode.support_y, inner_lr=inner_lr, steps=inner_steps,
-                  first_order=first_order, loss_fn=loss_fn)
-    logits = task_batched_forward(plan, fast, episode.query_x)  # (T, N*Q, N)
-    return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
+    def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
+        return _adapt(lambda p, x: task_batched_forward(plan, p, x), params, list(params),
+                      episode.support_x, episode.support_y, inner_lr=inner_lr, steps=inner_steps,
+                      first_order=first_order, loss_fn=loss_fn, on_step=on_step)
+
+    def score(fast: Params) -> tuple[Tensor, Tensor]:
+        logits = task_batched_forward(plan, fast, episode.query_x)  # (T, N*Q, N)
+        return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
+
+    return weighted_over_steps(adapt_with, score, step_weights)
 
 
 def batched_anil(plan: BatchedPlan, params: Params, episode: Episode, *, inner_lr: LearningRate,
-                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None,
+                 step_weights: StepWeights = None) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of ANIL (only the head adapted)."""
     support_x, query_x = episode.support_x, episode.query_x
     tasks = support_x.shape[0]
@@ -110,7 +119,14 @@ def batched_anil(plan: BatchedPlan, params: Params, episode: Episode, *, inner_l
         support_f = task_batched_body(plan, params, support_x)  # (T, N*K, D)
         query_f = task_batched_body(plan, params, query_x)  # (T, N*Q, D)
     head = {k: params[k] for k in HEAD_KEYS}
-    head = _adapt(lambda p, f: task_batched_head(p, f), head, HEAD_KEYS, support_f, episode.support_y,
-                  inner_lr=inner_lr, steps=inner_steps, first_order=first_order, loss_fn=loss_fn)
-    logits = task_batched_head(head, query_f)  # (T, N*Q, N)
-    return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
+
+    def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
+        return _adapt(lambda p, f: task_batched_head(p, f), head, HEAD_KEYS, support_f, episode.support_y,
+                      inner_lr=inner_lr, steps=inner_steps, first_order=first_order, loss_fn=loss_fn,
+                      on_step=on_step)
+
+    def score(fast: Params) -> tuple[Tensor, Tensor]:
+        logits = task_batched_head(fast, query_f)  # (T, N*Q, N)
+        return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
+
+    return weighted_over_steps(adapt_with, score, step_weights)

@@ -10,15 +10,15 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.functional import adapt, forward_with
-from metagrad.types import Buffers, LearningRate, LossFn, Params
+from metagrad.types import Buffers, LearningRate, LossFn, Params, StepWeights
 
-__all__ = ["accuracy", "is_classification", "maml_task_loss", "query_metrics"]
+__all__ = ["accuracy", "is_classification", "maml_task_loss", "query_metrics", "weighted_over_steps"]
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -39,6 +39,31 @@ def query_metrics(outputs: Tensor, targets: Tensor, loss_fn: LossFn | None) -> t
     return loss, outputs.new_full((), float("nan")).detach()
 
 
+def weighted_over_steps(
+    adapt_with: Callable[[Callable[[int, Params], None] | None], Params],
+    score: Callable[[Params], tuple[Tensor, Tensor]],
+    step_weights: StepWeights,
+) -> tuple[Tensor, Tensor]:
+    """``(query loss, accuracy)`` after the inner loop, or MAML++'s multi-step loss.
+
+    Args:
+        adapt_with: runs the inner loop with an ``on_step`` callback (``functional.adapt``'s) and returns
+            the adapted parameters.
+        score: ``(loss, accuracy)`` of adapted parameters on the query set (scalars, or (T,) per task).
+        step_weights: None: the last step's loss. Else one weight per step: the loss is
+            ``sum_s step_weights[s] * loss after step s`` (the reference code's
+            ``few_shot_learning_system.py``, ``forward``), the accuracy the last step's.
+    """
+    if step_weights is None:
+        return score(adapt_with(None))
+    scores: list[tuple[Tensor, Tensor]] = []
+    adapt_with(lambda step, adapted: scores.append(score(adapted)))
+    if len(scores) != len(step_weights):
+        raise ValueError(f"{len(step_weights)} multi-step loss weights for {len(scores)} inner steps")
+    loss = sum(w * step_loss for w, (step_loss, _) in zip(step_weights, scores))
+    return loss, scores[-1][1]
+
+
 def maml_task_loss(
     model: nn.Module,
     params: Params,
@@ -54,6 +79,7 @@ def maml_task_loss(
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> tuple[Tensor, Tensor]:
     """Query loss and accuracy of one task after adapting ``params`` on its support set.
 
@@ -71,13 +97,18 @@ def maml_task_loss(
         keys: parameter names the inner loop adapts; None = all.
         under_vmap: True when vmapped over tasks (``torch.func.grad`` in the inner loop).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` for support and query; None for cross-entropy.
+        step_weights: MAML++'s multi-step loss weights, one per inner step (``weighted_over_steps``).
 
     Returns:
         ``(query_loss, query_acc)``: scalar query loss, differentiable w.r.t. ``params``, and scalar
         accuracy (NaN where the targets are not class labels).
     """
-    adapted = adapt(
-        model, params, buffers, support_x, support_y, inner_lr=inner_lr, steps=inner_steps,
-        first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
-    )
-    return query_metrics(forward_with(model, adapted, buffers, query_x), query_y, loss_fn)  # (N*Q, N) logits
+    def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
+        return adapt(model, params, buffers, support_x, support_y, inner_lr=inner_lr, steps=inner_steps,
+                     first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
+                     on_step=on_step)
+
+    def score(adapted: Params) -> tuple[Tensor, Tensor]:
+        return query_metrics(forward_with(model, adapted, buffers, query_x), query_y, loss_fn)  # (N*Q, N)
+
+    return weighted_over_steps(adapt_with, score, step_weights)

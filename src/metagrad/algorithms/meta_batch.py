@@ -32,9 +32,9 @@ from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.batched import batched_anil, batched_maml, tasks_per_chunk
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
-from metagrad.functional import check_learning_rate
+from metagrad.functional import check_learning_rate, detach_learning_rate, learned_rates
 from metagrad.models.batched import plan_for
-from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params
+from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params, StepWeights
 
 __all__ = [
     "ALGORITHMS",
@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "evaluate_with_losses",
     "meta_batch_loss",
+    "meta_rates",
     "meta_train_step",
     "set_gradients",
     "strategy_for",
@@ -241,6 +242,7 @@ def task_losses(
     first_order: bool | None = None,
     vectorize: bool = True,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-task query losses (T,) and accuracies (T,) of ``algorithm``, both still attached to the graph.
 
@@ -249,7 +251,7 @@ def task_losses(
     strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
     return _task_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                         inner_steps=inner_steps, first_order=first_order, strategy=strategy, loss_fn=loss_fn,
-                        frozen=_frozen(params))
+                        frozen=_frozen(params), step_weights=step_weights)
 
 
 def _task_losses(
@@ -264,11 +266,15 @@ def _task_losses(
     first_order: bool | None,
     strategy: str,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
     frozen: frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor]:
     # task_losses with an explicit strategy (the tests run every strategy through here).
     spec, first_order = _resolve(algorithm, first_order)
     _check_episode(episode, inner_lr, inner_steps)
+    if step_weights is not None and len(step_weights) != inner_steps:
+        raise ConfigError(f"step_weights gives {len(step_weights)} multi-step loss weights for {inner_steps} "
+                          "inner steps; give one per step")
     logger.debug("%s on %d tasks: inner_steps=%d first_order=%s strategy=%s",
                  algorithm, episode.num_tasks, inner_steps, first_order, strategy)
     if strategy == "batched":
@@ -278,7 +284,8 @@ def _task_losses(
         chunk = tasks_per_chunk(plan, params, episode)
         losses, accs = zip(*(
             _BATCHED[spec.task_loss](plan, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
-                                     inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn)
+                                     inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn,
+                                     step_weights=step_weights)
             for i in range(0, episode.num_tasks, chunk)
         ))
         return torch.cat(losses), torch.cat(accs)
@@ -293,7 +300,7 @@ def _task_losses(
         return spec.task_loss(
             model, params, buffers, support_x, support_y, query_x, query_y,
             inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
-            loss_fn=loss_fn, keys=keys,
+            loss_fn=loss_fn, keys=keys, step_weights=step_weights,
         )
 
     if under_vmap:
@@ -313,6 +320,7 @@ def meta_batch_loss(
     first_order: bool | None = None,
     vectorize: bool = True,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> MetaBatchOutput:
     """The meta-training loss of a meta-batch: mean query loss after adapting to each task.
 
@@ -336,12 +344,16 @@ def meta_batch_loss(
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` for one task, used in the inner loop and on the
             query set; None for mean cross-entropy on class labels. E.g. ``F.mse_loss`` for regression
             (the episode's targets are then float tensors (T, K, ...) and ``task_accs`` is None).
+        step_weights: MAML++'s multi-step loss (MSL): one weight per inner step; each task's loss is then
+            the weighted sum of its query losses after every step (``maml.weighted_over_steps``), its
+            accuracy the last step's. None (MAML): the last step's query loss.
 
     Returns:
         ``MetaBatchOutput(loss, task_losses, task_accs)``.
 
     Raises:
-        ConfigError: unknown algorithm, negative ``inner_steps`` or ``inner_lr``.
+        ConfigError: unknown algorithm, negative ``inner_steps`` or ``inner_lr``, ``step_weights`` not
+            one per inner step.
         ValueError: an episode whose tensors do not have the documented shapes.
 
     Example:
@@ -351,7 +363,7 @@ def meta_batch_loss(
     """
     losses, accs = task_losses(
         algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
-        first_order=first_order, vectorize=vectorize, loss_fn=loss_fn,
+        first_order=first_order, vectorize=vectorize, loss_fn=loss_fn, step_weights=step_weights,
     )
     return MetaBatchOutput(losses.mean(), losses.detach(), _accuracies(accs, episode))
 
@@ -402,6 +414,7 @@ def evaluate_with_losses(
     strategy, frozen = strategy_for(algorithm, model, params, buffers, vectorize=vectorize), _frozen(params)
     params = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in buffers.items()}  # views: running statistics still update
+    inner_lr = detach_learning_rate(inner_lr)  # learned rates are used, not differentiated
     with torch.no_grad():  # the inner loop re-enables what it needs (functional.inner_step)
         losses, accs = _task_losses(
             algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
@@ -422,6 +435,7 @@ def meta_train_step(
     vectorize: bool = True,
     max_tasks_per_chunk: int | None = None,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> MetaBatchOutput:
     """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
 
@@ -429,13 +443,15 @@ def meta_train_step(
     With the batched strategy on CPU each chunk of tasks is back-propagated as soon as its loss exists,
     so only one chunk's graph is held at a time (the peak memory of the whole meta-batch's graph at once
     is what ``meta_batch_loss`` + ``backward`` costs).
-    The optimizer (Adam with rate beta in the MAML paper) must hold ``model.parameters()``.
+    The optimizer (Adam with rate beta in the MAML paper) must hold ``model.parameters()``, and the
+    learned rates of ``inner_lr`` (``functional.learned_rates``: Meta-SGD's, LSLR's) if it has any.
 
     Args:
-        algorithm, episode, inner_lr, inner_steps, first_order, vectorize: as for ``meta_batch_loss``.
+        algorithm, episode, inner_lr, inner_steps, first_order, vectorize, step_weights: as for
+            ``meta_batch_loss``.
         max_tasks_per_chunk: as for ``chunk_gradients``.
         model: the meta-learned model; its parameters are updated in place by the optimizer.
-        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters (and learned rates).
 
     Returns:
         The ``MetaBatchOutput`` of the step (computed before the update; its loss is detached, the
@@ -448,10 +464,11 @@ def meta_train_step(
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                                  inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
-                                 max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn)
+                                 max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn,
+                                 step_weights=step_weights)
     if not torch.isfinite(out.loss):
         raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
-    set_gradients(params, grads / episode.num_tasks)
+    set_gradients({**params, **meta_rates(inner_lr)}, grads / episode.num_tasks)
     optimizer.step()
     return out
 
@@ -469,6 +486,7 @@ def chunk_gradients(
     vectorize: bool = True,
     max_tasks_per_chunk: int | None = None,
     loss_fn: LossFn | None = None,
+    step_weights: StepWeights = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """The meta-gradient of a meta-batch, computed chunk of tasks by chunk, each back-propagated at once.
 
@@ -483,14 +501,19 @@ def chunk_gradients(
     magnitude: the sum does not depend on the order of the additions, so processes that each sum a
     share of the chunks and then all-reduce (in float64) get the same bits as one process.
 
+    Learned inner rates (tensors of ``inner_lr`` that require grad: Meta-SGD's, LSLR's) are
+    meta-parameters too: their gradient follows the parameters' in the flat result, in the order of
+    ``meta_rates(inner_lr)``.
+
     Args:
         max_tasks_per_chunk: at most this many tasks per chunk; None for the automatic size.
         Others: as for ``meta_batch_loss``.
 
     Returns:
         ``(out, grad)``: the detached ``MetaBatchOutput`` and the gradient of the SUM of the tasks' query
-        losses, flattened over ``params`` in their order: (P,) float64. Divide by the number of tasks
-        for the meta-gradient of the mean loss (``set_gradients`` casts it back).
+        losses, flattened over ``params`` then the learned rates, in that order: (P + R,) float64, the
+        order of ``{**params, **meta_rates(inner_lr)}``. Divide by the number of tasks for the
+        meta-gradient of the mean loss (``set_gradients`` casts it back).
     """
     strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
     plan = plan_for(model) if strategy == "batched" else None
@@ -499,10 +522,11 @@ def chunk_gradients(
         if max_tasks_per_chunk < 1:
             raise ValueError(f"max_tasks_per_chunk must be at least 1 (or None), got {max_tasks_per_chunk}")
         chunk = min(chunk, max_tasks_per_chunk)
-    names = list(params)
-    trainable = [n for n in names if params[n].requires_grad]
+    wrt = {**params, **meta_rates(inner_lr)}  # the model's parameters, then the learned rates
+    names = list(wrt)
+    trainable = [n for n in names if wrt[n].requires_grad]
     losses, accs = [], []
-    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64,
+    total = torch.zeros(sum(p.numel() for p in wrt.values()), dtype=torch.float64,
                         device=next(iter(params.values())).device)
     for start in range(0, episode.num_tasks, chunk):
         part = episode.slice(start, start + chunk)
@@ -510,21 +534,28 @@ def chunk_gradients(
             task_loss, task_acc = _task_losses(
                 algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
                 first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=_frozen(params),
+                step_weights=step_weights,
             )
             chunk_grads = dict(zip(trainable, torch.autograd.grad(
-                task_loss.sum(), [params[n] for n in trainable], allow_unused=True)))
+                task_loss.sum(), [wrt[n] for n in trainable], allow_unused=True)))
         except RuntimeError as err:  # in the outer backward: where a missing second derivative shows
             if (explained := _no_second_derivative(err, model)) is not None:
                 raise explained from err
             raise
         total += torch.cat([  # zeros for frozen parameters and for those the loss does not use
-            (g if (g := chunk_grads.get(n)) is not None else torch.zeros_like(params[n])).reshape(-1)
+            (g if (g := chunk_grads.get(n)) is not None else torch.zeros_like(wrt[n])).reshape(-1)
             for n in names
         ]).double()
         losses.append(task_loss.detach())
         accs.append(task_acc.detach())
     task_losses_ = torch.cat(losses)
     return MetaBatchOutput(task_losses_.mean(), task_losses_, _accuracies(torch.cat(accs), episode)), total
+
+
+def meta_rates(inner_lr: LearningRate) -> Params:
+    """The learned rates of ``inner_lr`` as meta-parameters, named ``"inner_lr.<where>"``
+    (``functional.learned_rates``) so that they never clash with the model's parameter names."""
+    return {f"inner_lr.{k}": v for k, v in learned_rates(inner_lr).items()}
 
 
 def set_gradients(params: Params, flat: Tensor) -> None:

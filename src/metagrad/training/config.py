@@ -43,6 +43,7 @@ from metagrad.models.layers import check_norm_init
 
 __all__ = [
     "DEFAULT_PRESET",
+    "LEARNED_INNER_LRS",
     "LR_SCHEDULES",
     "RESUMABLE_CHANGES",
     "Config",
@@ -70,6 +71,12 @@ LR_SCHEDULES = ("constant", "cosine")
 
 MAX_CONFIG_BYTES = 1 << 20
 """A config file is a few hundred bytes; a larger one is the wrong file, read no further."""
+
+LEARNED_INNER_LRS = ("none", "per-parameter", "per-layer-per-step")
+"""``meta.learned_inner_lr``: "none" (``inner_lr`` is a fixed number), "per-parameter" (Meta-SGD: a
+meta-learned rate tensor of each parameter's shape) or "per-layer-per-step" (MAML++'s LSLR: a learned
+scalar per parameter tensor and inner step, starting at ``inner_lr``); learned rates are optimized by
+Adam beside the parameters."""
 
 SPLIT_SCHEMES = {name: spec.options["split_scheme"] for name, spec in DATASETS.items()}
 """Class splits each dataset offers, as its loader declares them (Mini-ImageNet: Ravi & Larochelle's only)."""
@@ -109,13 +116,23 @@ class MetaConfig:
 
     algorithm: str = "maml"  # "maml", "fomaml" (first-order MAML) or "anil" (adapt the head only)
     first_order: bool = False  # drop second-order terms of the meta-gradient (always true for fomaml)
-    inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop
+    inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop (learned rates: where they start)
+    learned_inner_lr: str = "none"  # "none", "per-parameter" (Meta-SGD: a learned rate per element) or
+    #                                "per-layer-per-step" (MAML++'s LSLR: per parameter tensor and inner step)
+    inner_lr_init_low: float | None = None  # per-parameter only: rates start U[low, inner_lr); None: at
+    #                                          inner_lr (learn2learn's MetaSGD: lr times ones)
     inner_steps: int = 1  # inner SGD steps during meta-training
     test_inner_steps: int = 10  # inner SGD steps on validation and test tasks
     meta_lr: float = 0.001  # Adam learning rate of the outer loop
     meta_batch_size: int = 32  # tasks per outer step
     iterations: int = 60_000  # outer steps
-    lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to 0 at the last iteration)
+    lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to min_meta_lr at the last iteration)
+    min_meta_lr: float = 0.0  # cosine only: the floor the meta learning rate anneals to (MAML++'s CA)
+    iterations_per_epoch: int = 0  # 0: no epochs, schedules count iterations; N: an epoch is N iterations, as
+    #                               MAML++'s code counts one (the cosine then steps once per epoch)
+    first_order_epochs: int = 0  # MAML++'s DA: first order for the first E epochs, second order after
+    msl_epochs: int = 0  # MAML++'s MSL: for the first E epochs the loss weighs the query losses after every
+    #                     inner step, annealed towards the last one's (0: the last step's loss only)
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
     tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
     #                          N tasks' graphs alive at once (lower peak memory, usually slower)
@@ -459,6 +476,7 @@ def validate_config(config: Config) -> Config:
     if meta.algorithm == "fomaml" and not meta.first_order:
         raise ConfigError("fomaml is first-order MAML: set meta.first_order to true, or use algorithm maml")
     _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
+    _check_learned_inner_lr(meta)
     _positive("meta.meta_lr (--meta-lr)", meta.meta_lr)
     for name in ("inner_steps", "test_inner_steps", "meta_batch_size", "iterations"):
         _positive(f"meta.{name} (--{name.replace('_', '-')})", getattr(meta, name))
@@ -469,6 +487,7 @@ def validate_config(config: Config) -> Config:
         )
     if meta.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    _check_epochs(meta)
 
     if not 0 <= run.seed < 2**63:
         raise ConfigError(f"run.seed (--seed) must be in [0, 2**63), got {run.seed}")
@@ -483,6 +502,44 @@ def validate_config(config: Config) -> Config:
             f"got {run.test_tasks}"
         )
     return config
+
+
+def _check_learned_inner_lr(meta: MetaConfig) -> None:
+    if meta.learned_inner_lr not in LEARNED_INNER_LRS:
+        raise ConfigError(f"unknown meta.learned_inner_lr {meta.learned_inner_lr!r}; valid: "
+                          f"{', '.join(LEARNED_INNER_LRS)}")
+    low = meta.inner_lr_init_low
+    if low is not None and meta.learned_inner_lr != "per-parameter":
+        raise ConfigError("meta.inner_lr_init_low sets where Meta-SGD's rates start: it needs "
+                          "meta.learned_inner_lr = \"per-parameter\" (or drop it)")
+    if low is not None and not (math.isfinite(low) and 0 <= low < meta.inner_lr):
+        raise ConfigError(f"meta.inner_lr_init_low must be in [0, meta.inner_lr={meta.inner_lr}) (the rates "
+                          f"start uniform between them), got {low}")
+
+
+def _check_epochs(meta: MetaConfig) -> None:
+    if meta.min_meta_lr != 0 and meta.lr_schedule != "cosine":
+        raise ConfigError("meta.min_meta_lr is the floor of the cosine schedule: set meta.lr_schedule = "
+                          "\"cosine\" (--lr-schedule cosine) or drop it")
+    if not (math.isfinite(meta.min_meta_lr) and 0 <= meta.min_meta_lr < meta.meta_lr):
+        raise ConfigError(f"meta.min_meta_lr must be in [0, meta.meta_lr={meta.meta_lr}), "
+                          f"got {meta.min_meta_lr}")
+    if meta.iterations_per_epoch < 0:
+        raise ConfigError(f"meta.iterations_per_epoch must be 0 (no epochs) or a number of iterations, got "
+                          f"{meta.iterations_per_epoch}")
+    if meta.first_order_epochs < 0:
+        raise ConfigError(f"meta.first_order_epochs must be >= 0, got {meta.first_order_epochs}")
+    if meta.first_order_epochs and not meta.iterations_per_epoch:
+        raise ConfigError("meta.first_order_epochs counts epochs: set meta.iterations_per_epoch (MAML++'s "
+                          "code: 500) or drop it")
+    if meta.msl_epochs < 0:
+        raise ConfigError(f"meta.msl_epochs must be >= 0, got {meta.msl_epochs}")
+    if meta.msl_epochs and not meta.iterations_per_epoch:
+        raise ConfigError("meta.msl_epochs counts epochs: set meta.iterations_per_epoch (MAML++'s code: 500) "
+                          "or drop it")
+    if meta.first_order_epochs and meta.first_order:
+        raise ConfigError("meta.first_order_epochs switches first-order training to second order after those "
+                          "epochs, but meta.first_order is true throughout: drop one of them")
 
 
 def check_resume_compatible(saved: Config, requested: Config) -> None:

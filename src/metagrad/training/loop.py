@@ -65,6 +65,7 @@ from metagrad.errors import (
     TrainingError,
     describe_os_error,
 )
+from metagrad.functional import learned_rates
 from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.training import distributed
 from metagrad.training.checkpoint import (
@@ -93,7 +94,7 @@ from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.metrics import CSV_NAME, JSONL_NAME, MetricsWriter, mean_ci95
 from metagrad.training.progress import Progress
 from metagrad.training.runlock import lock_run_dir
-from metagrad.types import Buffers, Params
+from metagrad.types import Buffers, LearningRate, Params, StepWeights
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11; typing_extensions comes with torch
@@ -102,9 +103,16 @@ __all__ = [
     "TrainingInterrupted",
     "apply_meta_update",
     "compute_meta_gradients",
+    "epoch_of",
     "evaluate_checkpoint",
+    "inner_learning_rate",
+    "inner_rates",
+    "iteration_settings",
     "learning_rate",
+    "meta_parameters",
+    "multi_step_loss_weights",
     "resolve_device",
+    "restore_rates",
     "run",
     "task_generator",
 ]
@@ -167,18 +175,60 @@ def task_generator(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def epoch_of(meta: MetaConfig, iteration: int) -> int:
+    """The 0-based epoch of step ``iteration`` (1-based) when ``meta.iterations_per_epoch`` sets epochs,
+    counted as MAML++'s code counts them (``experiment_builder.py``: completed iterations // iterations per
+    epoch); 0 without epochs."""
+    return (iteration - 1) // meta.iterations_per_epoch if meta.iterations_per_epoch else 0
+
+
 def learning_rate(meta: MetaConfig, iteration: int) -> float:
     """The outer learning rate used by step ``iteration`` (1-based): constant, or cosine-annealed.
 
-    The cosine schedule starts at ``meta_lr`` and decays towards 0 over ``iterations`` steps.
+    The cosine schedule starts at ``meta_lr`` and decays towards ``min_meta_lr`` over ``iterations``
+    steps, step by step; with epochs (``iterations_per_epoch``) it moves once per epoch, as MAML++'s code
+    steps torch's ``CosineAnnealingLR(T_max=total_epochs, eta_min=min_learning_rate)`` with the epoch
+    (``few_shot_learning_system.py``, ``run_train_iter``).
     """
     if meta.lr_schedule == "cosine":
-        return meta.meta_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / meta.iterations))
+        if meta.iterations_per_epoch:
+            progress = epoch_of(meta, iteration) / (meta.iterations / meta.iterations_per_epoch)
+        else:
+            progress = (iteration - 1) / meta.iterations
+        floor = meta.min_meta_lr
+        return floor + (meta.meta_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return meta.meta_lr
 
 
+def multi_step_loss_weights(meta: MetaConfig, iteration: int) -> list[float] | None:
+    """MAML++'s multi-step loss weights for step ``iteration``, one per inner step; None once the
+    ``msl_epochs`` are over (or without MSL): the last step's query loss alone.
+
+    The schedule of the reference code (``few_shot_learning_system.py``,
+    ``get_per_step_loss_importance_vector``): every step starts at ``1/n``; each epoch the first
+    ``n - 1`` weights lose ``1/(n * msl_epochs)`` down to a floor of ``0.03/n`` while the last one gains
+    what they lose, up to ``1 - (n - 1) * 0.03/n``, so the last step comes to dominate.
+    """
+    if not meta.msl_epochs or epoch_of(meta, iteration) >= meta.msl_epochs:
+        return None
+    n, epoch = meta.inner_steps, epoch_of(meta, iteration)
+    decay, floor = 1.0 / n / meta.msl_epochs, 0.03 / n
+    earlier = [max(1.0 / n - epoch * decay, floor)] * (n - 1)
+    return [*earlier, min(1.0 / n + epoch * (n - 1) * decay, 1.0 - (n - 1) * floor)]
+
+
+def iteration_settings(meta: MetaConfig, iteration: int) -> MetaConfig:
+    """``meta`` as step ``iteration`` uses it: first order during MAML++'s DA epochs
+    (``first_order_epochs``), the configured order after. MAML++'s code trains second order when
+    ``epoch > first_order_to_second_order_epoch``; ``first_order_epochs`` is that setting plus one."""
+    if meta.first_order_epochs and epoch_of(meta, iteration) < meta.first_order_epochs:
+        return dataclasses.replace(meta, first_order=True)
+    return meta
+
+
 def compute_meta_gradients(
-    model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig
+    model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig,
+    rates: Params | None = None, step_weights: StepWeights = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """Meta-gradient of a meta-batch (one process's share of it under torchrun), chunk by chunk.
 
@@ -188,17 +238,80 @@ def compute_meta_gradients(
         buffers: its buffers, ``dict(model.named_buffers())``.
         episode: T training tasks (``metagrad.types.Episode``).
         meta: the algorithm and inner-loop settings.
+        rates: the learned inner rates (``inner_rates``); empty or None: ``meta.inner_lr``.
+        step_weights: MAML++'s multi-step loss weights of this iteration (``multi_step_loss_weights``).
 
     Returns:
         ``(out, grad_sum)``: the tasks' losses and accuracies (``out.loss`` is the mean query loss over
-        the T tasks), and the gradient of the SUM of their query losses, flat (P,) float64.
+        the T tasks), and the gradient of the SUM of their query losses, flat (P + R,) float64 (the
+        parameters', then the learned rates', as ``meta_parameters`` orders them).
         ``distributed.all_reduce_gradients`` turns it into every parameter's ``.grad``.
     """
     return algorithms.chunk_gradients(
         meta.algorithm, model, params, buffers, episode,
-        inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, first_order=meta.first_order,
+        inner_lr=inner_learning_rate(meta, rates or {}, meta.inner_steps), inner_steps=meta.inner_steps,
+        first_order=meta.first_order, step_weights=step_weights,
         vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
+
+
+def inner_rates(meta: MetaConfig, params: Params, seed: int) -> Params:
+    """The learned inner rates ``meta.learned_inner_lr`` asks for, as leaves that require grad, named as
+    ``functional.learned_rates`` names them; empty for "none" (the inner loop uses ``meta.inner_lr``).
+
+    "per-parameter" (Meta-SGD): a tensor of each parameter's shape, starting at ``meta.inner_lr`` or
+    uniform in ``[meta.inner_lr_init_low, meta.inner_lr)``, drawn from a generator of its own (seeded
+    like the task streams), so that the model's initialization and the tasks do not change.
+    "per-layer-per-step" (MAML++'s LSLR): a scalar per parameter tensor and inner step
+    (``"<step>.<name>"``), each starting at ``meta.inner_lr``.
+    ``inner_learning_rate`` turns them into the ``inner_lr`` the algorithms take.
+    """
+    if meta.learned_inner_lr == "per-parameter":
+        return algorithms.meta_sgd_rates(params, inner_lr=meta.inner_lr, low=meta.inner_lr_init_low,
+                                         generator=task_generator(seed, "inner_lr"))
+    if meta.learned_inner_lr == "per-layer-per-step":
+        return learned_rates(algorithms.lslr_rates(params, inner_lr=meta.inner_lr, steps=meta.inner_steps))
+    return {}
+
+
+def inner_learning_rate(meta: MetaConfig, rates: Params, steps: int) -> LearningRate:
+    """The ``inner_lr`` of an inner loop of ``steps`` steps: ``meta.inner_lr`` without learned rates,
+    Meta-SGD's ``rates`` (the same for every step), or LSLR's per-step dicts. LSLR has rates for the
+    ``meta.inner_steps`` steps of meta-training; test-time steps beyond them take the last step's rates.
+    """
+    if meta.learned_inner_lr == "per-layer-per-step":
+        per_step: list[dict[str, Tensor]] = [{} for _ in range(meta.inner_steps)]
+        for where, rate in rates.items():
+            step, name = where.split(".", 1)
+            per_step[int(step)][name] = rate
+        return [per_step[min(step, meta.inner_steps - 1)] for step in range(steps)]
+    return rates or meta.inner_lr
+
+
+def meta_parameters(params: Params, rates: Params) -> Params:
+    """Everything the outer loop optimizes: the model's parameters, then the learned rates
+    (``inner_lr.<name>``), in the order of ``compute_meta_gradients``' flat gradient."""
+    return {**params, **algorithms.meta_rates(rates)}
+
+
+def restore_rates(rates: Params, checkpoint: dict[str, Any], path: Path) -> None:
+    """Copy a checkpoint's learned inner rates (``"inner_lrs"``) into ``rates``.
+
+    Raises:
+        TrainingError: the checkpoint lacks rates ``rates`` has, has others, or of other shapes.
+    """
+    saved = checkpoint.get("inner_lrs", {})
+    if not isinstance(saved, dict) or set(saved) != set(rates) or any(
+            not isinstance(t, Tensor) or t.shape != rates[k].shape for k, t in saved.items()):
+        raise TrainingError(f"{path} does not hold the learned inner rates that meta.learned_inner_lr asks "
+                            "for: it comes from a run with other settings; restore that run's config.json")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            rates[name].copy_(tensor)
+
+
+def _saved_rates(rates: Params) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in rates.items()}
 
 
 def apply_meta_update(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -219,8 +332,11 @@ def _score_tasks(
     generator: torch.Generator,
     stop: _StopFlag | None = None,
     world: World = ONE_PROCESS,
+    rates: Params | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Adapt to ``num_tasks`` tasks with the test-time inner loop; per-task query losses and accuracies.
+
+    Learned inner rates (``rates``, see ``inner_rates``) replace ``meta.inner_lr`` when given.
 
     Tasks are sampled and scored ``meta_batch_size`` at a time (to bound memory), so the tasks drawn
     from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``. With several
@@ -239,7 +355,8 @@ def _score_tasks(
             continue
         task_loss, task_acc = algorithms.evaluate_with_losses(
             meta.algorithm, model, params, buffers, episode.slice(first, last),
-            inner_lr=meta.inner_lr, inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
+            inner_lr=inner_learning_rate(meta, rates or {}, meta.test_inner_steps),
+            inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
         )
         losses.append(task_loss.float().cpu())
         accs.append(task_acc.float().cpu())
@@ -513,7 +630,8 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
 
     params: Params = dict(model.named_parameters())
     buffers: Buffers = dict(model.named_buffers())
-    optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
+    rates = inner_rates(meta, params, config.run.seed)  # Meta-SGD's learned rates; empty for MAML
+    optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
     generators = {"train": task_generator(config.run.seed, "train")}
     state = _RunState()
     offsets = None
@@ -523,6 +641,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
     checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
         restore_params(params, checkpoint, run_dir / LATEST_NAME, config)
+        restore_rates(rates, checkpoint, run_dir / LATEST_NAME)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
             restore_rng_state(checkpoint["rng"], generators, device)
@@ -536,7 +655,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
             logger.info("resuming %s from iteration %d", run_dir, state.iteration)
     elif resume and world.is_main:
         logger.warning("%s holds no checkpoint yet: starting its run from iteration 0", run_dir)
-    distributed.check_same_parameters(world, params, state.iteration)
+    distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
 
     writer = MetricsWriter(run_dir, offsets) if world.is_main else None  # rank 0 alone writes files
     try:
@@ -545,9 +664,9 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
                                 enabled=not quiet and world.is_main)
             with progress:
                 _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers,
-                       state, writer, stop, progress, world)
+                       state, writer, stop, progress, world, rates)
             results = _meta_test(config, run_dir, device, model, params, buffers, samplers["test"], state,
-                                 writer, stop, progress, world)
+                                 writer, stop, progress, world, rates)
     finally:
         if writer is not None:
             writer.close()
@@ -600,6 +719,7 @@ def _train(
     stop: _StopFlag,
     progress: Progress,
     world: World,
+    rates: Params,
 ) -> None:
     meta, run_config = config.meta, config.run
     latest = run_dir / LATEST_NAME
@@ -609,8 +729,8 @@ def _train(
         my_tasks = torch.arange(first, last)
 
     def write_checkpoint() -> None:
-        distributed.check_same_parameters(world, params, state.iteration)  # never save a diverged run
-        _check_finite(params, state.iteration, latest)
+        distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
+        _check_finite(meta_parameters(params, rates), state.iteration, latest)  # never save a diverged run
         if not world.is_main:
             return
         assert writer is not None
@@ -619,6 +739,7 @@ def _train(
                 "format": FORMAT_VERSION,
                 "iteration": state.iteration,
                 "params": {k: v.detach().cpu() for k, v in params.items()},
+                "inner_lrs": _saved_rates(rates),
                 "optimizer": optimizer.state_dict(),
                 "rng": capture_rng_state(generators, device),
                 "metrics": writer.offsets(),
@@ -635,8 +756,11 @@ def _train(
         start = time.perf_counter()
         with _step_guard(iteration, latest):
             episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # each process: all
-            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last), meta)
-            scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
+            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last),
+                                                   iteration_settings(meta, iteration), rates,
+                                                   multi_step_loss_weights(meta, iteration))
+            scores = distributed.exchange_meta_gradient(world, meta_parameters(params, rates), grad_sum,
+                                                        meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
                                                         my_tasks)
         task_losses, task_accs = scores.unbind(dim=1)
@@ -658,7 +782,8 @@ def _train(
             with _step_guard(iteration, latest):
                 losses, accs = _score_tasks(config, model, params, buffers, samplers["validation"],
                                             run_config.eval_tasks,
-                                            task_generator(run_config.seed, "validation"), world=world)
+                                            task_generator(run_config.seed, "validation"), world=world,
+                                            rates=rates)
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
@@ -668,11 +793,12 @@ def _train(
                 raise _diverged(f"the validation loss is {row['loss']}", iteration, latest)
             if state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy:
                 state.best_val_accuracy, state.best_iteration = row["acc"], iteration
-                _check_finite(params, iteration, latest)
+                _check_finite(meta_parameters(params, rates), iteration, latest)
                 if world.is_main:
                     save_checkpoint(
                         {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
                          "params": {k: v.detach().cpu() for k, v in params.items()},
+                         "inner_lrs": _saved_rates(rates),
                          "config": config_to_dict(config)},
                         run_dir / BEST_NAME,
                     )
@@ -806,19 +932,21 @@ def _meta_test(
     stop: _StopFlag,
     progress: Progress,
     world: World,
+    rates: Params,
 ) -> dict[str, Any]:
     best = distributed.on_main(world, load_checkpoint, run_dir / BEST_NAME)
     checkpoint_name = "latest"
     if best is not None:
         checkpoint_name = "best"
         restore_params(params, best, run_dir / BEST_NAME, config)
+        restore_rates(rates, best, run_dir / BEST_NAME)
     if world.is_main:
         logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
                     best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
                     config.meta.test_inner_steps)
     start = time.perf_counter()
     try:
-        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop, world)
+        test = _test(config, model, params, buffers, sampler, config.run.test_tasks, stop, world, rates)
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(
             f"{exc} during the meta-test; training is complete and saved: "
@@ -866,9 +994,10 @@ def _test(
     num_tasks: int,
     stop: _StopFlag | None = None,
     world: World = ONE_PROCESS,
+    rates: Params | None = None,
 ) -> dict[str, Any]:
     losses, accs = _score_tasks(config, model, params, buffers, sampler, num_tasks,
-                                task_generator(config.run.seed, "test"), stop, world)
+                                task_generator(config.run.seed, "test"), stop, world, rates)
     accuracy, ci95 = mean_ci95(accs)
     return {
         "test_accuracy": accuracy,
@@ -980,9 +1109,12 @@ def _evaluate(run_dir: Path, checkpoint: str, config: Config) -> dict[str, Any]:
     model = _build_model(config.model, data.ways, dataset.image_shape).to(torch_device)
     params = dict(model.named_parameters())
     restore_params(params, state, path, config)
+    rates = inner_rates(config.meta, params, config.run.seed)
+    restore_rates(rates, state, path)
     start = time.perf_counter()
     with _StopFlag() as stop, _step_guard(state.get("iteration", 0), path):
-        test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop)
+        test = _test(config, model, params, dict(model.named_buffers()), sampler, config.run.test_tasks, stop,
+                     rates=rates)
     evaluation = {
         "preset": config.preset,
         "checkpoint": checkpoint,

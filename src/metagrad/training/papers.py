@@ -22,6 +22,7 @@ _FINN = "Finn et al. 2017, Table 1"
 _FINN_FO = 'Finn et al. 2017, Table 1, "MAML, first order approx."'
 _ANIL = "Raghu et al. 2020, Table 2, mean +/- std over 3 seeds"
 _ANIL_5WAY = "none published (ANIL reports 20-way Omniglot only)"
+_META_SGD = "Li et al. 2017, Table 1; quoted from memory, not verified against the paper"
 
 PUBLISHED: dict[str, str] = {
     "omniglot-maml-5w1s": f"98.7 +/- 0.4 ({_FINN})",
@@ -40,6 +41,10 @@ PUBLISHED: dict[str, str] = {
     "mini-imagenet-maml-5w5s": f"63.11 +/- 0.92 ({_FINN})",
     "mini-imagenet-anil-5w1s": f"46.7 +/- 0.4 ({_ANIL})",
     "mini-imagenet-anil-5w5s": f"61.5 +/- 0.5 ({_ANIL})",
+    "omniglot-metasgd-5w1s": f"99.53 +/- 0.26 ({_META_SGD})",
+    "omniglot-metasgd-20w1s": f"95.93 +/- 0.38 ({_META_SGD})",
+    "mini-imagenet-metasgd-5w1s": f"50.47 +/- 1.87 ({_META_SGD})",
+    "mini-imagenet-metasgd-5w5s": f"64.03 +/- 0.94 ({_META_SGD})",
 }
 """Packaged preset -> the published test accuracy (%) it is set up to reproduce, with its source. The
 spreads are 95% confidence intervals except where the source says otherwise. Each preset's TOML quotes
