@@ -411,3 +411,15 @@ def test_an_operation_without_second_derivative_is_refused_with_the_fix(vectoriz
                         vectorize=vectorize)
     chunk_gradients("maml", model, params, {}, _sequences(), inner_lr=INNER_LR, inner_steps=1,
                     vectorize=vectorize, first_order=True)  # first order needs no second derivative
+
+
+def test_running_statistics_of_buffers_not_passed_update_the_module_as_on_the_loop() -> None:
+    model = _build(ZOO["bn2d-running-stats"])
+    twin = copy.deepcopy(model)
+    for m, vectorize in ((model, True), (twin, False)):  # buffers={}: the module's own are used
+        out = meta_batch_loss("maml", m, dict(m.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
+                              inner_steps=2, vectorize=vectorize)
+        out.loss.backward()
+    assert_dicts_close(dict(model.named_buffers()), dict(twin.named_buffers()))
+    assert_dicts_close({k: p.grad for k, p in model.named_parameters()},
+                       {k: p.grad for k, p in twin.named_parameters()})

@@ -152,6 +152,9 @@ def _no_second_derivative(err: RuntimeError, model: nn.Module) -> ConfigError | 
 def _vectorized(task_loss: Callable[..., tuple[Tensor, Tensor]], model: nn.Module, buffers: Buffers,
                 episode: Episode) -> tuple[Tensor, Tensor]:
     modes: list[vmap_exact.ExactFunctions] = []
+    # Buffers not passed run as the module's own (functional_call); their running statistics update
+    # there, as on the loop, so the mode must know them too.
+    buffers = {**dict(model.named_buffers()), **buffers}
 
     def exact_task(*task: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         with vmap_exact.exact_functions(buffers) as mode:
