@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 from dataclasses import replace
 
@@ -163,6 +164,7 @@ def test_thread_benchmark_stops_slow_children_and_its_neighbour(capsys: pytest.C
                                      "--child-timeout", "0.5")
     assert [(r["arm"], r["timed_out"], r["times"]) for r in runs] == [("one-thread", True, [])]
     assert summary["neighbour/one-thread"]["timed_out"] and summary["neighbour/one-thread"]["steps"] == 0
-    leftover = subprocess.run(["pgrep", "-f", "bench_threads.py --neighbour-loop"], capture_output=True,
-                              check=False)
+    # only this process's children: another checkout may run the benchmark at the same time
+    leftover = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "bench_threads.py --neighbour-loop"],
+                              capture_output=True, check=False)
     assert leftover.returncode == 1, leftover.stdout  # no process matched: the neighbour was killed
