@@ -43,7 +43,7 @@ import torch
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import DataError
-from metagrad.training import distributed, loop
+from metagrad.training import distributed, loop, setup
 from metagrad.training.config import load_preset
 from metagrad.training.malloc import keep_freed_memory
 
@@ -76,15 +76,15 @@ def worker(args: argparse.Namespace) -> None:
     world = distributed.world_from_environment()
     distributed.check_meta_batch_size(meta.meta_batch_size, world)
     share = args.share or 1  # --ceiling's independent processes: world of 1, a 1/share slice, no exchange
-    device = distributed.process_device(world, loop.resolve_device(args.device))
+    device = distributed.process_device(world, setup.resolve_device(args.device))
     with distributed.process_group(world, device, timeout_s=600):
         dataset, source = omniglot_train(args.data_dir)
         sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
         torch.manual_seed(0)
-        model = loop._build_model(config.model, data.ways, dataset.image_shape).to(device)
+        model = setup.make_model(config.model, data.ways, dataset.image_shape).to(device)
         params = dict(model.named_parameters())
         optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
-        generator = loop.task_generator(0, "train")
+        generator = setup.task_generator(0, "train")
         first, last = distributed.task_range(meta.meta_batch_size, world)
         last = first + (last - first) // share
         mine = torch.arange(first, last)

@@ -41,14 +41,14 @@ def make_step(config: str, strategy: str, *, threads: int, seed: int = 0) -> Any
     from metagrad.algorithms.meta_batch import _task_losses
     from metagrad.bench import IMAGE_SHAPES as DATASET_SHAPES
     from metagrad.training.config import load_preset
-    from metagrad.training.loop import _build_model
+    from metagrad.training.setup import make_model
     from metagrad.types import Episode
 
     torch.set_num_threads(threads)
     cfg = CONFIGS[config]
     torch.manual_seed(seed)
     preset = load_preset(cfg["preset"])  # the preset's model (strided Omniglot CNN, 32-filter Mini-ImageNet)
-    model = _build_model(preset.model, cfg["ways"], DATASET_SHAPES[preset.data.dataset])
+    model = make_model(preset.model, cfg["ways"], DATASET_SHAPES[preset.data.dataset])
     g = torch.Generator().manual_seed(seed)
     t, n, k, q = cfg["meta_batch_size"], cfg["ways"], cfg["shots"], cfg["query_shots"]
     shape = IMAGE_SHAPES[cfg["model"]]

@@ -24,8 +24,8 @@ from metagrad.algorithms import meta_train_step
 from metagrad.bench import _random_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.training.config import load_preset
-from metagrad.training.loop import _build_model, resolve_device
 from metagrad.training.malloc import keep_freed_memory
+from metagrad.training.setup import make_model, resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = _random_dataset(config, generator)
     data = config.data
     sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
-    model = _build_model(config.model, data.ways, dataset.image_shape).to(device)
+    model = make_model(config.model, data.ways, dataset.image_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=meta.meta_lr)
 
     def step() -> None:

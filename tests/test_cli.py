@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from metagrad import cli
-from metagrad.training import loop
+from metagrad.training import loop, setup
 from metagrad.training.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent / "training"))
@@ -37,7 +37,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def fake_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset())
 
 
 def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from metagrad import cli
-from metagrad.training import loop
+from metagrad.training import setup
 from metagrad.training.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent / "training"))
@@ -97,7 +97,7 @@ def _wait_for(condition, process: subprocess.Popen, what: str) -> None:
 def test_a_second_process_on_a_run_folder_is_refused_until_the_holder_dies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset())
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(_command("train", *TINY, "--iterations", "1000000", "--checkpoint-every", "1",
                                        "-q", "--run-dir", str(run_dir)),

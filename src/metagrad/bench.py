@@ -43,15 +43,9 @@ from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.training.config import Config
-from metagrad.training.loop import (
-    _build_model,
-    inner_learning_rate,
-    inner_rates,
-    iteration_settings,
-    meta_parameters,
-    multi_step_loss_weights,
-    resolve_device,
-)
+from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
+from metagrad.training.schedule import iteration_settings, multi_step_loss_weights
+from metagrad.training.setup import make_model, resolve_device
 
 __all__ = ["IMAGE_SHAPES", "check_preset_model", "matmul_gflops", "run_bench"]
 
@@ -161,7 +155,7 @@ def run_bench(
     generator = torch.Generator().manual_seed(config.run.seed)
     dataset = _random_dataset(config, generator)
     sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
-    model = _build_model(config.model, data.ways, dataset.image_shape).to(device)
+    model = make_model(config.model, data.ways, dataset.image_shape).to(device)
     params = dict(model.named_parameters())
     rates = inner_rates(meta, params, config.run.seed)  # learned inner rates (Meta-SGD, LSLR), as training
     optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
@@ -253,7 +247,7 @@ def check_preset_model(config: Config) -> ModelCheck:
     if data.dataset not in IMAGE_SHAPES:
         raise ConfigError(f"bench: unknown dataset {data.dataset!r}; valid: {', '.join(IMAGE_SHAPES)}")
     torch.manual_seed(config.run.seed)
-    model = _build_model(config.model, data.ways, IMAGE_SHAPES[data.dataset])
+    model = make_model(config.model, data.ways, IMAGE_SHAPES[data.dataset])
     return check_model(model, IMAGE_SHAPES[data.dataset], algorithm=meta.algorithm, ways=data.ways,
                        shots=data.shots, query_shots=data.query_shots, tasks=3, inner_lr=meta.inner_lr,
                        inner_steps=meta.inner_steps, seed=config.run.seed)

@@ -170,7 +170,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from metagrad.training.loop import CONFIG_NAME, run
+    from metagrad.training.loop import run
+    from metagrad.training.run_folder import CONFIG_NAME
 
     config_file = args.config
     if args.resume:
@@ -202,7 +203,7 @@ def _print_train_result(results: dict[str, Any]) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from metagrad.training.loop import evaluate_checkpoint
+    from metagrad.training.evaluation import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(args.run_dir, checkpoint=args.checkpoint, test_tasks=args.test_tasks,
@@ -546,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MetagradError as exc:
-        from metagrad.training.loop import TrainingInterrupted
+        from metagrad.training.signals import TrainingInterrupted
 
         prefix = "interrupted" if isinstance(exc, TrainingInterrupted) else "error"
         _say(f"{prefix}{_rank_note(world)}: {exc}", sys.stderr)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tiny_run import fake_load_dataset
 
-from metagrad.training import loop
+from metagrad.training import setup
 
 
 @pytest.fixture
 def fake_data(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict]]:
     """Make the loop load the tiny dataset for every split; returns the ``load_dataset`` calls."""
     calls: list[tuple[str, str, dict]] = []
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset(calls))
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset(calls))
     return calls
 
 

@@ -272,12 +272,12 @@ def test_config_to_dict_is_json_ready() -> None:
 
 def test_norm_init_reaches_the_model_the_run_builds() -> None:
     from metagrad.models.layers import BatchNorm
-    from metagrad.training.loop import _build_model
+    from metagrad.training.setup import make_model
 
     for name in ("omniglot-maml-20w1s", "mini-imagenet-maml-5w1s"):
         config = resolve_config(preset=name, overrides={"model.norm_init": "ones"})
         image_shape = (1, 28, 28) if "omniglot" in name else (3, 84, 84)
-        model = _build_model(config.model, config.data.ways, image_shape)
+        model = make_model(config.model, config.data.ways, image_shape)
         norms = [m for m in model.modules() if isinstance(m, BatchNorm)]
         assert norms and all(torch.all(m.weight == 1) for m in norms)
     assert load_preset("omniglot-maml-20w1s").model.norm_init == "learn2learn"

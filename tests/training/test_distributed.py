@@ -27,7 +27,7 @@ from tiny_run import TINY_OVERRIDES, fake_load_dataset, tiny_config, tiny_datase
 from metagrad import cli
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.functional import forward_with
-from metagrad.training import distributed, loop, run
+from metagrad.training import distributed, run, setup, signals
 from metagrad.training.distributed import World
 from metagrad.training.metrics import read_metrics
 
@@ -82,7 +82,7 @@ def _assert_same_network(run_dir: Path, reference: Path, name: str) -> None:
         if key not in PRE_NORM_BIASES:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
     config = tiny_config(reference, **OVERRIDES)
-    model = loop._build_model(config.model, config.data.ways, (1, 8, 8))
+    model = setup.make_model(config.model, config.data.ways, (1, 8, 8))
     images = tiny_dataset().images[:, 0].float() / 255  # (10, 1, 8, 8): one image per class
     torch.testing.assert_close(forward_with(model, ours, {}, images), forward_with(model, theirs, {}, images),
                                rtol=1e-4, atol=1e-5)
@@ -92,7 +92,7 @@ def _assert_same_network(run_dir: Path, reference: Path, name: str) -> None:
 def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("one") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_dataset", fake_load_dataset())
+        mp.setattr(setup, "load_dataset", fake_load_dataset())
         run(tiny_config(run_dir, **OVERRIDES), quiet=True)
     return run_dir
 
@@ -158,7 +158,7 @@ def test_resumed_under_two_processes_it_gives_the_one_process_run(
 def test_a_two_process_run_resumes_in_one_process(
     one_process_run: Path, two_process_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset())
     run_dir = two_process_run["interrupted"]
     results = run(tiny_config(run_dir, **OVERRIDES), resume=True, quiet=True)
     _assert_same_network(run_dir, one_process_run, "latest.pt")
@@ -190,7 +190,7 @@ def rank_0_of_2(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_indivisible_meta_batch_is_a_config_error(
     tmp_path: Path, rank_0_of_2: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset())
     overrides = {**TINY_OVERRIDES, "meta.meta_batch_size": 5}
     code = cli.main(["train", *_options(overrides), "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -272,7 +272,7 @@ def test_stop_flag_under_torchrun_absorbs_repeated_signals() -> None:
     # torchrun forwards the terminal's Ctrl-C to processes that already got it: the second must not
     # kill a process that is finishing its iteration and checkpoint.
     before = signal.getsignal(signal.SIGTERM)
-    with loop._StopFlag(keep_handlers=True) as stop:
+    with signals.StopFlag(keep_handlers=True) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGTERM
@@ -313,7 +313,7 @@ MAML_PLUS_PLUS = {"meta.learned_inner_lr": "per-layer-per-step", "meta.inner_lr"
 @pytest.mark.slow  # a torchrun start and a one-process run: about 10 s on 2 shared cores
 def test_learned_rates_under_two_processes_give_the_one_process_run(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset())
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset())
     one = tmp_path / "one"
     run(tiny_config(one, **{**OVERRIDES, **MAML_PLUS_PLUS}), quiet=True)
     two = tmp_path / "two"

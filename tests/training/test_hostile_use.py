@@ -17,7 +17,7 @@ from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad import cli
 from metagrad.errors import ConfigError, TrainingError
-from metagrad.training import evaluate_checkpoint, loop, run
+from metagrad.training import evaluate_checkpoint, run, run_folder, setup
 from metagrad.training.checkpoint import save_checkpoint
 
 TINY_ARGS = ["--ways", "3", "--shots", "1", "--query-shots", "2", "--set", "model.hidden_size=8",
@@ -30,7 +30,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run (2 iterations); tests copy what they damage."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_dataset", fake_load_dataset())
+        mp.setattr(setup, "load_dataset", fake_load_dataset())
         run(tiny_config(run_dir, **{"meta.iterations": 2}), quiet=True)
     return run_dir
 
@@ -201,7 +201,7 @@ def test_an_overflow_in_the_outer_step_is_the_nan_message(tmp_path: Path, fake_d
 # -------------------------------------------------------------------------------------- failed writes
 
 
-REAL_WRITE = loop.write_text_atomically
+REAL_WRITE = run_folder.write_text_atomically
 
 
 def _fail_writing(monkeypatch: pytest.MonkeyPatch, name: str, code: int = errno.ENOSPC) -> None:
@@ -213,7 +213,7 @@ def _fail_writing(monkeypatch: pytest.MonkeyPatch, name: str, code: int = errno.
             raise OSError(code, os.strerror(code))
         real(path, text)
 
-    monkeypatch.setattr(loop, "write_text_atomically", write)
+    monkeypatch.setattr(run_folder, "write_text_atomically", write)
 
 
 def test_eval_prints_its_result_when_its_json_cannot_be_written(
@@ -239,7 +239,7 @@ def test_train_prints_its_result_when_results_json_cannot_be_written(
     assert code == 1 and out.startswith("test accuracy ")
     assert "cannot write" in err and "No space left on device (the disk is full" in err
     assert (run_dir / "latest.pt").exists() and not (run_dir / "results.json").exists()
-    monkeypatch.setattr(loop, "write_text_atomically", REAL_WRITE)  # space was freed
+    monkeypatch.setattr(run_folder, "write_text_atomically", REAL_WRITE)  # space was freed
     assert _main(capsys, "train", "--resume", "--run-dir", str(run_dir))[0] == 0  # the meta-test again
     assert (run_dir / "results.json").exists()
 
@@ -299,7 +299,7 @@ def test_tilde_and_relative_folders_are_resolved_once(
     assert (data["data_dir"], data["cache_dir"]) == (str(work / "data"), str(home / "cache"))
     monkeypatch.chdir(elsewhere)  # the saved folders still point where the run read its data
     calls: list = []
-    monkeypatch.setattr(loop, "load_dataset", fake_load_dataset(calls))
+    monkeypatch.setattr(setup, "load_dataset", fake_load_dataset(calls))
     assert _main(capsys, "eval", "~/x")[0] == 0
     assert calls[0][2]["data_dir"] == str(work / "data")
 

@@ -15,7 +15,8 @@ from test_loop import RESUME_OVERRIDES, _assert_same_run, _Crash, _crash_at
 from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad.errors import ConfigError, TrainingError
-from metagrad.training import evaluate_checkpoint, loop, run
+from metagrad.training import evaluate_checkpoint, loop, run, schedule, setup
+from metagrad.training.rates import inner_learning_rate, inner_rates, restore_rates
 
 META_SGD = {"meta.learned_inner_lr": "per-parameter", "meta.inner_lr": 0.1, "meta.inner_lr_init_low": 0.005}
 LSLR = {"meta.learned_inner_lr": "per-layer-per-step", "meta.inner_lr": 0.1, "meta.inner_steps": 2}
@@ -29,7 +30,7 @@ def learned_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for kind, overrides in KINDS.items():
         runs[kind] = tmp_path_factory.mktemp(kind) / "run"
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(loop, "load_dataset", fake_load_dataset())
+            mp.setattr(setup, "load_dataset", fake_load_dataset())
             run(tiny_config(runs[kind], **RESUME_OVERRIDES, **overrides), quiet=True)
     return runs
 
@@ -47,7 +48,7 @@ def test_rates_are_trained_and_saved(meta_sgd_run: Path) -> None:
     latest = torch.load(meta_sgd_run / "latest.pt", weights_only=True)
     assert set(latest["inner_lrs"]) == set(latest["params"])
     assert all(r.shape == latest["params"][k].shape for k, r in latest["inner_lrs"].items())
-    start = loop.inner_rates(tiny_config(meta_sgd_run, **META_SGD).meta,
+    start = inner_rates(tiny_config(meta_sgd_run, **META_SGD).meta,
                              {k: torch.zeros_like(v) for k, v in latest["params"].items()}, seed=0)
     still = {k for k, r in latest["inner_lrs"].items() if torch.equal(r, start[k].detach())}
     # Adam moved every rate but maybe a conv bias's: BatchNorm cancels those biases, so their gradient
@@ -69,15 +70,15 @@ def test_lslr_rates_are_one_scalar_per_tensor_and_step(learned_runs: dict[str, P
 
 def test_test_time_steps_beyond_training_take_the_last_steps_lslr_rates() -> None:
     meta = tiny_config(Path("x"), **LSLR).meta
-    rates = loop.inner_rates(meta, {"w": torch.zeros(3), "b": torch.zeros(())}, seed=0)
-    per_step = loop.inner_learning_rate(meta, rates, 4)
+    rates = inner_rates(meta, {"w": torch.zeros(3), "b": torch.zeros(())}, seed=0)
+    per_step = inner_learning_rate(meta, rates, 4)
     assert [sorted(d) for d in per_step] == [["b", "w"]] * 4
     assert [d["w"] for d in per_step] == [rates["0.w"], rates["1.w"], rates["1.w"], rates["1.w"]]
     sgd = tiny_config(Path("x"), **META_SGD).meta
-    sgd_rates = loop.inner_rates(sgd, {"w": torch.zeros(3)}, seed=0)
-    assert loop.inner_learning_rate(sgd, sgd_rates, 4) is sgd_rates  # the same rates for every step
+    sgd_rates = inner_rates(sgd, {"w": torch.zeros(3)}, seed=0)
+    assert inner_learning_rate(sgd, sgd_rates, 4) is sgd_rates  # the same rates for every step
     plain = tiny_config(Path("x")).meta
-    assert loop.inner_learning_rate(plain, loop.inner_rates(plain, {"w": torch.zeros(3)}, 0), 4) == 0.4
+    assert inner_learning_rate(plain, inner_rates(plain, {"w": torch.zeros(3)}, 0), 4) == 0.4
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -108,10 +109,10 @@ def test_evaluate_checkpoint_uses_the_learned_rates(fake_data: list, learned_run
 
 def test_a_checkpoint_without_rates_is_refused(tmp_path: Path, fake_data: list, meta_sgd_run: Path) -> None:
     state = torch.load(meta_sgd_run / "best.pt", weights_only=True)
-    rates = loop.inner_rates(tiny_config(tmp_path, **META_SGD).meta, state["params"], seed=0)
+    rates = inner_rates(tiny_config(tmp_path, **META_SGD).meta, state["params"], seed=0)
     del state["inner_lrs"]
     with pytest.raises(TrainingError, match="learned inner rates"):
-        loop.restore_rates(rates, state, tmp_path / "best.pt")
+        restore_rates(rates, state, tmp_path / "best.pt")
 
 
 def test_learned_rate_settings_are_checked() -> None:
@@ -132,14 +133,14 @@ def test_learned_rate_settings_are_checked() -> None:
 
 def test_epochs_count_as_the_reference_code_counts_them() -> None:
     meta = tiny_config(Path("x"), **{"meta.iterations_per_epoch": 3}).meta
-    assert [loop.epoch_of(meta, i) for i in range(1, 8)] == [0, 0, 0, 1, 1, 1, 2]
-    assert loop.epoch_of(tiny_config(Path("x")).meta, 7) == 0  # no epochs
+    assert [schedule.epoch_of(meta, i) for i in range(1, 8)] == [0, 0, 0, 1, 1, 1, 2]
+    assert schedule.epoch_of(tiny_config(Path("x")).meta, 7) == 0  # no epochs
 
 
 def test_cosine_anneals_to_its_floor_step_by_step_or_epoch_by_epoch() -> None:
     meta = tiny_config(Path("x"), **{"meta.lr_schedule": "cosine", "meta.iterations": 8,
                                      "meta.meta_lr": 0.01, "meta.min_meta_lr": 0.001}).meta
-    lrs = [loop.learning_rate(meta, i) for i in range(1, 9)]
+    lrs = [schedule.learning_rate(meta, i) for i in range(1, 9)]
     assert lrs == pytest.approx([0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)],
                                 rel=1e-12)
     assert lrs[0] == pytest.approx(0.01, rel=1e-12) and lrs[-1] > 0.001 and lrs == sorted(lrs, reverse=True)
@@ -152,7 +153,7 @@ def test_cosine_anneals_to_its_floor_step_by_step_or_epoch_by_epoch() -> None:
         expected += [optimizer.param_groups[0]["lr"]] * 4
         optimizer.step()
         scheduler.step()
-    assert [loop.learning_rate(per_epoch, i) for i in range(1, 9)] == pytest.approx(expected, rel=1e-12)
+    assert [schedule.learning_rate(per_epoch, i) for i in range(1, 9)] == pytest.approx(expected, rel=1e-12)
 
 
 def test_derivative_order_annealing_trains_first_order_for_the_first_epochs(
@@ -193,7 +194,7 @@ def test_multi_step_loss_weights_anneal_as_the_reference_code() -> None:
                                      "meta.msl_epochs": 10, "meta.iterations": 30}).meta
 
     def at_epoch(epoch: int) -> list[float] | None:
-        return loop.multi_step_loss_weights(meta, 2 * epoch + 1)
+        return schedule.multi_step_loss_weights(meta, 2 * epoch + 1)
 
     assert at_epoch(0) == pytest.approx([0.2] * 5)  # all equal at the start
     assert at_epoch(5) == pytest.approx([0.1] * 4 + [0.6])
@@ -203,8 +204,8 @@ def test_multi_step_loss_weights_anneal_as_the_reference_code() -> None:
         assert sum(at_epoch(epoch)) == pytest.approx(1.0)
     long = dataclasses.replace(meta, msl_epochs=50, iterations_per_epoch=1, iterations=60)
     floors = [0.03 / 5] * 4 + [1 - 4 * 0.03 / 5]  # the earlier steps at their floor, the last at its cap
-    assert loop.multi_step_loss_weights(long, 50) == pytest.approx(floors)
-    assert loop.multi_step_loss_weights(tiny_config(Path("x")).meta, 1) is None
+    assert schedule.multi_step_loss_weights(long, 50) == pytest.approx(floors)
+    assert schedule.multi_step_loss_weights(tiny_config(Path("x")).meta, 1) is None
 
 
 def test_multi_step_loss_in_training(tmp_path: Path, fake_data: list,

@@ -19,7 +19,7 @@ from tiny_run import TINY_OVERRIDES, fake_load_dataset, tiny_config
 
 from metagrad.algorithms import MetaBatchOutput
 from metagrad.errors import ConfigError, TrainingError
-from metagrad.training import TrainingInterrupted, evaluate_checkpoint, loop, run
+from metagrad.training import TrainingInterrupted, evaluate_checkpoint, loop, run, setup
 from metagrad.training.config import resolve_config
 from metagrad.training.metrics import COLUMNS, read_metrics
 
@@ -65,7 +65,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted run of the resume tests' configuration."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_dataset", fake_load_dataset())
+        mp.setattr(setup, "load_dataset", fake_load_dataset())
         run(tiny_config(run_dir, **RESUME_OVERRIDES), quiet=True)
     return run_dir
 
@@ -216,10 +216,10 @@ def test_signal_checkpoints_then_stops_and_resume_is_bit_identical(
 _KILL_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
-    from metagrad.training import loop, resolve_config, run
+    from metagrad.training import loop, resolve_config, run, setup
     torch.set_num_threads(1)  # as the tests' process
     from tiny_run import fake_load_dataset
-    loop.load_dataset = fake_load_dataset()
+    setup.load_dataset = fake_load_dataset()
     real = loop.compute_meta_gradients
     def slow(*args, **kwargs):  # so that the parent can kill the run mid-way
         time.sleep(0.3)
@@ -453,17 +453,17 @@ def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 
 
 def test_task_streams_are_independent_and_seeded() -> None:
-    draws = {purpose: torch.rand(4, generator=loop.task_generator(0, purpose)) for purpose in
+    draws = {purpose: torch.rand(4, generator=setup.task_generator(0, purpose)) for purpose in
              ("train", "validation", "test")}
     assert not torch.equal(draws["train"], draws["validation"])
-    assert torch.equal(torch.rand(4, generator=loop.task_generator(0, "train")), draws["train"])
-    assert not torch.equal(torch.rand(4, generator=loop.task_generator(1, "train")), draws["train"])
+    assert torch.equal(torch.rand(4, generator=setup.task_generator(0, "train")), draws["train"])
+    assert not torch.equal(torch.rand(4, generator=setup.task_generator(1, "train")), draws["train"])
 
 
 def test_resolve_device() -> None:
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert loop.resolve_device("auto").type == expected
-    assert loop.resolve_device("cpu") == torch.device("cpu")
+    assert setup.resolve_device("auto").type == expected
+    assert setup.resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
-            loop.resolve_device("cuda")
+            setup.resolve_device("cuda")

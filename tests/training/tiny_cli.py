@@ -21,7 +21,7 @@ import torch
 from tiny_run import fake_load_dataset
 
 from metagrad.cli import main
-from metagrad.training import loop
+from metagrad.training import loop, setup
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.chmod"}
@@ -61,7 +61,7 @@ def forbid_writes_under(folder: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as the in-process tests: bit-for-bit comparisons need the same count
-    loop.load_dataset = fake_load_dataset()
+    setup.load_dataset = fake_load_dataset()
     if os.environ.get("METAGRAD_TEST_KILL"):
         kill_at(*map(int, os.environ["METAGRAD_TEST_KILL"].split(":")))
     if os.environ.get("METAGRAD_TEST_READ_ONLY") and os.environ.get("RANK", "0") != "0":

@@ -16,8 +16,10 @@ from metagrad.training.config import (
     load_preset,
     resolve_config,
 )
-from metagrad.training.loop import TrainingInterrupted, evaluate_checkpoint, run
+from metagrad.training.evaluation import evaluate_checkpoint
+from metagrad.training.loop import run
 from metagrad.training.metrics import mean_ci95
+from metagrad.training.signals import TrainingInterrupted
 
 __all__ = [
     "Config",

@@ -13,6 +13,7 @@ Checkpoints written before checksums existed (the published ``results/*/best.pt`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from metagrad.data._io import content_digest
-from metagrad.errors import FileError, TrainingError, describe_os_error
+from metagrad.errors import ConfigError, FileError, TrainingError, describe_os_error
+from metagrad.training.config import CONFIG_NAME, Config, _flatten, config_to_dict
+from metagrad.types import Params
 
-__all__ = ["FORMAT_VERSION", "capture_rng_state", "load_checkpoint", "previous_path", "restore_rng_state",
-           "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "MODEL_SETTINGS", "RunState", "capture_rng_state", "check_model_settings",
+           "load_checkpoint", "previous_path", "restore_params", "restore_rng_state", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +158,69 @@ def restore_rng_state(
         gen.set_state(state["generators"][name])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint records about the run besides tensors."""
+
+    iteration: int = 0
+    best_val_accuracy: float | None = None
+    best_iteration: int | None = None
+    elapsed_s: float = 0.0  # wall time of the iterations done so far, over every resume
+
+
+MODEL_SETTINGS = ("data.dataset", "data.ways", "data.rotations", "model.name", "model.hidden_size",
+                  "model.strided", "model.norm_init")
+"""The settings a checkpoint's parameters depend on: a checkpoint fits only a config that agrees on them."""
+
+
+def restore_params(params: Params, checkpoint: dict[str, Any], path: Path, config: Config) -> None:
+    """Copy a checkpoint's parameters into ``params``, after checking that they belong to this model.
+
+    Raises:
+        ConfigError: the checkpoint was trained with other :data:`MODEL_SETTINGS` than ``config``, or a
+            parameter is missing, unknown or of another shape (the message names it).
+        TrainingError: the checkpoint holds no parameters, or NaN or infinite ones.
+    """
+    where = path.parent / CONFIG_NAME
+    check_model_settings(checkpoint, path, config)
+    saved = checkpoint.get("params")
+    if not isinstance(saved, dict) or not all(isinstance(t, Tensor) for t in saved.values()):
+        raise TrainingError(f"{path} holds no parameters: it is damaged or not a metagrad checkpoint")
+    unknown, missing = sorted(set(saved) - set(params)), sorted(set(params) - set(saved))
+    if unknown or missing:
+        what = (f"has a parameter {unknown[0]!r} that the model of {where} lacks" if unknown
+                else f"lacks the parameter {missing[0]!r} of the model of {where}")
+        raise ConfigError(f"{path} {what} ({config.model.name}): the checkpoint comes from another model; "
+                          "restore the run's config.json or use another checkpoint")
+    for name, tensor in saved.items():
+        if tensor.shape != params[name].shape:
+            raise ConfigError(
+                f"{path} does not fit the model of {where}: parameter {name} has shape "
+                f"{tuple(tensor.shape)} in the checkpoint but {tuple(params[name].shape)} with "
+                f"data.ways={config.data.ways}, "
+                f"model.hidden_size={config.model.hidden_size}; restore the settings it was trained with"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(f"{path} holds NaN or infinite values in {name}: it comes from a diverged "
+                                "run; use another checkpoint")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def check_model_settings(checkpoint: dict[str, Any], path: Path, config: Config) -> None:
+    """Raise ConfigError naming the first of :data:`MODEL_SETTINGS` in which the config the checkpoint
+    was trained with (when it records one) differs from ``config``."""
+    saved_config = checkpoint.get("config")
+    if not isinstance(saved_config, dict):
+        return  # best.pt before it recorded its config: restore_params checks the shapes
+    where = path.parent / CONFIG_NAME
+    ours, theirs = _flatten(config_to_dict(config)), _flatten(saved_config)
+    for key in MODEL_SETTINGS:
+        if key in theirs and theirs[key] != ours[key]:
+            raise ConfigError(
+                f"{path} was trained with {key}={theirs[key]!r} but {where} says {ours[key]!r}: they do not "
+                f"fit together; restore {key} in {where} (or use the checkpoint of that run)"
+            )

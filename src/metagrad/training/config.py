@@ -42,6 +42,7 @@ from metagrad.models import MODELS, NORM_INIT_MODELS
 from metagrad.models.layers import check_norm_init
 
 __all__ = [
+    "CONFIG_NAME",
     "DEFAULT_PRESET",
     "LEARNED_INNER_LRS",
     "LR_SCHEDULES",
@@ -63,6 +64,9 @@ __all__ = [
     "save_config",
     "validate_config",
 ]
+
+CONFIG_NAME = "config.json"
+"""A run folder's config file: ``metagrad train --config RUN/config.json`` repeats the run."""
 
 DEFAULT_PRESET = "omniglot-maml-5w1s"
 """The preset ``metagrad train`` uses when given none: the README's main job."""

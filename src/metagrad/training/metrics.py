@@ -17,14 +17,17 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from metagrad.errors import FileError, TrainingError, describe_os_error
 
-__all__ = ["COLUMNS", "MetricsWriter", "mean_ci95", "read_metrics"]
+if TYPE_CHECKING:
+    from metagrad.training.progress import Progress
+
+__all__ = ["COLUMNS", "MetricsWriter", "mean_ci95", "read_metrics", "report_row"]
 
 COLUMNS = ("step", "split", "loss", "acc", "sec_per_iter", "tasks_per_sec", "lr")
 
@@ -173,3 +176,10 @@ def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def report_row(row: dict[str, Any], writer: MetricsWriter | None, progress: Progress) -> None:
+    """Write a metric row to the run folder (rank 0: ``writer`` is None elsewhere) and show it."""
+    if writer is not None:
+        writer.write(row)
+    progress.row(row)

@@ -1,0 +1,151 @@
+"""What a run and an evaluation start from: the device, the task streams, the data, the model.
+
+:func:`prepare` is the one setup both :func:`metagrad.training.loop.run` and
+:func:`metagrad.training.evaluation.evaluate_checkpoint` use: it loads the splits, makes their task
+samplers and builds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import platform
+from typing import Any
+
+import torch
+from torch import nn
+
+import metagrad
+from metagrad import _openmp
+from metagrad.data.datasets import FewShotDataset, load_dataset
+from metagrad.data.episodes import EpisodeSampler
+from metagrad.errors import ConfigError
+from metagrad.models import NORM_INIT_MODELS, build_model
+from metagrad.training import distributed
+from metagrad.training.config import Config, DataConfig, ModelConfig
+from metagrad.training.distributed import ONE_PROCESS, World
+from metagrad.training.failures import out_of_memory
+from metagrad.types import Buffers, Params
+
+__all__ = [
+    "Prepared",
+    "load_splits",
+    "make_model",
+    "prepare",
+    "resolve_device",
+    "task_generator",
+    "versions",
+    "warn_if_spinning",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA if available, else Apple MPS, else CPU; other names are checked for availability.
+
+    Raises:
+        ConfigError: the requested device is not available on this machine.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: Apple MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def task_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one task stream (``"train"``, ``"validation"``, ``"test"``).
+
+    Each purpose gets its own seed, a hash of ``(seed, purpose)``, so that the streams are independent
+    and, e.g., changing ``eval_tasks`` does not change the training tasks.
+    """
+    digest = hashlib.sha256(f"metagrad/{seed}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def load_splits(data: DataConfig, splits: tuple[str, ...]) -> dict[str, FewShotDataset]:
+    options: dict[str, Any] = {"split_scheme": data.split_scheme}
+    if data.dataset == "omniglot":
+        options["rotations"] = data.rotations
+    if data.folder is not None:
+        options["folder"] = data.folder
+    return {
+        split: load_dataset(data.dataset, split, data_dir=data.data_dir, cache_dir=data.cache_dir, **options)
+        for split in splits
+    }
+
+
+def make_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    kwargs: dict[str, Any] = {}
+    if model_config.name == "omniglot-fc":
+        kwargs["input_size"] = math.prod(image_shape)
+    else:
+        kwargs["hidden_size"] = model_config.hidden_size
+    if model_config.name == "omniglot-cnn":
+        kwargs["strided"] = model_config.strided
+    if model_config.name in NORM_INIT_MODELS:
+        kwargs["norm_init"] = model_config.norm_init
+    try:
+        return build_model(model_config.name, ways, **kwargs)
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise ConfigError(f"the model ({model_config.name}, {ways} ways, hidden_size "
+                          f"{model_config.hidden_size}) does not fit in memory; choose a smaller "
+                          "model.hidden_size or data.ways") from None
+
+
+def versions() -> dict[str, str]:
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "metagrad": metagrad.__version__}
+
+
+def warn_if_spinning(device: torch.device) -> None:
+    warning = _openmp.spinning_warning(device.type, torch.get_num_threads())
+    if warning is not None:
+        logger.warning(warning)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What training and evaluation both start from: a sampler per split, the model, its tensors."""
+
+    samplers: dict[str, EpisodeSampler]
+    model: nn.Module
+    params: Params
+    buffers: Buffers
+
+
+def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, init_seed: int | None,
+            world: World = ONE_PROCESS) -> Prepared:
+    """Load ``splits`` (one process per node first, see ``distributed.local_main_first``), make a task
+    sampler for each, and build the model on ``device`` for the first split's image shape.
+
+    ``init_seed`` seeds torch before the model is built (training: the model's initialization, the same
+    in every process); None leaves torch's generator alone (evaluation restores the parameters).
+    Data comes first: a missing dataset or an impossible task shape fails before anything is written.
+    """
+    data = config.data
+    with distributed.local_main_first(world):  # one process per node downloads and decodes
+        datasets = load_splits(data, splits)
+    samplers = {
+        split: EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
+        for split, dataset in datasets.items()
+    }
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    model = make_model(config.model, data.ways, datasets[splits[0]].image_shape).to(device)
+    return Prepared(samplers, model, dict(model.named_parameters()), dict(model.named_buffers()))
