@@ -283,6 +283,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_kwargs(text: str | None) -> dict[str, Any]:
+    """``--kwargs``: a JSON object of constructor keywords, or nothing."""
+    try:
+        kwargs = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--kwargs is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--kwargs must be a JSON object, e.g. '{\"ways\": 5}'")
+    return kwargs
+
+
 def _user_model(spec: str, kwargs_json: str | None) -> Any:
     """The object named by ``FILE.py:NAME`` or ``MODULE:NAME``, called with ``kwargs_json``'s keywords."""
     import importlib.util
@@ -291,12 +302,7 @@ def _user_model(spec: str, kwargs_json: str | None) -> Any:
     if not location or not name:
         raise ConfigError(f"model {spec!r}: expected a registered name ({', '.join(sorted(MODELS))}), "
                           "FILE.py:NAME or MODULE:NAME")
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--kwargs is not JSON: {err}") from None
-    if not isinstance(kwargs, dict):
-        raise ConfigError("--kwargs must be a JSON object, e.g. '{\"ways\": 5}'")
+    kwargs = _json_kwargs(kwargs_json)
     if location.endswith(".py"):
         path = Path(location).expanduser()
         if not path.is_file():
@@ -326,8 +332,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from metagrad.models import build_model
 
     if args.model in MODELS:
-        kwargs = json.loads(args.kwargs) if args.kwargs else {}
-        model = build_model(args.model, args.ways, **kwargs)
+        model = build_model(args.model, args.ways, **_json_kwargs(args.kwargs))
         default_shape = IMAGE_SHAPES["mini-imagenet" if "imagenet" in args.model else "omniglot"]
     else:
         model = _user_model(args.model, args.kwargs)

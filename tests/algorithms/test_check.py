@@ -86,3 +86,8 @@ def test_bench_checks_a_presets_model() -> None:
 
     report = check_preset_model(load_preset("omniglot-fomaml-5w1s"))
     assert report.ok and report.model == "OmniglotCNN" and report.strategy == "batched", str(report)
+
+
+def test_cli_check_refuses_kwargs_that_are_not_a_json_object(capsys: pytest.CaptureFixture) -> None:
+    assert main(["check", "omniglot-fc", "--kwargs", "{bad"]) == 2
+    assert "--kwargs is not JSON" in capsys.readouterr().err

@@ -528,6 +528,7 @@ def chunk_gradients(
     wrt = {**params, **meta_rates(inner_lr)}  # the model's parameters, then the learned rates
     names = list(wrt)
     trainable = [n for n in names if wrt[n].requires_grad]
+    frozen = _frozen(params)
     losses, accs = [], []
     total = torch.zeros(sum(p.numel() for p in wrt.values()), dtype=torch.float64,
                         device=next(iter(params.values())).device)
@@ -536,7 +537,7 @@ def chunk_gradients(
         try:
             task_loss, task_acc = _task_losses(
                 algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
-                first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=_frozen(params),
+                first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=frozen,
                 step_weights=step_weights,
             )
             chunk_grads = dict(zip(trainable, torch.autograd.grad(
