@@ -209,11 +209,22 @@ def replay_running_stats(buffers: Buffers, mode: ExactFunctions, stats: tuple[Te
             unbiased variance alternating, one pair per entry of ``mode.updates``.
         tasks: T.
     """
-    for t in range(tasks):
-        for update, mean, var in zip(mode.updates, stats[0::2], stats[1::2]):
-            m = update.momentum
-            buffers[update.mean].mul_(1 - m).add_(mean[t].to(buffers[update.mean].dtype), alpha=m)
-            buffers[update.var].mul_(1 - m).add_(var[t].to(buffers[update.var].dtype), alpha=m)
+    # n updates r <- (1 - m) r + m x_k in a row are r (1 - m)^n + sum_k m (1 - m)^(n-1-k) x_k: one weighted
+    # sum per buffer over its statistics in the loop's order (task-major, then call order).
+    calls: dict[tuple[str, str, float], list[int]] = {}
+    for i, update in enumerate(mode.updates):
+        calls.setdefault((update.mean, update.var, update.momentum), []).append(i)
+    if len({name for key in calls for name in key[:2]}) < 2 * len(calls):  # F.batch_norm called by hand
+        raise ConfigError("one BatchNorm buffer is updated with two momenta; pass vectorize=False "
+                          "(CLI: --no-vectorize) to run one task at a time")
+    for (mean_name, var_name, m), indices in calls.items():
+        n = tasks * len(indices)
+        for name, offset in ((mean_name, 0), (var_name, 1)):
+            buffer = buffers[name]
+            seq = torch.stack([stats[2 * i + offset] for i in indices], dim=1).reshape(n, -1)  # (T*calls, C)
+            weights = m * (1 - m) ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=seq.device)
+            total = (weights[:, None] * seq.double()).sum(dim=0) + (1 - m) ** n * buffer.double().reshape(-1)
+            buffer.copy_(total.view_as(buffer).to(buffer.dtype))
     for name, count in mode.counts.items():
         buffers[name].add_(count * tasks)
 
