@@ -5,7 +5,9 @@ a training. This times ``metagrad bench``'s meta-training step on the CPU, also 
 preset's shapes on random data: task sampling, meta-batch loss, backward, Adam), one child process per
 arm, each arm an environment:
 
-- ``metagrad``: what the ``metagrad`` command sets before torch loads (``metagrad._openmp.SETTING``);
+- ``metagrad``: what the ``metagrad`` command does: its OpenMP setting before torch loads
+  (``metagrad._openmp.SETTING``), then threads that follow the free cores (``metagrad.training.threads``);
+- ``follow-spin-N``: ``GOMP_SPINCOUNT=N`` with threads that follow the free cores, e.g. ``follow-spin-30000``;
 - ``libgomp-default``: neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` set (spin 300,000 times, then
   sleep): what a script that imports torch gets;
 - ``passive``, ``active``: ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) or ``ACTIVE`` (spin always);
@@ -55,7 +57,8 @@ HERE = Path(__file__).resolve().parent
 ARMS = ("metagrad", "libgomp-default", "passive", "active", "spin-1000", "spin-10000", "spin-100000",
         "one-thread", "learn2learn")
 SCENARIOS = ("idle", "neighbour")
-OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "METAGRAD_OMP_WAIT")
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "METAGRAD_OMP_WAIT",
+                    "METAGRAD_THREADS")
 IDLE_TARGET = 1.6  # metagrad at least this many times learn2learn's speed on idle cores
 NEIGHBOUR_TARGET = 2.0  # no step beside the neighbour slower than this many one-thread steps
 
@@ -68,13 +71,13 @@ def arm_environment(arm: str) -> dict[str, str]:
         return {"OMP_WAIT_POLICY": arm.upper()}
     if arm == "one-thread":
         return {"OMP_NUM_THREADS": "1"}
-    match = re.fullmatch(r"spin-(\d+)", arm)
+    match = re.fullmatch(r"(?:follow-)?spin-(\d+)", arm)
     if match is None:
-        raise ValueError(f"unknown arm {arm!r}: expected one of {', '.join(ARMS)} or spin-N")
+        raise ValueError(f"unknown arm {arm!r}: expected one of {', '.join(ARMS)}, spin-N or follow-spin-N")
     return {"GOMP_SPINCOUNT": match.group(1)}
 
 
-def child(preset: str, iterations: int, warmup: int, tune: bool) -> None:
+def child(preset: str, iterations: int, warmup: int, tune: bool, follow: bool) -> None:
     """Print one JSON line with the settings in effect, then one per timed iteration."""
     if tune:  # as metagrad/__main__.py does, before torch loads
         from metagrad import _openmp
@@ -83,6 +86,10 @@ def child(preset: str, iterations: int, warmup: int, tune: bool) -> None:
     import torch
 
     from metagrad.bench import run_bench
+    from metagrad.training import threads
+
+    if follow:  # as metagrad/cli.py does for train, eval and bench
+        threads.follow_free_cores()
 
     config = cpu_preset(preset)
     print(json.dumps({"threads": torch.get_num_threads(), "device": config.run.device,
@@ -92,7 +99,8 @@ def child(preset: str, iterations: int, warmup: int, tune: bool) -> None:
     for i in range(warmup + iterations):
         result = run_bench(config, iterations=1, warmup=0, count_flops=False, report=False)
         if i >= warmup:
-            print(json.dumps({"sec": result["sec_per_iter"]}), flush=True)
+            print(json.dumps({"sec": result["sec_per_iter"], "threads_now": torch.get_num_threads()}),
+                  flush=True)
 
 
 def cpu_preset(preset: str) -> Any:
@@ -121,7 +129,8 @@ def arm_command(arm: str, args: argparse.Namespace) -> list[str]:
                 "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
     command = [sys.executable, __file__, "--child", "--preset", args.preset, "--iterations",
                str(args.iterations), "--warmup", str(args.warmup)]
-    return command + (["--tune"] if arm == "metagrad" else [])
+    return command + (["--tune"] if arm == "metagrad" else []) + (
+        ["--follow"] if arm == "metagrad" or arm.startswith("follow-") else [])
 
 
 def run_arm(arm: str, scenario: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="omniglot-maml-5w1s")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
-                        help=f"from {', '.join(ARMS)} or spin-N (default: all those)")
+                        help=f"from {', '.join(ARMS)}, spin-N or follow-spin-N (default: all those)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per child")
@@ -220,12 +229,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--neighbour-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for arm in args.arms:
         arm_environment(arm)  # an unknown arm fails here, before anything runs
     if args.child:
-        child(args.preset, args.iterations, args.warmup, args.tune)
+        child(args.preset, args.iterations, args.warmup, args.tune, args.follow)
         return 0
     if args.neighbour_loop:
         import torch

@@ -42,6 +42,7 @@ from metagrad.algorithms.meta_batch import strategy_for
 from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
+from metagrad.training import threads
 from metagrad.training.config import Config
 from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
 from metagrad.training.schedule import iteration_settings, multi_step_loss_weights
@@ -175,6 +176,7 @@ def run_bench(
 
     times = []
     for i in range(warmup + iterations):
+        threads.tick()  # outside the timed step, as training does between steps
         _sync(device)
         start = time.perf_counter()
         step()

@@ -389,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                "                     heap (faster on CPU, some more peak memory; glibc only)\n"
                "  METAGRAD_OMP_WAIT  'default' keeps libgomp's own waiting; otherwise the command sets\n"
                f"                     {_omp_setting()} before torch loads, unless OMP_WAIT_POLICY or\n"
-               "                     GOMP_SPINCOUNT is set (how idle CPU threads wait; results unchanged)",
+               "                     GOMP_SPINCOUNT is set (how idle CPU threads wait; results unchanged)\n"
+               "  METAGRAD_THREADS   'fixed' keeps torch's CPU thread count (as OMP_NUM_THREADS does);\n"
+               "                     otherwise train, eval and bench use as many threads as other processes\n"
+               "                     leave free, checked each second (Linux; at most torch's default)",
     )
     parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")
@@ -549,6 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metagrad.training.malloc import keep_freed_memory
 
         keep_freed_memory()  # reuse freed activations instead of faulting them in again every step
+        from metagrad.training.threads import follow_free_cores
+
+        follow_free_cores()  # as many CPU threads as other processes leave cores free (METAGRAD_THREADS)
     try:
         return args.func(args)
     except MetagradError as exc:
@@ -566,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("interrupted", sys.stderr)
         return 130
     finally:
+        from metagrad.training import threads
+
+        threads.stop()
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
         for stream in (sys.stdout, sys.stderr):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from metagrad import algorithms
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
-from metagrad.training import distributed
+from metagrad.training import distributed, threads
 from metagrad.training.checkpoint import RunState, check_model_settings, load_checkpoint, restore_params
 from metagrad.training.config import (
     CONFIG_NAME,
@@ -82,6 +82,7 @@ def score_tasks(
     meta = config.meta
     losses, accs, indices = [], [], []
     for start in range(0, num_tasks, meta.meta_batch_size):
+        threads.tick()
         if stop is not None:
             stop.check(world)
         episode = sampler.sample(min(meta.meta_batch_size, num_tasks - start), generator)

@@ -55,7 +55,7 @@ from metagrad import algorithms
 from metagrad.algorithms import MetaBatchOutput
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError, FileError, ResultNotSaved, TrainingError
-from metagrad.training import distributed
+from metagrad.training import distributed, threads
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     RunState,
@@ -324,6 +324,7 @@ def _train(
         )
 
     while state.iteration < meta.iterations:
+        threads.tick()  # the command's CPU threads follow the free cores (a no-op in a library call)
         iteration = state.iteration + 1
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
