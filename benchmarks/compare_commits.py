@@ -31,7 +31,9 @@ from l2l_baseline import CONFIGS  # the configs a, b, c, d live beside the basel
 
 
 def _bench(src: Path, preset: str, iterations: int, threads: int | None) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    # the code is compared, not the process tuning: a thread count that follows the load would differ
+    # between the two commits' runs (an older commit ignores the variable)
+    env = {**os.environ, "PYTHONPATH": str(src), "METAGRAD_THREADS": "fixed"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "metagrad", "bench", "--preset", preset, "--iterations", str(iterations),
