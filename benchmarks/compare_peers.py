@@ -135,9 +135,9 @@ def speed_table(summaries: dict[str, list[dict[str, Any]]], peers: list[str], mi
                 else:
                     sec, peak = s["sec_per_iter"][lib], s["peak_mem_mb"][lib]
                     cells.append(f"{_cell(sec, '.3f')} ({_cell(peak, '.0f')})")
-            best = "" if s["best_peer"] is None else f" ({LABELS[s['best_peer']]})"
-            rows.append(f"| {threads} | {s['config']} | " + " | ".join(cells)
-                        + f" | {_cell(s['speedup_vs_best_peer'], '.2f')}x{best} |")
+            speedup = "n/a" if s["speedup_vs_best_peer"] is None else (
+                f"{s['speedup_vs_best_peer']:.2f}x ({LABELS[s['best_peer']]})")
+            rows.append(f"| {threads} | {s['config']} | " + " | ".join(cells) + f" | {speedup} |")
     return "\n".join(rows)
 
 
@@ -167,7 +167,7 @@ def check_table(checks: dict[str, dict[str, dict[str, Any]]], peers: list[str], 
     return "\n".join(rows)
 
 
-def write_check_file(config: str, path: Path, *, tasks: int, seed: int = 0) -> None:
+def write_check_file(config: str, path: Path, *, tasks: int, ways: int | None = None, seed: int = 0) -> None:
     """Writes metagrad's float64 meta-gradient on random tasks of ``config``, with the weights and tasks."""
     import torch
     from l2l_baseline import _random_tasks
@@ -177,7 +177,8 @@ def write_check_file(config: str, path: Path, *, tasks: int, seed: int = 0) -> N
     from metagrad.training.config import load_preset
     from metagrad.training.setup import make_model
 
-    cfg = {**CONFIGS[config], "meta_batch_size": tasks}
+    overrides = {"meta_batch_size": tasks, **({} if ways is None else {"ways": ways})}  # tests: fewer ways
+    cfg = {**CONFIGS[config], **overrides}
     preset = load_preset(cfg["preset"])
     torch.manual_seed(seed)
     model = make_model(preset.model, cfg["ways"], IMAGE_SHAPES[cfg["model"]]).double()
@@ -189,7 +190,7 @@ def write_check_file(config: str, path: Path, *, tasks: int, seed: int = 0) -> N
                              inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
     out.loss.backward()
     ordered = canonical_parameters(model, (BatchNorm,))
-    torch.save({"config": config, "overrides": {"meta_batch_size": tasks},
+    torch.save({"config": config, "overrides": overrides,
                 "weights": [p.detach().clone() for p in ordered], "grads": [p.grad.clone() for p in ordered],
                 "support_x": support_x, "support_y": support_y, "query_x": query_x, "query_y": query_y}, path)
 
