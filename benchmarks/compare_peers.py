@@ -269,6 +269,9 @@ def run_speed(args: argparse.Namespace, pythons: dict[str, str], missing: dict[s
           "peak RSS in MB (max over rounds); speed-up = median of same-round (fastest peer / metagrad).")
     for peer, why in missing.items():
         print(f"{LABELS[peer]} missing: {why}")
+    if "torch.func" in peers:
+        print("torch.func is timed as its example is written, though under vmap its second-order "
+              "meta-gradient through torch's BatchNorm is inexact in torch 2.13 (MAML configs; see --check).")
     print()
     print(speed_table(summaries, peers, missing))
     report = {"machine": platform.machine(), "cpus": os.cpu_count(), "rounds": args.rounds,

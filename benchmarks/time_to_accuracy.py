@@ -338,7 +338,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
             ax.errorbar(xs, ys, yerr=ci, marker="o", capsize=3, label=library)
     ax.set_xlabel("training seconds (evaluation excluded)")
     ax.set_ylabel("test accuracy (%), 95% CI")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
