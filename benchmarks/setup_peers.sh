@@ -85,7 +85,6 @@ setup() {  # setup PEER: creates or reuses .bench/PEER-venv; prints "PEER PYTHON
             "$venv/bin/python" -m pip --disable-pip-version-check -q install "torch==$torch_version" \
                 "$peer==${!version}" >&2 \
                 || { echo "FAILED $peer: pip install $peer==${!version}" >&2; return 1; } ;;
-        *) echo "FAILED $peer: unknown peer (expected l2l, higher or torchopt)" >&2; return 1 ;;
     esac
     if ! check "$peer" "$venv"; then
         echo "FAILED $peer: installed, but \`$(check_command "$peer")\` fails in $venv" >&2
@@ -99,6 +98,12 @@ setup() {  # setup PEER: creates or reuses .bench/PEER-venv; prints "PEER PYTHON
 mkdir -p "$bench_dir"
 peers=("$@")
 [[ ${#peers[@]} -eq 0 ]] && peers=(l2l higher torchopt)
+for peer in "${peers[@]}"; do  # before any download: a typo costs nothing
+    case "$peer" in
+        l2l | higher | torchopt) ;;
+        *) echo "setup_peers.sh: unknown peer '$peer' (expected l2l, higher or torchopt)" >&2; exit 2 ;;
+    esac
+done
 failed=()
 for peer in "${peers[@]}"; do
     setup "$peer" || failed+=("$peer")
