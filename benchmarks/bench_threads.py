@@ -14,7 +14,7 @@ arm, each arm an environment:
 - ``spin-N``: ``GOMP_SPINCOUNT=N`` (spin N times, then sleep), e.g. ``spin-10000``;
 - ``one-thread``: ``OMP_NUM_THREADS=1``, the reference of the neighbour target;
 - ``learn2learn``: learn2learn 0.2.0's ``clone()``/``adapt()`` loop on the same shapes
-  (``l2l_baseline.py``; needs ``setup_learn2learn.sh`` or ``--l2l-python``) as installed: torch's default
+  (``l2l_baseline.py``; needs ``setup_peers.sh l2l`` or ``--l2l-python``) as installed: torch's default
   threads and libgomp's default waiting. Idle scenario only.
 
 in two scenarios:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-timeout", type=float, default=60.0,
                         help="seconds before a child is stopped and reported as stalled")
     parser.add_argument("--l2l-python",
-                        help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
+                        help="a python with learn2learn 0.2.0 (default: run setup_peers.sh l2l)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--follow", action="store_true", help=argparse.SUPPRESS)
@@ -251,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         if l2l_config(args.preset) is None:
             parser.error(f"learn2learn has no config with {args.preset}'s shapes (l2l_baseline.CONFIGS)")
         if args.l2l_python is None:
-            setup = subprocess.run(["bash", str(HERE / "setup_learn2learn.sh")], capture_output=True,
+            setup = subprocess.run(["bash", str(HERE / "setup_peers.sh"), "l2l"], capture_output=True,
                                    text=True, check=False)
             if setup.returncode != 0:
-                parser.error(f"setup_learn2learn.sh failed: {setup.stderr.strip()[-500:]}")
-            args.l2l_python = setup.stdout.strip().splitlines()[-1]
+                parser.error(f"setup_peers.sh l2l failed: {setup.stderr.strip()[-500:]}")
+            args.l2l_python = setup.stdout.strip().splitlines()[-1].split(" ", 1)[1]  # "l2l PYTHON"
     autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     print(json.dumps({"cpus": len(os.sched_getaffinity(0)), "load_avg": os.getloadavg()[0],
                       "autogroup": autogroup.read_text().strip() if autogroup.exists() else None,

@@ -1,7 +1,7 @@
 """metagrad against learn2learn 0.2.0, interleaved in one run: seconds per iteration, ratio, peak memory.
 
 For each round and each config, runs learn2learn's baseline (``l2l_baseline.py`` in the venv made by
-``setup_learn2learn.sh``) and ``metagrad bench --preset ... --json`` (this interpreter) one after the
+``setup_peers.sh``) and ``metagrad bench --preset ... --json`` (this interpreter) one after the
 other, each in its own process so that peak RSS is per run; the order alternates between rounds so
 that neither library always runs second on a machine whose load drifts. The speed-up of a config is
 the median over rounds of the same-round ratio learn2learn s/iter / metagrad s/iter.
@@ -56,7 +56,7 @@ def setup_learn2learn(l2l_python: str | None) -> tuple[str | None, str | None]:
     if l2l_python:
         command = [l2l_python, str(HERE / "l2l_baseline.py"), "--check"]
     else:
-        command = ["bash", str(HERE / "setup_learn2learn.sh")]
+        command = ["bash", str(HERE / "setup_peers.sh"), "l2l"]
     print(f"setting up learn2learn: {' '.join(command)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -64,7 +64,7 @@ def setup_learn2learn(l2l_python: str | None) -> tuple[str | None, str | None]:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         return None, f"`{' '.join(command)}` exited {proc.returncode}: {tail}"
     print(f"learn2learn ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    return (l2l_python or proc.stdout.strip().splitlines()[-1]), None
+    return (l2l_python or proc.stdout.strip().splitlines()[-1].split(" ", 1)[1]), None  # "l2l PYTHON"
 
 
 def run_json(command: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                              "learn2learn gets libgomp's default), or this OMP_WAIT_POLICY for both "
                              "(default: $OMP_WAIT_POLICY, else installed); matters from 2 threads on")
     parser.add_argument("--l2l-python",
-                        help="a python with learn2learn 0.2.0 (default: run setup_learn2learn.sh)")
+                        help="a python with learn2learn 0.2.0 (default: run setup_peers.sh l2l)")
     parser.add_argument("--l2l-malloc", choices=("default", "keep"), default="default",
                         help="learn2learn's C allocator: as it runs out of the box (default), or "
                              "keeping freed memory as metagrad's commands do (glibc's MALLOC_MMAP_MAX_=0 "

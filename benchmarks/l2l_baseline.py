@@ -1,6 +1,6 @@
 """learn2learn 0.2.0 baseline: times its MAML ``clone()``/``adapt()`` loop the way its vision examples do.
 
-Runs inside the virtual environment made by ``setup_learn2learn.sh`` (torch, numpy, scipy and learn2learn;
+Runs inside the virtual environment made by ``setup_peers.sh`` (torch, numpy, scipy and learn2learn;
 no metagrad). learn2learn's package ``__init__`` imports torchvision, gym and more, which are not installed
 there (torchvision does not import beside this torch), so :func:`import_learn2learn` loads only
 ``learn2learn.algorithms.maml``, ``learn2learn.utils``, ``learn2learn.nn`` and
@@ -80,7 +80,7 @@ def import_learn2learn() -> types.SimpleNamespace:
     spec = importlib.util.find_spec("learn2learn")  # locates the package without executing it
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"learn2learn is not installed for {sys.executable}; run benchmarks/setup_learn2learn.sh")
+            f"learn2learn is not installed for {sys.executable}; run benchmarks/setup_peers.sh")
     root = Path(next(iter(spec.submodule_search_locations)))
     # Empty stand-ins for the packages whose __init__ pulls torchvision, gym, lightning...
     # learn2learn.utils and learn2learn.nn keep their real __init__ (they import only torch).
@@ -132,12 +132,17 @@ def _build(l2l: types.SimpleNamespace, cfg: dict[str, Any]) -> torch.nn.Module:
     raise ValueError(f"unknown model {cfg['model']!r}; expected one of {sorted(IMAGE_SHAPES)}")
 
 
-def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.device):
-    """Returns ``step(support_x, support_y, query_x, query_y)``: one meta-training iteration as the
-    examples do."""
-    model = _build(l2l, cfg).to(device)
+def make_meta_backward(l2l: types.SimpleNamespace, cfg: dict[str, Any], model: torch.nn.Module, *,
+                       joint_features: bool = True):
+    """Returns ``(meta_backward, parameters)``: ``meta_backward(support_x, support_y, query_x, query_y)``
+    zeroes the gradients and fills ``parameters``' ``.grad`` with the mean meta-gradient, as the examples do.
+
+    ``joint_features``: ANIL's body runs on support and query together (anil_fc100.py), so BatchNorm
+    normalizes them with one set of statistics; False runs it on each alone, metagrad's (and MAML's)
+    convention, which ``compare_peers.py --check`` needs to compare meta-gradients.
+    """
     loss_fn = torch.nn.CrossEntropyLoss(reduction="mean")
-    steps, meta_batch_size = cfg["inner_steps"], cfg["meta_batch_size"]
+    steps = cfg["inner_steps"]  # the meta-batch is the tasks given (--check passes fewer)
 
     if cfg["algorithm"] == "anil":
         # anil_fc100.py: the body runs on the whole task (support and query together), MAML wraps the head.
@@ -148,17 +153,20 @@ def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.dev
         features = None
         head = l2l.MAML(model, lr=cfg["inner_lr"], first_order=cfg["first_order"])
         parameters = list(head.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=META_LR)
 
-    def step(support_x, support_y, query_x, query_y) -> float:
-        optimizer.zero_grad()
+    def meta_backward(support_x, support_y, query_x, query_y) -> float:
+        for p in parameters:
+            p.grad = None  # optimizer.zero_grad()
         meta_error = 0.0
-        for task in range(meta_batch_size):
+        tasks = support_x.shape[0]
+        for task in range(tasks):
             learner = head.clone()
             sx, sy, qx, qy = support_x[task], support_y[task], query_x[task], query_y[task]
-            if features is not None:
+            if features is not None and joint_features:
                 embedded = features(torch.cat([sx, qx]))  # (N*K + N*Q, D)
                 sx, qx = embedded[: sx.shape[0]], embedded[sx.shape[0]:]
+            elif features is not None:
+                sx, qx = features(sx), features(qx)  # (N*K, D), (N*Q, D)
             for _ in range(steps):
                 learner.adapt(loss_fn(learner(sx), sy))
             logits = learner(qx)
@@ -167,9 +175,23 @@ def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.dev
             meta_error += error.item()
             _accuracy(logits, qy).item()  # the examples log it every task
         for p in parameters:
-            p.grad.data.mul_(1.0 / meta_batch_size)
+            p.grad.data.mul_(1.0 / tasks)
+        return meta_error / tasks
+
+    return meta_backward, parameters
+
+
+def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.device):
+    """Returns ``step(support_x, support_y, query_x, query_y)``: one meta-training iteration as the
+    examples do."""
+    model = _build(l2l, cfg).to(device)
+    meta_backward, parameters = make_meta_backward(l2l, cfg, model)
+    optimizer = torch.optim.Adam(parameters, lr=META_LR)
+
+    def step(support_x, support_y, query_x, query_y) -> float:
+        meta_error = meta_backward(support_x, support_y, query_x, query_y)
         optimizer.step()
-        return meta_error / meta_batch_size
+        return meta_error
 
     return step
 

@@ -1,7 +1,7 @@
 """learn2learn 0.2.0's own tests and examples, fetched from PyPI and pointed at metagrad's compat layer.
 
 ``fetch_sdist`` downloads learn2learn's source distribution with pip (once, into ``.bench/`` beside the
-checkout, the folder ``benchmarks/setup_learn2learn.sh`` uses; ``$METAGRAD_L2L_SDIST`` names an
+checkout, the folder ``benchmarks/setup_peers.sh`` uses; ``$METAGRAD_L2L_SDIST`` names an
 existing one) and checks its SHA-256. ``extract`` unpacks the files asked for with the import line
 rewritten: ``import learn2learn as l2l`` -> ``import metagrad.compat.learn2learn as l2l`` and
 ``from learn2learn...`` likewise. Nothing else in them changes, and nothing of learn2learn is vendored.
