@@ -91,6 +91,7 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("meta.iterations_per_epoch", "an epoch is this many iterations (MAML++'s code: 500); 0: no epochs"),
     ("meta.first_order_epochs", "first order for this many epochs, then second order (MAML++'s DA)"),
     ("meta.msl_epochs", "weigh the query losses after every inner step for this many epochs (MAML++'s MSL)"),
+    ("meta.per_step_bn", "a BatchNorm weight and bias per inner step, meta-learned, not adapted (BNWB)"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 

@@ -137,6 +137,8 @@ class MetaConfig:
     first_order_epochs: int = 0  # MAML++'s DA: first order for the first E epochs, second order after
     msl_epochs: int = 0  # MAML++'s MSL: for the first E epochs the loss weighs the query losses after every
     #                     inner step, annealed towards the last one's (0: the last step's loss only)
+    per_step_bn: bool = False  # MAML++'s BNWB: each BatchNorm weight and bias once per inner step (step k's
+    #                           forwards use copy k, later test steps the last), meta-learned, not adapted
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
     tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
     #                          N tasks' graphs alive at once (lower peak memory, usually slower)
@@ -492,6 +494,9 @@ def validate_config(config: Config) -> Config:
     if meta.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
     _check_epochs(meta)
+    if meta.per_step_bn and meta.algorithm == "anil":
+        raise ConfigError("meta.per_step_bn (MAML++'s per-step BatchNorm weights) needs an inner loop "
+                          "that runs the whole network at each step: use algorithm maml or fomaml or drop it")
 
     if not 0 <= run.seed < 2**63:
         raise ConfigError(f"run.seed (--seed) must be in [0, 2**63), got {run.seed}")
