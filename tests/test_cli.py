@@ -150,6 +150,29 @@ def test_bench_a_mamlpp_preset(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert (bench["ways"], bench["inner_steps"], bench["meta_batch_size"]) == (5, 5, 2)
 
 
+def test_keep_best_and_eval_ensemble_through_the_cli(tmp_path: Path, fake_data: None,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "kept"
+    code, _out, err = _main(capsys, "train", *TINY, "--iterations", "4", "--eval-every", "1", "--set",
+                            "run.keep_best=2", "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert len(list((run_dir / "top").glob("iteration_*.pt"))) == 2
+    code, out, err = _main(capsys, "eval", str(run_dir), "--ensemble", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert "ensemble of the 2 best checkpoints" in out.splitlines()[0]
+    assert result["ensemble_members"] == 2 and len(result["checkpoints"]) == 2
+    assert json.loads((run_dir / "results.json").read_text())["ensembles"]["2"]["ensemble_test_accuracy"] == \
+        result["ensemble_test_accuracy"]
+    code, _out, err = _main(capsys, "eval", str(run_dir), "--ensemble", "3")
+    assert code == 2 and "train with --set run.keep_best=3" in err and "Traceback" not in err
+    code, _out, err = _main(capsys, "eval", str(run_dir), "--ensemble", "2", "--checkpoint", "latest")
+    assert code == 2 and "drop --checkpoint latest" in err
+    help_text = " ".join(_main(capsys, "eval", "--help")[1].split())
+    assert "--ensemble K" in help_text and "softmax probabilities averaged" in help_text
+    assert "run.keep_best" in " ".join(_main(capsys, "train", "--help")[1].split())
+
+
 def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import os

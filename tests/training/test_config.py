@@ -51,6 +51,7 @@ def test_mamlpp_presets_follow_the_reference_configs(name: str) -> None:
     assert (meta.iterations_per_epoch, meta.iterations) == (500, 50_000)
     assert (model.strided, model.norm_init, config.run.eval_every, config.run.test_tasks) == (
         False, "ones", 500, 600)
+    assert config.run.keep_best == 5  # max_models_to_save: the paper's top-5 test ensemble
     if name.startswith("omniglot"):
         assert (data.query_shots, model.name, model.hidden_size) == (1, "omniglot-cnn", 64)
         assert (meta.meta_batch_size, meta.inner_lr, meta.msl_epochs) == (8, 0.1, 10)

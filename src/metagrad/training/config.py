@@ -155,6 +155,7 @@ class RunConfig:
     eval_tasks: int = 100  # validation tasks per evaluation (the same tasks every time)
     test_tasks: int = 600  # meta-test tasks at the end (600 as in the papers)
     checkpoint_every: int = 500  # write latest.pt every this many iterations (and on SIGINT/SIGTERM)
+    keep_best: int = 1  # keep this many best validation checkpoints (K > 1: in top/, for eval --ensemble K)
     log_every: int = 100  # without a terminal: one progress line every this many iterations
     dist_timeout_s: float = 600.0  # under torchrun: how long a process waits for the others, then fails
 
@@ -505,6 +506,7 @@ def validate_config(config: Config) -> Config:
     for name in ("eval_every", "eval_tasks", "checkpoint_every", "log_every"):
         _positive(f"run.{name} (--{name.replace('_', '-')})", getattr(run, name))
     _positive("run.dist_timeout_s (--dist-timeout)", run.dist_timeout_s)
+    _positive("run.keep_best (--set run.keep_best=K)", run.keep_best, " (1 keeps best.pt alone)")
     if run.test_tasks < 2:
         raise ConfigError(
             f"run.test_tasks (--test-tasks) must be at least 2 (a confidence interval needs 2 tasks), "
