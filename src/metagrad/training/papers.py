@@ -23,8 +23,8 @@ _FINN_FO = 'Finn et al. 2017, Table 1, "MAML, first order approx."'
 _ANIL = "Raghu et al. 2020, Table 2, mean +/- std over 3 seeds"
 _ANIL_5WAY = "none published (ANIL reports 20-way Omniglot only)"
 _META_SGD = "Li et al. 2017, Table 1; quoted from memory, not verified against the paper"
-_META_SGD_MINI = ("Li et al. 2017, Table 1; the mean as wizwand.com's listing of the paper gives it, the spread "
-                  "and the table not verified")
+_META_SGD_MINI = ("Li et al. 2017, Table 1; the mean as wizwand.com's listing of the paper gives it, the "
+                  "spread and the table not verified")
 _MAMLPP_OMNIGLOT = ("Antoniou et al. 2019, Table 1, as paperswithcode.com lists it; spread and table not "
                     "verified; an ensemble of the 5 best checkpoints")
 _MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it; not verified against the "
