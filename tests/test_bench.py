@@ -14,7 +14,15 @@ from repo_scripts import load_script
 
 from metagrad.bench import run_bench
 from metagrad.errors import ConfigError
-from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig, RunConfig
+from metagrad.training.config import (
+    Config,
+    DataConfig,
+    MetaConfig,
+    ModelConfig,
+    RunConfig,
+    list_presets,
+    load_preset,
+)
 
 REQUIRED = ("sec_per_iter", "tasks_per_sec", "peak_mem_mb")
 
@@ -51,6 +59,18 @@ def test_bench_runs_learned_rates_and_the_first_iterations_maml_plus_plus_settin
     reported = (result["learned_inner_lr"], result["multi_step_loss"], result["first_order"])
     assert reported == (learned, True, True)
     assert result["sec_per_iter"] > 0
+
+
+@pytest.mark.parametrize("preset", [name for name in list_presets() if "mamlpp" in name])
+def test_every_mamlpp_preset_benches(preset: str) -> None:
+    # the preset's task shapes, inner steps and MAML++ options (BNWB included) on a narrow network
+    config = load_preset(preset)
+    config = replace(config, model=replace(config.model, hidden_size=4),
+                     meta=replace(config.meta, meta_batch_size=1))
+    result = run_bench(config, iterations=1, warmup=0, report=False, count_flops=False)
+    assert (result["per_step_bn"], result["learned_inner_lr"], result["multi_step_loss"]) == (
+        True, "per-layer-per-step", True)
+    assert result["strategy"] == "batched" and result["sec_per_iter"] > 0
 
 
 def test_json_output_is_last_line(capsys: pytest.CaptureFixture[str]) -> None:

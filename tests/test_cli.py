@@ -103,6 +103,76 @@ def test_meta_sgd_preset_trains_and_evaluates(tmp_path: Path, fake_data: None,
     assert json.loads(out.splitlines()[-1])["test_accuracy"] == results["test_accuracy"]
 
 
+MAMLPP_PRESETS = [f"omniglot-mamlpp-{ways}w{shots}s" for ways in (5, 20) for shots in (1, 5)] + [
+    f"mini-imagenet-mamlpp-5w{shots}s" for shots in (1, 5)]
+SMALLER = ["--set", "model.hidden_size=4", "--meta-batch-size", "2", "--set", "meta.iterations_per_epoch=1",
+           "--eval-every", "1", "--eval-tasks", "2", "--test-tasks", "2", "--device", "cpu"]
+"""A MAML++ preset at its own task shapes, inner steps and options, on a narrow network and few tasks."""
+
+
+def _dataset_shaped_like(name: str, split: str, **_: Any) -> Any:
+    """Random images of the dataset's real shape: 25 classes x 20 images (enough for 20-way 5-shot)."""
+    from metagrad.bench import IMAGE_SHAPES
+    from metagrad.data.datasets import FewShotDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (25, 20, *IMAGE_SHAPES[name]), dtype=torch.uint8, generator=g)
+    return FewShotDataset(name, split, images, [f"class{i}" for i in range(25)])
+
+
+@pytest.mark.parametrize("preset", MAMLPP_PRESETS)
+def test_mamlpp_presets_train_and_evaluate(preset: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(setup, "load_dataset", _dataset_shaped_like)
+    run_dir = tmp_path / "run"
+    code, out, err = _main(capsys, "train", "--preset", preset, *SMALLER, "--iterations", "1",
+                           "--run-dir", str(run_dir))
+    assert code == 0, err
+    results = json.loads((run_dir / "results.json").read_text())
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert any("@step4" in k for k in best["params"]) and any(k.startswith("4.") for k in best["inner_lrs"])
+    code, out, err = _main(capsys, "eval", str(run_dir), "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["test_accuracy"] == results["test_accuracy"]
+
+
+def test_bench_a_mamlpp_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `metagrad bench --preset omniglot-mamlpp-5w1s`, its task shapes and options on a narrow network
+    narrow = tmp_path / "narrow.toml"
+    narrow.write_text("[model]\nhidden_size = 4\n[meta]\nmeta_batch_size = 2\n")
+    code, out, err = _main(capsys, "bench", "--preset", "omniglot-mamlpp-5w1s", "--config", str(narrow),
+                           "--iterations", "1", "--device", "cpu", "--json")
+    assert code == 0, err
+    bench = json.loads(out.strip().splitlines()[-1])
+    assert bench["preset"] == "omniglot-mamlpp-5w1s"
+    assert (bench["per_step_bn"], bench["strategy"]) == (True, "batched")
+    assert bench["learned_inner_lr"] == "per-layer-per-step" and bench["multi_step_loss"]
+    assert (bench["ways"], bench["inner_steps"], bench["meta_batch_size"]) == (5, 5, 2)
+
+
+def test_keep_best_and_eval_ensemble_through_the_cli(tmp_path: Path, fake_data: None,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "kept"
+    code, _out, err = _main(capsys, "train", *TINY, "--iterations", "4", "--eval-every", "1", "--set",
+                            "run.keep_best=2", "--run-dir", str(run_dir))
+    assert code == 0, err
+    assert len(list((run_dir / "top").glob("iteration_*.pt"))) == 2
+    code, out, err = _main(capsys, "eval", str(run_dir), "--ensemble", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert "ensemble of the 2 best checkpoints" in out.splitlines()[0]
+    assert result["ensemble_members"] == 2 and len(result["checkpoints"]) == 2
+    assert json.loads((run_dir / "results.json").read_text())["ensembles"]["2"]["ensemble_test_accuracy"] == \
+        result["ensemble_test_accuracy"]
+    code, _out, err = _main(capsys, "eval", str(run_dir), "--ensemble", "3")
+    assert code == 2 and "train with --set run.keep_best=3" in err and "Traceback" not in err
+    code, _out, err = _main(capsys, "eval", str(run_dir), "--ensemble", "2", "--checkpoint", "latest")
+    assert code == 2 and "drop --checkpoint latest" in err
+    help_text = " ".join(_main(capsys, "eval", "--help")[1].split())
+    assert "--ensemble K" in help_text and "softmax probabilities averaged" in help_text
+    assert "run.keep_best" in " ".join(_main(capsys, "train", "--help")[1].split())
+
+
 def test_resume_through_the_cli(tmp_path: Path, fake_data: None, capsys: pytest.CaptureFixture,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import os

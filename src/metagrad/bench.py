@@ -46,7 +46,7 @@ from metagrad.training import threads
 from metagrad.training.config import Config
 from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
 from metagrad.training.schedule import iteration_settings, multi_step_loss_weights
-from metagrad.training.setup import make_model, resolve_device
+from metagrad.training.setup import make_model, meta_learned_params, resolve_device
 
 __all__ = ["IMAGE_SHAPES", "check_preset_model", "matmul_gflops", "run_bench"]
 
@@ -157,7 +157,7 @@ def run_bench(
     dataset = _random_dataset(config, generator)
     sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
     model = make_model(config.model, data.ways, dataset.image_shape).to(device)
-    params = dict(model.named_parameters())
+    params = meta_learned_params(model, meta)  # with MAML++'s per-step BatchNorm copies if asked, as training
     rates = inner_rates(meta, params, config.run.seed)  # learned inner rates (Meta-SGD, LSLR), as training
     optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
     first = iteration_settings(meta, 1)  # the first iteration's derivative order (MAML++'s DA)
@@ -171,7 +171,7 @@ def run_bench(
             meta.algorithm, model, optimizer, episode,
             inner_lr=inner_learning_rate(meta, rates, meta.inner_steps), inner_steps=meta.inner_steps,
             first_order=first.first_order, vectorize=vectorize,
-            max_tasks_per_chunk=meta.tasks_per_chunk or None, step_weights=step_weights,
+            max_tasks_per_chunk=meta.tasks_per_chunk or None, step_weights=step_weights, params=params,
         )
 
     times = []
@@ -211,7 +211,8 @@ def run_bench(
         "multi_step_loss": step_weights is not None,
         "vectorize": meta.vectorize,
         "tasks_per_chunk": meta.tasks_per_chunk,
-        "strategy": strategy_for(meta.algorithm, model, dict(model.named_parameters()),
+        "per_step_bn": meta.per_step_bn,
+        "strategy": strategy_for(meta.algorithm, model, params,
                                  dict(model.named_buffers()), vectorize=meta.vectorize),
         "device": str(device),
         "device_name": _device_name(device),

@@ -91,6 +91,8 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("meta.iterations_per_epoch", "an epoch is this many iterations (MAML++'s code: 500); 0: no epochs"),
     ("meta.first_order_epochs", "first order for this many epochs, then second order (MAML++'s DA)"),
     ("meta.msl_epochs", "weigh the query losses after every inner step for this many epochs (MAML++'s MSL)"),
+    ("meta.per_step_bn", "a BatchNorm weight and bias per inner step, meta-learned, not adapted (BNWB)"),
+    ("run.keep_best", "keep the K best validation checkpoints in RUN/top/ (for metagrad eval --ensemble K)"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 
@@ -205,6 +207,8 @@ def _print_train_result(results: dict[str, Any]) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from metagrad.training.evaluation import evaluate_checkpoint
 
+    if args.ensemble is not None:
+        return _cmd_eval_ensemble(args)
     try:
         result = evaluate_checkpoint(args.run_dir, checkpoint=args.checkpoint, test_tasks=args.test_tasks,
                                      device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
@@ -214,6 +218,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise
     _print_evaluation(args, result)
     return 0
+
+
+def _cmd_eval_ensemble(args: argparse.Namespace) -> int:
+    from metagrad.training.ensemble import evaluate_ensemble
+
+    if args.checkpoint != "best":
+        raise ConfigError("--ensemble K scores the K best checkpoints: drop --checkpoint latest")
+    try:
+        result = evaluate_ensemble(args.run_dir, members=args.ensemble, test_tasks=args.test_tasks,
+                                   device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    except ResultNotSaved as exc:
+        with contextlib.suppress(OSError):
+            _print_ensemble(args, exc.result)
+        raise
+    _print_ensemble(args, result)
+    return 0
+
+
+def _print_ensemble(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    def pct(key: str) -> str:
+        return f"{100 * result[key + '_test_accuracy']:.2f}% ± {100 * result[key + '_test_ci95']:.2f}%"
+
+    print(f"{args.run_dir}: ensemble of the {result['ensemble_members']} best checkpoints {pct('ensemble')}, "
+          f"best single checkpoint ({result['single_model_checkpoint']}) {pct('single_model')} "
+          f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)", flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
 
 
 def _print_evaluation(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -428,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", type=_user_path, help="dataset folder (default: the run's setting)")
     evaluate.add_argument("--cache-dir", type=_user_path,
                           help="decoded-dataset cache (default: the run's setting)")
+    evaluate.add_argument("--ensemble", type=int, metavar="K",
+                          help="score the K best validation checkpoints together: each adapts to a task, the "
+                               "prediction is the argmax of their softmax probabilities averaged per query; "
+                               "writes eval_ensemble<K>.json and adds the ensemble and best single accuracy "
+                               "to results.json (needs a run trained with --set run.keep_best=K or more)")
     evaluate.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     evaluate.set_defaults(func=_cmd_eval)
 

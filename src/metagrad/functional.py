@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad import vmap_exact
+from metagrad import per_step, vmap_exact
 from metagrad.errors import ConfigError
 from metagrad.types import Buffers, LearningRate, LossFn, Params, StepLR
 
@@ -257,7 +257,9 @@ def adapt(
 
     Args:
         model: supplies the computation.
-        params: name -> tensor, the initialization being meta-learned.
+        params: name -> tensor, the initialization being meta-learned. ``"<name>@step<k>"`` entries
+            are MAML++'s per-step BatchNorm weights (``metagrad.per_step``): step k uses copy k (later
+            steps the last), and they are not adapted.
         buffers: name -> tensor, passed through.
         support_x: (N*K, C, H, W) support images of one task (or any inputs the model takes).
         support_y: (N*K,) int64 labels in [0, N) (or any targets ``loss_fn`` takes).
@@ -272,7 +274,8 @@ def adapt(
             multi-step loss scores the query set there); None for nothing.
 
     Returns:
-        Adapted parameters: a new dict with every name of ``params``.
+        Adapted parameters: a new dict with every name of ``params`` (with per-step copies: every name
+        of the model, those copies' the last step's).
 
     Raises:
         ValueError: negative ``steps``, mismatched support shapes, or bad ``keys``.
@@ -291,11 +294,13 @@ def adapt(
         raise ValueError(
             f"support_x has {support_x.shape[0]} samples but support_y has {support_y.shape[0]} labels"
         )
-    keys = _check_keys(params, keys)
-    adapted = dict(params)
+    # MAML++'s per-step BatchNorm weights (per_step.py): step k runs with copy k, which is not adapted.
+    keys = _check_keys(per_step.at_step(params, 0), per_step.adapted_keys(params, keys))
+    adapted = dict(per_step.at_step(params, 0))
     for step in range(steps):
         adapted = inner_step(
-            model, adapted, buffers, support_x, support_y, inner_lr=lr_at(inner_lr, step),
+            model, {**adapted, **per_step.copies_at(params, step)}, buffers, support_x,
+            support_y, inner_lr=lr_at(inner_lr, step),
             first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
         )
         if on_step is not None:

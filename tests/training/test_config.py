@@ -29,9 +29,37 @@ PRESETS = [
 META_SGD_PRESETS = ["omniglot-metasgd-5w1s", "omniglot-metasgd-20w1s", "mini-imagenet-metasgd-5w1s",
                     "mini-imagenet-metasgd-5w5s"]
 
+MAMLPP_PRESETS = [f"omniglot-mamlpp-{ways}w{shots}s" for ways in (5, 20) for shots in (1, 5)] + [
+    f"mini-imagenet-mamlpp-5w{shots}s" for shots in (1, 5)]
+
 
 def test_every_preset_of_the_issue_is_packaged() -> None:
-    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS)
+    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS)
+
+
+@pytest.mark.parametrize("name", MAMLPP_PRESETS)
+def test_mamlpp_presets_follow_the_reference_configs(name: str) -> None:
+    # experiment_config/*maml++*.json of github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch
+    config = load_preset(name)
+    data, model, meta = config.data, config.model, config.meta
+    ways, shots = (int(part) for part in name.split("-")[-1][:-1].split("w"))
+    assert (data.ways, data.shots) == (ways, shots)
+    # every MAML++ option on: LSLR, BNWB, MSL, epochs, second order from the start (DA at -1)
+    assert (meta.algorithm, meta.first_order, meta.first_order_epochs) == ("maml", False, 0)
+    assert (meta.learned_inner_lr, meta.per_step_bn) == ("per-layer-per-step", True)
+    assert (meta.inner_steps, meta.test_inner_steps, meta.meta_lr) == (5, 5, 0.001)
+    assert (meta.iterations_per_epoch, meta.iterations) == (500, 50_000)
+    assert (model.strided, model.norm_init, config.run.eval_every, config.run.test_tasks) == (
+        False, "ones", 500, 600)
+    assert config.run.keep_best == 5  # max_models_to_save: the paper's top-5 test ensemble
+    if name.startswith("omniglot"):
+        assert (data.query_shots, model.name, model.hidden_size) == (1, "omniglot-cnn", 64)
+        assert (meta.meta_batch_size, meta.inner_lr, meta.msl_epochs) == (8, 0.1, 10)
+        assert (meta.lr_schedule, meta.min_meta_lr) == ("cosine", 0.00001)
+    else:
+        assert (data.query_shots, model.name, model.hidden_size) == (15, "mini-imagenet-cnn", 48)
+        assert (meta.meta_batch_size, meta.inner_lr, meta.msl_epochs) == (2, 0.01, 15)
+        assert meta.lr_schedule == "constant"  # the code's cosine goes from 0.001 to 0.001
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -78,7 +106,7 @@ def test_meta_sgd_presets_are_maml_presets_with_learned_rates(name: str) -> None
     assert (meta.meta_lr, meta.meta_batch_size, meta.iterations) == (0.001, maml.meta.meta_batch_size, 60_000)
 
 
-@pytest.mark.parametrize("name", PRESETS + META_SGD_PRESETS)
+@pytest.mark.parametrize("name", PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS)
 def test_every_preset_cites_its_source(name: str) -> None:
     from importlib import resources
 

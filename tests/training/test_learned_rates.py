@@ -16,11 +16,15 @@ from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.training import evaluate_checkpoint, loop, run, schedule, setup
+from metagrad.training.checkpoint import restore_params
 from metagrad.training.rates import inner_learning_rate, inner_rates, restore_rates
 
 META_SGD = {"meta.learned_inner_lr": "per-parameter", "meta.inner_lr": 0.1, "meta.inner_lr_init_low": 0.005}
 LSLR = {"meta.learned_inner_lr": "per-layer-per-step", "meta.inner_lr": 0.1, "meta.inner_steps": 2}
-KINDS = {"meta-sgd": META_SGD, "lslr": LSLR}
+MAMLPP = {**LSLR, "meta.per_step_bn": True, "meta.iterations_per_epoch": 2, "meta.msl_epochs": 2,
+          "meta.lr_schedule": "cosine", "meta.min_meta_lr": 0.0001}
+"""Every MAML++ option at once: LSLR, per-step BatchNorm weights (BNWB), MSL, epochs and CA."""
+KINDS = {"meta-sgd": META_SGD, "lslr": LSLR, "maml++": MAMLPP}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,22 @@ def test_lslr_rates_are_one_scalar_per_tensor_and_step(learned_runs: dict[str, P
     assert all(r.dim() == 0 for r in latest["inner_lrs"].values())
     moved = [k for k, r in latest["inner_lrs"].items() if r.item() != pytest.approx(0.1, abs=0)]
     assert len(moved) > len(names)  # trained: they no longer all sit at inner_lr
+
+
+def test_per_step_bn_copies_are_trained_and_saved(learned_runs: dict[str, Path]) -> None:
+    latest = torch.load(learned_runs["maml++"] / "latest.pt", weights_only=True)
+    params, start = latest["params"], torch.load(learned_runs["lslr"] / "latest.pt", weights_only=True)
+    norm = [k for k in start["params"] if ".norm." in k]
+    assert norm and not set(norm) & set(params)  # each BatchNorm weight and bias replaced by its copies
+    copies = {f"{k}@step{s}" for k in norm for s in range(2)}
+    assert set(params) == (set(start["params"]) - set(norm)) | copies
+    # Trained apart: the copies of one parameter start equal and differ after training.
+    assert all(not torch.equal(params[f"{k}@step0"], params[f"{k}@step1"]) for k in norm)
+    # LSLR rates for the adapted tensors only (the copies are not adapted), Adam state for all.
+    assert set(latest["inner_lrs"]) == {f"{s}.{k}" for s in range(2) for k in params if "@" not in k}
+    assert len(latest["optimizer"]["state"]) == len(params) + len(latest["inner_lrs"])
+    best = torch.load(learned_runs["maml++"] / "best.pt", weights_only=True)
+    assert set(best["params"]) == set(params)
 
 
 def test_test_time_steps_beyond_training_take_the_last_steps_lslr_rates() -> None:
@@ -124,6 +144,16 @@ def test_learned_rate_settings_are_checked() -> None:
         tiny_config(Path("x"), **{**LSLR, "meta.inner_lr_init_low": 0.01})
     with pytest.raises(ConfigError, match=r"inner_lr_init_low must be in \[0, meta.inner_lr=0.1\)"):
         tiny_config(Path("x"), **{**META_SGD, "meta.inner_lr_init_low": 0.2})
+    with pytest.raises(ConfigError, match="per_step_bn .* use algorithm maml or fomaml"):
+        tiny_config(Path("x"), **{"meta.per_step_bn": True, "meta.algorithm": "anil"})
+
+
+def test_a_checkpoint_with_other_per_step_bn_is_refused(fake_data: list,
+                                                        learned_runs: dict[str, Path]) -> None:
+    state = torch.load(learned_runs["maml++"] / "best.pt", weights_only=True)
+    params = setup.prepare(tiny_config(Path("x"), **LSLR), torch.device("cpu"), ("test",), init_seed=0).params
+    with pytest.raises(ConfigError, match="meta.per_step_bn=True"):
+        restore_params(params, state, learned_runs["maml++"] / "best.pt", tiny_config(Path("x"), **LSLR))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metagrad import per_step
 from metagrad.algorithms.maml import is_classification, weighted_over_steps
 from metagrad.functional import gradient_step, lr_at
 from metagrad.models.batched import BatchedPlan, task_batched_body, task_batched_forward, task_batched_head
@@ -59,7 +60,8 @@ def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Se
            loss_fn: LossFn | None, on_step: Callable[[int, Params], None] | None = None) -> Params:
     """``steps`` SGD steps of every task at once; adapted tensors come back per task, (T, ...)."""
     tasks = x.shape[0]
-    fast = dict(params)
+    keys = per_step.adapted_keys(params, keys) or []  # BNWB's per-step copies are not adapted
+    fast = dict(per_step.at_step(params, 0))
 
     def loss_of(current: Params) -> Tensor:
         return _task_loss(forward(current, x), y, loss_fn).sum()  # task t's loss sees only copy t
@@ -68,7 +70,8 @@ def _adapt(forward: Callable[[Params, Tensor], Tensor], params: Params, keys: Se
         # one copy per task: a view (T, ...), so the graph still reaches the shared parameter
         fast.update({k: fast[k] if fast[k].dim() > params[k].dim() else fast[k].expand(tasks, *fast[k].shape)
                      for k in keys})
-        fast = gradient_step(loss_of, fast, lr=lr_at(inner_lr, step), keys=keys, first_order=first_order)
+        fast = gradient_step(loss_of, {**fast, **per_step.copies_at(params, step)}, lr=lr_at(inner_lr, step),
+                             keys=keys, first_order=first_order)
         if on_step is not None:
             on_step(step, fast)
     return fast

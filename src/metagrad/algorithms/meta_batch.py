@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from metagrad import vmap_exact
+from metagrad import per_step, vmap_exact
 from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.batched import batched_anil, batched_maml, tasks_per_chunk
 from metagrad.algorithms.maml import maml_task_loss
@@ -221,6 +221,7 @@ def strategy_for(algorithm: str, model: nn.Module, params: Params, buffers: Buff
         return "loop"
     spec = ALGORITHMS.get(algorithm)
     names = dict(model.named_parameters())
+    params = per_step.at_step(params, 0)  # BNWB's per-step copies under the model's names
     if (spec is not None and spec.task_loss in _BATCHED and not buffers and params.keys() == names.keys()
             and all(params[k].shape == v.shape for k, v in names.items()) and not _frozen(params)
             and plan_for(model) is not None):
@@ -275,6 +276,10 @@ def _task_losses(
     # task_losses with an explicit strategy (the tests run every strategy through here).
     spec, first_order = _resolve(algorithm, first_order)
     _check_episode(episode, inner_lr, inner_steps)
+    if spec.task_loss is not maml_task_loss and per_step.per_step_copies(params):
+        raise ConfigError(f"per-step BatchNorm weights (MAML++'s BNWB) need an algorithm that adapts the "
+                          f"whole network (maml, fomaml); {algorithm} runs the body once: set "
+                          "meta.per_step_bn = false")
     if step_weights is not None and len(step_weights) != inner_steps:
         raise ConfigError(f"step_weights gives {len(step_weights)} multi-step loss weights for {inner_steps} "
                           "inner steps; give one per step")
@@ -439,6 +444,7 @@ def meta_train_step(
     max_tasks_per_chunk: int | None = None,
     loss_fn: LossFn | None = None,
     step_weights: StepWeights = None,
+    params: Params | None = None,
 ) -> MetaBatchOutput:
     """One outer step: meta-gradient of the mean query loss over the meta-batch, then ``optimizer.step()``.
 
@@ -455,6 +461,8 @@ def meta_train_step(
         max_tasks_per_chunk: as for ``chunk_gradients``.
         model: the meta-learned model; its parameters are updated in place by the optimizer.
         optimizer: any ``torch.optim.Optimizer`` over the model's parameters (and learned rates).
+        params: the meta-parameters, if not ``dict(model.named_parameters())``: e.g. with MAML++'s
+            per-step BatchNorm copies (``metagrad.per_step.per_step_bn_params``); the optimizer holds them.
 
     Returns:
         The ``MetaBatchOutput`` of the step (computed before the update; its loss is detached, the
@@ -464,7 +472,8 @@ def meta_train_step(
         TrainingError: the loss is NaN or infinite (the parameters are left unchanged).
     """
     optimizer.zero_grad(set_to_none=True)
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    params = dict(model.named_parameters()) if params is None else params
+    buffers = dict(model.named_buffers())
     out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                                  inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
                                  max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn,

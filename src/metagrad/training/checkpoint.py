@@ -171,7 +171,7 @@ class RunState:
 
 
 MODEL_SETTINGS = ("data.dataset", "data.ways", "data.rotations", "model.name", "model.hidden_size",
-                  "model.strided", "model.norm_init")
+                  "model.strided", "model.norm_init", "meta.per_step_bn")
 """The settings a checkpoint's parameters depend on: a checkpoint fits only a config that agrees on them."""
 
 

@@ -137,6 +137,8 @@ class MetaConfig:
     first_order_epochs: int = 0  # MAML++'s DA: first order for the first E epochs, second order after
     msl_epochs: int = 0  # MAML++'s MSL: for the first E epochs the loss weighs the query losses after every
     #                     inner step, annealed towards the last one's (0: the last step's loss only)
+    per_step_bn: bool = False  # MAML++'s BNWB: each BatchNorm weight and bias once per inner step (step k's
+    #                           forwards use copy k, later test steps the last), meta-learned, not adapted
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
     tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
     #                          N tasks' graphs alive at once (lower peak memory, usually slower)
@@ -153,6 +155,7 @@ class RunConfig:
     eval_tasks: int = 100  # validation tasks per evaluation (the same tasks every time)
     test_tasks: int = 600  # meta-test tasks at the end (600 as in the papers)
     checkpoint_every: int = 500  # write latest.pt every this many iterations (and on SIGINT/SIGTERM)
+    keep_best: int = 1  # keep this many best validation checkpoints (K > 1: in top/, for eval --ensemble K)
     log_every: int = 100  # without a terminal: one progress line every this many iterations
     dist_timeout_s: float = 600.0  # under torchrun: how long a process waits for the others, then fails
 
@@ -492,6 +495,9 @@ def validate_config(config: Config) -> Config:
     if meta.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
     _check_epochs(meta)
+    if meta.per_step_bn and meta.algorithm == "anil":
+        raise ConfigError("meta.per_step_bn (MAML++'s per-step BatchNorm weights) needs an inner loop "
+                          "that runs the whole network at each step: use algorithm maml or fomaml or drop it")
 
     if not 0 <= run.seed < 2**63:
         raise ConfigError(f"run.seed (--seed) must be in [0, 2**63), got {run.seed}")
@@ -500,6 +506,7 @@ def validate_config(config: Config) -> Config:
     for name in ("eval_every", "eval_tasks", "checkpoint_every", "log_every"):
         _positive(f"run.{name} (--{name.replace('_', '-')})", getattr(run, name))
     _positive("run.dist_timeout_s (--dist-timeout)", run.dist_timeout_s)
+    _positive("run.keep_best (--set run.keep_best=K)", run.keep_best, " (1 keeps best.pt alone)")
     if run.test_tasks < 2:
         raise ConfigError(
             f"run.test_tasks (--test-tasks) must be at least 2 (a confidence interval needs 2 tasks), "

@@ -45,6 +45,7 @@ from metagrad.types import Buffers, Params
 __all__ = [
     "CI95_FORMULA",
     "evaluate_checkpoint",
+    "evaluation_config",
     "meta_test",
     "score_tasks",
     "score_test_tasks",
@@ -249,6 +250,19 @@ def evaluate_checkpoint(
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "latest"):
         raise ConfigError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+    config = evaluation_config(run_dir, test_tasks=test_tasks, device=device, data_dir=data_dir,
+                               cache_dir=cache_dir)
+    with lock_run_dir(run_dir, "eval", create=False):
+        return _evaluate(run_dir, checkpoint, config)
+
+
+def evaluation_config(run_dir: Path, *, test_tasks: int | None, device: str | None, data_dir: str | None,
+                      cache_dir: str | None) -> Config:
+    """The run's config.json with the evaluation's options in place of its own (None keeps the run's).
+
+    Raises:
+        ConfigError: ``run_dir`` is not a run folder, or an option is invalid.
+    """
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{run_dir} is not a run folder (it holds no {CONFIG_NAME})")
     config = config_from_dict(load_config_file(run_dir / CONFIG_NAME), source=str(run_dir / CONFIG_NAME))
@@ -260,9 +274,7 @@ def evaluate_checkpoint(
         data=dataclasses.replace(config.data, data_dir=data_dir or config.data.data_dir,
                                  cache_dir=cache_dir or config.data.cache_dir),
     )
-    config = absolute_folders(config_from_dict(config_to_dict(config), source="eval options"))  # checks them
-    with lock_run_dir(run_dir, "eval", create=False):
-        return _evaluate(run_dir, checkpoint, config)
+    return absolute_folders(config_from_dict(config_to_dict(config), source="eval options"))  # checks them
 
 
 def _warn_if_relative(data: DataConfig, source: Path, **given: str | None) -> None:

@@ -91,6 +91,7 @@ from metagrad.training.runlock import lock_run_dir
 from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
 from metagrad.training.setup import prepare, resolve_device, task_generator, versions, warn_if_spinning
 from metagrad.training.signals import StopFlag, TrainingInterrupted
+from metagrad.training.top_k import TopCheckpoints
 from metagrad.types import Buffers, Params, StepWeights
 
 __all__ = ["apply_meta_update", "compute_meta_gradients", "run"]
@@ -300,6 +301,8 @@ def _train(
     first, last = distributed.task_range(meta.meta_batch_size, world)
     with step_guard(state.iteration + 1, latest):  # an absurd meta-batch fails here first
         my_tasks = torch.arange(first, last)
+    keep = run_config.keep_best
+    top = TopCheckpoints(run_dir, keep) if keep > 1 and world.is_main else None  # the K best, in top/
 
     def write_checkpoint() -> None:
         distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
@@ -365,17 +368,18 @@ def _train(
             report_row(row, writer, progress)
             if not (math.isfinite(row["loss"]) and math.isfinite(row["acc"])):
                 raise diverged(f"the validation loss is {row['loss']}", iteration, latest)
-            if state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy:
-                state.best_val_accuracy, state.best_iteration = row["acc"], iteration
+            improved = state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy
+            if improved or top is not None:
                 check_finite(meta_parameters(params, rates), iteration, latest)
-                if world.is_main:
-                    save_checkpoint(
-                        {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
-                         "params": {k: v.detach().cpu() for k, v in params.items()},
-                         "inner_lrs": saved_rates(rates),
-                         "config": config_to_dict(config)},
-                        run_dir / BEST_NAME,
-                    )
+                kept = {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
+                        "params": {k: v.detach().cpu() for k, v in params.items()},
+                        "inner_lrs": saved_rates(rates), "config": config_to_dict(config)}
+                if improved:
+                    state.best_val_accuracy, state.best_iteration = row["acc"], iteration
+                    if world.is_main:
+                        save_checkpoint(kept, run_dir / BEST_NAME)
+                if top is not None:  # run.keep_best > 1: the K best in top/ (rank 0 alone)
+                    top.offer(row["acc"], iteration, kept)
 
         signum = stop.requested(world)
         if iteration % run_config.checkpoint_every == 0 or iteration == meta.iterations or signum is not None:

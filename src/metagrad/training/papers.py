@@ -23,6 +23,12 @@ _FINN_FO = 'Finn et al. 2017, Table 1, "MAML, first order approx."'
 _ANIL = "Raghu et al. 2020, Table 2, mean +/- std over 3 seeds"
 _ANIL_5WAY = "none published (ANIL reports 20-way Omniglot only)"
 _META_SGD = "Li et al. 2017, Table 1; quoted from memory, not verified against the paper"
+_META_SGD_MINI = ("Li et al. 2017, Table 1; the mean as wizwand.com's listing of the paper gives it, the "
+                  "spread and the table not verified")
+_MAMLPP_OMNIGLOT = ("Antoniou et al. 2019, Table 1, as paperswithcode.com lists it; spread and table not "
+                    "verified; an ensemble of the 5 best checkpoints")
+_MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it; not verified against the "
+                "paper, nor whether the spread is a CI or a std; an ensemble of the 5 best checkpoints")
 
 PUBLISHED: dict[str, str] = {
     "omniglot-maml-5w1s": f"98.7 +/- 0.4 ({_FINN})",
@@ -43,11 +49,18 @@ PUBLISHED: dict[str, str] = {
     "mini-imagenet-anil-5w5s": f"61.5 +/- 0.5 ({_ANIL})",
     "omniglot-metasgd-5w1s": f"99.53 +/- 0.26 ({_META_SGD})",
     "omniglot-metasgd-20w1s": f"95.93 +/- 0.38 ({_META_SGD})",
-    "mini-imagenet-metasgd-5w1s": f"50.47 +/- 1.87 ({_META_SGD})",
-    "mini-imagenet-metasgd-5w5s": f"64.03 +/- 0.94 ({_META_SGD})",
+    "mini-imagenet-metasgd-5w1s": f"50.47 +/- 1.87 ({_META_SGD_MINI})",
+    "mini-imagenet-metasgd-5w5s": f"64.03 +/- 0.94 ({_META_SGD_MINI})",
+    "omniglot-mamlpp-5w1s": f"99.47 ({_MAMLPP_OMNIGLOT})",
+    "omniglot-mamlpp-5w5s": f"99.85 ({_MAMLPP_OMNIGLOT})",
+    "omniglot-mamlpp-20w1s": f"97.65 ({_MAMLPP_OMNIGLOT})",
+    "omniglot-mamlpp-20w5s": f"99.33 ({_MAMLPP_OMNIGLOT})",
+    "mini-imagenet-mamlpp-5w1s": f"52.15 +/- 0.26 ({_MAMLPP_MINI})",
+    "mini-imagenet-mamlpp-5w5s": f"68.32 +/- 0.44 ({_MAMLPP_MINI})",
 }
 """Packaged preset -> the published test accuracy (%) it is set up to reproduce, with its source. The
-spreads are 95% confidence intervals except where the source says otherwise. Each preset's TOML quotes
+spreads are 95% confidence intervals except where the source says otherwise; a number without one is a
+mean whose spread could not be verified. Each preset's TOML quotes
 the same number in its header (a test keeps the two in step)."""
 
 _IRRELEVANT = frozenset({"data.data_dir", "data.cache_dir", "meta.iterations", "meta.vectorize",

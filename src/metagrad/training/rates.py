@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad import algorithms
+from metagrad import algorithms, per_step
 from metagrad.errors import TrainingError
 from metagrad.functional import learned_rates
 from metagrad.training.config import MetaConfig
@@ -35,6 +35,7 @@ def inner_rates(meta: MetaConfig, params: Params, seed: int) -> Params:
     (``"<step>.<name>"``), each starting at ``meta.inner_lr``.
     ``inner_learning_rate`` turns them into the ``inner_lr`` the algorithms take.
     """
+    params = per_step.shared(params)  # the adapted ones: MAML++'s per-step BatchNorm copies have no rate
     if meta.learned_inner_lr == "per-parameter":
         return algorithms.meta_sgd_rates(params, inner_lr=meta.inner_lr, low=meta.inner_lr_init_low,
                                          generator=task_generator(seed, "inner_lr"))

@@ -32,6 +32,7 @@ __all__ = [
     "LATEST_NAME",
     "RESULTS_NAME",
     "RUN_FILES",
+    "TOP_DIR",
     "check_run_dir",
     "create_run_dir",
     "default_run_dir",
@@ -77,9 +78,16 @@ def run_dir_of(config: Config, resume: bool) -> Path:
     return run_dir
 
 
+TOP_DIR = "top"
+"""The folder of the K best validation checkpoints (``run.keep_best``, :mod:`metagrad.training.top_k`)."""
+
+
 def run_files(run_dir: Path) -> list[str]:
-    """The names of the files in ``run_dir`` that a run writes (config, metrics, checkpoints, results)."""
-    return sorted(p.name for p in run_dir.glob("*") if p.name in RUN_FILES or p.match("eval_*.json"))
+    """The names of the files in ``run_dir`` that a run writes (config, metrics, checkpoints, results),
+    those in ``top/`` as ``top/<name>``."""
+    names = [p.name for p in run_dir.glob("*") if p.name in RUN_FILES or p.match("eval_*.json")]
+    names += [f"{TOP_DIR}/{p.name}" for p in run_dir.glob(f"{TOP_DIR}/iteration_*.pt")]
+    return sorted(names)
 
 
 def check_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:

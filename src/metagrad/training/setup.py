@@ -2,7 +2,7 @@
 
 :func:`prepare` is the one setup both :func:`metagrad.training.loop.run` and
 :func:`metagrad.training.evaluation.evaluate_checkpoint` use: it loads the splits, makes their task
-samplers and builds the model.
+samplers and builds the model (its parameters as the run meta-learns them, :func:`meta_learned_params`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.models import NORM_INIT_MODELS, build_model
+from metagrad.per_step import per_step_bn_params
 from metagrad.training import distributed
-from metagrad.training.config import Config, DataConfig, ModelConfig
+from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig
 from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.failures import out_of_memory
 from metagrad.types import Buffers, Params
@@ -33,6 +34,7 @@ __all__ = [
     "Prepared",
     "load_splits",
     "make_model",
+    "meta_learned_params",
     "prepare",
     "resolve_device",
     "task_generator",
@@ -148,4 +150,12 @@ def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, in
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = make_model(config.model, data.ways, datasets[splits[0]].image_shape).to(device)
-    return Prepared(samplers, model, dict(model.named_parameters()), dict(model.named_buffers()))
+    return Prepared(samplers, model, meta_learned_params(model, config.meta), dict(model.named_buffers()))
+
+
+def meta_learned_params(model: nn.Module, meta: MetaConfig) -> Params:
+    """The model's parameters as the run meta-learns them: ``dict(model.named_parameters())``, with
+    MAML++'s per-step copies of each BatchNorm weight and bias in their place when ``meta.per_step_bn``
+    (``metagrad.per_step``; the checkpoints, the optimizer and the inner loop all take this dict)."""
+    params = dict(model.named_parameters())
+    return per_step_bn_params(model, params, steps=meta.inner_steps) if meta.per_step_bn else params
