@@ -22,7 +22,6 @@ from metagrad.algorithms import (
 from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, strategy_for
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.models import HEAD_PREFIX, MiniImagenetCNN, OmniglotCNN, OmniglotFC
-from metagrad.models.batched import plan_for
 from metagrad.types import Episode
 
 INNER_LR = 0.4
@@ -114,7 +113,7 @@ def test_batched_in_chunks_of_tasks(algorithm: str, monkeypatch: pytest.MonkeyPa
     model, params, episode = _setup("omniglot-cnn")
     per_task = (episode.support_x.shape[1] + episode.query_x.shape[1]) * 16 * 28 * 28
     monkeypatch.setattr(batched, "CPU_CHUNK_ELEMENTS", 2 * per_task)
-    assert batched.tasks_per_chunk(plan_for(model), params, episode) == 2 < episode.num_tasks
+    assert batched.tasks_per_chunk(model, episode) == 2 < episode.num_tasks
     out = _meta_loss("batched", algorithm, model, params, episode, steps=2)
     loss, expected = _reference(algorithm, model, params, episode, 2)
     assert_close(out.loss.detach(), loss)
@@ -167,19 +166,21 @@ def test_strategy_choice() -> None:
     assert strategy_for("maml", model, {k: v for k, v in params.items() if k != "classifier.bias"},
                         {}) == "vmap"
     assert strategy_for("maml", model, params, {"running_mean": torch.zeros(1)}) == "vmap"
-    other = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    other = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))  # torch's layers: vmap
     assert strategy_for("maml", other, dict(other.named_parameters()), {}) == "vmap"
+    frozen = {k: v.detach() if k == "classifier.bias" else v for k, v in params.items()}
+    assert strategy_for("maml", model, frozen, {}) == "vmap"
 
-    class Custom(OmniglotCNN):  # a subclass may compute something else: never batched
+    class Custom(OmniglotCNN):  # a subclass is built from the same layers: batched, once checked
         pass
 
     custom = Custom(3)
-    assert strategy_for("maml", custom, dict(custom.named_parameters()), {}) == "vmap"
+    assert strategy_for("maml", custom, dict(custom.named_parameters()), {}) == "batched"
     with pytest.raises(ValueError, match="strategy"):
         _meta_loss("compiled", "maml", model, params, random_episode(1, 3, 1, 1, (1, 28, 28)), steps=1)
-    with pytest.raises(ValueError, match="batched"):
-        _meta_loss("batched", "maml", custom, dict(custom.named_parameters()),
-                   random_episode(1, 3, 1, 1, (1, 28, 28)), steps=1)
+    with pytest.raises(ValueError, match="batched strategy does not support Sequential"):
+        _meta_loss("batched", "maml", other, dict(other.named_parameters()),
+                   random_episode(1, 3, 1, 1, (1, 4, 1)), steps=1)
 
 
 @pytest.mark.slow

@@ -10,13 +10,15 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from maml_reference import random_episode
+from maml_reference import random_episode, reference_task_loss
 from torch import Tensor, nn
 from torch.testing import assert_close
 
 from metagrad.algorithms import chunk_gradients, meta_batch, meta_batch_loss, meta_train_step
 from metagrad.algorithms.meta_batch import strategy_for
 from metagrad.errors import ConfigError
+from metagrad.models import OmniglotCNN
+from metagrad.models import layers as mg_layers
 from metagrad.types import Episode
 
 INNER_LR = 0.4
@@ -423,3 +425,169 @@ def test_running_statistics_of_buffers_not_passed_update_the_module_as_on_the_lo
     assert_dicts_close(dict(model.named_buffers()), dict(twin.named_buffers()))
     assert_dicts_close({k: p.grad for k, p in model.named_parameters()},
                        {k: p.grad for k, p in twin.named_parameters()})
+
+
+# Networks a user writes from metagrad's layers, with a forward of their own: the batched strategy runs
+# them (no registration), exactly; a forward that mixes tasks is caught and runs on vmap instead.
+
+class ResidualOfLayers(nn.Module):
+    """A stem, a residual block (3x3 convolutions, a 1x1 shortcut), channels concatenated, then a head of
+    a spatial mean and two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = ResidualBody()
+        self.classifier = nn.Sequential(mg_layers.Linear(10, 8), nn.Tanh(), mg_layers.Linear(8, WAYS))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class ResidualBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = mg_layers.ConvBlock(1, 4)  # (B, 4, 4, 4)
+        self.conv1, self.norm1 = mg_layers.Conv2d(4, 6, 3, padding=1), mg_layers.BatchNorm(6)
+        self.conv2, self.norm2 = mg_layers.Conv2d(6, 6, 3, padding=1), mg_layers.BatchNorm(6)
+        self.shortcut = mg_layers.Conv2d(4, 6, 1)
+        self.mean = mg_layers.SpatialMean()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        r = F.relu(self.norm2(self.conv2(F.relu(self.norm1(self.conv1(h))))) + self.shortcut(h))
+        return self.mean(torch.cat([r, h], dim=-3))  # (B, 6 + 4)
+
+
+class OmniglotCNNChanged(OmniglotCNN):
+    """A subclass of a standard network with its own forward: the blocks run by hand, the body's output
+    flattened by the tensor method and squashed before the head."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        for block in self.features[:-1]:
+            h = block(h)
+        return self.classifier(torch.tanh(h.flatten(-3)))  # 1x1 maps on 8x8 images: (B, hidden)
+
+
+class MixesTasks(nn.Module):
+    """metagrad's layers, but a forward that folds everything after the first dimension: batched, the
+    first dimension is the tasks', so this would mix the images of a task (and fails on shapes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(mg_layers.Conv2d(1, 2, 3, padding=1), mg_layers.BatchNorm(2), nn.ReLU())
+        self.classifier = mg_layers.Linear(2 * 64, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        return self.classifier(h.reshape(h.size(0), -1))
+
+
+class CentersOverDimZero(MixesTasks):
+    """Same shapes batched and alone, different values: centering over dimension 0 (the images of a task
+    alone, the tasks in a meta-batch). Only the values show it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = mg_layers.Linear(2, WAYS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x).mean(dim=(-2, -1))
+        return self.classifier(h - h.mean(dim=0))
+
+
+LAYER_MODELS = {
+    "residual-of-metagrad-layers": ResidualOfLayers,
+    "omniglot-cnn-subclass": lambda: OmniglotCNNChanged(WAYS, hidden_size=4, layers=3),
+}
+
+
+def _reference(model: nn.Module, episode: Episode, *, first_order: bool,
+               steps: int = 2) -> tuple[Tensor, dict[str, Tensor]]:
+    """MAML's hand-unrolled per-task inner loop (``maml_reference``) on the model's single-task forward."""
+    params = dict(model.named_parameters())
+
+    def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, p, (x,))
+
+    loss = torch.stack([reference_task_loss(forward, params, episode.task(i), inner_lr=INNER_LR,
+                                            inner_steps=steps, first_order=first_order)
+                        for i in range(episode.num_tasks)]).mean()
+    return loss.detach(), dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("name", sorted(LAYER_MODELS))
+def test_user_network_of_metagrad_layers_runs_batched_and_exactly(name: str, first_order: bool,
+                                                                   algorithm: str) -> None:
+    model = _build(LAYER_MODELS[name])
+    episode = _episode()
+    params = dict(model.named_parameters())
+    assert strategy_for(algorithm, model, params, {}, episode=episode) == "batched"
+    loss, grads, _ = _meta(model, episode, vectorize=True, first_order=first_order, algorithm=algorithm)
+    if algorithm == "maml":
+        ref_loss, ref_grads = _reference(model, episode, first_order=first_order)
+    else:  # ANIL runs .features then .classifier, whatever forward says: the per-task loop is its reference
+        ref_loss, ref_grads, _ = _meta(model, episode, vectorize=False, first_order=first_order,
+                                       algorithm=algorithm)
+    assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    assert_dicts_close(grads, ref_grads)
+
+
+def test_user_network_of_metagrad_layers_matches_finite_differences() -> None:
+    model = _build(ResidualOfLayers)
+    episode = _episode(seed=1, tasks=2)
+    params = dict(model.named_parameters())
+    assert strategy_for("maml", model, params, {}, episode=episode) == "batched"
+    _, grads, _ = _meta(model, episode, vectorize=True)
+    direction = {k: torch.randn_like(p) for k, p in params.items()}
+    h = 1e-6
+
+    def meta_loss(sign: float) -> float:
+        moved = {k: p.detach() + sign * h * direction[k] for k, p in params.items()}
+        with torch.no_grad():
+            return meta_batch_loss("maml", model, moved, {}, episode, inner_lr=INNER_LR, inner_steps=2,
+                                   vectorize=False).loss.item()
+
+    predicted = sum((grads[k] * direction[k]).sum() for k in params).item()
+    assert (meta_loss(1.0) - meta_loss(-1.0)) / (2 * h) == pytest.approx(predicted, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("factory, why", [
+    (MixesTasks, "fails on a meta-batch"),
+    (CentersOverDimZero, "differs from each task run alone"),
+])
+def test_a_forward_that_mixes_tasks_runs_on_vmap_exactly(factory, why: str, caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(meta_batch, "_LOGGED", set())
+    model = _build(factory)
+    episode = _episode()
+    params = dict(model.named_parameters())
+    assert strategy_for("maml", model, params, {}) == "batched"  # by its layers, before its forward is seen
+    with caplog.at_level(logging.INFO, logger="metagrad"):
+        loss, grads, _ = _meta(model, episode, vectorize=True)
+        assert strategy_for("maml", model, params, {}, episode=episode) == "vmap"  # the verdict is kept
+    lines = [r.getMessage() for r in caplog.records if "strategy" in r.getMessage()]
+    assert len(lines) == 1 and "vmap strategy" in lines[0] and why in lines[0], lines
+    for first_order in (False, True):
+        if first_order:
+            loss, grads, _ = _meta(model, episode, vectorize=True, first_order=True)
+        ref_loss, ref_grads = _reference(model, episode, first_order=first_order)
+        assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+        assert_dicts_close(grads, ref_grads)
+
+
+def test_the_check_leaves_dropout_and_train_mode_as_they_were() -> None:
+    model = _build(lambda: nn.Sequential(mg_layers.Flatten(), mg_layers.Linear(64, 16), nn.ReLU(),
+                                         nn.Dropout(0.5), mg_layers.Linear(16, WAYS)))
+    episode = _episode()
+    # Dropout in train mode draws other masks batched than task by task: the check runs it in eval mode.
+    assert strategy_for("maml", model, dict(model.named_parameters()), {}, episode=episode) == "batched"
+    assert all(m.training for m in model.modules())
+    one = _episode(tasks=1)
+    same = Episode(*(t.expand(4, *t.shape[1:])
+                     for t in (one.support_x, one.support_y, one.query_x, one.query_y)))
+    out = meta_batch_loss("maml", model, dict(model.named_parameters()), {}, same, inner_lr=INNER_LR,
+                          inner_steps=1)
+    assert out.task_losses.unique().numel() == 4  # batched, each task still draws its own masks

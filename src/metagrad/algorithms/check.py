@@ -132,7 +132,8 @@ def check_model(
     generator = torch.Generator().manual_seed(seed)
     episode = _random_episode(input_shape, target_shape, tasks=tasks, ways=ways, shots=shots,
                               query_shots=query_shots, generator=generator)
-    strategy = strategy_for(algorithm, model, dict(model.named_parameters()), dict(model.named_buffers()))
+    strategy = strategy_for(algorithm, model, dict(model.named_parameters()), dict(model.named_buffers()),
+                            episode=episode)
     common = {"inner_lr": inner_lr, "inner_steps": inner_steps, "loss_fn": loss_fn}
     errors = []
     for first_order in (False, True):

@@ -3,10 +3,12 @@
 ``meta_batch_loss`` evaluates an algorithm's per-task loss on every task of an ``Episode`` by one of
 three strategies (``STRATEGIES``); the ``vectorize`` flag picks between them:
 
-* ``"batched"`` (``vectorize=True`` on the standard models, ``metagrad.models.batched.plan_for``):
-  the task dimension is folded into the layers (grouped convolutions, per-task fused BatchNorm,
-  batched matrix products) and differentiated with plain autograd; see ``algorithms/batched.py``.
-  On CPU the tasks go in cache-sized chunks (``algorithms.batched.tasks_per_chunk``).
+* ``"batched"`` (``vectorize=True`` on a network built from metagrad's layers, ``models.layers``): the
+  model's own forward runs once on all tasks inside ``models.layers.task_batch``, where the layers fold
+  the task dimension in (grouped convolutions, per-task fused BatchNorm, batched matrix products), and
+  is differentiated with plain autograd; see ``algorithms/batched.py``. A forward that mixes tasks is
+  caught by a check on the first meta-batch and takes vmap. On CPU the tasks go in cache-sized chunks
+  (``algorithms.batched.tasks_per_chunk``).
 * ``"vmap"`` (``vectorize=True`` on any other model): ``torch.func.vmap`` over the task dimension, the
   inner gradients taken with ``torch.func.grad``, under ``metagrad.vmap_exact.ExactFunctions``: torch's
   fused normalizations (whose double backward is wrong under vmap) are computed from their definition,
@@ -21,6 +23,7 @@ All three give the same numbers (up to rounding); the exactness tests in ``tests
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,11 +32,11 @@ from torch import Tensor, nn
 
 from metagrad import per_step, vmap_exact
 from metagrad.algorithms.anil import anil_task_loss
-from metagrad.algorithms.batched import batched_anil, batched_maml, tasks_per_chunk
+from metagrad.algorithms.batched import batched_anil, batched_maml, batching_mismatch, tasks_per_chunk
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.functional import check_learning_rate, detach_learning_rate, learned_rates
-from metagrad.models.batched import plan_for
+from metagrad.models.layers import task_batch_obstacle
 from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params, StepWeights
 
 __all__ = [
@@ -120,6 +123,10 @@ def _check_episode(episode: Episode, inner_lr: LearningRate, inner_steps: int) -
     if inner_steps < 0:
         raise ConfigError(f"inner_steps must be >= 0, got {inner_steps}")
     check_learning_rate(inner_lr, inner_steps)
+    _check_shapes(episode)
+
+
+def _check_shapes(episode: Episode) -> None:
     sx, sy, qx, qy = episode.support_x, episode.support_y, episode.query_x, episode.query_y
     if (min(t.dim() for t in (sx, sy, qx, qy)) < 2 or sx.shape[:2] != sy.shape[:2]
             or qx.shape[:2] != qy.shape[:2]):
@@ -211,26 +218,58 @@ def _accuracies(accs: Tensor, episode: Episode) -> Tensor | None:
     return None if episode.query_y.is_floating_point() else accs.detach()
 
 
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[bool, str | None]] = weakref.WeakKeyDictionary()
+"""model -> {anil: why its forward cannot run batched, or None}: the check of its first meta-batch."""
+
+
+def _batched_obstacle(algorithm: str, model: nn.Module, params: Params, buffers: Buffers,
+                      episode: Episode | None) -> str | None:
+    """Why the batched strategy cannot run ``algorithm`` on ``model`` with these tensors, or None."""
+    spec = ALGORITHMS.get(algorithm)
+    if spec is None or spec.task_loss not in _BATCHED:
+        return f"the batched strategy does not implement {algorithm!r}"
+    reason = task_batch_obstacle(model)
+    if reason is not None:
+        return f"not built from metagrad's layers: {reason}"
+    names = dict(model.named_parameters())
+    if buffers or params.keys() != names.keys() or any(params[k].shape != v.shape for k, v in names.items()):
+        return "the parameters or buffers passed are not the model's own"
+    if _frozen(params):
+        return "some parameters are frozen"
+    anil = spec.task_loss is anil_task_loss
+    verdicts = _VERIFIED.setdefault(model, {})
+    if anil not in verdicts and episode is not None:
+        _check_shapes(episode)
+        verdicts[anil] = batching_mismatch(model, params, episode, anil=anil)
+    return verdicts.get(anil)
+
+
 def strategy_for(algorithm: str, model: nn.Module, params: Params, buffers: Buffers, *,
-                 vectorize: bool = True) -> str:
-    """The strategy ``vectorize`` selects for this model: "batched" where the model is one of the
-    standard networks and ``params`` holds exactly its parameters, "vmap" for other models that vmap
-    runs exactly, and "loop" when ``vectorize`` is False or vmap cannot be exact
-    (``vmap_exact.loop_reason``). The choice is logged once per model class."""
+                 vectorize: bool = True, episode: Episode | None = None) -> str:
+    """The strategy ``vectorize`` selects for this model.
+
+    "batched" where the model is built from metagrad's layers (``models.layers.task_batch_obstacle``),
+    ``params`` holds exactly its parameters (none frozen, no buffers) and its forward does not mix
+    tasks: the first call with an ``episode`` checks that on two of its tasks
+    (``batched.batching_mismatch``) and the verdict is kept for the model; without an episode, a model
+    not checked yet gets the verdict of its structure. "vmap" for other models that vmap runs exactly,
+    and "loop" when ``vectorize`` is False or vmap cannot be exact (``vmap_exact.loop_reason``). The
+    choice is logged once per model class and reason.
+
+    Raises:
+        ValueError: ``episode`` does not have the documented shapes.
+    """
     if not vectorize:
         return "loop"
-    spec = ALGORITHMS.get(algorithm)
-    names = dict(model.named_parameters())
     params = per_step.at_step(params, 0)  # BNWB's per-step copies under the model's names
-    if (spec is not None and spec.task_loss in _BATCHED and not buffers and params.keys() == names.keys()
-            and all(params[k].shape == v.shape for k, v in names.items()) and not _frozen(params)
-            and plan_for(model) is not None):
+    why_not = _batched_obstacle(algorithm, model, params, buffers, episode)
+    if why_not is None:
         return "batched"
     reason = vmap_exact.loop_reason(model)
     if reason is not None:
         _log_once(model, "loop", f"{reason}; one task at a time is exact but slower")
         return "loop"
-    _log_once(model, "vmap", "not one of metagrad's standard networks; torch.func.vmap over tasks")
+    _log_once(model, "vmap", f"{why_not}; torch.func.vmap over tasks")
     return "vmap"
 
 
@@ -252,7 +291,7 @@ def task_losses(
 
     Arguments as for ``meta_batch_loss``.
     """
-    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
+    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
     return _task_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
                         inner_steps=inner_steps, first_order=first_order, strategy=strategy, loss_fn=loss_fn,
                         frozen=_frozen(params), step_weights=step_weights)
@@ -286,12 +325,12 @@ def _task_losses(
     logger.debug("%s on %d tasks: inner_steps=%d first_order=%s strategy=%s",
                  algorithm, episode.num_tasks, inner_steps, first_order, strategy)
     if strategy == "batched":
-        plan = plan_for(model)
-        if plan is None:
-            raise ValueError(f"the batched strategy does not support {type(model).__name__}")
-        chunk = tasks_per_chunk(plan, params, episode)
+        reason = task_batch_obstacle(model)
+        if reason is not None:
+            raise ValueError(f"the batched strategy does not support {type(model).__name__}: {reason}")
+        chunk = tasks_per_chunk(model, episode)
         losses, accs = zip(*(
-            _BATCHED[spec.task_loss](plan, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
+            _BATCHED[spec.task_loss](model, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
                                      inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn,
                                      step_weights=step_weights)
             for i in range(0, episode.num_tasks, chunk)
@@ -346,9 +385,9 @@ def meta_batch_loss(
         inner_steps: inner gradient steps per task.
         first_order: True makes "maml" and "anil" first order (inner gradients detached); None or
             False keeps their second-order meta-gradient. "fomaml" is first order whatever this says.
-        vectorize: True for the fastest vectorized strategy available for ``model`` ("batched" on the
-            standard networks, else "vmap"; see ``strategy_for``), False for the per-task loop (the
-            reference path). All give the same numbers.
+        vectorize: True for the fastest vectorized strategy available for ``model`` ("batched" on a
+            network built from metagrad's layers, else "vmap"; see ``strategy_for``), False for the
+            per-task loop (the reference path). All give the same numbers.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` for one task, used in the inner loop and on the
             query set; None for mean cross-entropy on class labels. E.g. ``F.mse_loss`` for regression
             (the episode's targets are then float tensors (T, K, ...) and ``task_accs`` is None).
@@ -419,7 +458,8 @@ def evaluate_with_losses(
 ) -> tuple[Tensor, Tensor]:
     """``evaluate``, also returning the query losses: detached ``(losses (T,), accuracies (T,))``."""
     _resolve(algorithm, None)
-    strategy, frozen = strategy_for(algorithm, model, params, buffers, vectorize=vectorize), _frozen(params)
+    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
+    frozen = _frozen(params)
     params = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in buffers.items()}  # views: running statistics still update
     inner_lr = detach_learning_rate(inner_lr)  # learned rates are used, not differentiated
@@ -527,9 +567,8 @@ def chunk_gradients(
         order of ``{**params, **meta_rates(inner_lr)}``. Divide by the number of tasks for the
         meta-gradient of the mean loss (``set_gradients`` casts it back).
     """
-    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize)
-    plan = plan_for(model) if strategy == "batched" else None
-    chunk = episode.num_tasks if plan is None else tasks_per_chunk(plan, params, episode)
+    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
+    chunk = tasks_per_chunk(model, episode) if strategy == "batched" else episode.num_tasks
     if max_tasks_per_chunk is not None:
         if max_tasks_per_chunk < 1:
             raise ValueError(f"max_tasks_per_chunk must be at least 1 (or None), got {max_tasks_per_chunk}")

@@ -1,4 +1,9 @@
-"""The standard few-shot networks and a name -> constructor registry."""
+"""The standard few-shot networks, the layers they are built from, and a name -> constructor registry.
+
+A network built from these layers (``BatchNorm``, ``Conv2d``, ``Linear``, ``MaxPool2d``, ``Flatten``,
+``SpatialMean``, ``ConvBlock``, ``LinearBlock``), with any forward of its own, runs on the batched
+strategy (``layers.task_batch``).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,22 @@ from torch import nn
 
 from metagrad.errors import ConfigError
 from metagrad.models.conv4 import MiniImagenetCNN, OmniglotCNN, OmniglotFC
-from metagrad.models.layers import BatchNorm
+from metagrad.models.layers import (
+    BatchNorm,
+    Conv2d,
+    ConvBlock,
+    Flatten,
+    Linear,
+    LinearBlock,
+    MaxPool2d,
+    SpatialMean,
+    task_batch,
+)
 
 __all__ = [
-    "HEAD_PREFIX", "MODELS", "NORM_INIT_MODELS", "BatchNorm", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC",
-    "build_model",
+    "HEAD_PREFIX", "MODELS", "NORM_INIT_MODELS", "BatchNorm", "Conv2d", "ConvBlock", "Flatten", "Linear",
+    "LinearBlock", "MaxPool2d", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "SpatialMean", "build_model",
+    "task_batch",
 ]
 
 HEAD_PREFIX = "classifier."

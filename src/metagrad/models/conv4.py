@@ -1,7 +1,9 @@
 """The standard few-shot networks of MAML and learn2learn, each a feature body plus a linear head.
 
 Every model has two submodules: ``features`` (the body, ending in a flat (B, D) output) and
-``classifier`` (an ``nn.Linear`` from D to the ways), and ``forward(x) = classifier(features(x))``.
+``classifier`` (a linear layer from D to the ways), and ``forward(x) = classifier(features(x))``.
+Each is a composition of metagrad's layers (``layers.py``), which also run a whole meta-batch of tasks
+(``layers.task_batch``): the network is written once, for one task and for the batched strategy.
 Head parameter names therefore start with ``"classifier."`` (``metagrad.models.HEAD_PREFIX``), which
 is how ANIL picks the parameters its inner loop adapts.
 
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from metagrad.errors import ConfigError
-from metagrad.models.layers import ConvBlock, LinearBlock, fc_init_, maml_init_
+from metagrad.models.layers import ConvBlock, Flatten, Linear, LinearBlock, SpatialMean, fc_init_, maml_init_
 
 __all__ = ["MINI_IMAGENET_SIZE", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC"]
 
@@ -31,13 +33,6 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
-
-
-class SpatialMean(nn.Module):
-    """(B, C, H, W) -> (B, C): mean over the remaining spatial positions (the MAML paper's Omniglot CNN)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean(dim=(2, 3))
 
 
 class OmniglotCNN(nn.Module):
@@ -75,7 +70,7 @@ class OmniglotCNN(nn.Module):
         blocks = [ConvBlock(c_in, hidden_size, strided=strided, norm_init=norm_init)
                   for c_in in channels[:-1]]
         self.features = nn.Sequential(*blocks, SpatialMean())
-        self.classifier = nn.Linear(hidden_size, ways)
+        self.classifier = Linear(hidden_size, ways)
         nn.init.normal_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
@@ -110,9 +105,9 @@ class OmniglotFC(nn.Module):
         _check_positive(ways=ways, input_size=input_size, **{f"sizes[{i}]": s for i, s in enumerate(sizes)})
         widths = [input_size, *sizes]
         self.features = nn.Sequential(
-            nn.Flatten(), *(LinearBlock(a, b) for a, b in itertools.pairwise(widths))
+            Flatten(), *(LinearBlock(a, b) for a, b in itertools.pairwise(widths))
         )
-        self.classifier = nn.Linear(widths[-1], ways)
+        self.classifier = Linear(widths[-1], ways)
         fc_init_(self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -153,8 +148,8 @@ class MiniImagenetCNN(nn.Module):
         blocks = [ConvBlock(3 if i == 0 else hidden_size, hidden_size, norm_init=norm_init)
                   for i in range(layers)]
         # (B, hidden, side, side) -> (B, hidden * side * side)
-        self.features = nn.Sequential(*blocks, nn.Flatten())
-        self.classifier = nn.Linear(hidden_size * side * side, ways)
+        self.features = nn.Sequential(*blocks, Flatten())
+        self.classifier = Linear(hidden_size * side * side, ways)
         maml_init_(self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,13 +1,41 @@
-"""Building blocks of the standard few-shot networks.
+"""Building blocks of metagrad's networks: each layer runs one task or a whole meta-batch of tasks.
 
-BatchNorm is written out from the batch mean and (biased) variance instead of calling
+Single task (the default): a layer takes (B, ...) inputs and its module-shaped parameters, as torch's
+layers do. Inside ``task_batch(T)`` the same layer takes (T, B, ...) inputs, and each of its parameters
+is either shared by all tasks (the module's shape) or given per task (one more, leading dimension T, as
+the inner loop's adapted weights are); it computes every task's output in one pass and returns
+(T, B, ...). The batched strategy (``metagrad.algorithms.batched``) enters the context around
+``torch.func.functional_call(model, params, (x,))``, so a network written once from these layers, with
+any forward of its own, runs on a whole meta-batch.
+
+Between layers the task dimension is explicit, so code between them (``x.flatten(-3)``,
+``torch.cat(..., dim=-3)``, a residual add, an elementwise activation) sees per-task shapes and cannot
+mix tasks. Packing tasks into channels happens inside a layer, on views of one memory layout: the
+activations of a convolution are (B, T, C, H, W) contiguous, which is at once
+
+* (B, T*C, H, W): task t owns channels [t*C, (t+1)*C), so per-task weights are ONE grouped convolution
+  (``groups=T``), and torch's fused ``F.batch_norm(training=True)`` gives each task its own statistics
+  (outside vmap its double backward is torch's own and exact);
+* (B*T, C, H, W), image-major (image b of every task, then image b + 1): with shared weights (ANIL's
+  body) one ordinary convolution over every task's images, faster on CPU than a grouped one;
+* (T, B, C, H, W) by ``transpose(0, 1)``: what a layer returns and the next one reads back, both views.
+
+Linear layers keep (T, B, F) and run a batched matrix product (``torch.baddbmm``) with per-task weights,
+``F.linear`` with shared ones; max-pooling, flattening and the spatial mean act per task on views.
+
+BatchNorm always normalizes with the statistics of the batch it is given (no running statistics, no
+buffers). Single task, it is written out from the batch mean and (biased) variance instead of calling
 ``F.batch_norm``: in torch 2.13, ``F.batch_norm(training=True)`` under ``torch.func.vmap`` inside a
 second-order ``torch.func.grad`` returns wrong meta-gradients (the forward is right), while this
-formulation is exact (``tests/models/test_layers.py`` checks it against finite differences and
-against the per-task loop).
+formulation is exact (``tests/models/test_layers.py`` checks it against finite differences and against
+the per-task loop). The vmap strategy runs these layers single-task, one task per vmapped slice.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +43,9 @@ from torch import Tensor, nn
 
 from metagrad.errors import ConfigError
 
-__all__ = ["BN_EPS", "NORM_INITS", "BatchNorm", "ConvBlock", "LinearBlock", "check_norm_init", "fc_init_",
-           "maml_init_"]
+__all__ = ["BN_EPS", "NORM_INITS", "PARAMETER_LAYERS", "TASK_SAFE_MODULES", "BatchNorm", "Conv2d",
+           "ConvBlock", "Flatten", "Linear", "LinearBlock", "MaxPool2d", "SpatialMean", "batched_tasks",
+           "check_norm_init", "fc_init_", "maml_init_", "task_batch", "task_batch_obstacle"]
 
 BN_EPS = 1e-3
 """BatchNorm epsilon of learn2learn's few-shot networks (torch's default is 1e-5)."""
@@ -27,6 +56,50 @@ NORM_INITS = ("learn2learn", "ones")
 MAML's TensorFlow code has no BatchNorm scale at all (``tf.contrib.layers.batch_norm`` with its
 default ``scale=False``), which is a scale of 1 that never changes; "ones" starts there.
 """
+
+_TASKS: ContextVar[int | None] = ContextVar("metagrad_batched_tasks", default=None)
+
+
+@contextlib.contextmanager
+def task_batch(tasks: int) -> Iterator[None]:
+    """Within this context metagrad's layers take (T, B, ...) inputs of ``tasks`` tasks (see the module doc).
+
+    Example:
+        >>> with task_batch(4):  # params: each tensor of its module's shape or (4, ...) per task
+        ...     logits = torch.func.functional_call(model, params, (x,))  # x (4, B, C, H, W) -> (4, B, N)
+    """
+    token = _TASKS.set(tasks)
+    try:
+        yield
+    finally:
+        _TASKS.reset(token)
+
+
+def batched_tasks() -> int | None:
+    """The number of tasks T of the enclosing ``task_batch``, or None outside one (single task)."""
+    return _TASKS.get()
+
+
+def _per_task(p: Tensor, shared_dim: int, tasks: int) -> Tensor:
+    """(…) shared or (T, …) per task -> (T, …); a shared tensor is expanded (a view, no copy)."""
+    return p.expand(tasks, *p.shape) if p.dim() == shared_dim else p
+
+
+def _check_input(x: Tensor, tasks: int, layer: nn.Module, dims: str) -> None:
+    if x.dim() < 2 or x.shape[0] != tasks:
+        raise ValueError(f"{type(layer).__name__} inside task_batch({tasks}) takes (T, B, {dims}) inputs "
+                         f"with T = {tasks}, got {tuple(x.shape)}")
+
+
+def _pack(x: Tensor) -> Tensor:
+    """(T, B, C, ...) -> (B, T*C, ...): task t owns channels [t*C, (t+1)*C). A view when x is an unpacked
+    layer output; a copy only for a contiguous (T, B, ...) input such as the episode's images."""
+    return x.transpose(0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], *x.shape[3:])
+
+
+def _unpack(packed: Tensor, batch: int, tasks: int) -> Tensor:
+    """(B, T*C, ...) or (B*T, C, ...), contiguous -> the (T, B, C, ...) view of the same memory (no copy)."""
+    return packed.view(batch, tasks, -1, *packed.shape[2:]).transpose(0, 1)
 
 
 def check_norm_init(norm_init: str, name: str = "norm_init") -> None:
@@ -53,6 +126,63 @@ def fc_init_(layer: nn.Linear) -> None:
         nn.init.zeros_(layer.bias)
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same arguments, parameters and initialization) that also runs a meta-batch.
+
+    Inside ``task_batch(T)``: x (T, B, C_in, H, W) -> (T, B, C_out, H', W'), a view of a contiguous
+    (B, T, C_out, H', W') result. Per-task weight (T, C_out, C_in/groups, kh, kw) or bias (T, C_out): one
+    grouped convolution of ``T * groups`` groups over (B, T*C_in, H, W). Shared weight and bias: one
+    ordinary convolution over (B*T, C_in, H, W), image-major.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        tasks = batched_tasks()
+        if tasks is None:
+            return super().forward(x)
+        _check_input(x, tasks, self, "C, H, W")
+        batch = x.shape[1]
+        weight, bias = self.weight, self.bias
+        if weight.dim() == 4 and (bias is None or bias.dim() == 1):
+            # (B*T, C_in, H, W), image b*T + t = task t's image b
+            images = x.transpose(0, 1).reshape(batch * tasks, *x.shape[2:])
+            return _unpack(self._conv_forward(images, weight, bias), batch, tasks)
+        weight = _per_task(weight, 4, tasks)
+        weight = weight.reshape(tasks * weight.shape[1], *weight.shape[2:])  # (T*C_out, C_in/groups, kh, kw)
+        if bias is not None:
+            bias = _per_task(bias, 1, tasks).reshape(-1)  # (T*C_out,)
+        packed = _pack(x)  # (B, T*C_in, H, W)
+        if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward: pad each channel, then no padding
+            packed = F.pad(packed, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding: str | tuple[int, ...] = (0, 0)
+        else:
+            padding = self.padding
+        out = F.conv2d(packed, weight, bias, self.stride, padding, self.dilation, tasks * self.groups)
+        return _unpack(out, batch, tasks)  # (B, T*C_out, H', W') -> (T, B, C_out, H', W')
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same arguments, parameters and initialization) that also runs a meta-batch.
+
+    Inside ``task_batch(T)``: x (T, B, ..., F_in) -> (T, B, ..., F_out); ``F.linear`` with a shared weight
+    and bias, one batched matrix product (``torch.baddbmm``) when either is per task ((T, F_out, F_in),
+    (T, F_out)).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        tasks = batched_tasks()
+        weight, bias = self.weight, self.bias
+        if tasks is None or (weight.dim() == 2 and (bias is None or bias.dim() == 1)):
+            return super().forward(x)
+        _check_input(x, tasks, self, "..., F")
+        weight = _per_task(weight, 2, tasks).transpose(1, 2)  # (T, F_in, F_out)
+        rows = x.reshape(tasks, -1, x.shape[-1])  # (T, B*..., F_in); a view for (T, B, F)
+        if bias is None:
+            out = torch.bmm(rows, weight)
+        else:
+            out = torch.baddbmm(_per_task(bias, 1, tasks).unsqueeze(1), rows, weight)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (T, B, ..., F_out)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm that always normalizes with the statistics of the batch it is given.
 
@@ -60,6 +190,9 @@ class BatchNorm(nn.Module):
     over every dimension but the channel dimension 1. There are no running statistics and no buffers:
     train and test behave the same, so each task (each call, or each vmapped slice) is normalized with
     its own statistics. This is the transductive setting of MAML and learn2learn.
+
+    Inside ``task_batch(T)``: x (T, B, C) or (T, B, C, H, W), weight and bias (C,) shared or (T, C) per
+    task; each task's statistics are its own (fused ``F.batch_norm`` on (B, T*C, ...)).
 
     Args:
         num_features: number of channels C.
@@ -73,7 +206,15 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalize ``x``: (B, C) or (B, C, H, W)."""
+        """Normalize ``x``: (B, C) or (B, C, H, W); (T, B, C) or (T, B, C, H, W) inside ``task_batch``."""
+        tasks = batched_tasks()
+        if tasks is not None:
+            _check_input(x, tasks, self, "C, ...")
+            weight = _per_task(self.weight, 1, tasks).reshape(-1)  # (T*C,)
+            bias = _per_task(self.bias, 1, tasks).reshape(-1)
+            # (B, T*C, ...): each channel belongs to one task, so the statistics are per task
+            out = F.batch_norm(_pack(x), None, None, weight, bias, training=True, eps=self.eps)
+            return _unpack(out, x.shape[1], tasks)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)  # broadcast per-channel vectors over (B, C, ...)
         mean = x.mean(dim=dims, keepdim=True)
@@ -83,6 +224,40 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that also runs a meta-batch: (T, B, C, H, W) -> (T, B, C, H', W') per channel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        tasks = batched_tasks()
+        if tasks is None:
+            return super().forward(x)
+        _check_input(x, tasks, self, "C, H, W")
+        out = super().forward(_pack(x))  # (B, T*C, H', W')
+        if self.return_indices:  # indices are positions within each channel's plane: the same per task
+            return _unpack(out[0], x.shape[1], tasks), _unpack(out[1], x.shape[1], tasks)
+        return _unpack(out, x.shape[1], tasks)
+
+
+class Flatten(nn.Flatten):
+    """``nn.Flatten`` that also runs a meta-batch: its dimensions count from B, after the task dimension."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if batched_tasks() is None:
+            return super().forward(x)
+        start, end = (d + 1 if d >= 0 else d for d in (self.start_dim, self.end_dim))
+        return x.flatten(start, end)  # (T, B, C, h, w) -> (T, B, C*h*w): a view of an unpacked layer output
+
+
+class SpatialMean(nn.Module):
+    """(..., C, H, W) -> (..., C): mean over the spatial positions (the MAML paper's Omniglot CNN).
+
+    Counted from the end, so the same code serves (B, C, H, W) and a meta-batch's (T, B, C, H, W).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1))
 
 
 class ConvBlock(nn.Module):
@@ -109,22 +284,55 @@ class ConvBlock(nn.Module):
         super().__init__()
         check_norm_init(norm_init)
         self.strided = strided
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
+        self.conv = Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
         self.norm = BatchNorm(out_channels)  # weight 1, bias 0
+        self.pool = nn.Identity() if strided else MaxPool2d(2)
         maml_init_(self.conv)
         if norm_init == "learn2learn":
             nn.init.uniform_(self.norm.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with H' = ceil(H/2) if strided else floor(H/2)."""
-        x = F.relu(self.norm(self.conv(x)))
-        return x if self.strided else F.max_pool2d(x, 2)
+        return self.pool(F.relu(self.norm(self.conv(x))))
 
 
 class LinearBlock(nn.Sequential):
     """Linear, BatchNorm, ReLU (learn2learn's ``LinearBlock``: truncated-normal linear, BatchNorm 1/0)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
-        linear = nn.Linear(in_features, out_features)
+        linear = Linear(in_features, out_features)
         fc_init_(linear)
         super().__init__(linear, BatchNorm(out_features), nn.ReLU())
+
+
+PARAMETER_LAYERS = (Conv2d, Linear, BatchNorm)
+"""metagrad's layers with parameters: each takes shared or per-task parameters inside ``task_batch``."""
+
+TASK_SAFE_MODULES = (
+    MaxPool2d, Flatten, SpatialMean, nn.Identity, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU,
+    nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Sequential, nn.ModuleList,
+    nn.ModuleDict,
+)
+"""Modules without parameters that act on a meta-batch's (T, B, ...) as on each task's (B, ...):
+metagrad's shape layers, elementwise functions (dropout draws a mask per element, so per task) and
+containers."""
+
+
+def task_batch_obstacle(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run inside ``task_batch`` as it is built, or None if every module can.
+
+    Every parameter must belong to one of metagrad's layers (``PARAMETER_LAYERS``) and every other leaf
+    module be task-safe (``TASK_SAFE_MODULES``); the model and its own modules may have any forward
+    (the batched strategy checks once that it does not mix tasks). Buffers are refused: metagrad's
+    layers have none, and a user's own buffer may hold per-call state.
+    """
+    for name, module in model.named_modules():
+        where = f"{name} ({type(module).__name__})" if name else type(module).__name__
+        if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, PARAMETER_LAYERS):
+            return f"{where} has parameters of its own and is not one of metagrad's layers"
+        if any(True for _ in module.buffers(recurse=False)):
+            return f"{where} has buffers"
+        if (not isinstance(module, PARAMETER_LAYERS + TASK_SAFE_MODULES)
+                and not any(True for _ in module.children())):
+            return f"{where} is not one of metagrad's layers"
+    return None
