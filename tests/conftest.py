@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The suite shares its cores with other work: before torch loads, set OpenMP's waiting as the metagrad
-# command does (metagrad/_openmp.py), or spinning threads make the multi-threaded tests many times slower.
-from metagrad import _openmp
-
-_openmp.tune_wait()
+# The suite shares its cores with other work, and runs several processes at once (torchrun tests), with
+# a fixed thread count (below): before torch loads, let idle OpenMP threads spin only briefly, or spinning
+# threads make the multi-threaded tests many times slower. (The command spins longer, but its threads
+# follow the free cores: metagrad/_openmp.py, metagrad/training/threads.py.)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 # Tests that compare two runs bit for bit need one thread count in both: the commands' following of the
-# free cores (metagrad/training/threads.py) is tested on its own and kept off elsewhere.
+# free cores is tested on its own (tests/training/test_threads.py) and kept off elsewhere.
 os.environ.setdefault("METAGRAD_THREADS", "fixed")
 
 # isort: split

@@ -22,10 +22,11 @@ __all__ = ["ENV_VAR", "SETTING", "USER_VARIABLES", "requested", "spinning_warnin
 ENV_VAR = "METAGRAD_OMP_WAIT"
 """``default`` keeps libgomp's own waiting; anything else (or unset) lets the command set :data:`SETTING`."""
 
-SETTING = {"GOMP_SPINCOUNT": "1000"}
-"""What the command sets: idle threads spin briefly (1,000 iterations), then sleep. Faster than sleeping at
-once on idle cores, and beside a busy process no step slower than twice a one-thread step, where
-libgomp's default (300,000) stalls (docs/PERFORMANCE.md, "CPU threads")."""
+SETTING = {"GOMP_SPINCOUNT": "300000"}
+"""What the command sets: libgomp's documented default (spin 300,000 times, then sleep), written out so
+that what was measured is what runs. Spinning is what makes a step fast on idle cores; it stalls only
+on a core another process needs, and the command's threads never take those
+(``metagrad.training.threads``). Measured in docs/PERFORMANCE.md, "CPU threads"."""
 
 USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 """libgomp's own variables: when either is set, the user has chosen and the command sets nothing."""
@@ -50,20 +51,21 @@ def tune_wait(environ: MutableMapping[str, str] = os.environ,
     return dict(SETTING)
 
 
-def spinning_warning(device_type: str, threads: int,
-                     environ: Mapping[str, str] = os.environ) -> str | None:
-    """The warning for a CPU run of several threads under libgomp's default waiting, else None.
+def spinning_warning(device_type: str, threads: int, environ: Mapping[str, str] = os.environ, *,
+                     following: bool = False) -> str | None:
+    """The warning for a CPU run of several spinning threads that do not follow the free cores, else None.
 
     That is a process the ``metagrad`` command did not start (a script or notebook calling
-    :func:`metagrad.training.run`) whose user set none of libgomp's variables.
+    :func:`metagrad.training.run`) whose user set none of libgomp's variables and did not call
+    ``metagrad.training.threads.follow_free_cores()`` (``following``).
     """
-    if device_type != "cpu" or threads <= 1 or not requested(environ):
+    if device_type != "cpu" or threads <= 1 or following or not requested(environ):
         return None
     if any(name in environ for name in USER_VARIABLES):
         return None
-    setting = " ".join(f"{name}={value}" for name, value in SETTING.items())
     return (f"this process's {threads} OpenMP threads spin while they wait (libgomp's default): beside "
             "other work on the machine a step can be many times slower (docs/PERFORMANCE.md, 'CPU "
-            f"threads'). The metagrad command sets {setting} before torch loads; in your own script set "
-            f"it in the environment before Python starts, or use OMP_NUM_THREADS=1. On cores of your own, "
+            "threads'). The metagrad command avoids it by using only the cores other processes leave free: "
+            "call metagrad.training.threads.follow_free_cores() before training to do the same, or set "
+            f"OMP_NUM_THREADS=1 or GOMP_SPINCOUNT=1000 before Python starts. On cores of your own, "
             f"{ENV_VAR}=default silences this.")

@@ -24,7 +24,7 @@ from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.per_step import per_step_bn_params
-from metagrad.training import distributed
+from metagrad.training import distributed, threads
 from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig
 from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.failures import out_of_memory
@@ -116,7 +116,7 @@ def versions() -> dict[str, str]:
 
 
 def warn_if_spinning(device: torch.device) -> None:
-    warning = _openmp.spinning_warning(device.type, torch.get_num_threads())
+    warning = _openmp.spinning_warning(device.type, torch.get_num_threads(), following=threads.following())
     if warning is not None:
         logger.warning(warning)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_VAR", "FreeCoreThreads", "busy_ticks", "follow_free_cores", "requested", "stop", "tick"]
+__all__ = ["ENV_VAR", "FreeCoreThreads", "busy_ticks", "follow_free_cores", "following", "requested", "stop",
+           "tick"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,11 @@ def stop() -> None:
     if _active is not None:
         _active._set(_active.max_threads)
     _active = None
+
+
+def following() -> bool:
+    """True while :func:`follow_free_cores` is in effect."""
+    return _active is not None
 
 
 def tick() -> None:
