@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from metagrad.data.datasets import FewShotDataset, load_dataset
-from metagrad.data.episodes import EpisodeSampler
+from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import DataError
 from metagrad.training import distributed, loop, setup
 from metagrad.training.config import load_preset
@@ -83,15 +83,16 @@ def worker(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = setup.make_model(config.model, data.ways, dataset.image_shape).to(device)
         params = dict(model.named_parameters())
+        learner = setup.Learner(model, params, {}, {})
         optimizer = torch.optim.Adam(params.values(), lr=meta.meta_lr)
-        generator = setup.task_generator(0, "train")
+        generator = task_generator(0, "train")
         first, last = distributed.task_range(meta.meta_batch_size, world)
         last = first + (last - first) // share
         mine = torch.arange(first, last)
 
         def step() -> None:  # as loop._train's iteration, without the metric rows
             episode = sampler.sample(meta.meta_batch_size, generator)
-            out, grad_sum = loop.compute_meta_gradients(model, params, {}, episode.slice(first, last), meta)
+            out, grad_sum = loop.compute_meta_gradients(learner, episode.slice(first, last), meta)
             scores = distributed.exchange_meta_gradient(world, params, grad_sum, meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], 1),
                                                         mine)

@@ -151,7 +151,8 @@ def test_learned_rate_settings_are_checked() -> None:
 def test_a_checkpoint_with_other_per_step_bn_is_refused(fake_data: list,
                                                         learned_runs: dict[str, Path]) -> None:
     state = torch.load(learned_runs["maml++"] / "best.pt", weights_only=True)
-    params = setup.prepare(tiny_config(Path("x"), **LSLR), torch.device("cpu"), ("test",), init_seed=0).params
+    params = setup.prepare(tiny_config(Path("x"), **LSLR), torch.device("cpu"), ("test",),
+                           init_seed=0).learner.params
     with pytest.raises(ConfigError, match="meta.per_step_bn=True"):
         restore_params(params, state, learned_runs["maml++"] / "best.pt", tiny_config(Path("x"), **LSLR))
 
@@ -192,9 +193,9 @@ def test_derivative_order_annealing_trains_first_order_for_the_first_epochs(
     orders = []
     real = loop.compute_meta_gradients
 
-    def compute(model, params, buffers, episode, meta, *rest):
+    def compute(learner, episode, meta, *rest):
         orders.append(meta.first_order)
-        return real(model, params, buffers, episode, meta, *rest)
+        return real(learner, episode, meta, *rest)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)
     run(tiny_config(tmp_path / "run", **{"meta.iterations_per_epoch": 2, "meta.first_order_epochs": 2}),
@@ -244,7 +245,7 @@ def test_multi_step_loss_in_training(tmp_path: Path, fake_data: list,
     real = loop.compute_meta_gradients
 
     def compute(*args):
-        weights.append(args[6])  # model, params, buffers, episode, meta, rates, step_weights
+        weights.append(args[3])  # learner, episode, meta, step_weights
         return real(*args)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)

@@ -18,6 +18,7 @@ import torch
 from tiny_run import TINY_OVERRIDES, fake_load_dataset, tiny_config
 
 from metagrad.algorithms import MetaBatchOutput
+from metagrad.data.episodes import task_generator
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.training import TrainingInterrupted, evaluate_checkpoint, loop, run, setup
 from metagrad.training.config import resolve_config
@@ -278,13 +279,13 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(
     real = loop.compute_meta_gradients
     calls = {"n": 0}
 
-    def compute(model, params, buffers, episode, meta, *rest):
+    def compute(learner, episode, meta, *rest):
         calls["n"] += 1
         if calls["n"] == 5:
             nan = torch.tensor(float("nan"))
-            grad_sum = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64)
+            grad_sum = torch.zeros(sum(p.numel() for p in learner.params.values()), dtype=torch.float64)
             return MetaBatchOutput(nan, nan.repeat(4), torch.zeros(4)), grad_sum
-        return real(model, params, buffers, episode, meta, *rest)
+        return real(learner, episode, meta, *rest)
 
     monkeypatch.setattr(loop, "compute_meta_gradients", compute)
     config = tiny_config(run_dir, **{"run.checkpoint_every": 3})
@@ -453,11 +454,11 @@ def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pyt
 
 
 def test_task_streams_are_independent_and_seeded() -> None:
-    draws = {purpose: torch.rand(4, generator=setup.task_generator(0, purpose)) for purpose in
+    draws = {purpose: torch.rand(4, generator=task_generator(0, purpose)) for purpose in
              ("train", "validation", "test")}
     assert not torch.equal(draws["train"], draws["validation"])
-    assert torch.equal(torch.rand(4, generator=setup.task_generator(0, "train")), draws["train"])
-    assert not torch.equal(torch.rand(4, generator=setup.task_generator(1, "train")), draws["train"])
+    assert torch.equal(torch.rand(4, generator=task_generator(0, "train")), draws["train"])
+    assert not torch.equal(torch.rand(4, generator=task_generator(1, "train")), draws["train"])
 
 
 def test_resolve_device() -> None:

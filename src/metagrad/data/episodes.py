@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from metagrad.data.datasets import FewShotDataset
 from metagrad.errors import ConfigError
 from metagrad.types import Episode
 
-__all__ = ["EpisodeSampler", "draw_tasks"]
+__all__ = ["EpisodeSampler", "draw_tasks", "task_generator"]
 
 
 def _check_count(name: str, value: object) -> int:
@@ -17,6 +19,16 @@ def _check_count(name: str, value: object) -> int:
     if value <= 0:
         raise ConfigError(f"{name}={value} must be a positive integer (at least 1)")
     return value
+
+
+def task_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one task stream (``"train"``, ``"validation"``, ``"test"``, ``"inner_lr"``).
+
+    Each purpose gets its own seed, a hash of ``(seed, purpose)``, so that the streams are independent
+    and, e.g., changing ``eval_tasks`` does not change the training tasks.
+    """
+    digest = hashlib.sha256(f"metagrad/{seed}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def draw_tasks(num_tasks: int, num_classes: int, per_class: int, ways: int, samples: int,

@@ -23,18 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from metagrad import per_step
-from metagrad.data.episodes import EpisodeSampler
+from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import ConfigError, ResultNotSaved
 from metagrad.functional import adapt, detach_learning_rate, forward_with
 from metagrad.models import HEAD_PREFIX
-from metagrad.training.checkpoint import load_checkpoint, restore_params
+from metagrad.training.checkpoint import load_checkpoint
 from metagrad.training.config import Config
 from metagrad.training.evaluation import CI95_FORMULA, evaluation_config
 from metagrad.training.metrics import mean_ci95
-from metagrad.training.rates import inner_learning_rate, inner_rates, restore_rates
 from metagrad.training.run_folder import BEST_NAME, RESULTS_NAME, TOP_DIR, write_result
 from metagrad.training.runlock import lock_run_dir
-from metagrad.training.setup import prepare, resolve_device, task_generator, versions
+from metagrad.training.setup import prepare, resolve_device, versions
 from metagrad.training.signals import StopFlag
 from metagrad.training.top_k import Ranked, ranked_checkpoints
 from metagrad.types import Buffers, Episode, LearningRate, Params
@@ -131,20 +130,18 @@ def _evaluate_ensemble(run_dir: Path, members: list[Ranked], config: Config) -> 
     meta = config.meta
     torch_device = resolve_device(config.run.device)
     prepared = prepare(config, torch_device, ("test",), init_seed=None)
-    model, params, buffers = prepared.model, prepared.params, prepared.buffers
-    rates = inner_rates(meta, params, config.run.seed)
+    learner = prepared.learner
     start = time.perf_counter()
     probabilities, labels = [], None
     with StopFlag() as stop:
         for member in members:
             state = load_checkpoint(member.path)
-            restore_params(params, state, member.path, config)
-            restore_rates(rates, state, member.path)
-            lr = inner_learning_rate(meta, rates, meta.test_inner_steps)
+            learner.restore(state, member.path, config)
+            lr = learner.inner_lr(meta, meta.test_inner_steps)
             episodes = list(_test_episodes(config, prepared.samplers["test"], stop))
             probabilities.append(torch.cat([
-                query_probabilities(meta.algorithm, model, params, buffers, episode, inner_lr=lr,
-                                    inner_steps=meta.test_inner_steps).float().cpu()
+                query_probabilities(meta.algorithm, learner.model, learner.params, learner.buffers, episode,
+                                    inner_lr=lr, inner_steps=meta.test_inner_steps).float().cpu()
                 for episode in episodes]))  # (tasks, N*Q, N)
             labels = torch.cat([episode.query_y.cpu() for episode in episodes])  # (tasks, N*Q)
     assert labels is not None

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metagrad import algorithms
-from metagrad.data.episodes import EpisodeSampler
+from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import ConfigError
 from metagrad.training import distributed, threads
-from metagrad.training.checkpoint import RunState, check_model_settings, load_checkpoint, restore_params
+from metagrad.training.checkpoint import check_model_settings, load_checkpoint
 from metagrad.training.config import (
     CONFIG_NAME,
     Config,
@@ -33,14 +33,11 @@ from metagrad.training.config import (
 )
 from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.failures import step_guard
-from metagrad.training.metrics import MetricsWriter, mean_ci95, report_row
-from metagrad.training.progress import Progress
-from metagrad.training.rates import inner_learning_rate, inner_rates, restore_rates
+from metagrad.training.metrics import mean_ci95, report_row
 from metagrad.training.run_folder import BEST_NAME, LATEST_NAME, RESULTS_NAME, resume_command, write_result
 from metagrad.training.runlock import lock_run_dir
-from metagrad.training.setup import prepare, resolve_device, task_generator, versions, warn_if_spinning
+from metagrad.training.setup import Learner, TrainingRun, prepare, resolve_device, versions, warn_if_spinning
 from metagrad.training.signals import StopFlag, TrainingInterrupted
-from metagrad.types import Buffers, Params
 
 __all__ = [
     "CI95_FORMULA",
@@ -60,19 +57,15 @@ CI95_FORMULA = "1.96 * sample std (ddof=1) / sqrt(n) over per-task accuracies"
 
 def score_tasks(
     config: Config,
-    model: nn.Module,
-    params: Params,
-    buffers: Buffers,
+    learner: Learner,
     sampler: EpisodeSampler,
     num_tasks: int,
     generator: torch.Generator,
     stop: StopFlag | None = None,
     world: World = ONE_PROCESS,
-    rates: Params | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Adapt to ``num_tasks`` tasks with the test-time inner loop; per-task query losses and accuracies.
-
-    Learned inner rates (``rates``, see ``inner_rates``) replace ``meta.inner_lr`` when given.
+    """Adapt ``learner`` to ``num_tasks`` tasks with the test-time inner loop (its learned inner rates, if
+    any, in place of ``meta.inner_lr``); per-task query losses and accuracies.
 
     Tasks are sampled and scored ``meta_batch_size`` at a time (to bound memory), so the tasks drawn
     from ``generator`` depend only on the seed, ``num_tasks`` and ``meta_batch_size``. With several
@@ -91,9 +84,9 @@ def score_tasks(
         if first == last:  # fewer tasks in this chunk than processes
             continue
         task_loss, task_acc = algorithms.evaluate_with_losses(
-            meta.algorithm, model, params, buffers, episode.slice(first, last),
-            inner_lr=inner_learning_rate(meta, rates or {}, meta.test_inner_steps),
-            inner_steps=meta.test_inner_steps, vectorize=meta.vectorize,
+            meta.algorithm, learner.model, learner.params, learner.buffers, episode.slice(first, last),
+            inner_lr=learner.inner_lr(meta, meta.test_inner_steps), inner_steps=meta.test_inner_steps,
+            vectorize=meta.vectorize,
         )
         losses.append(task_loss.float().cpu())
         accs.append(task_acc.float().cpu())
@@ -105,35 +98,22 @@ def score_tasks(
     return scores[:, 0], scores[:, 1]
 
 
-def meta_test(
-    config: Config,
-    run_dir: Path,
-    device: torch.device,
-    model: nn.Module,
-    params: Params,
-    buffers: Buffers,
-    sampler: EpisodeSampler,
-    state: RunState,
-    writer: MetricsWriter | None,
-    stop: StopFlag,
-    progress: Progress,
-    world: World,
-    rates: Params,
-) -> dict[str, Any]:
+def meta_test(run: TrainingRun) -> dict[str, Any]:
+    """Score best.pt (latest where there is none) on the test tasks and write results.json."""
+    config, run_dir, world, state = run.config, run.run_dir, run.world, run.state
     best = distributed.on_main(world, load_checkpoint, run_dir / BEST_NAME)
     checkpoint_name = "latest"
     if best is not None:
         checkpoint_name = "best"
-        restore_params(params, best, run_dir / BEST_NAME, config)
-        restore_rates(rates, best, run_dir / BEST_NAME)
+        run.learner.restore(best, run_dir / BEST_NAME, config)
     if world.is_main:
         logger.info("meta-testing %s.pt (iteration %s) on %d tasks with %d inner steps", checkpoint_name,
                     best["iteration"] if best is not None else state.iteration, config.run.test_tasks,
                     config.meta.test_inner_steps)
     start = time.perf_counter()
     try:
-        test = score_test_tasks(config, model, params, buffers, sampler, config.run.test_tasks, stop, world,
-                                rates)
+        test = score_test_tasks(config, run.learner, run.samplers["test"], config.run.test_tasks, run.stop,
+                                world)
     except TrainingInterrupted as exc:
         raise TrainingInterrupted(
             f"{exc} during the meta-test; training is complete and saved: "
@@ -144,7 +124,7 @@ def meta_test(
     tested_iteration = best["iteration"] if best is not None else state.iteration
     row = {"step": tested_iteration, "split": "test", "loss": test["test_loss"], "acc": test["test_accuracy"],
            "tasks_per_sec": config.run.test_tasks / seconds}
-    report_row(row, writer, progress)
+    report_row(row, run.writer, run.progress)
     results = {
         "preset": config.preset,
         "algorithm": config.meta.algorithm,
@@ -158,7 +138,7 @@ def meta_test(
         "best_val_accuracy": state.best_val_accuracy,
         "best_iteration": state.best_iteration,
         "wall_time_s": state.elapsed_s + seconds,
-        "device": str(device),
+        "device": str(run.device),
         "cpu_threads": torch.get_num_threads(),  # per process; the CPU's share of the wall time
         "processes": world.size,
         "seed": config.run.seed,
@@ -174,17 +154,15 @@ def meta_test(
 
 def score_test_tasks(
     config: Config,
-    model: nn.Module,
-    params: Params,
-    buffers: Buffers,
+    learner: Learner,
     sampler: EpisodeSampler,
     num_tasks: int,
     stop: StopFlag | None = None,
     world: World = ONE_PROCESS,
-    rates: Params | None = None,
 ) -> dict[str, Any]:
-    losses, accs = score_tasks(config, model, params, buffers, sampler, num_tasks,
-                                task_generator(config.run.seed, "test"), stop, world, rates)
+    """``score_tasks`` on the run's test tasks: accuracy, its 95% CI and the mean loss."""
+    losses, accs = score_tasks(config, learner, sampler, num_tasks, task_generator(config.run.seed, "test"),
+                               stop, world)
     accuracy, ci95 = mean_ci95(accs)
     return {
         "test_accuracy": accuracy,
@@ -297,14 +275,11 @@ def _evaluate(run_dir: Path, checkpoint: str, config: Config) -> dict[str, Any]:
     torch_device = resolve_device(config.run.device)
     warn_if_spinning(torch_device)
     prepared = prepare(config, torch_device, ("test",), init_seed=None)
-    model, params = prepared.model, prepared.params
-    restore_params(params, state, path, config)
-    rates = inner_rates(config.meta, params, config.run.seed)
-    restore_rates(rates, state, path)
+    prepared.learner.restore(state, path, config)
     start = time.perf_counter()
     with StopFlag() as stop, step_guard(state.get("iteration", 0), path):
-        test = score_test_tasks(config, model, params, prepared.buffers, prepared.samplers["test"],
-                                config.run.test_tasks, stop, rates=rates)
+        test = score_test_tasks(config, prepared.learner, prepared.samplers["test"], config.run.test_tasks,
+                                stop)
     evaluation = {
         "preset": config.preset,
         "checkpoint": checkpoint,

@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metagrad import algorithms
 from metagrad.algorithms import MetaBatchOutput
-from metagrad.data.episodes import EpisodeSampler
+from metagrad.data.episodes import task_generator
 from metagrad.errors import ConfigError, FileError, ResultNotSaved, TrainingError
 from metagrad.training import distributed, threads
 from metagrad.training.checkpoint import (
@@ -61,7 +61,6 @@ from metagrad.training.checkpoint import (
     RunState,
     capture_rng_state,
     load_checkpoint,
-    restore_params,
     restore_rng_state,
     save_checkpoint,
 )
@@ -71,13 +70,6 @@ from metagrad.training.evaluation import meta_test, score_tasks
 from metagrad.training.failures import check_finite, diverged, step_guard
 from metagrad.training.metrics import MetricsWriter, report_row
 from metagrad.training.progress import Progress
-from metagrad.training.rates import (
-    inner_learning_rate,
-    inner_rates,
-    meta_parameters,
-    restore_rates,
-    saved_rates,
-)
 from metagrad.training.run_folder import (
     BEST_NAME,
     CONFIG_NAME,
@@ -89,10 +81,10 @@ from metagrad.training.run_folder import (
 )
 from metagrad.training.runlock import lock_run_dir
 from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
-from metagrad.training.setup import prepare, resolve_device, task_generator, versions, warn_if_spinning
+from metagrad.training.setup import Learner, TrainingRun, prepare, resolve_device, versions, warn_if_spinning
 from metagrad.training.signals import StopFlag, TrainingInterrupted
 from metagrad.training.top_k import TopCheckpoints
-from metagrad.types import Buffers, Params, StepWeights
+from metagrad.types import Episode, StepWeights
 
 __all__ = ["apply_meta_update", "compute_meta_gradients", "run"]
 
@@ -100,18 +92,15 @@ logger = logging.getLogger(__name__)
 
 
 def compute_meta_gradients(
-    model: nn.Module, params: Params, buffers: Buffers, episode: Any, meta: MetaConfig,
-    rates: Params | None = None, step_weights: StepWeights = None,
+    learner: Learner, episode: Episode, meta: MetaConfig, step_weights: StepWeights = None,
 ) -> tuple[MetaBatchOutput, Tensor]:
     """Meta-gradient of a meta-batch (one process's share of it under torchrun), chunk by chunk.
 
     Args:
-        model: the meta-learned model.
-        params: its parameters, ``dict(model.named_parameters())``.
-        buffers: its buffers, ``dict(model.named_buffers())``.
-        episode: T training tasks (``metagrad.types.Episode``).
-        meta: the algorithm and inner-loop settings.
-        rates: the learned inner rates (``inner_rates``); empty or None: ``meta.inner_lr``.
+        learner: the model, its meta-learned parameters and buffers, and its learned inner rates (if
+            any: in place of ``meta.inner_lr``).
+        episode: T training tasks.
+        meta: the algorithm and inner-loop settings (this iteration's: ``schedule.iteration_settings``).
         step_weights: MAML++'s multi-step loss weights of this iteration (``multi_step_loss_weights``).
 
     Returns:
@@ -121,8 +110,8 @@ def compute_meta_gradients(
         ``distributed.all_reduce_gradients`` turns it into every parameter's ``.grad``.
     """
     return algorithms.chunk_gradients(
-        meta.algorithm, model, params, buffers, episode,
-        inner_lr=inner_learning_rate(meta, rates or {}, meta.inner_steps), inner_steps=meta.inner_steps,
+        meta.algorithm, learner.model, learner.params, learner.buffers, episode,
+        inner_lr=learner.inner_lr(meta, meta.inner_steps), inner_steps=meta.inner_steps,
         first_order=meta.first_order, step_weights=step_weights,
         vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
@@ -201,7 +190,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
     # locked folder, if this run created it, is removed again).
     prepared = prepare(config, device, ("train", "validation", "test"), init_seed=config.run.seed,
                        world=world)
-    samplers, model, params, buffers = prepared.samplers, prepared.model, prepared.params, prepared.buffers
+    learner = prepared.learner
     if not resume:
         distributed.on_main(world, create_run_dir, config, run_dir)
     if world.is_main:
@@ -211,8 +200,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         logger.info("run folder %s, %s", run_dir, where)
         warn_if_spinning(device)
 
-    rates = inner_rates(meta, params, config.run.seed)  # Meta-SGD's learned rates; empty for MAML
-    optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
+    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=meta.meta_lr)
     generators = {"train": task_generator(config.run.seed, "train")}
     state = RunState()
     offsets = None
@@ -221,8 +209,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
     # since each samples the whole meta-batch.
     checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
-        restore_params(params, checkpoint, run_dir / LATEST_NAME, config)
-        restore_rates(rates, checkpoint, run_dir / LATEST_NAME)
+        learner.restore(checkpoint, run_dir / LATEST_NAME, config)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
             restore_rng_state(checkpoint["rng"], generators, device)
@@ -236,18 +223,18 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
             logger.info("resuming %s from iteration %d", run_dir, state.iteration)
     elif resume and world.is_main:
         logger.warning("%s holds no checkpoint yet: starting its run from iteration 0", run_dir)
-    distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
+    distributed.check_same_parameters(world, learner.meta_parameters(), state.iteration)
 
     writer = MetricsWriter(run_dir, offsets) if world.is_main else None  # rank 0 alone writes files
     try:
         with StopFlag(keep_handlers=world.size > 1) as stop:
             progress = Progress(meta.iterations, state.iteration, config.run.log_every,
                                 enabled=not quiet and world.is_main)
+            training = TrainingRun(config, run_dir, device, world, learner, prepared.samplers, state, writer,
+                                   stop, progress)
             with progress:
-                _train(config, run_dir, device, model, params, buffers, optimizer, generators, samplers,
-                       state, writer, stop, progress, world, rates)
-            results = meta_test(config, run_dir, device, model, params, buffers, samplers["test"], state,
-                                 writer, stop, progress, world, rates)
+                _train(training, optimizer, generators)
+            results = meta_test(training)
     finally:
         if writer is not None:
             writer.close()
@@ -278,23 +265,10 @@ def _settings(config: Config) -> dict[str, Any]:
     return {"preset": config.preset, **{k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}}
 
 
-def _train(
-    config: Config,
-    run_dir: Path,
-    device: torch.device,
-    model: nn.Module,
-    params: Params,
-    buffers: Buffers,
-    optimizer: torch.optim.Optimizer,
-    generators: dict[str, torch.Generator],
-    samplers: dict[str, EpisodeSampler],
-    state: RunState,
-    writer: MetricsWriter | None,
-    stop: StopFlag,
-    progress: Progress,
-    world: World,
-    rates: Params,
-) -> None:
+def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]
+           ) -> None:
+    config, run_dir, world, learner, state, writer = (
+        run.config, run.run_dir, run.world, run.learner, run.state, run.writer)
     meta, run_config = config.meta, config.run
     latest = run_dir / LATEST_NAME
     # This process's tasks of each meta-batch: all of them, or its slice under torchrun.
@@ -305,8 +279,8 @@ def _train(
     top = TopCheckpoints(run_dir, keep) if keep > 1 and world.is_main else None  # the K best, in top/
 
     def write_checkpoint() -> None:
-        distributed.check_same_parameters(world, meta_parameters(params, rates), state.iteration)
-        check_finite(meta_parameters(params, rates), state.iteration, latest)  # never save a diverged run
+        distributed.check_same_parameters(world, learner.meta_parameters(), state.iteration)
+        check_finite(learner.meta_parameters(), state.iteration, latest)  # never save a diverged run
         if not world.is_main:
             return
         assert writer is not None
@@ -314,10 +288,9 @@ def _train(
             {
                 "format": FORMAT_VERSION,
                 "iteration": state.iteration,
-                "params": {k: v.detach().cpu() for k, v in params.items()},
-                "inner_lrs": saved_rates(rates),
+                **learner.weights(),
                 "optimizer": optimizer.state_dict(),
-                "rng": capture_rng_state(generators, device),
+                "rng": capture_rng_state(generators, run.device),
                 "metrics": writer.offsets(),
                 "progress": dataclasses.asdict(state),
                 "config": config_to_dict(config),
@@ -332,11 +305,11 @@ def _train(
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
         with step_guard(iteration, latest):
-            episode = samplers["train"].sample(meta.meta_batch_size, generators["train"])  # each process: all
-            out, grad_sum = compute_meta_gradients(model, params, buffers, episode.slice(first, last),
-                                                   iteration_settings(meta, iteration), rates,
+            episode = run.samplers["train"].sample(meta.meta_batch_size, generators["train"])  # all of it
+            out, grad_sum = compute_meta_gradients(learner, episode.slice(first, last),
+                                                   iteration_settings(meta, iteration),
                                                    multi_step_loss_weights(meta, iteration))
-            scores = distributed.exchange_meta_gradient(world, meta_parameters(params, rates), grad_sum,
+            scores = distributed.exchange_meta_gradient(world, learner.meta_parameters(), grad_sum,
                                                         meta.meta_batch_size,
                                                         torch.stack([out.task_losses, out.task_accs], dim=1),
                                                         my_tasks)
@@ -352,28 +325,25 @@ def _train(
         state.elapsed_s += seconds
         row = {"step": iteration, "split": "train", "loss": loss, "acc": acc, "sec_per_iter": seconds,
                "tasks_per_sec": meta.meta_batch_size / seconds, "lr": lr}
-        report_row(row, writer, progress)
+        report_row(row, writer, run.progress)
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
             start = time.perf_counter()
             with step_guard(iteration, latest):
-                losses, accs = score_tasks(config, model, params, buffers, samplers["validation"],
-                                            run_config.eval_tasks,
-                                            task_generator(run_config.seed, "validation"), world=world,
-                                            rates=rates)
+                losses, accs = score_tasks(config, learner, run.samplers["validation"], run_config.eval_tasks,
+                                           task_generator(run_config.seed, "validation"), world=world)
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
                    "acc": accs.mean().item(), "tasks_per_sec": run_config.eval_tasks / seconds, "lr": lr}
-            report_row(row, writer, progress)
+            report_row(row, writer, run.progress)
             if not (math.isfinite(row["loss"]) and math.isfinite(row["acc"])):
                 raise diverged(f"the validation loss is {row['loss']}", iteration, latest)
             improved = state.best_val_accuracy is None or row["acc"] > state.best_val_accuracy
             if improved or top is not None:
-                check_finite(meta_parameters(params, rates), iteration, latest)
+                check_finite(learner.meta_parameters(), iteration, latest)
                 kept = {"format": FORMAT_VERSION, "iteration": iteration, "val_accuracy": row["acc"],
-                        "params": {k: v.detach().cpu() for k, v in params.items()},
-                        "inner_lrs": saved_rates(rates), "config": config_to_dict(config)}
+                        **learner.weights(), "config": config_to_dict(config)}
                 if improved:
                     state.best_val_accuracy, state.best_iteration = row["acc"], iteration
                     if world.is_main:
@@ -381,7 +351,7 @@ def _train(
                 if top is not None:  # run.keep_best > 1: the K best in top/ (rank 0 alone)
                     top.offer(row["acc"], iteration, kept)
 
-        signum = stop.requested(world)
+        signum = run.stop.requested(world)
         if iteration % run_config.checkpoint_every == 0 or iteration == meta.iterations or signum is not None:
             write_checkpoint()
         if signum is not None:

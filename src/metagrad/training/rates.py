@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from metagrad import algorithms, per_step
+from metagrad.data.episodes import task_generator
 from metagrad.errors import TrainingError
 from metagrad.functional import learned_rates
 from metagrad.training.config import MetaConfig
-from metagrad.training.setup import task_generator
 from metagrad.types import LearningRate, Params
 
 __all__ = ["inner_learning_rate", "inner_rates", "meta_parameters", "restore_rates", "saved_rates"]

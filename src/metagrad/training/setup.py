@@ -1,17 +1,19 @@
-"""What a run and an evaluation start from: the device, the task streams, the data, the model.
+"""What a run and an evaluation start from: the device, the data, the learner.
 
-:func:`prepare` is the one setup both :func:`metagrad.training.loop.run` and
-:func:`metagrad.training.evaluation.evaluate_checkpoint` use: it loads the splits, makes their task
-samplers and builds the model (its parameters as the run meta-learns them, :func:`meta_learned_params`).
+:func:`prepare` is the one setup that :func:`metagrad.training.loop.run`,
+:func:`metagrad.training.evaluation.evaluate_checkpoint` and the ensemble evaluation use: it loads the
+splits, makes their task samplers and builds the :class:`Learner` (the model, its parameters as the run
+meta-learns them, :func:`meta_learned_params`, and the learned inner rates). A training run then holds
+everything its loop and its meta-test share in one :class:`TrainingRun`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,19 +27,31 @@ from metagrad.errors import ConfigError
 from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.per_step import per_step_bn_params
 from metagrad.training import distributed, threads
+from metagrad.training.checkpoint import RunState, restore_params
 from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig
 from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.failures import out_of_memory
-from metagrad.types import Buffers, Params
+from metagrad.training.metrics import MetricsWriter
+from metagrad.training.progress import Progress
+from metagrad.training.rates import (
+    inner_learning_rate,
+    inner_rates,
+    meta_parameters,
+    restore_rates,
+    saved_rates,
+)
+from metagrad.training.signals import StopFlag
+from metagrad.types import Buffers, LearningRate, Params
 
 __all__ = [
+    "Learner",
     "Prepared",
+    "TrainingRun",
     "load_splits",
     "make_model",
     "meta_learned_params",
     "prepare",
     "resolve_device",
-    "task_generator",
     "versions",
     "warn_if_spinning",
 ]
@@ -65,16 +79,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {name}: Apple MPS is not available here; use --device cpu or auto")
     return device
-
-
-def task_generator(seed: int, purpose: str) -> torch.Generator:
-    """A CPU generator for one task stream (``"train"``, ``"validation"``, ``"test"``).
-
-    Each purpose gets its own seed, a hash of ``(seed, purpose)``, so that the streams are independent
-    and, e.g., changing ``eval_tasks`` does not change the training tasks.
-    """
-    digest = hashlib.sha256(f"metagrad/{seed}/{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def load_splits(data: DataConfig, splits: tuple[str, ...]) -> dict[str, FewShotDataset]:
@@ -122,22 +126,75 @@ def warn_if_spinning(device: torch.device) -> None:
 
 
 @dataclasses.dataclass
-class Prepared:
-    """What training and evaluation both start from: a sampler per split, the model, its tensors."""
+class Learner:
+    """What a run meta-learns, as training and evaluation hold it.
 
-    samplers: dict[str, EpisodeSampler]
+    Attributes:
+        model: the network.
+        params: its parameters as the run meta-learns them (``meta_learned_params``: with MAML++'s
+            per-step BatchNorm copies when asked).
+        buffers: its buffers.
+        rates: the learned inner rates (``rates.inner_rates``: Meta-SGD's, LSLR's; empty for MAML).
+    """
+
     model: nn.Module
     params: Params
     buffers: Buffers
+    rates: Params
+
+    def meta_parameters(self) -> Params:
+        """Everything the outer loop optimizes: the parameters, then the learned rates."""
+        return meta_parameters(self.params, self.rates)
+
+    def inner_lr(self, meta: MetaConfig, steps: int) -> LearningRate:
+        """The ``inner_lr`` of an inner loop of ``steps`` steps (``rates.inner_learning_rate``)."""
+        return inner_learning_rate(meta, self.rates, steps)
+
+    def weights(self) -> dict[str, Any]:
+        """The checkpoint entries of what is learned: ``params`` and ``inner_lrs``, detached, on the CPU."""
+        return {"params": {k: v.detach().cpu() for k, v in self.params.items()},
+                "inner_lrs": saved_rates(self.rates)}
+
+    def restore(self, checkpoint: dict[str, Any], path: Path, config: Config) -> None:
+        """Copy a checkpoint's parameters and learned rates in, after checking that they fit
+        (``checkpoint.restore_params``, ``rates.restore_rates``)."""
+        restore_params(self.params, checkpoint, path, config)
+        restore_rates(self.rates, checkpoint, path)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What training and evaluation both start from: a sampler per split and the learner."""
+
+    samplers: dict[str, EpisodeSampler]
+    learner: Learner
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """A training run in progress: what its loop (``loop._train``) and its meta-test
+    (``evaluation.meta_test``) share. ``writer`` is None on the processes other than rank 0."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    world: World
+    learner: Learner
+    samplers: dict[str, EpisodeSampler]
+    state: RunState
+    writer: MetricsWriter | None
+    stop: StopFlag
+    progress: Progress
 
 
 def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, init_seed: int | None,
             world: World = ONE_PROCESS) -> Prepared:
     """Load ``splits`` (one process per node first, see ``distributed.local_main_first``), make a task
-    sampler for each, and build the model on ``device`` for the first split's image shape.
+    sampler for each, and build the learner on ``device`` for the first split's image shape.
 
     ``init_seed`` seeds torch before the model is built (training: the model's initialization, the same
-    in every process); None leaves torch's generator alone (evaluation restores the parameters).
+    in every process); None leaves torch's generator alone (evaluation restores the parameters). The
+    learned inner rates start as ``config.run.seed`` draws them.
     Data comes first: a missing dataset or an impossible task shape fails before anything is written.
     """
     data = config.data
@@ -150,7 +207,9 @@ def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, in
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = make_model(config.model, data.ways, datasets[splits[0]].image_shape).to(device)
-    return Prepared(samplers, model, meta_learned_params(model, config.meta), dict(model.named_buffers()))
+    params = meta_learned_params(model, config.meta)
+    rates = inner_rates(config.meta, params, config.run.seed)
+    return Prepared(samplers, Learner(model, params, dict(model.named_buffers()), rates))
 
 
 def meta_learned_params(model: nn.Module, meta: MetaConfig) -> Params:
