@@ -99,6 +99,16 @@ def test_decisions_wait_for_a_full_window_and_never_exceed_the_maximum():
     assert governor.tick() is None and governor.threads == 1  # never above max_threads
 
 
+
+def test_a_forced_look_decides_inside_the_window_and_restore_puts_the_most_back():
+    machine = FakeMachine()
+    governor = machine.governor()
+    machine.load(own=0.0, others=1.0, seconds=0.3)  # the first look of follow_free_cores: 0.3 s
+    assert governor.tick() is None  # not a full window
+    assert governor.tick(force=True) == 1 and machine.set_calls == [1]
+    governor.restore()
+    assert governor.threads == 2 and machine.set_calls == [1, 2]
+
 def test_light_noise_from_other_processes_still_counts_as_free():
     machine = FakeMachine()
     governor = machine.governor()

@@ -97,11 +97,12 @@ class FreeCoreThreads:
         busy, total = busy_ticks(self.cpus, self._read_stat())
         return self._clock(), self._own(), busy, total
 
-    def others(self) -> float | None:
-        """Cores' worth of CPU used by other processes since the last decision; None inside a window."""
+    def others(self, force: bool = False) -> float | None:
+        """Cores' worth of CPU used by other processes since the last decision; None inside a window
+        (unless ``force``: then whatever time has passed is the window)."""
         now = self._sample()
         elapsed = now[0] - self._mark[0]
-        if elapsed < self.window_s:
+        if elapsed < self.window_s and not force:
             return None
         own_ticks = (now[1] - self._mark[1]) * self._hz
         busy, total = now[2] - self._mark[2], now[3] - self._mark[3]
@@ -111,9 +112,10 @@ class FreeCoreThreads:
         per_cpu = total / len(self.cpus)  # ticks one CPU had in the window
         return max(0.0, busy - own_ticks) / per_cpu
 
-    def tick(self) -> int | None:
-        """Re-decide once a window has passed; returns the new thread count when it changed, else None."""
-        others = self.others()
+    def tick(self, force: bool = False) -> int | None:
+        """Re-decide once a window has passed (at once with ``force``); returns the new thread count when
+        it changed, else None."""
+        others = self.others(force)
         if others is None:
             return None
         free = len(self.cpus) - others
@@ -125,10 +127,18 @@ class FreeCoreThreads:
             self._pending = want
             return None
         self._pending = None
-        self.threads = want
-        self._set(want)
+        self.set(want)
         logger.debug("CPU threads: %d (other processes use %.1f of %d cores)", want, others, len(self.cpus))
         return want
+
+    def set(self, threads: int) -> None:
+        """Use ``threads`` threads from now on (``restore`` puts back the most)."""
+        self.threads = threads
+        self._set(threads)
+
+    def restore(self) -> None:
+        """Put back the thread count it started from."""
+        self.set(self.max_threads)
 
 
 _active: FreeCoreThreads | None = None
@@ -150,9 +160,7 @@ def follow_free_cores(settle_s: float = 0.3) -> FreeCoreThreads | None:
     except (AttributeError, OSError, ValueError):  # not Linux, or no /proc
         return None
     time.sleep(settle_s)
-    governor.window_s = 0.0
-    governor.tick()  # it starts at the most threads: fewer, if the look says so, are taken at once
-    governor.window_s = WINDOW_S
+    governor.tick(force=True)  # it starts at the most threads: fewer, if the look says so, are taken at once
     _active = governor
     return governor
 
@@ -161,7 +169,7 @@ def stop() -> None:
     """Stop following the free cores and put back the thread count it started from."""
     global _active
     if _active is not None:
-        _active._set(_active.max_threads)
+        _active.restore()
     _active = None
 
 
