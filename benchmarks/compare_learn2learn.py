@@ -86,6 +86,23 @@ def run_json(command: list[str], timeout: float, env: dict[str, str]) -> dict[st
     return result
 
 
+def run_library(lib: str, config: str, command: list[str], env: dict[str, str], timeout: float,
+                failures: list[str], where: str) -> dict[str, Any] | None:
+    """One library's timed run of ``config``: its JSON result (metagrad's shapes checked), or None after
+    noting the failure in ``failures``. ``where`` (the round, the threads) starts the progress line."""
+    try:
+        result = run_json(command, timeout, env)
+        if lib == "metagrad":
+            check_shapes(config, result)
+    except RunFailed as exc:
+        failures.append(str(exc))
+        print(f"FAILED {lib} {config}: {exc}", file=sys.stderr, flush=True)
+        return None
+    print(f"{where} {config:>4} {lib:>11}: {result['sec_per_iter']:.3f} s/iter, "
+          f"{result['peak_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
+    return result
+
+
 def l2l_command(python: str, config: str, args: argparse.Namespace) -> list[str]:
     return [python, str(HERE / "l2l_baseline.py"), "--config", config, "--iterations", str(args.iterations),
             "--warmup", str(args.warmup), "--device", args.device]
@@ -223,17 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 command = (l2l_command(l2l_python, config, args) if lib == "l2l"
                            else metagrad_command(config, args))
-                try:
-                    run[lib] = run_json(command, args.timeout, l2l_env if lib == "l2l" else env)
-                    if lib == "metagrad":
-                        check_shapes(config, run[lib])
-                except RunFailed as exc:
-                    failures.append(str(exc))
-                    print(f"FAILED {lib} {config}: {exc}", file=sys.stderr, flush=True)
-                    continue
-                print(f"round {round_index + 1}/{args.rounds} {config:>4} {lib:>8}: "
-                      f"{run[lib]['sec_per_iter']:.3f} s/iter, {run[lib]['peak_mem_mb']:.0f} MB",
-                      file=sys.stderr, flush=True)
+                result = run_library(lib, config, command, l2l_env if lib == "l2l" else env, args.timeout,
+                                     failures, f"round {round_index + 1}/{args.rounds}")
+                if result is not None:
+                    run[lib] = result
             runs[config].append(run)
 
     summaries = [summarize(config, runs[config]) for config in args.configs]

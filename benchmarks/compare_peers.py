@@ -42,7 +42,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare_learn2learn import RunFailed, check_shapes, run_json
+from compare_learn2learn import RunFailed, run_json, run_library
 from l2l_baseline import CONFIGS, IMAGE_SHAPES
 from peer_recipes import PEERS, canonical_parameters
 
@@ -244,17 +244,10 @@ def run_speed(args: argparse.Namespace, pythons: dict[str, str], missing: dict[s
                 for lib in library_order(["metagrad", *peers], round_index):
                     command = (metagrad_command(config, args) if lib == "metagrad"
                                else peer_command(pythons[lib], lib, config, args))
-                    try:
-                        run[lib] = run_json(command, args.timeout, env)
-                        if lib == "metagrad":
-                            check_shapes(config, run[lib])
-                    except RunFailed as exc:
-                        failures.append(str(exc))
-                        print(f"FAILED {lib} {config}: {exc}", file=sys.stderr, flush=True)
-                        continue
-                    print(f"threads {threads} round {round_index + 1}/{args.rounds} {config} {lib:>11}: "
-                          f"{run[lib]['sec_per_iter']:.3f} s/iter, {run[lib]['peak_mem_mb']:.0f} MB",
-                          file=sys.stderr, flush=True)
+                    result = run_library(lib, config, command, env, args.timeout, failures,
+                                         f"threads {threads} round {round_index + 1}/{args.rounds}")
+                    if result is not None:
+                        run[lib] = result
                 runs[config].append(run)
         summaries[threads] = [summarize(c, runs[c], peers) for c in args.configs]
         all_runs[threads] = runs
