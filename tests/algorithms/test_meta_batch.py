@@ -19,7 +19,7 @@ from metagrad.algorithms import (
     meta_batch_loss,
     meta_train_step,
 )
-from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, strategy_for
+from metagrad.algorithms.meta_batch import STRATEGIES, InnerLoop, _task_losses, strategy_for
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.models import HEAD_PREFIX, MiniImagenetCNN, OmniglotCNN, OmniglotFC
 from metagrad.types import Episode
@@ -39,8 +39,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int,
 def _meta_loss(strategy: str, algorithm: str, model: nn.Module, params: dict[str, Tensor], episode: Episode,
                *, steps: int, first_order: bool | None = None) -> MetaBatchOutput:
     """``meta_batch_loss`` through an explicit strategy ("batched", "vmap" or "loop")."""
-    losses, accs = _task_losses(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
-                                first_order=first_order, strategy=strategy)
+    loop = InnerLoop(algorithm, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order)
+    losses, accs = _task_losses(loop, model, params, {}, episode, strategy=strategy)
     return MetaBatchOutput(losses.mean(), losses.detach(), accs.detach())
 
 
@@ -287,8 +287,8 @@ def test_evaluate(algorithm: str, name: str) -> None:
         detached = {k: v.detach() for k, v in params.items()}
         for strategy in STRATEGIES:
             with torch.no_grad():
-                losses, accs = _task_losses(algorithm, model, detached, {}, episode, inner_lr=INNER_LR,
-                                            inner_steps=steps, first_order=True, strategy=strategy)
+                loop = InnerLoop(algorithm, inner_lr=INNER_LR, inner_steps=steps, first_order=True)
+                losses, accs = _task_losses(loop, model, detached, {}, episode, strategy=strategy)
             assert not losses.requires_grad
             assert_close(losses, out.task_losses)
             assert_close(accs, out.task_accs)
