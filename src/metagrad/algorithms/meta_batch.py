@@ -326,6 +326,9 @@ def meta_batch_loss(
 ) -> MetaBatchOutput:
     """The meta-training loss of a meta-batch: mean query loss after adapting to each task.
 
+    ``inner_lr``, ``inner_steps``, ``first_order``, ``loss_fn`` and ``step_weights`` are checked and
+    gathered in one ``InnerLoop``, which the per-task losses take.
+
     Args:
         algorithm: a name in ``ALGORITHMS`` ("maml", "fomaml", "anil").
         model: supplies the computation; pass its tensors as ``params``/``buffers``.
@@ -349,9 +352,6 @@ def meta_batch_loss(
         step_weights: MAML++'s multi-step loss (MSL): one weight per inner step; each task's loss is then
             the weighted sum of its query losses after every step (``maml.weighted_over_steps``), its
             accuracy the last step's. None (MAML): the last step's query loss.
-
-    The inner loop's settings (``inner_lr`` to ``step_weights`` but ``vectorize``) are gathered and
-    checked in one ``InnerLoop``, which the per-task losses take.
 
     Returns:
         ``MetaBatchOutput(loss, task_losses, task_accs)``.
