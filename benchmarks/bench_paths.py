@@ -38,7 +38,7 @@ def make_step(config: str, strategy: str, *, threads: int, seed: int = 0) -> Any
     """A function running one meta-training iteration of ``config`` with ``strategy``; returns seconds."""
     import torch
 
-    from metagrad.algorithms.meta_batch import _task_losses
+    from metagrad.algorithms.meta_batch import InnerLoop, _task_losses
     from metagrad.bench import IMAGE_SHAPES as DATASET_SHAPES
     from metagrad.training.config import load_preset
     from metagrad.training.setup import make_model
@@ -57,13 +57,13 @@ def make_step(config: str, strategy: str, *, threads: int, seed: int = 0) -> Any
                       torch.rand(t, n * q, *shape, generator=g),
                       torch.arange(n).repeat_interleave(q).repeat(t, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    loop = InnerLoop(cfg["algorithm"], inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
+                     first_order=cfg["first_order"])
 
     def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        losses, _ = _task_losses(cfg["algorithm"], model, dict(model.named_parameters()), {}, episode,
-                                 inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
-                                 first_order=cfg["first_order"], strategy=strategy)
+        losses, _ = _task_losses(loop, model, dict(model.named_parameters()), {}, episode, strategy=strategy)
         losses.mean().backward()
         optimizer.step()
         return time.perf_counter() - start

@@ -8,7 +8,7 @@ from maml_reference import random_episode
 from torch import nn
 from torch.testing import assert_close
 
-from metagrad.algorithms import anil_task_loss, maml_task_loss, meta_batch_loss
+from metagrad.algorithms import InnerLoop, anil_task_loss, maml_task_loss, meta_batch_loss
 from metagrad.algorithms.anil import split_body_head
 from metagrad.errors import ConfigError
 from metagrad.models import OmniglotCNN
@@ -23,13 +23,13 @@ def test_anil_is_maml_on_head_keys(under_vmap: bool, first_order: bool) -> None:
     model = OmniglotCNN(3, hidden_size=8).double()
     params = dict(model.named_parameters())
     episode = random_episode(2, 3, 2, 1, (1, 28, 28))
-    kwargs = {"inner_lr": 0.4, "inner_steps": 3, "first_order": first_order, "under_vmap": under_vmap}
+    loop = InnerLoop("anil", inner_lr=0.4, inner_steps=3, first_order=first_order)
 
     def anil(*task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return anil_task_loss(model, params, {}, *task, **kwargs)
+        return anil_task_loss(model, params, {}, *task, loop, under_vmap=under_vmap)
 
     def maml_head(*task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return maml_task_loss(model, params, {}, *task, keys=HEAD, **kwargs)
+        return maml_task_loss(model, params, {}, *task, loop, keys=HEAD, under_vmap=under_vmap)
 
     tasks = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
     if under_vmap:

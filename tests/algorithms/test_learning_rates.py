@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from metagrad.algorithms import lslr_rates, meta_sgd_rates
 from metagrad.algorithms.meta_batch import (
     STRATEGIES,
+    InnerLoop,
     _task_losses,
     chunk_gradients,
     evaluate_with_losses,
@@ -106,9 +107,10 @@ def test_learned_rates_and_multi_step_loss_on_every_strategy(
     expected_grads = torch.autograd.grad(expected, wrt, allow_unused=True)
     scale = max(g.abs().max().item() for g in expected_grads if g is not None)
     strategies = STRATEGIES if model_name == "omniglot-cnn" else ("vmap", "loop")
+    loop = InnerLoop(algorithm, inner_lr=lr, inner_steps=STEPS, first_order=first_order,
+                     step_weights=step_weights)
     for strategy in strategies:
-        losses, _ = _task_losses(algorithm, model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
-                                 first_order=first_order, strategy=strategy, step_weights=step_weights)
+        losses, _ = _task_losses(loop, model, params, {}, episode, strategy=strategy)
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0, msg=strategy)
         grads = torch.autograd.grad(losses.mean(), wrt, allow_unused=True)
         for g, e in zip(grads, expected_grads):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from metagrad.algorithms import evaluate_with_losses, meta_batch_loss
-from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, strategy_for
+from metagrad.algorithms.meta_batch import STRATEGIES, InnerLoop, _task_losses, strategy_for
 from metagrad.models import OmniglotCNN
 from metagrad.types import Episode
 
@@ -104,15 +104,15 @@ def test_a_custom_classification_loss_on_every_strategy(algorithm: str) -> None:
     episode = random_episode(3, 3, 1, 2, (1, 28, 28), seed=0)
     assert strategy_for(algorithm, model, params, {}) == "batched"
     results = {}
+    smoothed = InnerLoop(algorithm, inner_lr=0.4, inner_steps=2, loss_fn=_smoothed)
     for strategy in STRATEGIES:
-        losses, accs = _task_losses(algorithm, model, params, {}, episode, inner_lr=0.4, inner_steps=2,
-                                    first_order=False, strategy=strategy, loss_fn=_smoothed)
+        losses, accs = _task_losses(smoothed, model, params, {}, episode, strategy=strategy)
         results[strategy] = (losses, accs, torch.autograd.grad(losses.sum(), list(params.values())))
     for strategy in ("batched", "vmap"):
         assert_close(results[strategy][0], results["loop"][0], rtol=1e-10, atol=0)
         assert_close(results[strategy][1], results["loop"][1])
         for g, e in zip(results[strategy][2], results["loop"][2]):
             assert_close(g, e, rtol=1e-7, atol=1e-12)
-    plain, _ = _task_losses(algorithm, model, params, {}, episode, inner_lr=0.4, inner_steps=2,
-                            first_order=False, strategy="batched")
+    plain, _ = _task_losses(InnerLoop(algorithm, inner_lr=0.4, inner_steps=2), model, params, {}, episode,
+                            strategy="batched")
     assert not torch.allclose(plain, results["batched"][0])  # the loss was used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,7 @@ from torch.testing import assert_close
 
 from metagrad.algorithms import (
     ALGORITHMS,
+    InnerLoop,
     MetaBatchOutput,
     batched,
     chunk_gradients,
@@ -39,8 +41,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, int,
 def _meta_loss(strategy: str, algorithm: str, model: nn.Module, params: dict[str, Tensor], episode: Episode,
                *, steps: int, first_order: bool | None = None) -> MetaBatchOutput:
     """``meta_batch_loss`` through an explicit strategy ("batched", "vmap" or "loop")."""
-    losses, accs = _task_losses(algorithm, model, params, {}, episode, inner_lr=INNER_LR, inner_steps=steps,
-                                first_order=first_order, strategy=strategy)
+    loop = InnerLoop(algorithm, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order)
+    losses, accs = _task_losses(loop, model, params, {}, episode, strategy=strategy)
     return MetaBatchOutput(losses.mean(), losses.detach(), accs.detach())
 
 
@@ -287,8 +289,8 @@ def test_evaluate(algorithm: str, name: str) -> None:
         detached = {k: v.detach() for k, v in params.items()}
         for strategy in STRATEGIES:
             with torch.no_grad():
-                losses, accs = _task_losses(algorithm, model, detached, {}, episode, inner_lr=INNER_LR,
-                                            inner_steps=steps, first_order=True, strategy=strategy)
+                loop = InnerLoop(algorithm, inner_lr=INNER_LR, inner_steps=steps, first_order=True)
+                losses, accs = _task_losses(loop, model, detached, {}, episode, strategy=strategy)
             assert not losses.requires_grad
             assert_close(losses, out.task_losses)
             assert_close(accs, out.task_accs)
@@ -358,3 +360,24 @@ def test_errors() -> None:
         meta_batch_loss("anil", plain, dict(plain.named_parameters()), {}, episode, inner_lr=INNER_LR,
                         inner_steps=1)
     assert HEAD_PREFIX == "classifier."
+
+
+def test_inner_loop_is_checked_however_it_is_made() -> None:
+    with pytest.raises(ConfigError, match="anil, fomaml, maml"):
+        InnerLoop("reptile", inner_lr=INNER_LR, inner_steps=1)
+    with pytest.raises(ConfigError, match="inner_steps must be >= 0"):
+        InnerLoop("maml", inner_lr=INNER_LR, inner_steps=-1)
+    with pytest.raises(ConfigError, match="inner_lr must be a finite non-negative number"):
+        InnerLoop("maml", inner_lr=-1.0, inner_steps=1)
+    with pytest.raises(ConfigError, match="inner_lr gives 1 per-step learning rates for 2 inner steps"):
+        InnerLoop("maml", inner_lr=[INNER_LR], inner_steps=2)
+    with pytest.raises(ConfigError, match="step_weights gives 1 multi-step loss weights for 2 inner steps"):
+        InnerLoop("maml", inner_lr=INNER_LR, inner_steps=2, step_weights=[1.0])
+    loop = InnerLoop("maml", inner_lr=INNER_LR, inner_steps=2, step_weights=[0.5, 0.5])
+    with pytest.raises(ConfigError, match="step_weights gives 2"):
+        dataclasses.replace(loop, inner_steps=3)
+    assert not loop.first_order and InnerLoop("fomaml", inner_lr=INNER_LR, inner_steps=1).first_order
+    assert InnerLoop("fomaml", inner_lr=INNER_LR, inner_steps=1, first_order=False).first_order
+    learned = torch.tensor(0.3, requires_grad=True)
+    evaluation = InnerLoop("anil", inner_lr={"classifier.weight": learned}, inner_steps=1).detached()
+    assert evaluation.first_order and not evaluation.inner_lr["classifier.weight"].requires_grad

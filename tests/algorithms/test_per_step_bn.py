@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from metagrad.algorithms.meta_batch import STRATEGIES, _task_losses, chunk_gradients, evaluate_with_losses
+from metagrad.algorithms.meta_batch import (
+    STRATEGIES,
+    InnerLoop,
+    _task_losses,
+    chunk_gradients,
+    evaluate_with_losses,
+)
 from metagrad.errors import ConfigError
 from metagrad.models import OmniglotCNN
 from metagrad.per_step import adapted_keys, at_step, copy_name, per_step_bn_params, per_step_copies
@@ -96,9 +102,10 @@ def test_per_step_bn_on_every_strategy(model_name: str, options: str, first_orde
             reached = not first_order or step_weights is not None or step == STEPS - 1
             assert bool(expected_grads[list(params).index(key)].any()) == reached, (key, reached)
     strategies = STRATEGIES if model_name == "omniglot-cnn" else ("vmap", "loop")
+    loop = InnerLoop("maml", inner_lr=lr, inner_steps=STEPS, first_order=first_order,
+                     step_weights=step_weights)
     for strategy in strategies:
-        losses, _ = _task_losses("maml", model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
-                                 first_order=first_order, strategy=strategy, step_weights=step_weights)
+        losses, _ = _task_losses(loop, model, params, {}, episode, strategy=strategy)
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0, msg=strategy)
         grads = torch.autograd.grad(losses.mean(), wrt, allow_unused=True)
         for name, g, e in zip([*params, *range(len(_leaves(lr)))], grads, expected_grads):
@@ -153,8 +160,8 @@ def test_test_time_steps_beyond_training_use_the_last_copy(strategy: str) -> Non
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0)
         assert_close(losses, per_task.detach(), rtol=1e-10, atol=0)
     else:
-        looped, _ = _task_losses("maml", model, params, {}, episode, inner_lr=0.3, inner_steps=STEPS + 2,
-                                 first_order=True, strategy=strategy)
+        looped, _ = _task_losses(InnerLoop("maml", inner_lr=0.3, inner_steps=STEPS + 2, first_order=True),
+                                 model, params, {}, episode, strategy=strategy)
         assert_close(losses, looped.detach(), rtol=1e-10, atol=0)
 
 
@@ -175,7 +182,7 @@ def test_copies_are_named_by_step_and_not_adapted() -> None:
 def test_bad_uses_are_refused() -> None:
     model, params, episode = _problem("omniglot-cnn")
     with pytest.raises(ConfigError, match="set meta.per_step_bn = false"):
-        _task_losses("anil", model, params, {}, episode, inner_lr=0.3, inner_steps=STEPS, first_order=False,
+        _task_losses(InnerLoop("anil", inner_lr=0.3, inner_steps=STEPS), model, params, {}, episode,
                      strategy="loop")
     linear = nn.Linear(3, 2)
     with pytest.raises(ConfigError, match="no BatchNorm weight or bias"):

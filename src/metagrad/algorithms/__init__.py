@@ -2,11 +2,10 @@
 
 from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.check import ModelCheck, check_model
+from metagrad.algorithms.inner_loop import ALGORITHMS, Algorithm, InnerLoop
 from metagrad.algorithms.learned_rates import lslr_rates, meta_sgd_rates
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.algorithms.meta_batch import (
-    ALGORITHMS,
-    Algorithm,
     MetaBatchOutput,
     chunk_gradients,
     evaluate,
@@ -21,6 +20,7 @@ from metagrad.algorithms.meta_batch import (
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "InnerLoop",
     "MetaBatchOutput",
     "ModelCheck",
     "anil_task_loss",

@@ -16,6 +16,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
@@ -23,7 +24,10 @@ from metagrad.algorithms.maml import query_metrics, weighted_over_steps
 from metagrad.errors import ConfigError
 from metagrad.functional import adapt, forward_with
 from metagrad.models import HEAD_PREFIX
-from metagrad.types import Buffers, LearningRate, LossFn, Params, StepWeights
+from metagrad.types import Buffers, LearningRate, Params
+
+if TYPE_CHECKING:
+    from metagrad.algorithms.inner_loop import InnerLoop
 
 __all__ = ["BODY_PREFIX", "anil_task_loss", "split_body_head"]
 
@@ -69,14 +73,10 @@ def anil_task_loss(
     support_y: Tensor,
     query_x: Tensor,
     query_y: Tensor,
+    loop: InnerLoop,
     *,
-    inner_lr: LearningRate,
-    inner_steps: int,
-    first_order: bool = False,
-    under_vmap: bool = False,
-    loss_fn: LossFn | None = None,
     keys: Iterable[str] | None = None,
-    step_weights: StepWeights = None,
+    under_vmap: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Query loss and accuracy of one task after adapting only the head on the support features.
 
@@ -88,13 +88,10 @@ def anil_task_loss(
         support_y: (N*K,) int64 labels.
         query_x: (N*Q, C, H, W) query images.
         query_y: (N*Q,) int64 labels.
-        inner_lr: inner learning rate alpha.
-        inner_steps: inner gradient steps on the head.
-        first_order: detach the inner gradients.
-        under_vmap: True when vmapped over tasks.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``; None for cross-entropy.
+        loop: the inner loop's settings (``InnerLoop``), as for ``maml_task_loss``; its steps adapt the
+            head, its learning rates are keyed by the whole model's names.
         keys: full parameter names the inner loop may adapt (None: all); of these, the head's are adapted.
-        step_weights: MAML++'s multi-step loss weights, one per inner step (``maml.weighted_over_steps``).
+        under_vmap: True when vmapped over tasks.
 
     Returns:
         ``(query_loss, query_acc)`` scalars; the loss is differentiable w.r.t. body and head parameters.
@@ -107,10 +104,12 @@ def anil_task_loss(
 
     def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
         return adapt(model.classifier, head, head_buffers, support_f, support_y, keys=head_keys,
-                     inner_lr=_head_rates(inner_lr), steps=inner_steps, first_order=first_order,
-                     under_vmap=under_vmap, loss_fn=loss_fn, on_step=on_step)
+                     inner_lr=_head_rates(loop.inner_lr), steps=loop.inner_steps,
+                     first_order=loop.first_order, under_vmap=under_vmap, loss_fn=loop.loss_fn,
+                     on_step=on_step)
 
     def score(adapted: Params) -> tuple[Tensor, Tensor]:
-        return query_metrics(forward_with(model.classifier, adapted, head_buffers, query_f), query_y, loss_fn)
+        return query_metrics(forward_with(model.classifier, adapted, head_buffers, query_f), query_y,
+                             loop.loss_fn)
 
-    return weighted_over_steps(adapt_with, score, step_weights)
+    return weighted_over_steps(adapt_with, score, loop.step_weights)

@@ -25,6 +25,7 @@ weights; per-task, per-set BatchNorm statistics as in ``anil_task_loss``), then 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,10 @@ from metagrad.algorithms.maml import is_classification, weighted_over_steps
 from metagrad.functional import forward_with, gradient_step, lr_at
 from metagrad.models import HEAD_PREFIX
 from metagrad.models.layers import Conv2d, Linear, task_batch
-from metagrad.types import Episode, LearningRate, LossFn, Params, StepWeights
+from metagrad.types import Episode, LearningRate, LossFn, Params
+
+if TYPE_CHECKING:
+    from metagrad.algorithms.inner_loop import InnerLoop
 
 __all__ = ["CPU_CHUNK_ELEMENTS", "batched_anil", "batched_maml", "batching_mismatch", "tasks_per_chunk"]
 
@@ -119,20 +123,20 @@ def tasks_per_chunk(model: nn.Module, episode: Episode) -> int:
     return max(1, min(episode.num_tasks, CPU_CHUNK_ELEMENTS // per_task))
 
 
-def batched_maml(model: nn.Module, params: Params, episode: Episode, *, inner_lr: LearningRate,
-                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None,
-                 step_weights: StepWeights = None) -> tuple[Tensor, Tensor]:
-    """Per-task query losses (T,) and accuracies (T,) of MAML (all parameters adapted)."""
+def batched_maml(model: nn.Module, params: Params, episode: Episode,
+                 loop: InnerLoop) -> tuple[Tensor, Tensor]:
+    """Per-task query losses (T,) and accuracies (T,) of MAML (all parameters adapted) with the settings
+    of ``loop`` (``InnerLoop``; its ``algorithm`` is not read)."""
     def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
         return _adapt(lambda p, x: _forward(model, p, x), params, list(params),
-                      episode.support_x, episode.support_y, inner_lr=inner_lr, steps=inner_steps,
-                      first_order=first_order, loss_fn=loss_fn, on_step=on_step)
+                      episode.support_x, episode.support_y, inner_lr=loop.inner_lr, steps=loop.inner_steps,
+                      first_order=loop.first_order, loss_fn=loop.loss_fn, on_step=on_step)
 
     def score(fast: Params) -> tuple[Tensor, Tensor]:
         logits = _forward(model, fast, episode.query_x)  # (T, N*Q, N)
-        return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
+        return _task_loss(logits, episode.query_y, loop.loss_fn), _task_acc(logits, episode.query_y)
 
-    return weighted_over_steps(adapt_with, score, step_weights)
+    return weighted_over_steps(adapt_with, score, loop.step_weights)
 
 
 def _head_of(params: Params) -> Params:
@@ -140,10 +144,10 @@ def _head_of(params: Params) -> Params:
     return {k[len(HEAD_PREFIX):]: v for k, v in params.items() if k.startswith(HEAD_PREFIX)}
 
 
-def batched_anil(model: nn.Module, params: Params, episode: Episode, *, inner_lr: LearningRate,
-                 inner_steps: int, first_order: bool, loss_fn: LossFn | None = None,
-                 step_weights: StepWeights = None) -> tuple[Tensor, Tensor]:
-    """Per-task query losses (T,) and accuracies (T,) of ANIL (only the head adapted)."""
+def batched_anil(model: nn.Module, params: Params, episode: Episode,
+                 loop: InnerLoop) -> tuple[Tensor, Tensor]:
+    """Per-task query losses (T,) and accuracies (T,) of ANIL (only the head adapted), as for
+    ``batched_maml``."""
     body, _ = split_body_head(model, params)
     support_x, query_x = episode.support_x, episode.query_x
     tasks = support_x.shape[0]
@@ -159,14 +163,14 @@ def batched_anil(model: nn.Module, params: Params, episode: Episode, *, inner_lr
 
     def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
         return _adapt(lambda p, f: _forward(model.classifier, _head_of(p), f), head, list(head), support_f,
-                      episode.support_y, inner_lr=inner_lr, steps=inner_steps, first_order=first_order,
-                      loss_fn=loss_fn, on_step=on_step)
+                      episode.support_y, inner_lr=loop.inner_lr, steps=loop.inner_steps,
+                      first_order=loop.first_order, loss_fn=loop.loss_fn, on_step=on_step)
 
     def score(fast: Params) -> tuple[Tensor, Tensor]:
         logits = _forward(model.classifier, _head_of(fast), query_f)  # (T, N*Q, N)
-        return _task_loss(logits, episode.query_y, loss_fn), _task_acc(logits, episode.query_y)
+        return _task_loss(logits, episode.query_y, loop.loss_fn), _task_acc(logits, episode.query_y)
 
-    return weighted_over_steps(adapt_with, score, step_weights)
+    return weighted_over_steps(adapt_with, score, loop.step_weights)
 
 
 def _distinct_per_task(params: Params, tasks: int) -> Params:

@@ -2,7 +2,7 @@
 
 The per-task loss below is all of MAML; ``metagrad.algorithms.meta_batch_loss`` averages it over a
 meta-batch, vmapped over tasks or looped. First-order MAML is the same function with
-``first_order=True`` (inner gradients detached).
+``loop.first_order`` True (inner gradients detached).
 
 References:
     Finn et al. 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML.
@@ -11,12 +11,16 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.functional import adapt, forward_with
-from metagrad.types import Buffers, LearningRate, LossFn, Params, StepWeights
+from metagrad.types import Buffers, LossFn, Params, StepWeights
+
+if TYPE_CHECKING:
+    from metagrad.algorithms.inner_loop import InnerLoop
 
 __all__ = ["accuracy", "is_classification", "maml_task_loss", "query_metrics", "weighted_over_steps"]
 
@@ -50,17 +54,15 @@ def weighted_over_steps(
         adapt_with: runs the inner loop with an ``on_step`` callback (``functional.adapt``'s) and returns
             the adapted parameters.
         score: ``(loss, accuracy)`` of adapted parameters on the query set (scalars, or (T,) per task).
-        step_weights: None: the last step's loss. Else one weight per step: the loss is
-            ``sum_s step_weights[s] * loss after step s`` (the reference code's
+        step_weights: None: the last step's loss. Else one weight per step (``InnerLoop`` checks
+            that): the loss is ``sum_s step_weights[s] * loss after step s`` (the reference code's
             ``few_shot_learning_system.py``, ``forward``), the accuracy the last step's.
     """
     if step_weights is None:
         return score(adapt_with(None))
     scores: list[tuple[Tensor, Tensor]] = []
     adapt_with(lambda step, adapted: scores.append(score(adapted)))
-    if len(scores) != len(step_weights):
-        raise ValueError(f"{len(step_weights)} multi-step loss weights for {len(scores)} inner steps")
-    loss = sum(w * step_loss for w, (step_loss, _) in zip(step_weights, scores))
+    loss = sum(w * step_loss for w, (step_loss, _) in zip(step_weights, scores, strict=True))
     return loss, scores[-1][1]
 
 
@@ -72,14 +74,10 @@ def maml_task_loss(
     support_y: Tensor,
     query_x: Tensor,
     query_y: Tensor,
+    loop: InnerLoop,
     *,
-    inner_lr: LearningRate,
-    inner_steps: int,
-    first_order: bool = False,
     keys: Iterable[str] | None = None,
     under_vmap: bool = False,
-    loss_fn: LossFn | None = None,
-    step_weights: StepWeights = None,
 ) -> tuple[Tensor, Tensor]:
     """Query loss and accuracy of one task after adapting ``params`` on its support set.
 
@@ -91,24 +89,22 @@ def maml_task_loss(
         support_y: (N*K,) int64 labels in [0, N).
         query_x: (N*Q, C, H, W) query images.
         query_y: (N*Q,) int64 labels.
-        inner_lr: inner learning rate alpha.
-        inner_steps: inner gradient steps.
-        first_order: detach the inner gradients (first-order MAML).
+        loop: the inner loop's settings (``InnerLoop``: learning rate, steps, first order, loss, MAML++'s
+            multi-step loss weights); its ``algorithm`` is not read.
         keys: parameter names the inner loop adapts; None = all.
         under_vmap: True when vmapped over tasks (``torch.func.grad`` in the inner loop).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for support and query; None for cross-entropy.
-        step_weights: MAML++'s multi-step loss weights, one per inner step (``weighted_over_steps``).
 
     Returns:
         ``(query_loss, query_acc)``: scalar query loss, differentiable w.r.t. ``params``, and scalar
         accuracy (NaN where the targets are not class labels).
     """
     def adapt_with(on_step: Callable[[int, Params], None] | None) -> Params:
-        return adapt(model, params, buffers, support_x, support_y, inner_lr=inner_lr, steps=inner_steps,
-                     first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
-                     on_step=on_step)
+        return adapt(model, params, buffers, support_x, support_y, inner_lr=loop.inner_lr,
+                     steps=loop.inner_steps, first_order=loop.first_order, keys=keys, under_vmap=under_vmap,
+                     loss_fn=loop.loss_fn, on_step=on_step)
 
     def score(adapted: Params) -> tuple[Tensor, Tensor]:
-        return query_metrics(forward_with(model, adapted, buffers, query_x), query_y, loss_fn)  # (N*Q, N)
+        outputs = forward_with(model, adapted, buffers, query_x)  # (N*Q, N)
+        return query_metrics(outputs, query_y, loop.loss_fn)
 
-    return weighted_over_steps(adapt_with, score, step_weights)
+    return weighted_over_steps(adapt_with, score, loop.step_weights)

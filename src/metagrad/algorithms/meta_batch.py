@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from metagrad import per_step, vmap_exact
 from metagrad.algorithms.anil import anil_task_loss
 from metagrad.algorithms.batched import batched_anil, batched_maml, batching_mismatch, tasks_per_chunk
+from metagrad.algorithms.inner_loop import ALGORITHMS, Algorithm, InnerLoop
 from metagrad.algorithms.maml import maml_task_loss
 from metagrad.errors import ConfigError, TrainingError
-from metagrad.functional import check_learning_rate, detach_learning_rate, learned_rates
+from metagrad.functional import learned_rates
 from metagrad.models.layers import task_batch_obstacle
 from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params, StepWeights
 
@@ -43,6 +44,7 @@ __all__ = [
     "ALGORITHMS",
     "STRATEGIES",
     "Algorithm",
+    "InnerLoop",
     "MetaBatchOutput",
     "chunk_gradients",
     "evaluate",
@@ -57,10 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TaskLoss = Callable[..., tuple[Tensor, Tensor]]
-"""``f(model, params, buffers, support_x, support_y, query_x, query_y, *, inner_lr, inner_steps,
-first_order, under_vmap, loss_fn) -> (query_loss, query_acc)`` for one task."""
-
 VMAP_RANDOMNESS = "different"
 """vmap's randomness mode: each task draws its own random numbers, as independent tasks would (e.g.
 different dropout masks). The loop draws them task after task from torch's generator, so a model with
@@ -72,27 +70,6 @@ STRATEGIES = ("batched", "vmap", "loop")
 """How a meta-batch is computed, fastest first (see the module docstring)."""
 
 _BATCHED = {maml_task_loss: batched_maml, anil_task_loss: batched_anil}
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """A registered meta-learning algorithm.
-
-    Attributes:
-        task_loss: the per-task loss (see ``TaskLoss``).
-        first_order: True if the algorithm is first order whatever the caller asks ("fomaml").
-    """
-
-    task_loss: TaskLoss
-    first_order: bool = False
-
-
-ALGORITHMS: dict[str, Algorithm] = {
-    "maml": Algorithm(maml_task_loss),
-    "fomaml": Algorithm(maml_task_loss, first_order=True),
-    "anil": Algorithm(anil_task_loss),
-}
-"""Algorithm name -> definition: "maml" (second order unless asked otherwise), "fomaml", "anil"."""
 
 
 @dataclass(frozen=True)
@@ -109,21 +86,6 @@ class MetaBatchOutput:
     loss: Tensor
     task_losses: Tensor
     task_accs: Tensor | None
-
-
-def _resolve(algorithm: str, first_order: bool | None) -> tuple[Algorithm, bool]:
-    if algorithm not in ALGORITHMS:
-        valid = ", ".join(sorted(ALGORITHMS))
-        raise ConfigError(f"unknown algorithm {algorithm!r}; valid algorithms: {valid}")
-    spec = ALGORITHMS[algorithm]
-    return spec, spec.first_order or bool(first_order)
-
-
-def _check_episode(episode: Episode, inner_lr: LearningRate, inner_steps: int) -> None:
-    if inner_steps < 0:
-        raise ConfigError(f"inner_steps must be >= 0, got {inner_steps}")
-    check_learning_rate(inner_lr, inner_steps)
-    _check_shapes(episode)
 
 
 def _check_shapes(episode: Episode) -> None:
@@ -291,48 +253,44 @@ def task_losses(
 
     Arguments as for ``meta_batch_loss``.
     """
-    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
-    return _task_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
-                        inner_steps=inner_steps, first_order=first_order, strategy=strategy, loss_fn=loss_fn,
-                        frozen=_frozen(params), step_weights=step_weights)
+    loop = InnerLoop(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, first_order=bool(first_order),
+                     loss_fn=loss_fn, step_weights=step_weights)
+    return _chosen_losses(loop, model, params, buffers, episode, vectorize=vectorize)
+
+
+def _chosen_losses(loop: InnerLoop, model: nn.Module, params: Params, buffers: Buffers, episode: Episode, *,
+                   vectorize: bool) -> tuple[Tensor, Tensor]:
+    # _task_losses on the strategy that vectorize selects for the model
+    strategy = strategy_for(loop.algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
+    return _task_losses(loop, model, params, buffers, episode, strategy=strategy, frozen=_frozen(params))
 
 
 def _task_losses(
-    algorithm: str,
+    loop: InnerLoop,
     model: nn.Module,
     params: Params,
     buffers: Buffers,
     episode: Episode,
     *,
-    inner_lr: LearningRate,
-    inner_steps: int,
-    first_order: bool | None,
     strategy: str,
-    loss_fn: LossFn | None = None,
-    step_weights: StepWeights = None,
     frozen: frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor]:
     # task_losses with an explicit strategy (the tests run every strategy through here).
-    spec, first_order = _resolve(algorithm, first_order)
-    _check_episode(episode, inner_lr, inner_steps)
-    if spec.task_loss is not maml_task_loss and per_step.per_step_copies(params):
+    _check_shapes(episode)
+    task_loss = loop.spec.task_loss
+    if task_loss is not maml_task_loss and per_step.per_step_copies(params):
         raise ConfigError(f"per-step BatchNorm weights (MAML++'s BNWB) need an algorithm that adapts the "
-                          f"whole network (maml, fomaml); {algorithm} runs the body once: set "
+                          f"whole network (maml, fomaml); {loop.algorithm} runs the body once: set "
                           "meta.per_step_bn = false")
-    if step_weights is not None and len(step_weights) != inner_steps:
-        raise ConfigError(f"step_weights gives {len(step_weights)} multi-step loss weights for {inner_steps} "
-                          "inner steps; give one per step")
     logger.debug("%s on %d tasks: inner_steps=%d first_order=%s strategy=%s",
-                 algorithm, episode.num_tasks, inner_steps, first_order, strategy)
+                 loop.algorithm, episode.num_tasks, loop.inner_steps, loop.first_order, strategy)
     if strategy == "batched":
         reason = task_batch_obstacle(model)
         if reason is not None:
             raise ValueError(f"the batched strategy does not support {type(model).__name__}: {reason}")
         chunk = tasks_per_chunk(model, episode)
         losses, accs = zip(*(
-            _BATCHED[spec.task_loss](model, params, episode.slice(i, i + chunk), inner_lr=inner_lr,
-                                     inner_steps=inner_steps, first_order=first_order, loss_fn=loss_fn,
-                                     step_weights=step_weights)
+            _BATCHED[task_loss](model, params, episode.slice(i, i + chunk), loop)
             for i in range(0, episode.num_tasks, chunk)
         ))
         return torch.cat(losses), torch.cat(accs)
@@ -344,11 +302,8 @@ def _task_losses(
     def one_task(
         support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
-        return spec.task_loss(
-            model, params, buffers, support_x, support_y, query_x, query_y,
-            inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order, under_vmap=under_vmap,
-            loss_fn=loss_fn, keys=keys, step_weights=step_weights,
-        )
+        return task_loss(model, params, buffers, support_x, support_y, query_x, query_y, loop, keys=keys,
+                         under_vmap=under_vmap)
 
     if under_vmap:
         return _vectorized(one_task, model, buffers, episode)
@@ -370,6 +325,9 @@ def meta_batch_loss(
     step_weights: StepWeights = None,
 ) -> MetaBatchOutput:
     """The meta-training loss of a meta-batch: mean query loss after adapting to each task.
+
+    ``inner_lr``, ``inner_steps``, ``first_order``, ``loss_fn`` and ``step_weights`` are checked and
+    gathered in one ``InnerLoop``, which the per-task losses take.
 
     Args:
         algorithm: a name in ``ALGORITHMS`` ("maml", "fomaml", "anil").
@@ -408,10 +366,9 @@ def meta_batch_loss(
         ...                       inner_lr=0.4, inner_steps=1)
         >>> out.loss.backward()
     """
-    losses, accs = task_losses(
-        algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
-        first_order=first_order, vectorize=vectorize, loss_fn=loss_fn, step_weights=step_weights,
-    )
+    loop = InnerLoop(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, first_order=bool(first_order),
+                     loss_fn=loss_fn, step_weights=step_weights)
+    losses, accs = _chosen_losses(loop, model, params, buffers, episode, vectorize=vectorize)
     return MetaBatchOutput(losses.mean(), losses.detach(), _accuracies(accs, episode))
 
 
@@ -431,17 +388,18 @@ def evaluate(
 
     The inner loop runs as in training (test-time ``inner_lr``/``inner_steps`` may differ: the MAML
     paper adapts 10 steps at test). First- and second-order adaptation compute the same values, so
-    the cheaper first-order inner loop is used and nothing is kept for an outer backward.
+    the cheaper first-order inner loop is used and nothing is kept for an outer backward
+    (``InnerLoop.detached``).
 
     Args:
-        algorithm, model, params, buffers, episode, inner_lr, inner_steps, vectorize: as for
+        algorithm, model, params, buffers, episode, inner_lr, inner_steps, vectorize, loss_fn: as for
             ``meta_batch_loss``.
 
     Returns:
         (T,) detached query accuracies.
     """
-    return evaluate_with_losses(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
-                                inner_steps=inner_steps, vectorize=vectorize, loss_fn=loss_fn)[1]
+    loop = InnerLoop(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn)
+    return _evaluated(loop, model, params, buffers, episode, vectorize=vectorize)[1]
 
 
 def evaluate_with_losses(
@@ -457,17 +415,20 @@ def evaluate_with_losses(
     loss_fn: LossFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``evaluate``, also returning the query losses: detached ``(losses (T,), accuracies (T,))``."""
-    _resolve(algorithm, None)
-    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
+    loop = InnerLoop(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn)
+    return _evaluated(loop, model, params, buffers, episode, vectorize=vectorize)
+
+
+def _evaluated(loop: InnerLoop, model: nn.Module, params: Params, buffers: Buffers, episode: Episode, *,
+               vectorize: bool) -> tuple[Tensor, Tensor]:
+    # evaluate_with_losses once its settings are checked
+    strategy = strategy_for(loop.algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
     frozen = _frozen(params)
     params = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in buffers.items()}  # views: running statistics still update
-    inner_lr = detach_learning_rate(inner_lr)  # learned rates are used, not differentiated
     with torch.no_grad():  # the inner loop re-enables what it needs (functional.inner_step)
-        losses, accs = _task_losses(
-            algorithm, model, params, buffers, episode, inner_lr=inner_lr, inner_steps=inner_steps,
-            first_order=True, strategy=strategy, loss_fn=loss_fn, frozen=frozen,
-        )
+        losses, accs = _task_losses(loop.detached(), model, params, buffers, episode, strategy=strategy,
+                                    frozen=frozen)
     return losses.detach(), accs.detach()
 
 
@@ -496,7 +457,7 @@ def meta_train_step(
     learned rates of ``inner_lr`` (``functional.learned_rates``: Meta-SGD's, LSLR's) if it has any.
 
     Args:
-        algorithm, episode, inner_lr, inner_steps, first_order, vectorize, step_weights: as for
+        algorithm, episode, inner_lr, inner_steps, first_order, vectorize, loss_fn, step_weights: as for
             ``meta_batch_loss``.
         max_tasks_per_chunk: as for ``chunk_gradients``.
         model: the meta-learned model; its parameters are updated in place by the optimizer.
@@ -511,16 +472,16 @@ def meta_train_step(
     Raises:
         TrainingError: the loss is NaN or infinite (the parameters are left unchanged).
     """
+    loop = InnerLoop(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, first_order=bool(first_order),
+                     loss_fn=loss_fn, step_weights=step_weights)
     optimizer.zero_grad(set_to_none=True)
     params = dict(model.named_parameters()) if params is None else params
     buffers = dict(model.named_buffers())
-    out, grads = chunk_gradients(algorithm, model, params, buffers, episode, inner_lr=inner_lr,
-                                 inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
-                                 max_tasks_per_chunk=max_tasks_per_chunk, loss_fn=loss_fn,
-                                 step_weights=step_weights)
+    out, grads = _chunk_gradients(loop, model, params, buffers, episode, vectorize=vectorize,
+                                  max_tasks_per_chunk=max_tasks_per_chunk)
     if not torch.isfinite(out.loss):
         raise TrainingError(f"meta-training loss is {out.loss.item()}; lower meta_lr or inner_lr")
-    set_gradients({**params, **meta_rates(inner_lr)}, grads / episode.num_tasks)
+    set_gradients({**params, **meta_rates(loop.inner_lr)}, grads / episode.num_tasks)
     optimizer.step()
     return out
 
@@ -567,13 +528,22 @@ def chunk_gradients(
         order of ``{**params, **meta_rates(inner_lr)}``. Divide by the number of tasks for the
         meta-gradient of the mean loss (``set_gradients`` casts it back).
     """
-    strategy = strategy_for(algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
+    loop = InnerLoop(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, first_order=bool(first_order),
+                     loss_fn=loss_fn, step_weights=step_weights)
+    return _chunk_gradients(loop, model, params, buffers, episode, vectorize=vectorize,
+                            max_tasks_per_chunk=max_tasks_per_chunk)
+
+
+def _chunk_gradients(loop: InnerLoop, model: nn.Module, params: Params, buffers: Buffers, episode: Episode, *,
+                     vectorize: bool, max_tasks_per_chunk: int | None) -> tuple[MetaBatchOutput, Tensor]:
+    # chunk_gradients once its settings are checked
+    strategy = strategy_for(loop.algorithm, model, params, buffers, vectorize=vectorize, episode=episode)
     chunk = tasks_per_chunk(model, episode) if strategy == "batched" else episode.num_tasks
     if max_tasks_per_chunk is not None:
         if max_tasks_per_chunk < 1:
             raise ValueError(f"max_tasks_per_chunk must be at least 1 (or None), got {max_tasks_per_chunk}")
         chunk = min(chunk, max_tasks_per_chunk)
-    wrt = {**params, **meta_rates(inner_lr)}  # the model's parameters, then the learned rates
+    wrt = {**params, **meta_rates(loop.inner_lr)}  # the model's parameters, then the learned rates
     names = list(wrt)
     trainable = [n for n in names if wrt[n].requires_grad]
     frozen = _frozen(params)
@@ -583,11 +553,8 @@ def chunk_gradients(
     for start in range(0, episode.num_tasks, chunk):
         part = episode.slice(start, start + chunk)
         try:
-            task_loss, task_acc = _task_losses(
-                algorithm, model, params, buffers, part, inner_lr=inner_lr, inner_steps=inner_steps,
-                first_order=first_order, strategy=strategy, loss_fn=loss_fn, frozen=frozen,
-                step_weights=step_weights,
-            )
+            task_loss, task_acc = _task_losses(loop, model, params, buffers, part, strategy=strategy,
+                                               frozen=frozen)
             chunk_grads = dict(zip(trainable, torch.autograd.grad(
                 task_loss.sum(), [wrt[n] for n in trainable], allow_unused=True)))
         except RuntimeError as err:  # in the outer backward: where a missing second derivative shows
