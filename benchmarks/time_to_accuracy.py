@@ -16,7 +16,7 @@ The recipes:
   ``EpisodeSampler`` over the train split, ``metagrad.meta_train_step`` with Adam at the preset's meta_lr,
   the schedule of ``metagrad.training.schedule``; test: ``metagrad.evaluate`` with the preset's test-time
   inner loop (``test_inner_steps``). The worker tunes the process as the ``metagrad`` command does
-  (OpenMP waiting, the C allocator).
+  (OpenMP waiting, the C allocator, threads that follow the free cores).
 * learn2learn 0.2.0, ``examples/vision/maml_omniglot.py`` with its hyper-parameters: ``OmniglotFC(28**2,
   ways)``, ``MAML(lr=0.5, first_order=False)``, Adam(0.003), 32 tasks per meta-batch, 1 adaptation step in
   training and at test, one ``backward()`` per task and the gradients averaged. Two things differ from the
@@ -122,6 +122,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
 
     import metagrad as mg
     from metagrad.data.datasets import FewShotDataset
+    from metagrad.training import threads
     from metagrad.training.config import load_preset
     from metagrad.training.malloc import keep_freed_memory
     from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
@@ -129,6 +130,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
     from metagrad.training.setup import make_model
 
     keep_freed_memory()
+    threads.follow_free_cores()  # the command's threads follow the free cores (all of them when idle)
     config = load_preset(args.preset)
     data, meta = config.data, config.meta
     files = torch.load(args.data, weights_only=True)
@@ -157,6 +159,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
         generator.set_state(state["generator"])
 
     def step() -> None:
+        threads.tick()
         iteration = clock.iterations + 1
         settings = iteration_settings(meta, iteration)
         for group in optimizer.param_groups:
