@@ -22,9 +22,12 @@ _FINN = "Finn et al. 2017, Table 1"
 _FINN_FO = 'Finn et al. 2017, Table 1, "MAML, first order approx."'
 _ANIL = "Raghu et al. 2020, Table 2, mean +/- std over 3 seeds"
 _ANIL_5WAY = "none published (ANIL reports 20-way Omniglot only)"
-_META_SGD = "Li et al. 2017, Table 1; quoted from memory, not verified against the paper"
-_META_SGD_MINI = ("Li et al. 2017, Table 1; the mean as wizwand.com's listing of the paper gives it, the "
-                  "spread and the table not verified")
+_META_SGD = ("Li et al. 2017, Table 2 (Omniglot), as Lian et al. 2020 (T-NAS, ICLR), Table 2 quotes it; not "
+             "read in the paper itself")
+_META_SGD_20W = ("Li et al. 2017, Table 2 (Omniglot); the mean as re-implementations round it (95.9), the "
+                 "spread from unattributed summaries: not verified")
+_META_SGD_MINI = ("Li et al. 2017, Table 3 (Mini-ImageNet), as Deleu et al. 2022 (COMLN, ICLR), Table 2 "
+                  "quotes it; not read in the paper itself")
 _MAMLPP_OMNIGLOT = ("Antoniou et al. 2019, Table 1, as paperswithcode.com lists it; spread and table not "
                     "verified; an ensemble of the 5 best checkpoints")
 _MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it; not verified against the "
@@ -48,7 +51,7 @@ PUBLISHED: dict[str, str] = {
     "mini-imagenet-anil-5w1s": f"46.7 +/- 0.4 ({_ANIL})",
     "mini-imagenet-anil-5w5s": f"61.5 +/- 0.5 ({_ANIL})",
     "omniglot-metasgd-5w1s": f"99.53 +/- 0.26 ({_META_SGD})",
-    "omniglot-metasgd-20w1s": f"95.93 +/- 0.38 ({_META_SGD})",
+    "omniglot-metasgd-20w1s": f"95.93 +/- 0.38 ({_META_SGD_20W})",
     "mini-imagenet-metasgd-5w1s": f"50.47 +/- 1.87 ({_META_SGD_MINI})",
     "mini-imagenet-metasgd-5w5s": f"64.03 +/- 0.94 ({_META_SGD_MINI})",
     "omniglot-mamlpp-5w1s": f"99.47 ({_MAMLPP_OMNIGLOT})",
