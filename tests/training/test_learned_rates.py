@@ -175,6 +175,8 @@ def test_cosine_anneals_to_its_floor_step_by_step_or_epoch_by_epoch() -> None:
     assert lrs == pytest.approx([0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)],
                                 rel=1e-12)
     assert lrs[0] == pytest.approx(0.01, rel=1e-12) and lrs[-1] > 0.001 and lrs == sorted(lrs, reverse=True)
+    # Past the planned iterations (a run extended on resume) it stays at the floor instead of rising again.
+    assert [schedule.learning_rate(meta, i) for i in (9, 12, 16)] == pytest.approx([0.001] * 3, rel=1e-12)
     # With epochs of 4 iterations: torch's CosineAnnealingLR(T_max=2 epochs, eta_min) stepped per epoch.
     per_epoch = dataclasses.replace(meta, iterations_per_epoch=4)
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.01)

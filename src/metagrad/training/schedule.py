@@ -35,6 +35,7 @@ def learning_rate(meta: MetaConfig, iteration: int) -> float:
             progress = epoch_of(meta, iteration) / (meta.iterations / meta.iterations_per_epoch)
         else:
             progress = (iteration - 1) / meta.iterations
+        progress = min(progress, 1.0)  # past the planned iterations (a resumed, extended run): the floor
         floor = meta.min_meta_lr
         return floor + (meta.meta_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return meta.meta_lr
