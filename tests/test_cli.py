@@ -236,7 +236,7 @@ BAD_TRAIN_ARGS = [
     (["--checkpoint-every", "0"], "error: run.checkpoint_every (--checkpoint-every) must be positive"),
     (["--test-tasks", "1"], "error: run.test_tasks (--test-tasks) must be at least 2"),
     (["--device", "tpu"], "error: unknown device 'tpu'"),
-    (["--algorithm", "reptile"], "error: unknown algorithm 'reptile'; valid algorithms: maml, fomaml, anil"),
+    (["--algorithm", "reptile"], "error: unknown algorithm 'reptile'; valid algorithms: anil, fomaml, maml"),
     (["--set", "meta.inner_lrr=0.1"], "error: unknown setting meta.inner_lrr"),
     (["--set", "inner_lr"], "error: --set expects SECTION.KEY=VALUE"),
     (["--config", "/nonexistent/exp.toml"], "error: cannot read config file /nonexistent/exp.toml"),

@@ -479,7 +479,8 @@ def validate_config(config: Config) -> Config:
                           f"BatchNorm weights start at 1); leave it at learn2learn")
 
     if meta.algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {meta.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
+        valid = ", ".join(sorted(ALGORITHMS))  # as InnerLoop says it
+        raise ConfigError(f"unknown algorithm {meta.algorithm!r}; valid algorithms: {valid}")
     if meta.algorithm == "fomaml" and not meta.first_order:
         raise ConfigError("fomaml is first-order MAML: set meta.first_order to true, or use algorithm maml")
     _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
