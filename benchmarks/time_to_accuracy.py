@@ -45,6 +45,7 @@ import os
 import random
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
     import metagrad as mg
     from metagrad.data.datasets import FewShotDataset
     from metagrad.training import threads
-    from metagrad.training.config import load_preset
+    from metagrad.training.config import parse_assignment, resolve_config
     from metagrad.training.malloc import keep_freed_memory
     from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
     from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
@@ -131,7 +132,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
 
     keep_freed_memory()
     threads.follow_free_cores()  # the command's threads follow the free cores (all of them when idle)
-    config = load_preset(args.preset)
+    config = resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
     data, meta = config.data, config.meta
     files = torch.load(args.data, weights_only=True)
     train = FewShotDataset(data.dataset, "train", files["train_images"],
@@ -267,12 +268,10 @@ def write_data(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
 
     import metagrad as mg
-    from metagrad.training.config import load_preset
+    from metagrad.training.config import parse_assignment, resolve_config
     from metagrad.training.setup import load_splits
 
-    config = load_preset(args.preset)
-    if config.data.dataset != "omniglot":
-        raise SystemExit(f"--preset {args.preset}: an Omniglot preset is needed (learn2learn's recipe is)")
+    config = resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
     data = config.data
     if args.data_dir:
         from dataclasses import replace
@@ -293,7 +292,7 @@ def worker_command(library: str, python: str, args: argparse.Namespace) -> list[
     out = Path(args.out)
     return [python, str(Path(__file__).resolve()), "--worker", library, "--data", str(out / "data.pt"),
             "--log", str(out / f"{library}.jsonl"), "--budget-s", str(args.budget_s), "--preset", args.preset,
-            "--marks", *map(str, args.marks)]
+            "--marks", *map(str, args.marks), *(f"--set={text}" for text in args.set)]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -342,7 +341,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
             ax.errorbar(xs, ys, yerr=ci, marker="o", capsize=3, label=library)
     ax.set_xlabel("training seconds (evaluation excluded)")
     ax.set_ylabel("test accuracy (%), 95% CI")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)  # --set overrides make long titles
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -362,7 +361,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training seconds at which to evaluate (default: 30 60 120 300 ... up to the "
                              "budget); the budget itself is always one")
     parser.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS),
-                        help="accuracy levels of the table (default: 0.5 0.8 0.9 0.95)")
+                        help="accuracy levels of the table (default: "
+                             f"{' '.join(f'{level:g}' for level in DEFAULT_LEVELS)})")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting of metagrad's preset, as `metagrad train --set` "
+                             "(repeatable; learn2learn's recipe is fixed)")
     parser.add_argument("--test-tasks", type=int, default=600, help="test tasks (default 600)")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
     parser.add_argument("--l2l-python", default=str(HERE.parent / ".bench" / "l2l-venv" / "bin" / "python"),
@@ -381,6 +384,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(m <= 0 for m in marks):
         parser.error("--marks must be positive seconds")
     args.marks = sorted({m for m in marks if m < args.budget_s} | {args.budget_s})
+    if not args.worker:  # learn2learn's worker runs in a venv without metagrad
+        from metagrad.errors import ConfigError
+        from metagrad.training.config import parse_assignment, resolve_config
+
+        try:
+            config = resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
+        except ConfigError as error:
+            parser.error(str(error))
+        if config.data.dataset != "omniglot":
+            parser.error(f"--preset {args.preset}: an Omniglot preset is needed (learn2learn's recipe is)")
     return args
 
 
@@ -391,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"preset": args.preset, "budget_s": args.budget_s, "marks": args.marks,
+    settings = {"preset": args.preset, "set": args.set, "budget_s": args.budget_s, "marks": args.marks,
                 "test_tasks": args.test_tasks, "seed": args.seed, "threads": args.threads}
     settings_path = out / "settings.json"
     if args.fresh or (settings_path.exists() and json.loads(settings_path.read_text()) != settings):
@@ -402,7 +415,13 @@ def main(argv: list[str] | None = None) -> int:
     settings_path.write_text(json.dumps(settings))
     if not (out / "data.pt").exists():
         print("writing the train split and the test tasks to data.pt", file=sys.stderr, flush=True)
-        write_data(args, out / "data.pt")
+        from metagrad.errors import MetagradError
+
+        try:
+            write_data(args, out / "data.pt")
+        except MetagradError as error:  # no data: one message naming the fix, not a traceback
+            print(f"time_to_accuracy.py: {error}", file=sys.stderr)
+            return 2
     pythons = {"metagrad": sys.executable, "learn2learn": args.l2l_python}
     failures = {}
     for library in args.libraries:
@@ -423,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{library} FAILED: {failures[library]}", file=sys.stderr)
     curves = {lib: read_rows(out / f"{lib}.jsonl") for lib in args.libraries}
     table = markdown(curves, args.levels, args.marks)
-    title = f"Omniglot, {args.test_tasks} test tasks: {args.preset} vs learn2learn maml_omniglot.py"
+    title = (f"Omniglot, {args.test_tasks} test tasks: {' '.join([args.preset, *args.set])} vs learn2learn "
+             "maml_omniglot.py")
     plot(curves, out / "time_to_accuracy.png", title)
     report = {**settings, "levels": args.levels, "l2l_recipe": L2L_RECIPE, "curves": curves,
               "seconds_to_reach": {lib: {str(level): seconds_to_reach(rows, level) for level in args.levels}

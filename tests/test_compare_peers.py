@@ -135,6 +135,12 @@ def test_time_to_accuracy_arguments_and_table() -> None:
     assert tta.parse_args(["--budget-s", "130"]).marks == [30, 60, 120, 130]
     with pytest.raises(SystemExit):
         tta.parse_args(["--marks", "0"])
+    assert tta.parse_args(["--set", "meta.meta_batch_size=8", "--set=meta.meta_lr=0.003"]).set == [
+        "meta.meta_batch_size=8", "meta.meta_lr=0.003"]
+    for bad in (["--set", "meta.no_such_key=1"], ["--set", "meta_lr"], ["--set", "meta.meta_batch_size=0"],
+                ["--preset", "mini-imagenet-maml-5w1s"]):
+        with pytest.raises(SystemExit):
+            tta.parse_args(bad)
     rows = [{"mark_s": m, "train_s": m + 1, "iterations": i, "test_accuracy": a, "test_ci95": 0.01}
             for i, (m, a) in enumerate([(0, 0.2), (20, 0.85), (50, 0.93)])]
     assert tta.seconds_to_reach(rows, 0.8) == 21 and tta.seconds_to_reach(rows, 0.95) is None
