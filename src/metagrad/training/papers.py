@@ -36,6 +36,7 @@ _MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it
 PUBLISHED: dict[str, str] = {
     "omniglot-maml-5w1s": f"98.7 +/- 0.4 ({_FINN})",
     "omniglot-maml-5w5s": f"99.9 +/- 0.1 ({_FINN})",
+    "omniglot-maml-5w1s-fast": "none published (metagrad's own recipe)",
     "omniglot-maml-20w1s": f"95.8 +/- 0.3 ({_FINN})",
     "omniglot-maml-20w5s": f"98.9 +/- 0.2 ({_FINN})",
     "omniglot-fomaml-5w1s": "98.3 +/- 0.5 (Nichol et al. 2018, Table 1)",
