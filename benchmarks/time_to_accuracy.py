@@ -60,6 +60,13 @@ L2L_RECIPE = {"ways": 5, "shots": 1, "meta_lr": 0.003, "fast_lr": 0.5, "meta_bat
 
 # --- the workers: one library each, in its own process ---------------------------------------------------
 
+def metagrad_config(args: argparse.Namespace) -> Any:
+    """metagrad's configuration: ``--preset`` with the ``--set`` overrides (raises ConfigError)."""
+    from metagrad.training.config import parse_assignment, resolve_config
+
+    return resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
+
+
 class Clock:
     """The training clock: evaluates at each mark it passes (off the clock), appends a JSON line per mark and
     checkpoints, so that a restarted worker resumes from its latest mark."""
@@ -124,7 +131,6 @@ def metagrad_worker(args: argparse.Namespace) -> None:
     import metagrad as mg
     from metagrad.data.datasets import FewShotDataset
     from metagrad.training import threads
-    from metagrad.training.config import parse_assignment, resolve_config
     from metagrad.training.malloc import keep_freed_memory
     from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
     from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
@@ -132,7 +138,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
 
     keep_freed_memory()
     threads.follow_free_cores()  # the command's threads follow the free cores (all of them when idle)
-    config = resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
+    config = metagrad_config(args)
     data, meta = config.data, config.meta
     files = torch.load(args.data, weights_only=True)
     train = FewShotDataset(data.dataset, "train", files["train_images"],
@@ -268,10 +274,9 @@ def write_data(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import torch
 
     import metagrad as mg
-    from metagrad.training.config import parse_assignment, resolve_config
     from metagrad.training.setup import load_splits
 
-    config = resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
+    config = metagrad_config(args)
     data = config.data
     if args.data_dir:
         from dataclasses import replace
@@ -386,10 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.marks = sorted({m for m in marks if m < args.budget_s} | {args.budget_s})
     if not args.worker:  # learn2learn's worker runs in a venv without metagrad
         from metagrad.errors import ConfigError
-        from metagrad.training.config import parse_assignment, resolve_config
 
         try:
-            config = resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
+            config = metagrad_config(args)
         except ConfigError as error:
             parser.error(str(error))
         if config.data.dataset != "omniglot":
