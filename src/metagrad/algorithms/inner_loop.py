@@ -19,7 +19,7 @@ from metagrad.errors import ConfigError
 from metagrad.functional import check_learning_rate, detach_learning_rate
 from metagrad.types import LearningRate, LossFn, StepWeights
 
-__all__ = ["ALGORITHMS", "Algorithm", "InnerLoop", "TaskLoss"]
+__all__ = ["ALGORITHMS", "Algorithm", "InnerLoop", "TaskLoss", "check_algorithm"]
 
 TaskLoss = Callable[..., tuple[Tensor, Tensor]]
 """``f(model, params, buffers, support_x, support_y, query_x, query_y, loop, *, keys=None,
@@ -45,6 +45,12 @@ ALGORITHMS: dict[str, Algorithm] = {
     "anil": Algorithm(anil_task_loss),
 }
 """Algorithm name -> definition: "maml" (second order unless asked otherwise), "fomaml", "anil"."""
+
+
+def check_algorithm(name: str) -> None:
+    """Raise ``ConfigError`` naming the valid algorithms unless ``name`` is one of ``ALGORITHMS``."""
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(sorted(ALGORITHMS))}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,9 +89,7 @@ class InnerLoop:
     step_weights: StepWeights = None
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            valid = ", ".join(sorted(ALGORITHMS))
-            raise ConfigError(f"unknown algorithm {self.algorithm!r}; valid algorithms: {valid}")
+        check_algorithm(self.algorithm)
         if self.inner_steps < 0:
             raise ConfigError(f"inner_steps must be >= 0, got {self.inner_steps}")
         check_learning_rate(self.inner_lr, self.inner_steps)

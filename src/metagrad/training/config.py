@@ -33,7 +33,7 @@ from typing import Any
 
 import tomllib
 
-from metagrad.algorithms import ALGORITHMS
+from metagrad.algorithms.inner_loop import check_algorithm
 from metagrad.data._io import write_text_atomically
 from metagrad.data.datasets import DATASETS
 from metagrad.data.folder import check_folder_name
@@ -478,9 +478,7 @@ def validate_config(config: Config) -> Config:
         raise ConfigError(f"model.norm_init applies to {' and '.join(NORM_INIT_MODELS)} only ({model.name}'s "
                           f"BatchNorm weights start at 1); leave it at learn2learn")
 
-    if meta.algorithm not in ALGORITHMS:
-        valid = ", ".join(sorted(ALGORITHMS))  # as InnerLoop says it
-        raise ConfigError(f"unknown algorithm {meta.algorithm!r}; valid algorithms: {valid}")
+    check_algorithm(meta.algorithm)
     if meta.algorithm == "fomaml" and not meta.first_order:
         raise ConfigError("fomaml is first-order MAML: set meta.first_order to true, or use algorithm maml")
     _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
