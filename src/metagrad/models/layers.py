@@ -293,9 +293,7 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with H' = ceil(H/2) if strided else floor(H/2)."""
-        # ReLU in place: nothing else holds the normalized tensor (BatchNorm's backward keeps its input,
-        # ReLU's its output), so each block keeps one activation fewer for the backward passes.
-        return self.pool(F.relu(self.norm(self.conv(x)), inplace=True))
+        return self.pool(F.relu(self.norm(self.conv(x))))
 
 
 class LinearBlock(nn.Sequential):
