@@ -446,8 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{library} FAILED: {failures[library]}", file=sys.stderr)
     curves = {lib: read_rows(out / f"{lib}.jsonl") for lib in args.libraries}
     table = markdown(curves, args.levels, args.marks)
-    title = (f"Omniglot, {args.test_tasks} test tasks: {' '.join([args.preset, *args.set])} vs learn2learn "
-             "maml_omniglot.py")
+    title = f"Omniglot, {args.test_tasks} test tasks: {' '.join([args.preset, *args.set])}"
+    if "learn2learn" in curves:  # a metagrad-only run compares with nothing
+        title += " vs learn2learn maml_omniglot.py"
     plot(curves, out / "time_to_accuracy.png", title)
     report = {**settings, "levels": args.levels, "l2l_recipe": L2L_RECIPE, "curves": curves,
               "seconds_to_reach": {lib: {str(level): seconds_to_reach(rows, level) for level in args.levels}
