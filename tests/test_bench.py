@@ -188,3 +188,15 @@ def test_thread_benchmark_stops_slow_children_and_its_neighbour(capsys: pytest.C
     leftover = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "bench_threads.py --neighbour-loop"],
                               capture_output=True, check=False)
     assert leftover.returncode == 1, leftover.stdout  # no process matched: the neighbour was killed
+
+
+def test_chunk_budget_times_each_budget_and_puts_the_default_back(capsys) -> None:
+    from metagrad.algorithms import batched
+
+    script = load_script("benchmarks/chunk_budget.py")
+    default = batched.CPU_CHUNK_ELEMENTS
+    assert script.main(["--config", "c", "--threads", "1", "--budgets", "19", "whole", "--rounds", "1",
+                        "--iterations", "1", "--no-torch-func"]) == 0
+    assert batched.CPU_CHUNK_ELEMENTS == default
+    out = capsys.readouterr().out
+    assert "budget 19" in out and "budget whole" in out and "torch.func" not in out
