@@ -47,8 +47,8 @@ __all__ = ["CPU_CHUNK_ELEMENTS", "batched_anil", "batched_maml", "batching_misma
 CPU_CHUNK_ELEMENTS = 1 << 21
 """On CPU, tasks are batched in chunks whose first-layer activations (support and query) stay under
 about this many elements (8 MB in float32): it bounds the memory of the chunk's graph and of BatchNorm's
-double backward. Larger chunks keep two threads busier: 4x the earlier 2 MB made configs a, b and c
-1.2-1.4x faster at 2 threads and no slower at 1 (docs/PERFORMANCE.md, "--tasks-per-chunk"). On CUDA the
+double backward, and is large enough to keep two threads busy (docs/PERFORMANCE.md, "Memory against speed
+on the CPU"; ``benchmarks/chunk_budget.py``). On CUDA the
 whole meta-batch is one chunk (a GPU needs large batches to be busy)."""
 
 
