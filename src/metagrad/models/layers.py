@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -226,15 +227,61 @@ class BatchNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class _MaxPool(torch.autograd.Function):
+    """2D max-pooling whose backward keeps only the argmax indices, not the input.
+
+    torch's own max-pool saves its whole input for the backward, which uses it only for its shape: on
+    Mini-ImageNet's first block that is a 68 MB activation per task held until the backward. Here the
+    gradient is scattered (added, for overlapping windows) to the saved indices, which is what torch's
+    backward computes; written in differentiable operations, so the inner loop's second-order graph
+    and ``torch.func``'s transforms go through it (``generate_vmap_rule``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+                ceil_mode: bool) -> tuple[Tensor, Tensor]:
+        return F.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.input_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        (indices,) = ctx.saved_tensors
+        shape = ctx.input_shape
+        planes = grad.reshape(-1, grad.shape[-2] * grad.shape[-1])  # one row per channel plane
+        rows = indices.reshape(planes.shape)  # positions within the input's plane
+        zeros = grad.new_zeros(planes.shape[0], shape[-2] * shape[-1])
+        if torch.is_grad_enabled():  # differentiable, for the second-order graph
+            grad_input = zeros.scatter_add(1, rows, planes)
+        else:  # a first-order backward: fill the one new buffer in place
+            grad_input = zeros.scatter_add_(1, rows, planes)
+        return grad_input.view(shape), None, None, None, None, None
+
+
 class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that also runs a meta-batch: (T, B, C, H, W) -> (T, B, C, H', W') per channel."""
+    """``nn.MaxPool2d`` (same arguments, values and gradients) that also runs a meta-batch.
+
+    Its backward keeps only the argmax indices, not the input (``_MaxPool``). Inside ``task_batch(T)``:
+    (T, B, C, H, W) -> (T, B, C, H', W'), each channel pooled on its own.
+    """
+
+    def _pool(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out, indices = _MaxPool.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                      self.ceil_mode)
+        return (out, indices) if self.return_indices else out
 
     def forward(self, x: Tensor) -> Tensor:
         tasks = batched_tasks()
         if tasks is None:
-            return super().forward(x)
+            return self._pool(x)
         _check_input(x, tasks, self, "C, H, W")
-        out = super().forward(_pack(x))  # (B, T*C, H', W')
+        out = self._pool(_pack(x))  # (B, T*C, H', W')
         if self.return_indices:  # indices are positions within each channel's plane: the same per task
             return _unpack(out[0], x.shape[1], tasks), _unpack(out[1], x.shape[1], tasks)
         return _unpack(out, x.shape[1], tasks)
@@ -292,8 +339,12 @@ class ConvBlock(nn.Module):
             nn.init.uniform_(self.norm.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, C_out, H', W') with H' = ceil(H/2) if strided else floor(H/2)."""
-        return self.pool(F.relu(self.norm(self.conv(x))))
+        """(B, C_in, H, W) -> (B, C_out, H', W') with H' = ceil(H/2) if strided else floor(H/2).
+
+        ReLU after the max-pool: the same values and gradients as before it (both are monotone, and a
+        window's gradient goes to its first largest element either way), on a quarter of the elements.
+        """
+        return F.relu(self.pool(self.norm(self.conv(x))))
 
 
 class LinearBlock(nn.Sequential):
