@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
+from metagrad import _malloc
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import DataError
 from metagrad.training import distributed, loop, setup
 from metagrad.training.config import load_preset
-from metagrad.training.malloc import keep_freed_memory
 
 TARGET_2_PROCESSES = 1.8
 """The issue's target on a 2-core CPU: 2 processes of 1 thread against 1 process of 1 thread."""
@@ -69,7 +69,7 @@ def omniglot_train(data_dir: str | None) -> tuple[FewShotDataset, str]:
 
 def worker(args: argparse.Namespace) -> None:
     """Time the data-parallel step in this process; print one result line (every rank)."""
-    keep_freed_memory()  # as `metagrad train` does (METAGRAD_MALLOC=default turns it off)
+    _malloc.tune()  # as `metagrad train` does (huge pages only if THP_MEM_ALLOC_ENABLE was set at start)
     torch.set_num_threads(args.threads)
     config = load_preset(args.preset)
     data, meta = config.data, config.meta

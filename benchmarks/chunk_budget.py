@@ -28,8 +28,8 @@ from l2l_baseline import CONFIGS, _random_tasks
 from peer_recipes import make_recipe
 
 import metagrad as mg
+from metagrad import _malloc
 from metagrad.algorithms import batched
-from metagrad.training.malloc import keep_freed_memory
 
 
 def _time(variants: dict[str, Callable[[], None]], rounds: int, iterations: int) -> dict[str, list[float]]:
@@ -100,5 +100,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # as the metagrad command does (the process's setting, so not in main)
+    _malloc.tune()  # as the metagrad command does (the process's setting, so not in main)
     raise SystemExit(main())

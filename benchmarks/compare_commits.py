@@ -4,12 +4,14 @@ Each commit is checked out into a temporary git worktree and run as ``python -m 
 with that worktree's ``src`` first on ``PYTHONPATH`` (this interpreter's torch), one process per run so
 that peak RSS is per run. Rounds alternate which commit runs first, so neither always runs on a machine
 whose load has drifted; a config's ratio is the median of the same-round ratios base s/iter / new s/iter
-(above 1: the new commit is faster).
+(above 1: the new commit is faster). ``--base-env`` / ``--new-env`` add environment variables to one side,
+so that ``-`` (the working tree) against itself compares process settings.
 
 Usage::
 
     python benchmarks/compare_commits.py BASE [NEW]          # NEW defaults to the working tree
     python benchmarks/compare_commits.py HEAD~3 --configs a c d --rounds 5 --threads 1
+    python benchmarks/compare_commits.py - --base-env METAGRAD_MALLOC=keep   # one tree, two allocators
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ sys.path.insert(0, str(HERE))
 from l2l_baseline import CONFIGS  # the configs a, b, c, d live beside the baseline
 
 
-def _bench(src: Path, preset: str, iterations: int, threads: int | None) -> dict[str, Any]:
+def _bench(src: Path, preset: str, iterations: int, threads: int | None,
+           extra_env: dict[str, str]) -> dict[str, Any]:
     # the code is compared, not the process tuning: a thread count that follows the load would differ
     # between the two commits' runs (an older commit ignores the variable)
-    env = {**os.environ, "PYTHONPATH": str(src), "METAGRAD_THREADS": "fixed"}
+    env = {**os.environ, "PYTHONPATH": str(src), "METAGRAD_THREADS": "fixed", **extra_env}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "metagrad", "bench", "--preset", preset, "--iterations", str(iterations),
@@ -50,13 +53,24 @@ def _values(runs: list[dict[str, Any]], config: str, label: str, key: str) -> li
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="the commit to compare against (any git revision)")
+    parser.add_argument("base", help="the commit to compare against (any git revision; - the working tree)")
     parser.add_argument("new", nargs="?", help="the new commit (default: the working tree)")
+    parser.add_argument("--base-env", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="environment variables for the base's runs only")
+    parser.add_argument("--new-env", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="environment variables for the new commit's runs only")
     parser.add_argument("--configs", nargs="+", default=["a", "c", "d"], choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per run (default: 10)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both (default: torch's own)")
     args = parser.parse_args()
+    if args.base == "-":
+        args.base = None
+    extra = {}
+    for label, pairs in (("base", args.base_env), ("new", args.new_env)):
+        if any("=" not in pair for pair in pairs):
+            parser.error(f"--{label}-env takes NAME=VALUE pairs, got {pairs}")
+        extra[label] = dict(pair.split("=", 1) for pair in pairs)
 
     with tempfile.TemporaryDirectory() as tmp:
         sources = {}
@@ -75,7 +89,8 @@ def main() -> int:
                     order = ("base", "new") if r % 2 == 0 else ("new", "base")
                     for label in order:
                         preset = CONFIGS[name]["preset"]
-                        result = _bench(sources[label], preset, args.iterations, args.threads)
+                        result = _bench(sources[label], preset, args.iterations, args.threads,
+                                        extra[label])
                         runs.append({"round": r, "config": name, "commit": label, **result})
                         print(f"round {r} config {name} {label}: {result['sec_per_iter']:.4f} s/iter "
                               f"{result['peak_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
@@ -97,7 +112,8 @@ def main() -> int:
               f"| {med['new', 'sec_per_iter']:.4f} | {statistics.median(ratios):.2f} "
               f"({min(ratios):.2f}-{max(ratios):.2f}) | {med['base', 'peak_mem_mb']:.0f} "
               f"| {med['new', 'peak_mem_mb']:.0f} |")
-    print(json.dumps({"base": args.base, "new": args.new or "working tree", "threads": args.threads,
+    print(json.dumps({"base": args.base or "working tree", "new": args.new or "working tree",
+                      "base_env": extra["base"], "new_env": extra["new"], "threads": args.threads,
                       "runs": runs}))
     return 0
 

@@ -12,10 +12,10 @@ and still reports metagrad's figures.
 Note what is timed: metagrad's iteration includes task sampling (from a random uint8 dataset); the
 baseline's does not (one fixed meta-batch of random tensors), as in the issue's measurements.
 
-The C allocator: ``metagrad bench`` keeps freed memory in the heap (``metagrad.training.malloc``), which
-learn2learn does not do out of the box. ``--l2l-malloc keep`` gives learn2learn the same setting through
-glibc's environment variables (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``), so that the two
-libraries' own work is compared; ``METAGRAD_MALLOC=default`` in the environment turns metagrad's off.
+The C allocator: ``metagrad bench`` tunes glibc's malloc (``metagrad._malloc``), which learn2learn does
+not do out of the box. ``--l2l-malloc keep`` gives learn2learn the ``keep`` setting through glibc's
+environment variables (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``), to compare with
+``METAGRAD_MALLOC=keep``; ``METAGRAD_MALLOC=default`` in the environment turns metagrad's off.
 
 Usage::
 
@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from l2l_baseline import CONFIGS  # (the configs live beside the baseline; it needs no metagrad)
 
-from metagrad.training import malloc
+from metagrad import _malloc
 
 SHAPE_KEYS = ("algorithm", "model", "ways", "shots", "query_shots", "meta_batch_size", "inner_steps",
               "first_order")
@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy  # the same for both libraries
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    l2l_env = {**env, **malloc.GLIBC_ENV} if args.l2l_malloc == "keep" else env
-    metagrad_malloc = "keep" if malloc.requested() else "default"
+    l2l_env = {**env, **_malloc.GLIBC_KEEP_ENV} if args.l2l_malloc == "keep" else env
+    metagrad_malloc = _malloc.command_mode(env)
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
     failures: list[str] = []
     for round_index in range(args.rounds):

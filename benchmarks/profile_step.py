@@ -20,11 +20,11 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from metagrad import _malloc
 from metagrad.algorithms import meta_train_step
 from metagrad.bench import _random_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.training.config import load_preset
-from metagrad.training.malloc import keep_freed_memory
 from metagrad.training.setup import make_model, resolve_device
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="also profile memory (slower)")
     parser.add_argument("--trace", help="write a Chrome trace here")
     args = parser.parse_args(argv)
-    keep_freed_memory()  # as `metagrad bench` does (METAGRAD_MALLOC=default turns it off)
+    _malloc.tune()  # as `metagrad bench` does (huge pages only if THP_MEM_ALLOC_ENABLE was set at start)
     if args.threads:
         torch.set_num_threads(args.threads)
 

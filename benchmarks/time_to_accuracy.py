@@ -123,20 +123,20 @@ class Clock:
 
 
 def metagrad_worker(args: argparse.Namespace) -> None:
-    from metagrad import _openmp
+    from metagrad import _malloc, _openmp
 
     _openmp.tune_wait()  # what the `metagrad` command does before torch loads
+    _malloc.request_huge_pages()
     import torch
 
     import metagrad as mg
     from metagrad.data.datasets import FewShotDataset
     from metagrad.training import threads
-    from metagrad.training.malloc import keep_freed_memory
     from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
     from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
     from metagrad.training.setup import make_model
 
-    keep_freed_memory()
+    _malloc.tune()
     threads.follow_free_cores()  # the command's threads follow the free cores (all of them when idle)
     config = metagrad_config(args)
     data, meta = config.data, config.meta

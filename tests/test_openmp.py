@@ -166,10 +166,10 @@ def test_every_public_name_loads_on_first_use() -> None:
 
 
 def test_help_documents_each_process_setting_and_its_switch(capsys: pytest.CaptureFixture[str]) -> None:
+    from metagrad import _malloc
     from metagrad.cli import main
-    from metagrad.training import malloc
 
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert f"{ENV_VAR}  'default'" in text and f"{malloc.ENV_VAR}    'default'" in text
+    assert f"{ENV_VAR}  'default'" in text and f"{_malloc.ENV_VAR}    how" in text and "'keep'" in text
     assert all(f"{name}={value}" in text for name, value in SETTING.items())

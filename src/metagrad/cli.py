@@ -383,7 +383,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 _COMPUTE_COMMANDS = (_cmd_train, _cmd_eval, _cmd_bench)
 """Commands that run meta-training steps or evaluations: they tune the C allocator first (see
-``metagrad.training.malloc``; ``METAGRAD_MALLOC=default`` turns that off)."""
+``metagrad._malloc``; ``METAGRAD_MALLOC=default`` turns that off)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,8 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="environment:\n"
                "  METAGRAD_DATA      dataset folder when --data-dir is not given\n"
                "  METAGRAD_CACHE     decoded-dataset cache when --cache-dir is not given\n"
-               "  METAGRAD_MALLOC    'default' stops train, eval and bench from keeping freed memory in the\n"
-               "                     heap (faster on CPU, some more peak memory; glibc only)\n"
+               "  METAGRAD_MALLOC    how train, eval and bench tune glibc's malloc: unset or 'keep' keeps\n"
+               "                     freed memory for reuse (fastest on CPU); 'huge' maps blocks of 16 MB+\n"
+               "                     on huge pages (sets THP_MEM_ALLOC_ENABLE=1 before torch loads): less\n"
+               "                     peak memory on large images, some speed; 'default' leaves glibc alone\n"
                "  METAGRAD_OMP_WAIT  'default' keeps libgomp's own waiting; otherwise the command sets\n"
                f"                     {_omp_setting()} before torch loads, unless OMP_WAIT_POLICY or\n"
                "                     GOMP_SPINCOUNT is set (how idle CPU threads wait; results unchanged)\n"
@@ -585,9 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or not world.is_main
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     if args.func in _COMPUTE_COMMANDS:
-        from metagrad.training.malloc import keep_freed_memory
+        from metagrad import _malloc
 
-        keep_freed_memory()  # reuse freed activations instead of faulting them in again every step
+        _malloc.tune()  # freed blocks kept (or large ones on huge pages): not faulted in again every step
         from metagrad.training.threads import follow_free_cores
 
         follow_free_cores()  # as many CPU threads as other processes leave cores free (METAGRAD_THREADS)

@@ -1,62 +1,163 @@
-"""The C allocator setting of the compute commands: freed blocks are reused, not faulted in again."""
+"""The C allocator settings of the compute commands: every freed block kept, or large ones on huge pages."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from metagrad import cli
-from metagrad.training import malloc
+from metagrad import _malloc, cli
 
-needs_glibc = pytest.mark.skipif(malloc.glibc() is None,
+needs_glibc = pytest.mark.skipif(_malloc.glibc() is None,
                                  reason="mallopt is glibc's; this platform has another C library")
+needs_thp = pytest.mark.skipif(_malloc.kernel_thp_mode() not in ("always", "madvise"),
+                               reason="the kernel offers no transparent huge pages here")
 
-# A "step" that allocates three 64 MB tensors and frees them, repeated; prints each step's page faults.
+# A "step" that allocates blocks of `mb` MB, touches and frees them, repeated; prints each step's page
+# faults and the resident memory once they are freed.
 _PROBE = """
-import json, resource, sys, torch
-from metagrad.training.malloc import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+import json, resource, sys
+from metagrad import _malloc
+setting, mb = sys.argv[1], int(sys.argv[2])
+import torch
+applied = _malloc.tune(setting)
+def resident_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
 def step():
-    a = torch.empty(16 * 2**20)
-    a.fill_(1.0)
-    return float((torch.relu(a) * 2)[-1])
-faults = []
+    blocks = [torch.empty(mb * 2**18) for _ in range(3)]
+    for b in blocks:
+        b.fill_(1.0)
+    return float(sum(b[-1] for b in blocks))
+faults, resident = [], []
 for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": applied, "faults": faults}))
+    resident.append(resident_mb())
+print(json.dumps({"applied": applied, "faults": faults, "resident": resident}))
 """
 
 
-def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
-                         env={"PATH": "", "OMP_NUM_THREADS": "1"}, timeout=120)
+def _probe(setting: str, mb: int = 64, **env: str) -> dict:
+    clean = {"PATH": "", "OMP_NUM_THREADS": "1", **env}
+    out = subprocess.run([sys.executable, "-c", _PROBE, setting, str(mb)], capture_output=True, text=True,
+                         check=True, env=clean, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @needs_glibc
-def test_freed_memory_is_reused_without_page_faults() -> None:
+def test_keep_reuses_freed_memory_without_page_faults() -> None:
     default, keep = _probe("default"), _probe("keep")
-    assert not default["applied"] and keep["applied"]
+    assert default["applied"] is None and keep["applied"] == "keep"
     # 3 x 64 MB is 49,152 pages of 4 KB. By default each step maps its blocks afresh and faults them in
     # again; kept, the heap grows over the first steps (glibc 2.36: about six) and later steps reuse it.
     assert min(default["faults"][-4:]) > 30_000, default
     assert sum(keep["faults"][-4:]) < 0.1 * sum(default["faults"][-4:]), keep
+    assert min(keep["resident"][-4:]) > min(default["resident"][-4:]) + 150  # kept: the heap holds them
 
 
-def test_env_var_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(malloc.ENV_VAR, "default")
-    assert malloc.keep_freed_memory() is False
+@needs_glibc
+@needs_thp
+def test_huge_maps_large_blocks_on_huge_pages_and_returns_them() -> None:
+    default = _probe("default")
+    huge = _probe("huge", **{_malloc.THP_VARIABLE: "1"})
+    assert huge["applied"] == "huge"
+    # 2 MB pages: a 64 MB block is 32 faults (plus its unaligned ends) instead of 16,384
+    assert sum(huge["faults"][-4:]) < 0.25 * sum(default["faults"][-4:]), huge
+    assert max(huge["resident"][-4:]) < min(default["resident"][-4:]) + 50  # unmapped once freed
 
 
-def test_only_compute_commands_tune_the_allocator(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+@needs_glibc
+def test_huge_keeps_middle_sized_blocks_in_the_heap() -> None:
+    huge = _probe("huge", mb=4)  # (with torch's huge-page advice, the kernel may collapse heap pages now
+    assert huge["applied"] == "huge"  # and then: a few hundred faults in some steps)
+    assert sum(huge["faults"][-4:]) < 100, huge  # 3 x 4 MB reused: 3,072 pages if faulted again
+
+
+def _sysfs(tmp_path: Path, mode: str) -> Path:
+    path = tmp_path / "enabled"
+    path.write_text({"always": "[always] madvise never\n", "madvise": "always [madvise] never\n",
+                     "never": "always madvise [never]\n"}[mode])
+    return path
+
+
+HUGE = {_malloc.ENV_VAR: "huge"}
+
+
+@pytest.mark.parametrize(("kernel", "env", "expected"), [
+    ("always", {}, "keep"),  # the default
+    ("always", {_malloc.ENV_VAR: " Keep"}, "keep"),
+    ("always", {_malloc.ENV_VAR: "default"}, "default"),
+    ("madvise", {**HUGE, _malloc.THP_VARIABLE: "1"}, "huge"),
+    ("always", HUGE, "huge"),
+    ("madvise", HUGE, "keep"),  # torch does not advise: mapped blocks would fault page by page
+    ("madvise", {**HUGE, _malloc.THP_VARIABLE: "0"}, "keep"),
+    ("never", {**HUGE, _malloc.THP_VARIABLE: "1"}, "keep"),
+])
+def test_mode_follows_the_switch_and_the_kernel(tmp_path: Path, kernel: str, env: dict[str, str],
+                                                expected: str) -> None:
+    assert _malloc.mode(env, _sysfs(tmp_path, kernel)) == expected
+
+
+def test_unknown_or_unavailable_settings_warn_and_keep(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    assert _malloc.mode({_malloc.ENV_VAR: "kep"}, _sysfs(tmp_path, "always")) == "keep"
+    assert "METAGRAD_MALLOC='kep' is not a setting (keep, huge or default)" in caplog.text
+    assert _malloc.mode(HUGE, _sysfs(tmp_path, "never")) == "keep"
+    assert "METAGRAD_MALLOC=huge: torch's blocks get no huge pages here (kernel mode never" in caplog.text
+    assert _malloc.kernel_thp_mode(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(("kernel", "env", "modules", "sets"), [
+    ("madvise", HUGE, set(), True),
+    ("madvise", {}, set(), False),  # the default keeps freed memory and needs no advice
+    ("madvise", {_malloc.ENV_VAR: "keep"}, set(), False),
+    ("always", HUGE, set(), False),  # the kernel backs everything already
+    ("never", HUGE, set(), False),
+    ("madvise", {**HUGE, _malloc.THP_VARIABLE: "0"}, set(), False),  # the user's choice wins
+    ("madvise", HUGE, {"torch"}, False),  # torch read the variable at its first allocation
+])
+def test_request_huge_pages(tmp_path: Path, kernel: str, env: dict[str, str], modules: set[str],
+                            sets: bool) -> None:
+    environ = dict(env)
+    done = _malloc.request_huge_pages(environ, modules, _sysfs(tmp_path, kernel))
+    assert (done == {_malloc.THP_VARIABLE: "1"}) is sets
+    assert environ == ({**env, **done})
+    if not modules:  # a fresh command: huge where asked and the kernel can (and the user did not say 0)
+        possible = kernel != "never" and env.get(_malloc.THP_VARIABLE) != "0"
+        expected = "huge" if env.get(_malloc.ENV_VAR) == "huge" and possible else "keep"
+        assert _malloc.command_mode(env, _sysfs(tmp_path, kernel)) == expected
+
+
+def test_bad_setting_argument_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected one of keep, huge, default"):
+        _malloc.tune("fast")
+
+
+def test_only_compute_commands_tune_the_allocator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
-    monkeypatch.setattr(malloc, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(_malloc, "tune", lambda: calls.append(1) or "keep")
     cli.main(["results", str(tmp_path)])  # an empty folder: an error, and no setting
     assert calls == []
     cli.main(["bench", "--preset", "no-such-preset"])  # fails on the preset, after the setting
     assert calls == [1]
+
+
+@needs_thp
+@pytest.mark.parametrize("setting", ["huge", "keep", None])
+def test_the_command_requests_huge_pages_before_torch_loads(setting: str | None) -> None:
+    code = ("import os, sys; sys.argv = ['metagrad', '--version']\n"
+            "from metagrad.__main__ import main\n"
+            "main(); import torch; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    env = {k: v for k, v in os.environ.items() if k not in (_malloc.THP_VARIABLE, _malloc.ENV_VAR)}
+    if setting:
+        env[_malloc.ENV_VAR] = setting
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          timeout=120)
+    expected = "1" if setting == "huge" and _malloc.kernel_thp_mode() == "madvise" else "None"
+    assert done.stdout.strip().splitlines()[-1] == expected
