@@ -59,8 +59,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--lr-schedule", "meta.lr_schedule", str, "outer learning-rate schedule: constant or cosine"),
     ("--iterations", "meta.iterations", int, "outer steps"),
     ("--tasks-per-chunk", "meta.tasks_per_chunk", int,
-     ("tasks back-propagated together: 0 = automatic (all on GPU, cache-sized on CPU); "
-      "a small N lowers peak memory at some cost in speed")),
+     ("at most N tasks back-propagated together, below the automatic chunk (0: all on GPU, "
+      "cache-sized on CPU); a small N lowers peak memory at some cost in speed")),
     ("--seed", "run.seed", int, "seed of the model initialization and of every task stream"),
     ("--eval-every", "run.eval_every", int, "validate every this many iterations"),
     ("--eval-tasks", "run.eval_tasks", int, "validation tasks per evaluation"),
@@ -516,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timed iterations after warm-up")
     bench.add_argument("--device", help="device (default: the preset's, auto)")
     bench.add_argument("--tasks-per-chunk", type=int, metavar="INT",
-                       help="tasks back-propagated together (default: the preset's, 0 = automatic); "
-                            "1 shows the memory of one task at a time")
+                       help="at most N tasks back-propagated together, below the automatic chunk "
+                            "(default: the preset's, 0 = automatic); 1 shows one task's memory")
     bench.add_argument("--json", action="store_true", help="print the result as one JSON object, last line")
     bench.add_argument("--check", action="store_true",
                        help="first check in float64 that the preset's model gets exact meta-gradients on the "
