@@ -9,10 +9,11 @@ was bound by those page faults. Two remedies, measured in docs/PERFORMANCE.md ("
 * ``keep`` (the default): no ``mmap`` and no trimming, so the heap grows to the step's peak once and is
   reused. The fastest, but glibc never compacts its heap: on Mini-ImageNet it grows to 1.7x the step's
   live bytes, and peak memory ends above learn2learn's.
-* ``huge``: blocks of :data:`LARGE_BLOCK` and more are mapped afresh on 2 MB transparent huge pages (34
-  faults for 68 MB instead of 17,000) and leave no holes in the heap; smaller ones are kept. On
-  Mini-ImageNet 20% less peak memory for up to 20% more time; on Omniglot more memory and no gain, as
-  torch's huge-page advice also lands on the heap's middle-sized blocks. Where huge pages are off, ``keep``.
+* ``huge``: blocks of :data:`LARGE_BLOCK` and more are mapped afresh on 2 MB transparent huge pages (a
+  Mini-ImageNet step: about 27,000 page faults instead of 550,000) and leave no holes in the heap;
+  smaller ones are kept. On Mini-ImageNet 20% less peak memory for up to 30% more time; on Omniglot more
+  memory and no gain, as torch's huge-page advice also lands on the heap's middle-sized blocks. Where
+  huge pages are off, ``keep``.
 
 PyTorch advises huge pages for its large CPU blocks only when ``THP_MEM_ALLOC_ENABLE=1`` is in the
 environment at its first allocation, so the command's entry point (``metagrad/__main__.py``) calls
