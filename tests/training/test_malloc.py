@@ -67,8 +67,9 @@ def test_huge_maps_large_blocks_on_huge_pages_and_returns_them() -> None:
     default = _probe("default")
     huge = _probe("huge", **{_malloc.THP_VARIABLE: "1"})
     assert huge["applied"] == "huge"
-    # 2 MB pages: a 64 MB block is 32 faults (plus its unaligned ends) instead of 16,384
-    assert sum(huge["faults"][-4:]) < 0.25 * sum(default["faults"][-4:]), huge
+    # 2 MB pages: a 64 MB block is 32 faults (plus its unaligned ends) instead of 16,384; loose, since
+    # a kernel short of free huge pages falls back to small ones for some
+    assert sum(huge["faults"][-4:]) < 0.5 * sum(default["faults"][-4:]), huge
     assert max(huge["resident"][-4:]) < min(default["resident"][-4:]) + 50  # unmapped once freed
 
 
