@@ -69,7 +69,7 @@ def omniglot_train(data_dir: str | None) -> tuple[FewShotDataset, str]:
 
 def worker(args: argparse.Namespace) -> None:
     """Time the data-parallel step in this process; print one result line (every rank)."""
-    _malloc.tune()  # as `metagrad train` does (huge pages only if THP_MEM_ALLOC_ENABLE was set at start)
+    _malloc.tune()  # as `metagrad train` does (METAGRAD_MALLOC=huge needs THP_MEM_ALLOC_ENABLE=1 at start)
     torch.set_num_threads(args.threads)
     config = load_preset(args.preset)
     data, meta = config.data, config.meta

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="also profile memory (slower)")
     parser.add_argument("--trace", help="write a Chrome trace here")
     args = parser.parse_args(argv)
-    _malloc.tune()  # as `metagrad bench` does (huge pages only if THP_MEM_ALLOC_ENABLE was set at start)
+    _malloc.tune()  # as `metagrad bench` does (METAGRAD_MALLOC=huge needs THP_MEM_ALLOC_ENABLE=1 at start)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -123,21 +123,20 @@ class Clock:
 
 
 def metagrad_worker(args: argparse.Namespace) -> None:
-    from metagrad import _malloc, _openmp
+    from metagrad.__main__ import tune_before_torch
 
-    _openmp.tune_wait()  # what the `metagrad` command does before torch loads
-    _malloc.request_huge_pages()
+    tune_before_torch()  # what the `metagrad` command does before torch loads
     import torch
 
     import metagrad as mg
+    from metagrad.cli import tune_compute_process
     from metagrad.data.datasets import FewShotDataset
     from metagrad.training import threads
     from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
     from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
     from metagrad.training.setup import make_model
 
-    _malloc.tune()
-    threads.follow_free_cores()  # the command's threads follow the free cores (all of them when idle)
+    tune_compute_process()  # as the command does: its allocator, threads that follow the free cores
     config = metagrad_config(args)
     data, meta = config.data, config.meta
     files = torch.load(args.data, weights_only=True)

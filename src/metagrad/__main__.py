@@ -9,12 +9,18 @@ glibc's ``mallopt`` is called later, in :func:`metagrad.cli.main`, since it work
 from __future__ import annotations
 
 
-def main() -> int:
-    """Set OpenMP's wait policy and torch's huge pages (each with its switch), then run the command."""
+def tune_before_torch() -> None:
+    """What the command sets before torch loads: OpenMP's wait policy and, for ``METAGRAD_MALLOC=huge``,
+    torch's huge pages (each with its switch). For a script that wants the command's process settings."""
     from metagrad import _malloc, _openmp
 
     _openmp.tune_wait()
     _malloc.request_huge_pages()
+
+
+def main() -> int:
+    """Apply :func:`tune_before_torch`, then run the command."""
+    tune_before_torch()
     from metagrad.cli import main as cli_main
 
     return cli_main()

@@ -10,10 +10,10 @@ was bound by those page faults. Two remedies, measured in docs/PERFORMANCE.md ("
   reused. The fastest, but glibc never compacts its heap: on Mini-ImageNet it grows to 1.7x the step's
   live bytes, and peak memory ends above learn2learn's.
 * ``huge``: blocks of :data:`LARGE_BLOCK` and more are mapped afresh on 2 MB transparent huge pages (a
-  Mini-ImageNet step: about 27,000 page faults instead of 550,000) and leave no holes in the heap;
-  smaller ones are kept. On Mini-ImageNet 20% less peak memory for up to 30% more time; on Omniglot more
-  memory and no gain, as torch's huge-page advice also lands on the heap's middle-sized blocks. Where
-  huge pages are off, ``keep``.
+  Mini-ImageNet step: about 27,000 page faults, against 550,000 mapped on small pages) and leave no
+  holes in the heap; smaller ones are kept. On Mini-ImageNet 20% less peak memory for up to 30% more
+  time; on Omniglot 21-98 MB more and a mixed speed (one config 0.87x, another 1.18x), as torch's
+  huge-page advice also lands on the heap's middle-sized blocks. Where huge pages are off, ``keep``.
 
 PyTorch advises huge pages for its large CPU blocks only when ``THP_MEM_ALLOC_ENABLE=1`` is in the
 environment at its first allocation, so the command's entry point (``metagrad/__main__.py``) calls
@@ -32,8 +32,9 @@ import sys
 from collections.abc import Container, Mapping, MutableMapping
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "GLIBC_KEEP_ENV", "LARGE_BLOCK", "MODES", "SYSFS_THP", "THP_VARIABLE", "command_mode",
-           "glibc", "huge_pages_for_torch", "kernel_thp_mode", "mode", "request_huge_pages", "tune"]
+__all__ = ["ENV_VAR", "GLIBC_KEEP_ENV", "LARGE_BLOCK", "MODES", "SYSFS_THP", "THP_VARIABLE", "applied",
+           "command_mode", "glibc", "huge_pages_for_torch", "kernel_thp_mode", "mode", "request_huge_pages",
+           "tune"]
 
 logger = logging.getLogger("metagrad")
 
@@ -60,6 +61,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_MAX = 2**31 - 1  # mallopt takes an int
+
+_applied: str | None = None  # what tune() last applied in this process
 
 GLIBC_KEEP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_MAX)}
 """The ``keep`` mode in glibc's environment variables, for a process that does not call this module
@@ -136,6 +139,11 @@ def glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
+def applied() -> str | None:
+    """The setting :func:`tune` applied in this process (``"keep"``, ``"huge"``), None if none was."""
+    return _applied
+
+
 def tune(setting: str | None = None) -> str | None:
     """Apply ``setting`` (default: :func:`mode`) to glibc's malloc; return what was applied.
 
@@ -146,6 +154,7 @@ def tune(setting: str | None = None) -> str | None:
     Raises:
         ValueError: ``setting`` is not one of :data:`MODES` (the environment's never is).
     """
+    global _applied
     setting = setting or mode()
     if setting not in MODES:
         raise ValueError(f"setting {setting!r}: expected one of {', '.join(MODES)}")
@@ -162,4 +171,5 @@ def tune(setting: str | None = None) -> str | None:
         applied = mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK) == 1
     applied = applied and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX) == 1
     logger.debug("C allocator %s: %s", setting, applied)
+    _applied = setting if applied else _applied
     return setting if applied else None

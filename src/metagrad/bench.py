@@ -221,7 +221,7 @@ def run_bench(
         # how idle OpenMP threads wait (None, None: libgomp's default); see metagrad/_openmp.py
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
-        "malloc": _malloc.mode(),  # the C allocator setting the command applies (metagrad/_malloc.py)
+        "malloc": _malloc.applied(),  # the C allocator setting in force (metagrad/_malloc.py), None: glibc's
         # above the CPU count: other jobs shared the cores, times are inflated
         "load_avg": os.getloadavg()[0],
         "torch": torch.__version__,
@@ -266,7 +266,8 @@ def _print_report(r: dict[str, Any]) -> None:
     policy = " ".join(f"{name}={r[key]}" for name, key in (("OMP_WAIT_POLICY", "omp_wait_policy"),
                                                           ("GOMP_SPINCOUNT", "gomp_spincount")) if r[key])
     print(f"device {r['device']} ({r['device_name']}), {r['threads']} threads "
-          f"(OpenMP wait: {policy or 'libgomp default'}; malloc: {r['malloc']}), torch {r['torch']}, "
+          f"(OpenMP wait: {policy or 'libgomp default'}; malloc: {r['malloc'] or 'glibc default'}), "
+          f"torch {r['torch']}, "
           f"load average {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
     print(f"sec/iter {r['sec_per_iter']:.4f} (median of {r['iterations']}, min {min(r['times']):.4f}), "
           f"tasks/s {r['tasks_per_sec']:.1f}, peak memory {r['peak_mem_mb']:.0f} MB ({r['peak_mem_kind']})")

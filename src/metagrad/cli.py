@@ -560,6 +560,17 @@ def _rank_note(world: World) -> str:
     return f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
 
 
+def tune_compute_process() -> None:
+    """What train, eval and bench do to the process first: glibc's malloc (``metagrad._malloc``: freed
+    blocks kept, or large ones on huge pages, so not faulted in again every step) and as many CPU threads
+    as other processes leave cores free (``METAGRAD_THREADS``)."""
+    from metagrad import _malloc
+    from metagrad.training.threads import follow_free_cores
+
+    _malloc.tune()
+    follow_free_cores()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``metagrad`` command.
 
@@ -587,12 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False) or not world.is_main
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     if args.func in _COMPUTE_COMMANDS:
-        from metagrad import _malloc
-
-        _malloc.tune()  # freed blocks kept (or large ones on huge pages): not faulted in again every step
-        from metagrad.training.threads import follow_free_cores
-
-        follow_free_cores()  # as many CPU threads as other processes leave cores free (METAGRAD_THREADS)
+        tune_compute_process()
     try:
         return args.func(args)
     except MetagradError as exc:

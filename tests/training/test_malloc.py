@@ -39,7 +39,7 @@ for _ in range(12):
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     resident.append(resident_mb())
-print(json.dumps({"applied": applied, "faults": faults, "resident": resident}))
+print(json.dumps({"applied": applied, "in_force": _malloc.applied(), "faults": faults, "resident": resident}))
 """
 
 
@@ -54,6 +54,7 @@ def _probe(setting: str, mb: int = 64, **env: str) -> dict:
 def test_keep_reuses_freed_memory_without_page_faults() -> None:
     default, keep = _probe("default"), _probe("keep")
     assert default["applied"] is None and keep["applied"] == "keep"
+    assert default["in_force"] is None and keep["in_force"] == "keep"  # what bench --json reports
     # 3 x 64 MB is 49,152 pages of 4 KB. By default each step maps its blocks afresh and faults them in
     # again; kept, the heap grows over the first steps (glibc 2.36: about six) and later steps reuse it.
     assert min(default["faults"][-4:]) > 30_000, default
@@ -75,8 +76,10 @@ def test_huge_maps_large_blocks_on_huge_pages_and_returns_them() -> None:
 
 @needs_glibc
 def test_huge_keeps_middle_sized_blocks_in_the_heap() -> None:
-    huge = _probe("huge", mb=4)  # (with torch's huge-page advice, the kernel may collapse heap pages now
-    assert huge["applied"] == "huge"  # and then: a few hundred faults in some steps)
+    # without torch's huge-page advice: with it, the kernel may collapse heap pages now and then (a few
+    # hundred faults in some steps)
+    huge = _probe("huge", mb=4)
+    assert huge["applied"] == "huge"
     assert sum(huge["faults"][-4:]) < 100, huge  # 3 x 4 MB reused: 3,072 pages if faulted again
 
 
