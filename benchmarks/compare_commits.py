@@ -64,8 +64,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per run (default: 10)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both (default: torch's own)")
     args = parser.parse_args()
-    if args.base == "-":
-        args.base = None
+    # "-" is the working tree (to git, "-" would be the previously checked-out branch)
+    args.base, args.new = (None if rev == "-" else rev for rev in (args.base, args.new))
     extra = {}
     for label, pairs in (("base", args.base_env), ("new", args.new_env)):
         if any("=" not in pair for pair in pairs):
