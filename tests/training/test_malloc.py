@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -76,12 +77,16 @@ def test_huge_maps_large_blocks_on_huge_pages_and_returns_them() -> None:
 
 @needs_glibc
 def test_huge_keeps_middle_sized_blocks_in_the_heap() -> None:
-    # 12 MB, under LARGE_BLOCK: glibc's default trims them off the heap's top and faults them in again every
-    # step (3 x 12 MB = 9,216 pages); kept, they are reused once the heap has grown. Without torch's
-    # huge-page advice, with which the kernel may collapse heap pages now and then.
-    default, huge = _probe("default", mb=12), _probe("huge", mb=12)
+    # 12 MB, under LARGE_BLOCK: kept in the heap, which is never trimmed, so once it has grown most steps
+    # fault nothing (mapped afresh, every step would fault 3 x 12 MB = 9,216 pages). The heap may still
+    # grow by a block now and then where small allocations split its holes (seen: 3,072 faults in 1 or 2
+    # of the last 8 steps), and glibc's default itself sometimes keeps them, so it is no baseline here.
+    # Without torch's huge-page advice, with which the kernel may collapse heap pages now and then.
+    huge = _probe("huge", mb=12)
     assert huge["applied"] == "huge"
-    assert sum(huge["faults"][-4:]) < 0.1 * sum(default["faults"][-4:]), (huge, default)
+    assert sum(huge["faults"][-8:]) < 2 * 9216, huge
+    resident = huge["resident"][2:]
+    assert all(later > earlier - 1 for earlier, later in itertools.pairwise(resident)), huge  # never trimmed
 
 
 def _sysfs(tmp_path: Path, mode: str) -> Path:
