@@ -264,6 +264,78 @@ class _MaxPool(torch.autograd.Function):
         return grad_input.view(shape), None, None, None, None, None
 
 
+class _NormMaxPool(torch.autograd.Function):
+    """BatchNorm with the batch's statistics, then max-pooling, without BatchNorm's full-size output.
+
+    BatchNorm is a per-channel increasing map where its weight is >= 0 and a decreasing one where it is
+    negative, so each window's largest output sits where the convolution's output x is largest (or,
+    for a negative weight, smallest). The pool therefore runs on x (on -x in negative channels) and
+    only the pooled values are normalized. The backward builds x's gradient in one full-size buffer
+    from the pooled gradient: BatchNorm's backward at the selected positions, with its mean terms
+    summed over the pooled elements, where alone the normalized gradient is nonzero. In a first-order
+    backward it is computed in place; under ``create_graph`` in differentiable operations, with the
+    statistics recomputed from x, so the second-order graph is exact.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, kernel_size: Any, stride: Any,
+                padding: Any, dilation: Any, ceil_mode: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased; 3x torch.var_mean's speed
+        invstd = torch.rsqrt(var + eps)
+        sign = torch.where(weight < 0, -1.0, 1.0).to(x.dtype)
+        # on the CPU skip the full-size sign flip when no weight is negative (the usual case)
+        source = x if x.device.type == "cpu" and not bool((weight < 0).any()) else x * sign.view(1, -1, 1, 1)
+        pooled, indices = F.max_pool2d_with_indices(source, kernel_size, stride, padding, dilation, ceil_mode)
+        # pooled = sign * x at each window's selection: y = weight * invstd * (x - mean) + bias
+        scale = (weight * invstd * sign).view(1, -1, 1, 1)
+        shift = (bias - weight * invstd * mean).view(1, -1, 1, 1)
+        return pooled.mul_(scale).add_(shift), indices, mean, invstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        _, indices, mean, invstd = output
+        ctx.mark_non_differentiable(indices, mean, invstd)
+        ctx.save_for_backward(inputs[0], inputs[1], indices, mean, invstd)
+        ctx.eps = inputs[3]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, indices, mean, invstd = ctx.saved_tensors
+        differentiable = torch.is_grad_enabled()  # a create_graph backward: the second-order graph
+        if differentiable:  # the statistics as functions of x
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            invstd = torch.rsqrt(var + ctx.eps)
+        count = x.numel() // x.shape[1]  # elements per channel
+        planes = x.flatten(2)  # (B, C, H*W); positions = the indices
+        rows = indices.flatten(2)
+        normalized = (planes.gather(2, rows) - mean.view(1, -1, 1)) * invstd.view(1, -1, 1)
+        grad_rows = grad.flatten(2)
+        grad_bias = grad_rows.sum(dim=(0, 2))
+        grad_weight = (grad_rows * normalized).sum(dim=(0, 2))
+        # dL/dx = invstd * (g - mean(g) - xhat * mean(g * xhat)), g = weight * grad scattered to the
+        # selections: a full-size affine map of x, plus the scattered part
+        centre = weight * grad_bias / count
+        slope = weight * grad_weight / count
+        coef_x = (-invstd.square() * slope).view(1, -1, 1)
+        const = (invstd * (mean * invstd * slope - centre)).view(1, -1, 1)
+        scattered = (weight * invstd).view(1, -1, 1) * grad_rows
+        if differentiable:
+            grad_x = torch.addcmul(const, planes, coef_x).scatter_add(2, rows, scattered)
+        else:  # one new full-size buffer, filled in place
+            grad_x = torch.addcmul(const, planes, coef_x).scatter_add_(2, rows, scattered)
+        return grad_x.view(x.shape), grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _norm_max_pool(norm: BatchNorm, pool: nn.MaxPool2d, x: Tensor, tasks: int) -> Tensor:
+    """``pool(norm(x))`` inside ``task_batch(tasks)`` for a (T, B, C, H, W) x, by ``_NormMaxPool``."""
+    _check_input(x, tasks, norm, "C, H, W")
+    weight = _per_task(norm.weight, 1, tasks).reshape(-1)  # (T*C,)
+    bias = _per_task(norm.bias, 1, tasks).reshape(-1)
+    out = _NormMaxPool.apply(_pack(x), weight, bias, norm.eps, pool.kernel_size, pool.stride, pool.padding,
+                             pool.dilation, pool.ceil_mode)[0]
+    return _unpack(out, x.shape[1], tasks)
+
+
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` (same arguments, values and gradients) that also runs a meta-batch.
 
@@ -343,8 +415,16 @@ class ConvBlock(nn.Module):
 
         ReLU after the max-pool: the same values and gradients as before it (both are monotone, and a
         window's gradient goes to its first largest element either way), on a quarter of the elements.
+        Inside ``task_batch`` BatchNorm and a max-pool run as one operation that pools the convolution's
+        output and normalizes only the pooled values (``_NormMaxPool``): the same values and gradients
+        without a full-size BatchNorm output or pool gradient. Where a BatchNorm weight is exactly 0 every
+        window ties; its gradient is then the limit from above rather than the first element's.
         """
-        return F.relu(self.pool(self.norm(self.conv(x))))
+        x = self.conv(x)
+        tasks = batched_tasks()
+        if tasks is not None and isinstance(self.pool, MaxPool2d) and not self.pool.return_indices:
+            return F.relu(_norm_max_pool(self.norm, self.pool, x, tasks))
+        return F.relu(self.pool(self.norm(x)))
 
 
 class LinearBlock(nn.Sequential):
