@@ -8,17 +8,26 @@ Usage::
 
     python benchmarks/profile_step.py --preset omniglot-maml-5w1s [--iterations 2] [--threads 1]
         [--vectorize/--no-vectorize] [--trace trace.json] [--rows 25]
+    python benchmarks/profile_step.py --preset mini-imagenet-maml-5w1s --heap   # where the C heap grows
+
+``--heap`` (glibc only) runs the steps without the profiler, reading ``mallinfo2()`` after every operator:
+each step's live bytes at their peak and the heap's size, and every operator after which the heap grew by
+1 MB or more. Freed memory is kept as ``metagrad bench`` keeps it, so a heap much larger than the live peak
+is free space in holes that later, larger blocks did not fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import resource
 import sys
 import time
 from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metagrad import _malloc
 from metagrad.algorithms import meta_train_step
@@ -41,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--memory", action="store_true", help="also profile memory (slower)")
     parser.add_argument("--trace", help="write a Chrome trace here")
+    parser.add_argument("--heap", action="store_true",
+                        help="instead of profiling, log where glibc's heap grows (see the module doc)")
     args = parser.parse_args(argv)
     _malloc.tune()  # as `metagrad bench` does (METAGRAD_MALLOC=huge needs THP_MEM_ALLOC_ENABLE=1 at start)
     if args.threads:
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset}: vectorize={meta.vectorize}, {torch.get_num_threads()} threads, "
           f"unprofiled step {time.perf_counter() - start:.3f} s", file=sys.stderr)
 
+    if args.heap:
+        return _trace_heap(step, args.iterations)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True, profile_memory=args.memory) as prof:
         for _ in range(args.iterations):
@@ -85,6 +98,59 @@ def main(argv: list[str] | None = None) -> int:
                                                              max_shapes_column_width=70))
     if args.trace:
         prof.export_chrome_trace(args.trace)
+    return 0
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+)
+    _fields_ = [(name, ctypes.c_size_t)
+                for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                             "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class _HeapLog(TorchDispatchMode):
+    """After each operator: the main heap's size and live bytes; the operators after which it grew."""
+
+    def __init__(self, mallinfo2: ctypes._CFuncPtr) -> None:
+        super().__init__()
+        self.mallinfo2 = mallinfo2
+        self.heap = self.peak_live = 0.0
+        self.ops = 0
+        self.peak_at = ""
+        self.growth: list[tuple[int, str, float, float, float]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        info = self.mallinfo2()
+        heap, live = info.arena / 2**20, info.uordblks / 2**20
+        self.ops += 1
+        if live > self.peak_live:
+            self.peak_live, self.peak_at = live, f"operator {self.ops} ({func})"
+        outputs = out if isinstance(out, (tuple, list)) else [out]
+        size = sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor)) / 2**20
+        if heap >= self.heap + 1:
+            self.growth.append((self.ops, str(func), size, heap - self.heap, live))
+        self.heap = heap
+        return out
+
+
+def _trace_heap(step: object, iterations: int) -> int:
+    libc = _malloc.glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        print("--heap needs glibc 2.33 or later (mallinfo2)", file=sys.stderr)
+        return 2
+    libc.mallinfo2.restype = _MallInfo2
+    for i in range(iterations):
+        log = _HeapLog(libc.mallinfo2)
+        log.heap = libc.mallinfo2().arena / 2**20
+        with log:
+            step()  # type: ignore[operator]
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"step {i}: {log.ops} operators, live peak {log.peak_live:.0f} MB after {log.peak_at}, "
+              f"heap {log.heap:.0f} MB, "
+              f"process peak RSS {maxrss:.0f} MB; the heap grew after:")
+        for op, name, size, grew, live in log.growth:
+            print(f"  operator {op:6d} {name:45s} output {size:6.1f} MB  heap +{grew:5.1f} MB  "
+                  f"live {live:6.0f} MB")
     return 0
 
 
