@@ -7,13 +7,13 @@ allocates and frees the same large activations every iteration: on Mini-ImageNet
 was bound by those page faults. Two remedies, measured in docs/PERFORMANCE.md ("The C allocator"):
 
 * ``keep`` (the default): no ``mmap`` and no trimming, so the heap grows to the step's peak once and is
-  reused. The fastest, but glibc never compacts its heap: on Mini-ImageNet it grows to 1.7x the step's
-  live bytes, and peak memory ends above learn2learn's.
-* ``huge``: blocks of :data:`LARGE_BLOCK` and more are mapped afresh on 2 MB transparent huge pages (a
-  Mini-ImageNet step: about 27,000 page faults, against 550,000 mapped on small pages) and leave no
-  holes in the heap; smaller ones are kept. On Mini-ImageNet 20% less peak memory for up to 30% more
-  time; on Omniglot 21-98 MB more and a mixed speed (one config 0.87x, another 1.18x), as torch's
-  huge-page advice also lands on the heap's middle-sized blocks. Where huge pages are off, ``keep``.
+  reused. The fastest, but glibc never compacts its heap: on Mini-ImageNet it grows to 1.5x the step's
+  live bytes.
+* ``huge``: blocks of :data:`LARGE_BLOCK` and more are mapped afresh on 2 MB transparent huge pages (one
+  page fault per 2 MB instead of per 4 KB) and leave no holes in the heap; smaller ones are kept. On
+  Mini-ImageNet 8% less peak memory at 0.75x the speed; on Omniglot 21-98 MB more and a mixed speed
+  (one config 0.87x, another 1.18x), as torch's huge-page advice also lands on the heap's middle-sized
+  blocks. Where huge pages are off, ``keep``.
 
 PyTorch advises huge pages for its large CPU blocks only when ``THP_MEM_ALLOC_ENABLE=1`` is in the
 environment at its first allocation, so the command's entry point (``metagrad/__main__.py``) calls
