@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from pools import POOLS
 from torch import nn
 from torch.testing import assert_close
 
 from metagrad.models.layers import ConvBlock, MaxPool2d, task_batch
-
-POOLS = {
-    "2x2": {"kernel_size": 2},
-    "3x3-stride-2-pad-1": {"kernel_size": 3, "stride": 2, "padding": 1},  # overlapping windows
-    "ceil": {"kernel_size": 2, "ceil_mode": True},
-    "dilated": {"kernel_size": 2, "stride": 1, "dilation": 2},
-    "rectangular": {"kernel_size": (2, 3), "stride": (1, 2)},
-}
 
 
 def _second_order(pool: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pools import POOLS
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metagrad.models.layers import ConvBlock, MaxPool2d, _NormMaxPool, task_batch
 
-POOLS = {
-    "2x2": {"kernel_size": 2},
-    "3x3-stride-2-pad-1": {"kernel_size": 3, "stride": 2, "padding": 1},  # overlapping windows
-    "ceil": {"kernel_size": 2, "ceil_mode": True},
-    "dilated": {"kernel_size": 2, "stride": 1, "dilation": 2},
-    "rectangular": {"kernel_size": (2, 3), "stride": (1, 2)},
-}
 SIGNS = {  # BatchNorm weights per task and channel; a negative one pools each window's minimum of x
     "positive": [[0.5, 1.2, 0.8], [2.0, 0.3, 1.0], [0.7, 0.9, 1.1]],
     "mixed": [[0.5, -1.2, 0.8], [-2.0, 0.3, -1.0], [0.7, 0.9, -1.1]],
