@@ -25,6 +25,11 @@ Usage::
     bash benchmarks/setup_peers.sh                                 # once: .bench/{l2l,higher,torchopt}-venv
     python benchmarks/compare_peers.py --check                     # gradient equality, about a minute
     python benchmarks/compare_peers.py --configs a c --rounds 5 --iterations 10
+
+On a GPU machine without the package registry: ``bash benchmarks/device_peer_wheels.sh`` here makes the
+peers' wheels (``.whl/``); there, installed beside metagrad, ``--peers-here`` runs every peer with this
+interpreter and ``--device cuda`` times every library on the GPU (peak memory then
+``torch.cuda.max_memory_allocated``, as ``metagrad bench`` reports it); docs/PERFORMANCE.md has the command.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,12 +60,24 @@ THREAD_SETTINGS = ("1", "default")
 CHECK_TOLERANCE = 1e-8
 
 
-def find_peers(peers: list[str], bench_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """``({peer: python}, {peer: why missing})``: a peer's venv counts once setup_peers.sh has marked it."""
+def find_peers(peers: list[str], bench_dir: Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """``({peer: python}, {peer: why missing})``: a peer's venv counts once setup_peers.sh has marked it.
+
+    ``bench_dir`` None: every peer from this interpreter (installed beside metagrad, as on a machine
+    without the package registry), where it imports.
+    """
     found, missing = {}, {}
     for peer in peers:
         if peer == "torch.func":
             found[peer] = sys.executable  # torch alone: metagrad's interpreter, without importing metagrad
+            continue
+        if bench_dir is None:
+            command = [sys.executable, str(HERE / "peer_recipes.py"), "--peer", peer, "--import-only"]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                found[peer] = sys.executable
+            else:
+                missing[peer] = f"does not import here: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
             continue
         venv = bench_dir / VENVS[peer]
         python = venv / "bin" / "python"
@@ -85,12 +103,12 @@ def thread_env(base: dict[str, str], threads: str) -> dict[str, str]:
 
 def peer_command(python: str, peer: str, config: str, args: argparse.Namespace) -> list[str]:
     return [python, str(HERE / "peer_recipes.py"), "--peer", peer, "--config", config,
-            "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+            "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--device", args.device]
 
 
 def metagrad_command(config: str, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "metagrad", "bench", "--preset", CONFIGS[config]["preset"],
-            "--iterations", str(args.iterations), "--device", "cpu", "--json"]
+            "--iterations", str(args.iterations), "--device", args.device, "--json"]
 
 
 def _median(values: list[float]) -> float | None:
@@ -258,8 +276,10 @@ def run_speed(args: argparse.Namespace, pythons: dict[str, str], missing: dict[s
     if loads and max(loads) > (os.cpu_count() or 1):
         print(f"Warning: the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} CPUs: other "
               "jobs shared the cores, so absolute times are inflated (same-round ratios less so).")
-    print(f"Each cell: median of {args.rounds} interleaved rounds of {args.iterations} timed iterations, "
-          "peak RSS in MB (max over rounds); speed-up = median of same-round (fastest peer / metagrad).")
+    memory = "peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
+    print(f"Device: {args.device}. Each cell: median of {args.rounds} interleaved rounds of "
+          f"{args.iterations} timed iterations, {memory} in MB (max over rounds); speed-up = median of "
+          "same-round (fastest peer / metagrad).")
     for peer, why in missing.items():
         print(f"{LABELS[peer]} missing: {why}")
     if "torch.func" in peers:
@@ -267,8 +287,9 @@ def run_speed(args: argparse.Namespace, pythons: dict[str, str], missing: dict[s
               "meta-gradient through torch's BatchNorm is inexact in torch 2.13 (MAML configs; see --check).")
     print()
     print(speed_table(summaries, peers, missing))
-    report = {"machine": platform.machine(), "cpus": os.cpu_count(), "rounds": args.rounds,
-              "iterations": args.iterations, "max_load": max(loads, default=None), "missing": missing,
+    report = {"machine": platform.machine(), "cpus": os.cpu_count(), "device": args.device,
+              "rounds": args.rounds, "iterations": args.iterations, "max_load": max(loads, default=None),
+              "missing": missing,
               "summaries": summaries, "runs": all_runs, "failures": failures}
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1))
@@ -290,6 +311,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="thread settings, each a full set of rounds (default: 1 default)")
     parser.add_argument("--bench-dir", type=Path, default=HERE.parent / ".bench",
                         help="where setup_peers.sh made the venvs (default: .bench)")
+    parser.add_argument("--peers-here", action="store_true",
+                        help="run every peer with this interpreter, where it imports (peers installed beside "
+                             "metagrad, e.g. from wheels on a machine without the package registry)")
+    parser.add_argument("--device", default="cpu",
+                        help="speed runs on this device: cpu (default) or cuda[:N]; --check stays on the CPU")
     parser.add_argument("--check", action="store_true", help="compare meta-gradients instead of timing")
     parser.add_argument("--check-tasks", type=int, default=2,
                         help="--check: tasks in the meta-batch (default 2)")
@@ -305,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pythons, missing = find_peers(args.peers, args.bench_dir)
+    pythons, missing = find_peers(args.peers, None if args.peers_here else args.bench_dir)
     for peer, why in missing.items():
         print(f"{LABELS[peer]} missing: {why}", file=sys.stderr)
     return run_check(args, pythons, missing) if args.check else run_speed(args, pythons, missing)

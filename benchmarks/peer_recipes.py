@@ -243,27 +243,41 @@ def peer_version(peer: str) -> str:
     return importlib.metadata.version(peer)  # higher has no __version__
 
 
-def run(peer: str, config: str, *, iterations: int, warmup: int, seed: int = 0) -> dict[str, Any]:
-    """Times ``iterations`` steps (meta-backward + Adam) on one fixed random meta-batch; median s/iter."""
+def run(peer: str, config: str, *, iterations: int, warmup: int, seed: int = 0,
+        device: str = "cpu") -> dict[str, Any]:
+    """Times ``iterations`` steps (meta-backward + Adam) on one fixed random meta-batch; median s/iter.
+
+    Peak memory as ``metagrad bench`` reports it: the process's peak RSS on the CPU,
+    ``torch.cuda.max_memory_allocated`` on CUDA.
+    """
     cfg = CONFIGS[config]
+    where = torch.device(device)
     torch.manual_seed(seed)
-    _, meta_backward, parameters, _ = make_recipe(peer, cfg)
+    model, meta_backward, parameters, _ = make_recipe(peer, cfg)
+    model.to(where)  # in place: the recipe's closures keep the same parameters
     optimizer = torch.optim.Adam(parameters, lr=META_LR)
-    batch = l2l_baseline._random_tasks(cfg, torch.device("cpu"), torch.Generator().manual_seed(seed))
+    batch = l2l_baseline._random_tasks(cfg, where, torch.Generator().manual_seed(seed))
+    cuda = where.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(where)
     times = []
     for i in range(warmup + iterations):
         start = time.perf_counter()
         meta_backward(*batch)
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(where)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     sec = statistics.median(times)
-    return {"library": peer, "version": peer_version(peer), "config": config, "device": "cpu",
+    peak = (torch.cuda.max_memory_allocated(where) / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    return {"library": peer, "version": peer_version(peer), "config": config, "device": str(where),
+            "device_name": torch.cuda.get_device_name(where) if cuda else platform.processor(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
             "machine": platform.machine(), "iterations": iterations, "warmup": warmup, "sec_per_iter": sec,
-            "tasks_per_sec": cfg["meta_batch_size"] / sec,
-            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-            "times": times}
+            "tasks_per_sec": cfg["meta_batch_size"] / sec, "peak_mem_mb": peak,
+            "peak_mem_kind": "cuda_max_allocated" if cuda else "rss", "times": times}
 
 
 def max_relative_difference(got: list[Tensor], want: list[Tensor]) -> float:
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=sorted(CONFIGS), help="config to time")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    parser.add_argument("--device", default="cpu", help="where to time: cpu (default), cuda, cuda:N")
     parser.add_argument("--check-file", type=Path, help="compare the meta-gradient with this file's instead")
     parser.add_argument("--loop", action="store_true", help="--check-file, torch.func: loop instead of vmap")
     parser.add_argument("--import-only", action="store_true", help="import the peer and build each network")
@@ -315,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.config is None:
         parser.error("give --config (or --check-file, --import-only)")
-    print(json.dumps(run(args.peer, args.config, iterations=args.iterations, warmup=args.warmup)), flush=True)
+    print(json.dumps(run(args.peer, args.config, iterations=args.iterations, warmup=args.warmup,
+                         device=args.device)), flush=True)
     return 0
 
 

@@ -7,6 +7,7 @@ metagrad's on a small float64 meta-batch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -86,6 +87,26 @@ def test_arguments_and_missing_peers(tmp_path: Path) -> None:
     assert set(found) == {"torch.func"} and set(missing) == {"higher", "torchopt"}
     (tmp_path / "higher-venv" / ".metagrad-peer-ok").touch()
     assert "higher" in compare.find_peers(["higher"], tmp_path)[0]
+
+
+def test_device_and_peers_from_this_interpreter() -> None:
+    args = compare.parse_args(["--device", "cuda", "--peers-here", "--iterations", "4"])
+    assert args.peers_here and args.device == "cuda"
+    assert compare.metagrad_command("d", args)[-3:] == ["--device", "cuda", "--json"]
+    assert compare.peer_command("py", "higher", "d", args)[-2:] == ["--device", "cuda"]
+    assert compare.parse_args([]).device == "cpu"
+    # no venvs: each peer from this interpreter where it imports (metagrad's test venv has none of them)
+    found, missing = compare.find_peers(["higher", "torch.func"], None)
+    assert found["torch.func"] == sys.executable
+    if importlib.util.find_spec("higher") is None:
+        assert missing["higher"].startswith("does not import here:")
+    else:
+        assert found["higher"] == sys.executable
+
+
+def test_recipe_run_reports_its_device_and_memory_kind() -> None:
+    result = recipes.run("torch.func", "c", iterations=1, warmup=0, device="cpu")
+    assert (result["device"], result["peak_mem_kind"], len(result["times"])) == ("cpu", "rss", 1)
 
 
 @pytest.mark.parametrize("config", ["a", "b", "c", "d"])
