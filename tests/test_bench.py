@@ -49,6 +49,15 @@ def test_run_bench_reports_fields(algorithm: str) -> None:
     assert result["strategy"] == "batched"  # the standard networks take the fastest strategy
 
 
+def test_peak_reached_before_the_steps_is_said(capsys: pytest.CaptureFixture) -> None:
+    # a process that already used more memory (as `bench --check` does) must not pass it off as the steps'
+    ballast = torch.ones(200 * 2**18)  # 200 MB, touched, then freed
+    del ballast
+    result = run_bench(tiny_config(), iterations=1, warmup=0, count_flops=False)
+    assert result["peak_mem_before_steps_mb"] >= result["peak_mem_mb"] - 1
+    assert "reached before the timed steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("learned", ["per-parameter", "per-layer-per-step"])
 def test_bench_runs_learned_rates_and_the_first_iterations_maml_plus_plus_settings(learned: str) -> None:
     base = tiny_config()

@@ -175,6 +175,7 @@ def run_bench(
             max_tasks_per_chunk=meta.tasks_per_chunk or None, step_weights=step_weights, params=params,
         )
 
+    before_mb = _peak_memory_mb(device)  # on CPU the process's high-water mark so far (a --check, say)
     times = []
     for i in range(warmup + iterations):
         threads.tick()  # outside the timed step, as training does between steps
@@ -232,6 +233,7 @@ def run_bench(
         "tasks_per_sec": meta.meta_batch_size / sec,
         "peak_mem_mb": peak_mb,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
+        "peak_mem_before_steps_mb": before_mb,
         "gflop_per_iter": gflop,
         "gflops": gflops,
         "matmul_gflops": peak,
@@ -271,6 +273,9 @@ def _print_report(r: dict[str, Any]) -> None:
           f"load average {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
     print(f"sec/iter {r['sec_per_iter']:.4f} (median of {r['iterations']}, min {min(r['times']):.4f}), "
           f"tasks/s {r['tasks_per_sec']:.1f}, peak memory {r['peak_mem_mb']:.0f} MB ({r['peak_mem_kind']})")
+    if r["peak_mem_mb"] <= r["peak_mem_before_steps_mb"]:
+        print("  (reached before the timed steps, by the process's earlier work such as --check: the steps' "
+              "own peak is lower; run without --check to measure it)")
     if r["gflops"] is not None:
         print(f"{r['gflop_per_iter']:.2f} GFLOP/iter, {r['gflops']:.1f} GFLOP/s = "
               f"{100 * r['peak_fraction']:.0f}% of the {r['matmul_gflops']:.0f} GFLOP/s "
