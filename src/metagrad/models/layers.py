@@ -211,8 +211,7 @@ class BatchNorm(nn.Module):
         tasks = batched_tasks()
         if tasks is not None:
             _check_input(x, tasks, self, "C, ...")
-            weight = _per_task(self.weight, 1, tasks).reshape(-1)  # (T*C,)
-            bias = _per_task(self.bias, 1, tasks).reshape(-1)
+            weight, bias = self.packed_parameters(tasks)
             # (B, T*C, ...): each channel belongs to one task, so the statistics are per task
             out = F.batch_norm(_pack(x), None, None, weight, bias, training=True, eps=self.eps)
             return _unpack(out, x.shape[1], tasks)
@@ -223,8 +222,21 @@ class BatchNorm(nn.Module):
         var = centered.square().mean(dim=dims, keepdim=True)  # biased, as BatchNorm normalizes
         return centered * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
+    def packed_parameters(self, tasks: int) -> tuple[Tensor, Tensor]:
+        """Weight and bias as (T*C,) vectors for the packed (B, T*C, ...) layout of ``tasks`` tasks."""
+        return _per_task(self.weight, 1, tasks).reshape(-1), _per_task(self.bias, 1, tasks).reshape(-1)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _add_at(base: Tensor, positions: Tensor, values: Tensor) -> Tensor:
+    """``base`` with ``values`` added at ``positions`` along its last dimension: a pool's gradient sent back
+    to the selected elements. In place in a first-order backward (``base`` is the backward's own new
+    buffer); out of place under ``create_graph``, where the second-order graph needs ``base``."""
+    if torch.is_grad_enabled():
+        return base.scatter_add(-1, positions, values)
+    return base.scatter_add_(-1, positions, values)
 
 
 class _MaxPool(torch.autograd.Function):
@@ -256,11 +268,7 @@ class _MaxPool(torch.autograd.Function):
         shape = ctx.input_shape
         planes = grad.reshape(-1, grad.shape[-2] * grad.shape[-1])  # one row per channel plane
         rows = indices.reshape(planes.shape)  # positions within the input's plane
-        zeros = grad.new_zeros(planes.shape[0], shape[-2] * shape[-1])
-        if torch.is_grad_enabled():  # differentiable, for the second-order graph
-            grad_input = zeros.scatter_add(1, rows, planes)
-        else:  # a first-order backward: fill the one new buffer in place
-            grad_input = zeros.scatter_add_(1, rows, planes)
+        grad_input = _add_at(grad.new_zeros(planes.shape[0], shape[-2] * shape[-1]), rows, planes)
         return grad_input.view(shape), None, None, None, None, None
 
 
@@ -282,9 +290,10 @@ class _NormMaxPool(torch.autograd.Function):
                 padding: Any, dilation: Any, ceil_mode: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased; 3x torch.var_mean's speed
         invstd = torch.rsqrt(var + eps)
-        sign = torch.where(weight < 0, -1.0, 1.0).to(x.dtype)
+        negative = weight < 0
+        sign = torch.where(negative, -1.0, 1.0).to(x.dtype)
         # on the CPU skip the full-size sign flip when no weight is negative (the usual case)
-        source = x if x.device.type == "cpu" and not bool((weight < 0).any()) else x * sign.view(1, -1, 1, 1)
+        source = x if x.device.type == "cpu" and not bool(negative.any()) else x * sign.view(1, -1, 1, 1)
         pooled, indices = F.max_pool2d_with_indices(source, kernel_size, stride, padding, dilation, ceil_mode)
         # pooled = sign * x at each window's selection: y = weight * invstd * (x - mean) + bias
         scale = (weight * invstd * sign).view(1, -1, 1, 1)
@@ -301,8 +310,7 @@ class _NormMaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, indices, mean, invstd = ctx.saved_tensors
-        differentiable = torch.is_grad_enabled()  # a create_graph backward: the second-order graph
-        if differentiable:  # the statistics as functions of x
+        if torch.is_grad_enabled():  # a create_graph backward: the statistics as functions of x
             var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
             invstd = torch.rsqrt(var + ctx.eps)
         count = x.numel() // x.shape[1]  # elements per channel
@@ -319,18 +327,14 @@ class _NormMaxPool(torch.autograd.Function):
         coef_x = (-invstd.square() * slope).view(1, -1, 1)
         const = (invstd * (mean * invstd * slope - centre)).view(1, -1, 1)
         scattered = (weight * invstd).view(1, -1, 1) * grad_rows
-        if differentiable:
-            grad_x = torch.addcmul(const, planes, coef_x).scatter_add(2, rows, scattered)
-        else:  # one new full-size buffer, filled in place
-            grad_x = torch.addcmul(const, planes, coef_x).scatter_add_(2, rows, scattered)
+        grad_x = _add_at(torch.addcmul(const, planes, coef_x), rows, scattered)
         return grad_x.view(x.shape), grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _norm_max_pool(norm: BatchNorm, pool: nn.MaxPool2d, x: Tensor, tasks: int) -> Tensor:
     """``pool(norm(x))`` inside ``task_batch(tasks)`` for a (T, B, C, H, W) x, by ``_NormMaxPool``."""
     _check_input(x, tasks, norm, "C, H, W")
-    weight = _per_task(norm.weight, 1, tasks).reshape(-1)  # (T*C,)
-    bias = _per_task(norm.bias, 1, tasks).reshape(-1)
+    weight, bias = norm.packed_parameters(tasks)
     out = _NormMaxPool.apply(_pack(x), weight, bias, norm.eps, pool.kernel_size, pool.stride, pool.padding,
                              pool.dilation, pool.ceil_mode)[0]
     return _unpack(out, x.shape[1], tasks)
