@@ -2,8 +2,7 @@
 # Wheels of compare_peers.py's peers for a machine without the package registry: the lent GPU machine,
 # x86-64 with CPython 3.12 and torch, numpy and Cython of its own. Writes them to .whl/ (ignored by git):
 #
-#   learn2learn 0.2.0   built here for CPython 3.12 from its sdist, the C files regenerated with Cython < 3
-#                       (as setup_peers.sh does; its shipped ones do not compile on Python >= 3.11)
+#   learn2learn 0.2.0   built here for CPython 3.12 from its sdist (l2l_source.sh, as setup_peers.sh)
 #   higher 0.2.1        downloaded (pure Python)
 #   TorchOpt 0.7.3      downloaded for cp312 manylinux, with optree, which that machine lacks
 #
@@ -38,16 +37,11 @@ download "torchopt==0.7.3"
 download "optree==0.14.1"
 
 if ! ls "$out"/learn2learn-0.2.0-cp312-*.whl >/dev/null 2>&1; then
+    source "$root/benchmarks/l2l_source.sh"
     "$python312" -m venv "$work/venv"
-    pip=("$work/venv/bin/python" -m pip --disable-pip-version-check -q)
-    "${pip[@]}" install "cython<3" setuptools wheel
-    "${pip[@]}" download --no-deps --no-build-isolation --no-binary learn2learn "learn2learn==0.2.0" -d "$work"
-    tar -xzf "$work/learn2learn-0.2.0.tar.gz" -C "$work"
-    src="$work/learn2learn-0.2.0"
-    rm -rf "$src/.eggs" "$src/learn2learn.egg-info"  # stale build leftovers shipped in the sdist
-    for pyx in "$src"/learn2learn/data/*.pyx; do
-        "$work/venv/bin/cython" -3 "$pyx"
-    done
-    "${pip[@]}" wheel --no-deps --no-build-isolation -w "$out" "$src"
+    "$work/venv/bin/python" -m pip --disable-pip-version-check -q install "cython<3" setuptools wheel
+    src="$(l2l_source "$work/venv" "$work")"
+    "$work/venv/bin/python" -m pip --disable-pip-version-check -q wheel --no-deps --no-build-isolation \
+        -w "$out" "$src"
 fi
 ls -1 "$out"

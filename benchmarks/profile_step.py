@@ -113,7 +113,8 @@ class _HeapLog(TorchDispatchMode):
     def __init__(self, mallinfo2: ctypes._CFuncPtr) -> None:
         super().__init__()
         self.mallinfo2 = mallinfo2
-        self.heap = self.peak_live = 0.0
+        self.heap = mallinfo2().arena / 2**20  # the heap before the step
+        self.peak_live = 0.0
         self.ops = 0
         self.peak_at = ""
         self.growth: list[tuple[int, str, float, float, float]] = []
@@ -141,7 +142,6 @@ def _trace_heap(step: object, iterations: int) -> int:
     libc.mallinfo2.restype = _MallInfo2
     for i in range(iterations):
         log = _HeapLog(libc.mallinfo2)
-        log.heap = libc.mallinfo2().arena / 2**20
         with log:
             step()  # type: ignore[operator]
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

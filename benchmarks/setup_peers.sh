@@ -27,9 +27,9 @@ bench_dir="${BENCH_DIR:-$root/.bench}"        # .bench/ is ignored by git
 python="${PYTHON:-python3}"
 torch_version="${PEER_TORCH:-$("$python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null \
     || echo 2.13.0)}"
-l2l_version="0.2.0"
 higher_version="0.2.1"
 torchopt_version="0.7.3"
+source "$root/benchmarks/l2l_source.sh"  # l2l_version, l2l_source
 
 # The import each venv must pass; learn2learn's goes through l2l_baseline (its package __init__ needs
 # torchvision, which does not import beside this torch).
@@ -47,22 +47,10 @@ check() {  # check PEER VENV
 }
 
 install_l2l() {  # install_l2l VENV
-    local pip=("$1/bin/python" -m pip --disable-pip-version-check -q)
-    local src_dir="$bench_dir/learn2learn-$l2l_version"
+    local pip=("$1/bin/python" -m pip --disable-pip-version-check -q) src
     "${pip[@]}" install "cython<3" numpy scipy setuptools wheel >&2 || return 1
-    rm -rf "$src_dir" "$bench_dir/learn2learn-$l2l_version.tar.gz"
-    # --no-build-isolation: metadata comes from the venv's setuptools and Cython wheels; with isolation and
-    # --no-binary pip builds setuptools and Cython themselves from source (minutes).
-    "${pip[@]}" download --no-deps --no-build-isolation --no-binary learn2learn "learn2learn==$l2l_version" \
-        -d "$bench_dir" >&2 || return 1
-    tar -xzf "$bench_dir/learn2learn-$l2l_version.tar.gz" -C "$bench_dir" || return 1
-    # The sdist also carries stale Cython eggs (.eggs/) and egg-info from its authors' machines.
-    rm -rf "$src_dir/.eggs" "$src_dir/learn2learn.egg-info"
-    local pyx
-    for pyx in "$src_dir"/learn2learn/data/*.pyx; do
-        "$1/bin/cython" -3 "$pyx" || return 1
-    done
-    "${pip[@]}" install --no-build-isolation --no-deps "$src_dir" >&2
+    src="$(l2l_source "$1" "$bench_dir")" || return 1
+    "${pip[@]}" install --no-build-isolation --no-deps "$src" >&2
 }
 
 setup() {  # setup PEER: creates or reuses .bench/PEER-venv; prints "PEER PYTHON" when it imports
