@@ -1,4 +1,4 @@
-"""The CPU chunk budget (``batched.CPU_CHUNK_ELEMENTS``) against itself and torch.func, in one process.
+"""The CPU chunk budget (``strategies.CPU_CHUNK_ELEMENTS``) against itself and torch.func, in one process.
 
 ``--tasks-per-chunk`` can only lower the automatic chunk, so a larger budget cannot be timed through the
 command: this script patches the budget per variant and times ``metagrad.meta_train_step`` on one fixed
@@ -29,7 +29,7 @@ from peer_recipes import make_recipe
 
 import metagrad as mg
 from metagrad import _malloc
-from metagrad.algorithms import batched
+from metagrad.algorithms import strategies
 
 
 def _time(variants: dict[str, Callable[[], None]], rounds: int, iterations: int) -> dict[str, list[float]]:
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def metagrad_step(budget: int) -> Callable[[], None]:
         def step() -> None:
-            batched.CPU_CHUNK_ELEMENTS = budget
-            mg.meta_train_step(cfg["algorithm"], model, optimizer, episode, inner_lr=cfg["inner_lr"],
-                               inner_steps=cfg["inner_steps"])
+            strategies.CPU_CHUNK_ELEMENTS = budget
+            algorithm = mg.make(cfg["algorithm"], inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
+            mg.meta_train_step(algorithm, model, optimizer, episode)
         return step
 
     variants = {f"budget {b}": metagrad_step(1 << 62 if b == "whole" else 1 << int(b)) for b in args.budgets}
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             meta_backward(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
             tf_optimizer.step()
         variants["torch.func"] = torch_func_step
-    default_budget = batched.CPU_CHUNK_ELEMENTS
+    default_budget = strategies.CPU_CHUNK_ELEMENTS
     try:
         times = _time(variants, args.rounds, args.iterations)
     finally:
-        batched.CPU_CHUNK_ELEMENTS = default_budget
+        strategies.CPU_CHUNK_ELEMENTS = default_budget
     print(f"config {args.config}, {args.threads} threads, {args.rounds} rounds of {args.iterations} steps")
     for name, values in times.items():
         print(f"  {name:12s} median {statistics.median(values):.4f} s/iter  "

@@ -204,8 +204,8 @@ def write_check_file(config: str, path: Path, *, tasks: int, ways: int | None = 
         t.double() if t.is_floating_point() else t
         for t in _random_tasks(cfg, torch.device("cpu"), torch.Generator().manual_seed(seed)))
     episode = mg.Episode(support_x, support_y, query_x, query_y)
-    out = mg.meta_batch_loss(cfg["algorithm"], model, dict(model.named_parameters()), {}, episode,
-                             inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
+    algorithm = mg.make(cfg["algorithm"], inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
+    out = mg.meta_batch_loss(algorithm, model, dict(model.named_parameters()), {}, episode)
     out.loss.backward()
     ordered = canonical_parameters(model, (BatchNorm,))
     torch.save({"config": config, "overrides": overrides,

@@ -30,10 +30,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metagrad import _malloc
-from metagrad.algorithms import meta_train_step
+from metagrad.algorithms import make, meta_train_step
 from metagrad.bench import _random_dataset
 from metagrad.data.episodes import EpisodeSampler
-from metagrad.training.config import load_preset
+from metagrad.training.config import algorithm_settings, load_preset
 from metagrad.training.setup import make_model, resolve_device
 
 
@@ -68,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model(config.model, data.ways, dataset.image_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=meta.meta_lr)
 
+    algorithm = make(meta.algorithm, inner_lr=meta.inner_lr, inner_steps=meta.inner_steps,
+                     first_order=meta.first_order, **algorithm_settings(meta))
+
     def step() -> None:
         with record_function("## sample"):
             episode = sampler.sample(meta.meta_batch_size, generator)
         with record_function("## meta_train_step"):
-            meta_train_step(meta.algorithm, model, optimizer, episode, inner_lr=meta.inner_lr,
-                            inner_steps=meta.inner_steps, first_order=meta.first_order,
-                            vectorize=meta.vectorize)
+            meta_train_step(algorithm, model, optimizer, episode, vectorize=meta.vectorize)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

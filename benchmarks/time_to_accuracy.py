@@ -16,7 +16,7 @@ The recipes:
   ``EpisodeSampler`` over the train split, ``metagrad.meta_train_step`` with Adam at the preset's meta_lr,
   the schedule of ``metagrad.training.schedule``; test: ``metagrad.evaluate`` with the preset's test-time
   inner loop (``test_inner_steps``). The worker tunes the process as the ``metagrad`` command does
-  (OpenMP waiting, the C allocator, threads that follow the free cores).
+  (OpenMP waiting, the C allocator, the thread count).
 * learn2learn 0.2.0, ``examples/vision/maml_omniglot.py`` with its hyper-parameters: ``OmniglotFC(28**2,
   ways)``, ``MAML(lr=0.5, first_order=False)``, Adam(0.003), 32 tasks per meta-batch, 1 adaptation step in
   training and at test, one ``backward()`` per task and the gradients averaged. Two things differ from the
@@ -131,12 +131,11 @@ def metagrad_worker(args: argparse.Namespace) -> None:
     import metagrad as mg
     from metagrad.cli import tune_compute_process
     from metagrad.data.datasets import FewShotDataset
-    from metagrad.training import threads
-    from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
+    from metagrad.training.rates import inner_rates, meta_parameters
     from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
-    from metagrad.training.setup import make_model
+    from metagrad.training.setup import Learner, make_model
 
-    tune_compute_process()  # as the command does: its allocator, threads that follow the free cores
+    tune_compute_process()  # as the command does: its allocator and thread count
     config = metagrad_config(args)
     data, meta = config.data, config.meta
     files = torch.load(args.data, weights_only=True)
@@ -148,6 +147,7 @@ def metagrad_worker(args: argparse.Namespace) -> None:
     model = make_model(config.model, data.ways, train.image_shape)
     params = dict(model.named_parameters())
     rates = inner_rates(meta, params, config.run.seed)
+    learner = Learner(model, params, {}, rates)
     optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
     test = mg.Episode(files["support_x"], files["support_y"], files["query_x"], files["query_y"])
     clock = Clock("metagrad", args)
@@ -165,24 +165,19 @@ def metagrad_worker(args: argparse.Namespace) -> None:
         generator.set_state(state["generator"])
 
     def step() -> None:
-        threads.tick()
         iteration = clock.iterations + 1
         settings = iteration_settings(meta, iteration)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(meta, iteration)
-        mg.meta_train_step(meta.algorithm, model, optimizer, sampler.sample(meta.meta_batch_size, generator),
-                           inner_lr=inner_learning_rate(meta, rates, meta.inner_steps),
-                           inner_steps=meta.inner_steps, first_order=settings.first_order,
-                           vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
-                           step_weights=multi_step_loss_weights(meta, iteration))
+        algorithm = learner.algorithm(settings, step_weights=multi_step_loss_weights(meta, iteration))
+        mg.meta_train_step(algorithm, model, optimizer, sampler.sample(meta.meta_batch_size, generator),
+                           vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None)
 
     def evaluate() -> list[float]:
         accs = []
         for start in range(0, test.num_tasks, meta.meta_batch_size):  # bounded memory, as the meta-test
-            accs += mg.evaluate(meta.algorithm, model, dict(model.named_parameters()), {},
-                                test.slice(start, start + meta.meta_batch_size),
-                                inner_lr=inner_learning_rate(meta, rates, meta.test_inner_steps),
-                                inner_steps=meta.test_inner_steps).tolist()
+            accs += mg.evaluate(learner.algorithm(meta, test=True), model, dict(model.named_parameters()), {},
+                                test.slice(start, start + meta.meta_batch_size)).tolist()
         return accs
 
     clock.train(step, evaluate, save)

@@ -52,14 +52,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def test_mse(steps: int) -> float:
         losses, _ = mg.evaluate_with_losses(
-            "maml", model, dict(model.named_parameters()), {}, test, inner_lr=args.inner_lr,
-            inner_steps=steps, loss_fn=F.mse_loss)
+            mg.MAML(inner_lr=args.inner_lr, inner_steps=steps, loss_fn=F.mse_loss), model,
+            dict(model.named_parameters()), {}, test)
         return losses.mean().item()
 
     for i in range(1, args.iterations + 1):
-        out = mg.meta_train_step("maml", model, optimizer, sample_tasks(args.meta_batch_size, args.shots,
-                                                                         train_tasks),
-                                 inner_lr=args.inner_lr, inner_steps=1, loss_fn=F.mse_loss)
+        out = mg.meta_train_step(mg.MAML(inner_lr=args.inner_lr, inner_steps=1, loss_fn=F.mse_loss), model,
+                                 optimizer, sample_tasks(args.meta_batch_size, args.shots, train_tasks))
         if i % max(1, args.iterations // 10) == 0 or i == args.iterations:
             print(f"iteration {i}: meta-training MSE {out.loss.item():.3f}", flush=True)
     result = {"test_mse_before_adaptation": test_mse(0), "test_mse_after_1_step": test_mse(1),

@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# The suite shares its cores with other work, and runs several processes at once (torchrun tests), with
-# a fixed thread count (below): before torch loads, let idle OpenMP threads spin only briefly, or spinning
-# threads make the multi-threaded tests many times slower. (The command spins longer, but its threads
-# follow the free cores: metagrad/_openmp.py, metagrad/training/threads.py.)
+# The suite shares its cores with other work, and runs several processes at once (torchrun tests): before
+# torch loads, let idle OpenMP threads spin only briefly, as the command does (metagrad/_openmp.py), or
+# spinning threads make the multi-threaded tests many times slower.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-# Tests that compare two runs bit for bit need one thread count in both: the commands' following of the
-# free cores is tested on its own (tests/training/test_threads.py) and kept off elsewhere.
-os.environ.setdefault("METAGRAD_THREADS", "fixed")
 
 # isort: split
 import pytest

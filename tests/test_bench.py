@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 from dataclasses import replace
 
 import pytest
@@ -27,25 +25,26 @@ from metagrad.training.config import (
 REQUIRED = ("sec_per_iter", "tasks_per_sec", "peak_mem_mb")
 
 
-def tiny_config(algorithm: str = "maml") -> Config:
+def tiny_config(algorithm: str = "maml", first_order: bool = False) -> Config:
     return Config(
         preset="tiny",
         data=DataConfig(dataset="omniglot", ways=2, shots=1, query_shots=1),
         model=ModelConfig(name="omniglot-cnn", hidden_size=4),
-        meta=MetaConfig(algorithm=algorithm, inner_steps=1, meta_batch_size=2),
+        meta=MetaConfig(algorithm=algorithm, first_order=first_order, inner_steps=1, meta_batch_size=2),
         run=RunConfig(device="cpu"),
     )
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "anil"])
-def test_run_bench_reports_fields(algorithm: str) -> None:
-    result = run_bench(tiny_config(algorithm), iterations=2, warmup=1, report=False, matmul_size=256)
+@pytest.mark.parametrize("algorithm, first_order", [("maml", False), ("maml", True), ("anil", False)])
+def test_run_bench_reports_fields(algorithm: str, first_order: bool) -> None:
+    result = run_bench(tiny_config(algorithm, first_order), iterations=2, warmup=1, report=False,
+                       matmul_size=256)
     for key in REQUIRED + ("gflop_per_iter", "gflops", "matmul_gflops", "peak_fraction"):
         assert result[key] > 0, key
     assert len(result["times"]) == 2
     assert result["tasks_per_sec"] == pytest.approx(2 / result["sec_per_iter"])
     assert (result["algorithm"], result["ways"], result["meta_batch_size"]) == (algorithm, 2, 2)
-    assert result["first_order"] == (algorithm == "fomaml")
+    assert result["first_order"] == first_order
     assert result["strategy"] == "batched"  # the standard networks take the fastest strategy
 
 
@@ -152,63 +151,13 @@ def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
     assert not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & ({*envs["l2l"]} | {*envs["metagrad"]})
 
 
-def _threads_summary(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[list[dict], dict]:
-    bench = load_script("benchmarks/bench_threads.py")
-    common = ["--preset", "omniglot-anil-5w1s", "--rounds", "1", "--iterations", "1", "--warmup", "0"]
-    assert bench.main([*common, *args]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    return lines[1:-1], lines[-1]
-
-
-def test_thread_benchmark_arms_run_with_the_settings_they_name(capsys: pytest.CaptureFixture[str]) -> None:
-    from metagrad._openmp import SETTING
-
-    runs, summary = _threads_summary(capsys, "--scenarios", "idle", "--arms", "libgomp-default", "metagrad",
-                                     "spin-500")
-    settings = {run["arm"]: {name: run[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if run[name]}
-                for run in runs}
-    assert settings == {"libgomp-default": {}, "metagrad": SETTING, "spin-500": {"GOMP_SPINCOUNT": "500"}}
-    assert {run["device"] for run in runs} == {"cpu"}  # a thread benchmark, also where a GPU is present
-    assert all(len(run["times"]) == 1 and not run["timed_out"] for run in runs)
-    assert summary["idle/metagrad"]["median_s"] == next(r["times"][0] for r in runs if r["arm"] == "metagrad")
-
-
-def test_thread_benchmark_targets_compare_with_learn2learn_and_one_thread() -> None:
-    bench = load_script("benchmarks/bench_threads.py")
-
-    def run(arm: str, scenario: str, times: list[float], timed_out: bool = False) -> dict:
-        return {"arm": arm, "scenario": scenario, "times": times, "timed_out": timed_out}
-
-    runs = [run("learn2learn", "idle", [0.8, 0.9, 1.0]), run("metagrad", "idle", [0.5, 0.4, 0.6]),
-            run("one-thread", "neighbour", [0.4, 0.5, 0.6]), run("metagrad", "neighbour", [0.6, 1.2, 0.7]),
-            run("active", "idle", [0.3]), run("active", "neighbour", [9.0], timed_out=True)]
-    summary = bench.summarize(runs, ["metagrad", "active", "one-thread", "learn2learn"],
-                              ["idle", "neighbour"], child_timeout=40)
-    assert summary["idle/metagrad"]["vs_learn2learn"] == pytest.approx(0.9 / 0.5)
-    assert summary["neighbour/metagrad"]["worst_vs_one_thread"] == pytest.approx(1.2 / 0.5)
-    assert summary["neighbour/active"]["worst_vs_one_thread"] is None  # stalled: no finite worst step
-    assert summary["neighbour/active"]["timed_out"]
-    assert "stalled" in bench.markdown(summary, ["metagrad", "active"])
-
-
-def test_thread_benchmark_stops_slow_children_and_its_neighbour(capsys: pytest.CaptureFixture[str]) -> None:
-    runs, summary = _threads_summary(capsys, "--scenarios", "neighbour", "--arms", "one-thread",
-                                     "--child-timeout", "0.5")
-    assert [(r["arm"], r["timed_out"], r["times"]) for r in runs] == [("one-thread", True, [])]
-    assert summary["neighbour/one-thread"]["timed_out"] and summary["neighbour/one-thread"]["steps"] == 0
-    # only this process's children: another checkout may run the benchmark at the same time
-    leftover = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "bench_threads.py --neighbour-loop"],
-                              capture_output=True, check=False)
-    assert leftover.returncode == 1, leftover.stdout  # no process matched: the neighbour was killed
-
-
 def test_chunk_budget_times_each_budget_and_puts_the_default_back(capsys) -> None:
-    from metagrad.algorithms import batched
+    from metagrad.algorithms import strategies
 
     script = load_script("benchmarks/chunk_budget.py")
-    default = batched.CPU_CHUNK_ELEMENTS
+    default = strategies.CPU_CHUNK_ELEMENTS
     assert script.main(["--config", "c", "--threads", "1", "--budgets", "19", "whole", "--rounds", "1",
                         "--iterations", "1", "--no-torch-func"]) == 0
-    assert batched.CPU_CHUNK_ELEMENTS == default
+    assert strategies.CPU_CHUNK_ELEMENTS == default
     out = capsys.readouterr().out
     assert "budget 19" in out and "budget whole" in out and "torch.func" not in out

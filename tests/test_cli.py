@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from metagrad import cli
+from metagrad.algorithms import ALGORITHMS
 from metagrad.training import loop, setup
 from metagrad.training.metrics import read_metrics
 
@@ -236,7 +237,8 @@ BAD_TRAIN_ARGS = [
     (["--checkpoint-every", "0"], "error: run.checkpoint_every (--checkpoint-every) must be positive"),
     (["--test-tasks", "1"], "error: run.test_tasks (--test-tasks) must be at least 2"),
     (["--device", "tpu"], "error: unknown device 'tpu'"),
-    (["--algorithm", "reptile"], "error: unknown algorithm 'reptile'; valid algorithms: anil, fomaml, maml"),
+    (["--algorithm", "imaml"],
+     f"error: unknown algorithm 'imaml'; valid algorithms: {', '.join(ALGORITHMS)}"),
     (["--set", "meta.inner_lrr=0.1"], "error: unknown setting meta.inner_lrr"),
     (["--set", "inner_lr"], "error: --set expects SECTION.KEY=VALUE"),
     (["--config", "/nonexistent/exp.toml"], "error: cannot read config file /nonexistent/exp.toml"),
@@ -255,6 +257,28 @@ def test_bad_configuration_exits_2_with_one_message(
     assert code == 2
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
     assert not run_dir.exists()  # nothing written
+
+
+def test_the_thread_count_is_decided_once_from_metagrad_threads(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.THREADS_VAR == "METAGRAD_THREADS"
+    torch.set_num_threads(2)
+    monkeypatch.setenv(cli.THREADS_VAR, " 1 ")
+    cli.tune_compute_process()
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    monkeypatch.delenv(cli.THREADS_VAR)
+    cli.tune_compute_process()
+    assert torch.get_num_threads() == 2  # unset: torch's own count is left as it is
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv(cli.THREADS_VAR, bad)
+        code, _out, err = _main(capsys, "train", "--device", "cpu", "--run-dir", str(tmp_path / "run"))
+        assert code == 2 and "Traceback" not in err
+        assert err == (f"error: METAGRAD_THREADS={bad!r} is not a positive number of threads; unset it for "
+                       "torch's default\n")
+        assert not (tmp_path / "run").exists()
+    assert torch.get_num_threads() == 2
 
 
 def test_resume_of_a_folder_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from metagrad.functional import adapt, forward_with, inner_step, sgd_step
+from metagrad.functional import (
+    IGNORE_INDEX,
+    adapt,
+    forward_with,
+    inner_loop,
+    inner_step,
+    sgd_step,
+    task_accuracies,
+    task_losses,
+)
 from metagrad.models import OmniglotFC
 from metagrad.types import Params
 
@@ -67,24 +76,43 @@ def test_adapt_matches_unrolled_autograd(first_order: bool, steps: int) -> None:
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_adapt_under_vmap_matches_per_task(first_order: bool) -> None:
+def test_inner_loop_adapts_each_task_as_adapt_does(first_order: bool) -> None:
+    # inner_loop over T tasks with a vmapped forward: each task gets its own copy of the adapted names,
+    # the same as adapt on that task alone, and the same meta-gradient.
     model = _model()
     params = dict(model.named_parameters())
     xs = torch.stack([_task(s)[0] for s in range(3)])  # (T, B, C, H, W)
     ys = torch.stack([_task(s)[1] for s in range(3)])
     qx, qy = _task(seed=9)
+    head = ["classifier.weight", "classifier.bias"]
 
-    def query_loss(x: torch.Tensor, y: torch.Tensor, under_vmap: bool) -> torch.Tensor:
-        fast = adapt(model, params, {}, x, y, inner_lr=0.5, steps=2, first_order=first_order,
-                     under_vmap=under_vmap)
-        return F.cross_entropy(forward_with(model, fast, {}, qx), qy)
+    def forward(current: Params, x: torch.Tensor, tasked: frozenset[str]) -> torch.Tensor:
+        shared = {k: v for k, v in current.items() if k not in tasked}
+        return torch.func.vmap(lambda own, task_x: forward_with(model, {**shared, **own}, {}, task_x))(
+            {k: current[k] for k in tasked}, x)
 
-    vmapped = torch.func.vmap(lambda x, y: query_loss(x, y, True))(xs, ys)
-    looped = torch.stack([query_loss(x, y, False) for x, y in zip(xs, ys)])
-    assert_close(vmapped, looped)
-    for a, b in zip(torch.autograd.grad(vmapped.sum(), list(params.values())),
-                    torch.autograd.grad(looped.sum(), list(params.values()))):
-        assert_close(a, b)
+    seen: list[tuple[int, Params]] = []
+    for keys in (None, head):
+        seen.clear()
+        fast, tasked = inner_loop(forward, params, xs, ys, lr=0.5, steps=2, keys=keys,
+                                  first_order=first_order, on_step=lambda step, p, t: seen.append((step, p)))
+        assert tasked == frozenset(keys or params) and fast.keys() == params.keys()
+        assert all(fast[k] is params[k] for k in params if k not in tasked)
+        assert [step for step, _ in seen] == [0, 1] and seen[-1][1] is not None
+        assert all(torch.equal(seen[-1][1][k], fast[k]) for k in fast)
+        per_task = [adapt(model, params, {}, x, y, inner_lr=0.5, steps=2, first_order=first_order, keys=keys)
+                    for x, y in zip(xs, ys)]
+        for k in tasked:
+            assert fast[k].shape == (3, *params[k].shape)
+            assert_close(fast[k], torch.stack([one[k] for one in per_task]))
+        task_params = [{k: v[t] if k in tasked else v for k, v in fast.items()} for t in range(3)]
+        batched = [F.cross_entropy(forward_with(model, one, {}, qx), qy) for one in task_params]
+        looped = [F.cross_entropy(forward_with(model, one, {}, qx), qy) for one in per_task]
+        for a, b in zip(torch.autograd.grad(sum(batched), list(params.values())),
+                        torch.autograd.grad(sum(looped), list(params.values()))):
+            assert_close(a, b)
+    same, tasked = inner_loop(forward, params, xs, ys, lr=0.5, steps=0)
+    assert tasked == frozenset() and all(same[k] is params[k] for k in params)
 
 
 def test_adapt_is_pure() -> None:
@@ -116,6 +144,8 @@ def test_adapt_keys_and_zero_steps() -> None:
         assert (adapted[k] is value) == (k not in head)
     same = adapt(model, params, {}, x, y, inner_lr=0.5, steps=0)
     assert same == params and same is not params
+    nothing = adapt(model, params, {}, x, y, inner_lr=0.5, steps=2, keys=[])  # no keys: nothing adapts
+    assert nothing == params and nothing is not params
 
 
 def test_adapt_at_test_time_without_grad() -> None:
@@ -165,5 +195,28 @@ def test_errors() -> None:
         adapt(model, params, {}, x, y[:-1], inner_lr=0.5, steps=1)
     with pytest.raises(ValueError, match="not parameter names"):
         adapt(model, params, {}, x, y, inner_lr=0.5, steps=1, keys=["head.weight"])
-    with pytest.raises(ValueError, match="empty"):
-        adapt(model, params, {}, x, y, inner_lr=0.5, steps=1, keys=[])
+
+
+def test_task_losses_and_accuracies_ignore_the_ignore_index() -> None:
+    # Each task's mean over its labels other than -100, as F.cross_entropy's mean on that task alone.
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[0, 1, 2, 3, 0], [1, IGNORE_INDEX, 1, IGNORE_INDEX, 2], [IGNORE_INDEX] * 4 + [3]])
+    assert IGNORE_INDEX == -100
+    losses = task_losses(outputs, targets)
+    expected = torch.stack([F.cross_entropy(o, t, ignore_index=-100) for o, t in zip(outputs, targets)])
+    assert_close(losses, expected, rtol=1e-14, atol=0)
+    for a, b in zip(torch.autograd.grad(losses.sum(), outputs), torch.autograd.grad(expected.sum(), outputs)):
+        assert_close(a, b, rtol=1e-14, atol=0)
+    right = outputs.argmax(dim=-1) == targets
+    counted = targets != IGNORE_INDEX
+    accs = task_accuracies(outputs, targets)
+    # exact: a ratio of small counts, in the outputs' dtype
+    assert_close(accs, torch.stack([right[t][counted[t]].double().mean() for t in range(3)]), rtol=0, atol=0)
+    assert not accs.requires_grad
+    # with a loss_fn: each task's own scalar; anything else is refused
+    assert_close(task_losses(outputs, targets, lambda o, t: F.cross_entropy(o, t, reduction="sum")),
+                 torch.stack([F.cross_entropy(o, t, reduction="sum") for o, t in zip(outputs, targets)]))
+    with pytest.raises(ValueError, match=r"loss_fn must return one scalar per task, got shape \(5,\)"):
+        task_losses(outputs, targets, lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    assert task_accuracies(outputs, targets.double()).isnan().all()  # regression targets: no accuracy

@@ -55,14 +55,14 @@ def test_tune_wait_does_nothing_once_torch_is_loaded() -> None:
 def test_warns_only_for_several_cpu_threads_under_libgomps_default() -> None:
     warning = spinning_warning("cpu", 2, environ={})
     assert warning is not None and "OMP_NUM_THREADS=1" in warning
-    assert "follow_free_cores()" in warning
+    assert "metagrad.tune_process()" in warning and "GOMP_SPINCOUNT=1000" in warning
     assert "import metagrad" not in warning  # the import order no longer matters
     assert spinning_warning("cpu", 1, environ={}) is None  # one thread: nothing waits
     assert spinning_warning("cuda", 2, environ={}) is None
     assert spinning_warning("cpu", 2, environ=dict(SETTING)) is None
     assert spinning_warning("cpu", 2, environ={"GOMP_SPINCOUNT": "1000"}) is None
     assert spinning_warning("cpu", 2, environ={ENV_VAR: "default"}) is None
-    assert spinning_warning("cpu", 2, environ={}, following=True) is None  # threads follow the free cores
+    assert spinning_warning("cpu", 2, environ={"OMP_WAIT_POLICY": "PASSIVE"}) is None
 
 
 def test_importing_metagrad_changes_neither_the_environment_nor_the_threads() -> None:
@@ -104,9 +104,9 @@ def test_the_command_sets_openmp_before_torch_loads(launcher: str) -> None:
     default = _libgomp_report(command, **{ENV_VAR: "default"})
     assert int(default["GOMP_SPINCOUNT"]) > 0  # libgomp's own default spins (300,000 times in its docs)
     tuned = _libgomp_report(command)
-    # The setting is libgomp's documented default written out, so the two reports may agree; what
-    # matters is that libgomp read the setting (before torch loaded it, or it would not have).
+    # libgomp read the setting (before torch loaded it, or it would not have)
     assert {name: tuned[name] for name in SETTING} == SETTING
+    assert {name: default[name] for name in SETTING} != SETTING  # and it is not libgomp's own
     spins = SETTING.get("GOMP_SPINCOUNT") or ("0" if SETTING.get("OMP_WAIT_POLICY") == "PASSIVE" else None)
     if spins is not None:
         assert tuned["GOMP_SPINCOUNT"] == spins
@@ -139,7 +139,7 @@ def test_the_wait_setting_leaves_results_bit_for_bit(tmp_path: Path) -> None:
         "episode = mg.Episode(torch.rand(2, 3, 1, 28, 28, generator=g), torch.arange(3).repeat(2, 1),\n"
         "                     torch.rand(2, 6, 1, 28, 28, generator=g), torch.arange(3).repeat(2, 2))\n"
         "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)\n"
-        "mg.meta_train_step('maml', model, optimizer, episode, inner_lr=0.4, inner_steps=1)\n"
+        "mg.meta_train_step(mg.MAML(inner_lr=0.4, inner_steps=1), model, optimizer, episode)\n"
         "digest = hashlib.sha256()\n"
         "for p in model.parameters():\n"
         "    digest.update(p.detach().numpy().tobytes())\n"
@@ -154,10 +154,28 @@ def test_the_wait_setting_leaves_results_bit_for_bit(tmp_path: Path) -> None:
     assert outputs["active"] == outputs["metagrad"]
 
 
+@needs_libgomp
+def test_a_script_gets_the_commands_setting_from_tune_process() -> None:
+    # metagrad.tune_process() as a script's first line: libgomp reads the setting when torch loads
+    code = "import metagrad; metagrad.tune_process(); import torch; torch.ones(1) + 1; print('metagrad ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=_clean_environment(OMP_DISPLAY_ENV="VERBOSE"),
+                          capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "metagrad ok"
+    read = dict(re.findall(r"^\s*(OMP_WAIT_POLICY|GOMP_SPINCOUNT) = '([^']*)'", done.stderr, re.MULTILINE))
+    assert {name: read[name] for name in SETTING} == SETTING
+    mine = _python("import metagrad, os; metagrad.tune_process(); print(os.environ['GOMP_SPINCOUNT'])",
+                   GOMP_SPINCOUNT="1234")
+    assert mine == "1234"  # the user's own setting wins
+    late = subprocess.run([sys.executable, "-c", "import torch, metagrad; metagrad.tune_process()"],
+                          env=_clean_environment(), capture_output=True, text=True, timeout=120, check=False)
+    assert late.returncode != 0 and "call metagrad.tune_process() before importing torch" in late.stderr
+
+
 def test_every_public_name_loads_on_first_use() -> None:
     import metagrad
 
-    assert sorted(metagrad.__all__) == sorted([*metagrad._EXPORTS, "__version__"])
+    # the lazily loaded names, and those defined in metagrad/__init__.py itself
+    assert sorted(metagrad.__all__) == sorted([*metagrad._EXPORTS, "__version__", "tune_process"])
     for name in metagrad.__all__:
         assert getattr(metagrad, name) is not None
     assert set(metagrad.__all__) <= set(dir(metagrad))

@@ -22,11 +22,11 @@ __all__ = ["ENV_VAR", "SETTING", "USER_VARIABLES", "requested", "spinning_warnin
 ENV_VAR = "METAGRAD_OMP_WAIT"
 """``default`` keeps libgomp's own waiting; anything else (or unset) lets the command set :data:`SETTING`."""
 
-SETTING = {"GOMP_SPINCOUNT": "300000"}
-"""What the command sets: libgomp's documented default (spin 300,000 times, then sleep), written out so
-that what was measured is what runs. Spinning is what makes a step fast on idle cores; it stalls only
-on a core another process needs, and the command's threads never take those
-(``metagrad.training.threads``). Measured in docs/PERFORMANCE.md, "CPU threads"."""
+SETTING = {"GOMP_SPINCOUNT": "1000"}
+"""What the command (and ``metagrad.tune_process()``) sets: spin 1,000 times, then sleep. Decided once,
+whatever else the machine runs: on 2 idle cores a step was 1.11x learn2learn's speed, and beside a busy
+neighbour its worst step 1.75x the one-thread median, where libgomp's default stalls many-fold
+(docs/PERFORMANCE.md, "CPU threads")."""
 
 USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 """libgomp's own variables: when either is set, the user has chosen and the command sets nothing."""
@@ -51,21 +51,18 @@ def tune_wait(environ: MutableMapping[str, str] = os.environ,
     return dict(SETTING)
 
 
-def spinning_warning(device_type: str, threads: int, environ: Mapping[str, str] = os.environ, *,
-                     following: bool = False) -> str | None:
-    """The warning for a CPU run of several spinning threads that do not follow the free cores, else None.
-
-    That is a process the ``metagrad`` command did not start (a script or notebook calling
-    :func:`metagrad.training.run`) whose user set none of libgomp's variables and did not call
-    ``metagrad.training.threads.follow_free_cores()`` (``following``).
-    """
-    if device_type != "cpu" or threads <= 1 or following or not requested(environ):
+def spinning_warning(device_type: str, threads: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The warning for a CPU run of several threads waiting as libgomp's default has them, else None: a
+    process the ``metagrad`` command did not start (a script or notebook calling
+    :func:`metagrad.training.run`) whose user set none of libgomp's variables nor called
+    ``metagrad.tune_process()``."""
+    if device_type != "cpu" or threads <= 1 or not requested(environ):
         return None
     if any(name in environ for name in USER_VARIABLES):
         return None
     return (f"this process's {threads} OpenMP threads spin while they wait (libgomp's default): beside "
             "other work on the machine a step can be many times slower (docs/PERFORMANCE.md, 'CPU "
-            "threads'). The metagrad command avoids it by using only the cores other processes leave free: "
-            "call metagrad.training.threads.follow_free_cores() before training to do the same, or set "
-            f"OMP_NUM_THREADS=1 or GOMP_SPINCOUNT=1000 before Python starts. On cores of your own, "
+            "threads'). The metagrad command avoids it: call metagrad.tune_process() at the top of your "
+            "script, before torch is imported, to do the same, or set "
+            f"GOMP_SPINCOUNT=1000 or OMP_NUM_THREADS=1 before Python starts. On cores of your own, "
             f"{ENV_VAR}=default silences this.")

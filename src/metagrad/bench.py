@@ -39,15 +39,14 @@ import metagrad
 from metagrad import _malloc
 from metagrad.algorithms import meta_train_step
 from metagrad.algorithms.check import ModelCheck, check_model
-from metagrad.algorithms.meta_batch import strategy_for
+from metagrad.algorithms.strategies import strategy_for
 from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
-from metagrad.training import threads
 from metagrad.training.config import Config
-from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
+from metagrad.training.rates import inner_rates
 from metagrad.training.schedule import iteration_settings, multi_step_loss_weights
-from metagrad.training.setup import make_model, meta_learned_params, resolve_device
+from metagrad.training.setup import Learner, make_model, meta_learned_params, resolve_device
 
 __all__ = ["IMAGE_SHAPES", "check_preset_model", "matmul_gflops", "run_bench"]
 
@@ -160,25 +159,22 @@ def run_bench(
     model = make_model(config.model, data.ways, dataset.image_shape).to(device)
     params = meta_learned_params(model, meta)  # with MAML++'s per-step BatchNorm copies if asked, as training
     rates = inner_rates(meta, params, config.run.seed)  # learned inner rates (Meta-SGD, LSLR), as training
-    optimizer = torch.optim.Adam(meta_parameters(params, rates).values(), lr=meta.meta_lr)
+    learner = Learner(model, params, {}, rates)
+    optimizer = learner.optimizer(meta)
     first = iteration_settings(meta, 1)  # the first iteration's derivative order (MAML++'s DA)
     step_weights = multi_step_loss_weights(meta, 1)  # and its multi-step loss (MAML++'s MSL)
+    algorithm = learner.algorithm(first, step_weights=step_weights)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def step(vectorize: bool = meta.vectorize) -> None:
         episode = sampler.sample(meta.meta_batch_size, generator)
-        meta_train_step(
-            meta.algorithm, model, optimizer, episode,
-            inner_lr=inner_learning_rate(meta, rates, meta.inner_steps), inner_steps=meta.inner_steps,
-            first_order=first.first_order, vectorize=vectorize,
-            max_tasks_per_chunk=meta.tasks_per_chunk or None, step_weights=step_weights, params=params,
-        )
+        meta_train_step(algorithm, model, optimizer, episode, vectorize=vectorize,
+                        max_tasks_per_chunk=meta.tasks_per_chunk or None, params=params)
 
     before_mb = _peak_memory_mb(device)  # on CPU the process's high-water mark so far (a --check, say)
     times = []
     for i in range(warmup + iterations):
-        threads.tick()  # outside the timed step, as training does between steps
         _sync(device)
         start = time.perf_counter()
         step()
@@ -208,13 +204,13 @@ def run_bench(
         "meta_batch_size": meta.meta_batch_size,
         "inner_steps": meta.inner_steps,
         "inner_lr": meta.inner_lr,
-        "first_order": first.first_order or meta.algorithm == "fomaml",
+        "first_order": algorithm.first_order,
         "learned_inner_lr": meta.learned_inner_lr,
         "multi_step_loss": step_weights is not None,
         "vectorize": meta.vectorize,
         "tasks_per_chunk": meta.tasks_per_chunk,
         "per_step_bn": meta.per_step_bn,
-        "strategy": strategy_for(meta.algorithm, model, params,
+        "strategy": strategy_for(algorithm, model, params,
                                  dict(model.named_buffers()), vectorize=meta.vectorize),
         "device": str(device),
         "device_name": _device_name(device),

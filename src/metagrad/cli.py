@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import metagrad
 from metagrad import _openmp
+from metagrad.algorithms.registry import ALGORITHMS
 from metagrad.data.datasets import DATASETS
 from metagrad.errors import ConfigError, MetagradError, ResultNotSaved, describe_os_error
 from metagrad.models import MODELS
@@ -50,7 +51,7 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--ways", "data.ways", int, "N: classes per task"),
     ("--shots", "data.shots", int, "K: support samples per class"),
     ("--query-shots", "data.query_shots", int, "Q: query samples per class"),
-    ("--algorithm", "meta.algorithm", str, "maml, fomaml or anil"),
+    ("--algorithm", "meta.algorithm", str, ", ".join(ALGORITHMS)),
     ("--meta-batch-size", "meta.meta_batch_size", int, "tasks per outer step"),
     ("--inner-lr", "meta.inner_lr", float, "inner-loop (adaptation) step size"),
     ("--inner-steps", "meta.inner_steps", int, "inner steps in meta-training"),
@@ -423,9 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  METAGRAD_OMP_WAIT  'default' keeps libgomp's own waiting; otherwise the command sets\n"
                f"                     {_omp_setting()} before torch loads, unless OMP_WAIT_POLICY or\n"
                "                     GOMP_SPINCOUNT is set (how idle CPU threads wait; results unchanged)\n"
-               "  METAGRAD_THREADS   'fixed' keeps torch's CPU thread count (as OMP_NUM_THREADS does);\n"
-               "                     otherwise train, eval and bench use as many threads as other processes\n"
-               "                     leave free, checked each second (Linux; at most torch's default)",
+               "  METAGRAD_THREADS   N: train, eval and bench use N CPU threads; unset: torch's default\n"
+               "                     (one per core), decided once at start",
     )
     parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--kwargs", metavar="JSON", help="keyword arguments for MODEL's constructor")
     check.add_argument("--input-shape", metavar="C,H,W",
                        help="one input's shape (default: 1,28,28; 3,84,84 for mini-imagenet-cnn)")
-    check.add_argument("--algorithm", default="maml", choices=("maml", "fomaml", "anil"),
+    check.add_argument("--algorithm", default="maml", choices=tuple(ALGORITHMS),
                        help="algorithm to check")
     check.add_argument("--ways", type=int, default=5, metavar="INT", help="classes per random task")
     check.add_argument("--shots", type=int, default=2, metavar="INT", help="support samples per class")
@@ -560,15 +560,26 @@ def _rank_note(world: World) -> str:
     return f" (rank {world.rank} of {world.size})" if world.size > 1 else ""
 
 
+THREADS_VAR = "METAGRAD_THREADS"
+"""``METAGRAD_THREADS=N``: train, eval and bench use N CPU threads; unset, torch's default (one per core the
+process may run on), decided once at start whatever else the machine runs."""
+
+
 def tune_compute_process() -> None:
-    """What train, eval and bench do to the process first: glibc's malloc (``metagrad._malloc``: freed
-    blocks kept, or large ones on huge pages, so not faulted in again every step) and as many CPU threads
-    as other processes leave cores free (``METAGRAD_THREADS``)."""
+    """What train, eval and bench do to the process first, once: glibc's malloc (``metagrad._malloc``:
+    freed blocks kept, or large ones on huge pages, so not faulted in again every step) and the CPU
+    thread count (``THREADS_VAR``)."""
     from metagrad import _malloc
-    from metagrad.training.threads import follow_free_cores
 
     _malloc.tune()
-    follow_free_cores()
+    wanted = os.environ.get(THREADS_VAR, "").strip()
+    if wanted and wanted != "fixed":  # "fixed": torch's default, as before the count was decided once
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise ConfigError(f"{THREADS_VAR}={wanted!r} is not a positive number of threads; unset it for "
+                              "torch's default")
+        import torch
+
+        torch.set_num_threads(int(wanted))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -597,9 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_level = logger.level
     quiet = getattr(args, "quiet", False) or not world.is_main
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
-    if args.func in _COMPUTE_COMMANDS:
-        tune_compute_process()
     try:
+        if args.func in _COMPUTE_COMMANDS:
+            tune_compute_process()
         return args.func(args)
     except MetagradError as exc:
         from metagrad.training.signals import TrainingInterrupted
@@ -616,9 +627,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("interrupted", sys.stderr)
         return 130
     finally:
-        from metagrad.training import threads
-
-        threads.stop()
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
         for stream in (sys.stdout, sys.stderr):

@@ -1,22 +1,19 @@
-"""The pure core: run a model with given parameters, take inner-loop gradient steps.
+"""The pure core: run a model with given parameters, and the one inner loop every algorithm and strategy runs.
 
 Parameters and buffers are dicts keyed by ``named_parameters()`` / ``named_buffers()`` names, and no
 function here reads or writes the module's own tensors: a module only supplies the computation.
 Every function returns new dicts and never mutates its inputs.
 
-``gradient_step`` is the inner loop's one update rule, ``p - lr * grad``, on a loss given as a closure
-over the parameters; ``inner_step`` and ``adapt`` apply it to a model's loss on a support set, and the
-batched networks (``algorithms/batched.py``) to all tasks' summed loss. Learning rates are a number, one
-per parameter name (Meta-SGD's per-element tensors, MAML++'s per-layer scalars; learned ones may require
-grad), or a sequence of either, one per inner step (``lr_at``). Two ways to take the gradient, chosen by
-``under_vmap``:
+:func:`inner_loop` adapts a whole meta-batch of T tasks at once. It takes the forward as a function
+(``Forward``: parameters, inputs (T, B, ...) -> outputs (T, B, ...)); the strategies of
+``algorithms/strategies.py`` differ only in that function (metagrad's batched layers, ``torch.func.vmap``,
+or a Python loop over tasks). Each adapted parameter gets one copy per task (``p.expand(T, ...)``, a view,
+so the graph still reaches ``p``); the support loss summed over tasks depends on copy t only through task
+t, so one ``torch.autograd.grad`` gives every task its own gradient. ``create_graph`` keeps that gradient
+differentiable (the second-order term of the meta-gradient) unless ``first_order``.
 
-* ``under_vmap=False`` (the per-task reference path, and the batched one): ``torch.autograd.grad`` with
-  ``create_graph=not first_order``.
-* ``under_vmap=True`` (inside ``torch.func.vmap`` over tasks): ``torch.func.grad``, because
-  ``torch.autograd.grad`` cannot differentiate through vmap's batched tensors. ``torch.func.grad`` always
-  returns gradients that the enclosing autograd can differentiate again (second order); first order
-  detaches them.
+Learning rates are a number, one per parameter name (Meta-SGD's per-element tensors, MAML++'s per-layer
+scalars; learned ones may require grad), or a sequence of either, one per inner step (``lr_at``).
 """
 
 from __future__ import annotations
@@ -28,12 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad import per_step, vmap_exact
+from metagrad import per_step
 from metagrad.errors import ConfigError
 from metagrad.types import Buffers, LearningRate, LossFn, Params, StepLR
 
-__all__ = ["adapt", "check_learning_rate", "detach_learning_rate", "forward_with", "gradient_step",
-           "inner_step", "learned_rates", "lr_at", "sgd_step", "support_loss"]
+__all__ = ["IGNORE_INDEX", "Forward", "Update", "adapt", "check_learning_rate", "detach_learning_rate",
+           "forward_with", "inner_loop", "inner_step", "learned_rates", "lr_at", "sgd_step",
+           "task_accuracies", "task_losses"]
+
+IGNORE_INDEX = -100
+"""Cross-entropy's ignore index: a label that counts in neither the loss nor the accuracy."""
+
+Forward = Callable[[Params, Tensor, frozenset[str]], Tensor]
+"""``forward(params, x, tasked) -> outputs``: a module on inputs x (T, B, ...) of T tasks, giving
+(T, B, ...); the names in ``tasked`` carry a leading task dimension (T, ...), the others are shared."""
+
+Update = Callable[[Params, Params, int, dict], Params]
+"""``update(params, grads, step, state) -> params``: an inner step from the gradients of the names in
+``grads``; ``state`` is a dict the inner loop keeps across its steps (an inner optimizer's moments)."""
 
 
 def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
@@ -49,12 +58,6 @@ def forward_with(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) 
         The model's output, e.g. (B, ways) logits.
     """
     return torch.func.functional_call(model, (params, buffers), (x,))
-
-
-def support_loss(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, y: Tensor,
-                 loss_fn: LossFn | None = None) -> Tensor:
-    """``loss_fn`` (default: mean cross-entropy) of ``model`` with ``params`` on ``x`` (B, ...) and ``y``."""
-    return (loss_fn or F.cross_entropy)(forward_with(model, params, buffers, x), y)
 
 
 def lr_at(lr: LearningRate, step: int) -> StepLR:
@@ -88,8 +91,9 @@ def learned_rates(lr: LearningRate) -> Params:
     Numbers and constant tensors are left out: the result is what the meta-gradient is taken for.
     """
     per_step = isinstance(lr, Sequence)
+    steps: Sequence[StepLR] = lr if isinstance(lr, Sequence) else [lr]
     found: Params = {}
-    for step, one in enumerate(lr if per_step else [lr]):
+    for step, one in enumerate(steps):
         named = one.items() if isinstance(one, Mapping) else [(None, one)]
         for name, rate in named:
             if isinstance(rate, Tensor) and rate.requires_grad:
@@ -122,62 +126,37 @@ def sgd_step(params: Params, grads: Params, *, lr: StepLR) -> Params:
     return {**params, **{k: params[k] - lr * g for k, g in grads.items()}}
 
 
-def gradient_step(
-    loss_of: Callable[[Params], Tensor],
-    params: Params,
-    *,
-    lr: StepLR,
-    keys: Iterable[str] | None = None,
-    first_order: bool = False,
-    under_vmap: bool = False,
-) -> Params:
-    """The inner loop's one update rule: ``p - lr * d loss_of(params) / dp`` for ``p`` in ``keys``.
+def task_losses(outputs: Tensor, targets: Tensor, loss_fn: LossFn | None = None) -> Tensor:
+    """(T,) loss of each task: outputs (T, B, ...) against targets (T, B, ...).
 
-    Every inner loop in metagrad takes its steps here (the per-task loop, vmap, the batched networks,
-    evaluation); the learn2learn layer's ``adapt`` applies the same ``sgd_step``.
-
-    Args:
-        loss_of: the loss as a function of the parameters (a closure over the data).
-        params: current parameters; not modified. On the batched path adapted ones carry a task
-            dimension (T, ...) and ``loss_of`` sums the tasks' losses, so each copy gets its task's gradient.
-        lr: one step's learning rate (see ``sgd_step``).
-        keys: names to update; None updates all. The others are returned unchanged (the same tensors).
-        first_order: detach the gradient (first-order MAML); otherwise keep its graph so that the
-            meta-gradient includes the second-order term.
-        under_vmap: True inside ``torch.func.vmap``: ``torch.func.grad`` takes the gradient, since
-            ``torch.autograd.grad`` cannot differentiate through vmap's batched tensors.
-
-    Returns:
-        A new dict holding every name of ``params``.
+    ``loss_fn`` sees one task at a time and must return a scalar. None: cross-entropy averaged over each
+    task's labels other than ``IGNORE_INDEX`` (``F.cross_entropy``'s mean, task by task).
 
     Raises:
-        ValueError: a name in ``keys`` is not in ``params``, or ``keys`` is empty.
+        ValueError: ``loss_fn`` returned something other than a scalar (e.g. ``reduction="none"``).
     """
-    keys = _check_keys(params, keys)
-    if under_vmap:
-        def on_keys(adapted: Params) -> tuple[Tensor, list[Tensor]]:
-            # BatchNorm statistics recorded inside grad leave it as its aux output (vmap_exact.aux_scope).
-            with vmap_exact.aux_scope() as stats:
-                loss = loss_of({**params, **adapted})
-            return loss, stats
+    if loss_fn is not None:
+        losses = [loss_fn(o, t) for o, t in zip(outputs, targets)]
+        if any(loss.dim() != 0 for loss in losses):
+            shape = next(tuple(loss.shape) for loss in losses if loss.dim() != 0)
+            raise ValueError(f"loss_fn must return one scalar per task, got shape {shape}; use a reducing "
+                             "loss (e.g. reduction='mean')")
+        return torch.stack(losses)
+    tasks, batch = targets.shape[:2]
+    flat = F.cross_entropy(outputs.reshape(tasks * batch, -1), targets.reshape(-1), reduction="none",
+                           ignore_index=IGNORE_INDEX).view(tasks, batch)
+    counted = (targets != IGNORE_INDEX).sum(dim=1)
+    return flat.sum(dim=1) / counted.clamp(min=1).to(flat.dtype)
 
-        grads, stats = torch.func.grad(on_keys, has_aux=True)({k: params[k] for k in keys})
-        vmap_exact.extend_stats(stats)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        return sgd_step(params, grads, lr=lr)
 
-    # enable_grad and fresh leaves for constants let this run at test time too (under no_grad, or on
-    # detached parameters); they change nothing when params already require grad.
-    with torch.enable_grad():
-        leaves = {k: p if (p := params[k]).requires_grad else p.detach().requires_grad_() for k in keys}
-        loss = loss_of({**params, **leaves})
-        # create_graph keeps the gradient differentiable, so the outer loss sees d(grad)/d(params):
-        # that is the second-order term. First order drops it (the gradient is a constant).
-        # A parameter the loss does not use gets a zero gradient (it stays where it is).
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order,
-                                    allow_unused=True, materialize_grads=True)
-        return sgd_step({**params, **leaves}, dict(zip(keys, grads)), lr=lr)
+def task_accuracies(outputs: Tensor, targets: Tensor) -> Tensor:
+    """(T,) accuracy of each task over its labels other than ``IGNORE_INDEX``; NaN where the targets are
+    not class labels (a regression)."""
+    if targets.is_floating_point() or outputs.dim() != targets.dim() + 1:
+        return outputs.new_full(outputs.shape[:1], float("nan")).detach()
+    counted = targets != IGNORE_INDEX
+    right = (outputs.argmax(dim=-1) == targets) & counted
+    return right.sum(dim=1).to(outputs.dtype) / counted.sum(dim=1).clamp(min=1).to(outputs.dtype)
 
 
 def _check_keys(params: Params, keys: Iterable[str] | None) -> list[str]:
@@ -187,51 +166,86 @@ def _check_keys(params: Params, keys: Iterable[str] | None) -> list[str]:
     missing = [k for k in keys if k not in params]
     if missing:
         raise ValueError(f"keys {missing} are not parameter names; valid names include {sorted(params)[:4]}")
-    if not keys:
-        raise ValueError("keys is empty, so the inner loop would adapt nothing; pass None to adapt all")
     return keys
 
 
-def inner_step(
-    model: nn.Module,
+def inner_loop(
+    forward: Forward,
     params: Params,
-    buffers: Buffers,
     x: Tensor,
     y: Tensor,
     *,
-    inner_lr: StepLR,
-    first_order: bool = False,
+    lr: LearningRate,
+    steps: int,
     keys: Iterable[str] | None = None,
-    under_vmap: bool = False,
+    first_order: bool = False,
     loss_fn: LossFn | None = None,
-) -> Params:
-    """One gradient step on the loss of ``(x, y)``: ``p - inner_lr * grad`` for ``p`` in ``keys``.
+    update: Update | None = None,
+    batch: Callable[[int], Tensor] | None = None,
+    on_step: Callable[[int, Params, frozenset[str]], None] | None = None,
+) -> tuple[Params, frozenset[str]]:
+    """Adapt ``params`` to each of T tasks with ``steps`` gradient steps on its support set: every
+    algorithm's inner loop, on every strategy.
+
+    Pure: returns new parameters and never mutates ``params``. The result stays differentiable with
+    respect to ``params`` (through the inner gradients too unless ``first_order``), so a query loss
+    computed with it back-propagates the meta-gradient.
 
     Args:
-        model: supplies the computation.
-        params: current parameters; not modified.
-        buffers: buffers passed through to ``forward_with``.
-        x: (B, C, H, W) support inputs of one task.
-        y: (B,) int64 support labels.
-        inner_lr: the step's learning rate alpha: a number, or one per parameter name (``sgd_step``).
-        first_order: detach the inner gradient (first-order MAML); otherwise keep its graph so the
-            meta-gradient includes the second-order term.
-        keys: names of the parameters to adapt (ANIL: the head's); None adapts all. The others are
-            returned unchanged (the same tensors).
-        under_vmap: True when called inside ``torch.func.vmap``; uses ``torch.func.grad``.
-        loss_fn: ``loss_fn(outputs, y) -> scalar`` for one task; None for mean cross-entropy.
+        forward: the module's forward over the meta-batch (see ``Forward``).
+        params: name -> tensor, shared by all tasks. ``"<name>@step<k>"`` entries are MAML++'s per-step
+            BatchNorm weights (``metagrad.per_step``): step k uses copy k, and they are not adapted.
+        x: (T, B, ...) support inputs; y: (T, B, ...) their targets.
+        lr: the inner learning rate (see the module docstring); read by the default update only.
+        steps: inner steps (0 returns the parameters unchanged).
+        keys: names the inner loop adapts; None = all.
+        first_order: detach the inner gradients (first-order MAML); otherwise keep their graph.
+        loss_fn: one task's ``loss_fn(outputs, targets) -> scalar``; None for cross-entropy.
+        update: the inner step (``Update``); None for SGD, ``p - lr_at(lr, step) * g``.
+        batch: ``batch(step)`` -> indices of the B support samples step ``step`` trains on; None: all.
+        on_step: called after each step with its index, the parameters and the per-task names.
 
     Returns:
-        A new dict holding every name of ``params``.
+        ``(adapted, tasked)``: the adapted parameters under the model's names (per-task (T, ...) for the
+        names in ``tasked``, the adapted ones; empty after 0 steps) and ``tasked``.
 
     Raises:
-        ValueError: a name in ``keys`` is not in ``params``, or ``keys`` is empty.
+        ValueError: negative ``steps``, mismatched support shapes, or bad ``keys``.
     """
-    def loss_of(current: Params) -> Tensor:
-        return support_loss(model, current, buffers, x, y, loss_fn)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if x.shape[:2] != y.shape[:2]:
+        raise ValueError(f"support inputs {tuple(x.shape)} and targets {tuple(y.shape)} differ in tasks or "
+                         "samples")
+    keys = _check_keys(per_step.at_step(params, 0), per_step.adapted_keys(params, keys))
+    fast = dict(per_step.at_step(params, 0))
+    if steps == 0 or not keys:
+        return fast, frozenset()
+    tasked = frozenset(keys)
+    state: dict = {}
+    # enable_grad and fresh leaves for constants let this run at test time too (under no_grad, or on
+    # detached parameters); they change nothing when params already require grad.
+    with torch.enable_grad():
+        fast.update({k: fast[k].expand(x.shape[0], *fast[k].shape) for k in keys})  # a copy per task: views
+        for step in range(steps):
+            current = {**fast, **per_step.copies_at(params, step)}
+            current.update({k: current[k].detach().requires_grad_() for k in keys
+                            if not current[k].requires_grad})
+            xs, ys = (x, y) if batch is None else (x[:, batch(step)], y[:, batch(step)])
+            loss = task_losses(forward(current, xs, tasked), ys, loss_fn).sum()
+            # A parameter the loss does not use gets a zero gradient (it stays where it is).
+            found = torch.autograd.grad(loss, [current[k] for k in keys], create_graph=not first_order,
+                                        allow_unused=True, materialize_grads=True)
+            grads = {k: g.detach() if first_order else g for k, g in zip(keys, found)}
+            stepped = (update or _sgd_update(lr))(current, grads, step, state)
+            fast = {k: stepped[k] for k in fast}
+            if on_step is not None:
+                on_step(step, fast, tasked)
+    return fast, tasked
 
-    return gradient_step(loss_of, params, lr=inner_lr, keys=keys, first_order=first_order,
-                         under_vmap=under_vmap)
+
+def _sgd_update(lr: LearningRate) -> Update:
+    return lambda params, grads, step, state: sgd_step(params, grads, lr=lr_at(lr, step))
 
 
 def adapt(
@@ -245,40 +259,22 @@ def adapt(
     steps: int,
     first_order: bool = False,
     keys: Iterable[str] | None = None,
-    under_vmap: bool = False,
     loss_fn: LossFn | None = None,
-    on_step: Callable[[int, Params], None] | None = None,
 ) -> Params:
     """Adapt ``params`` to one task with ``steps`` gradient steps on its support set (MAML's inner loop).
 
-    Pure: returns new parameters and never mutates ``params``. The result stays differentiable with
-    respect to ``params`` (through the inner gradients too unless ``first_order``), so a query loss
-    computed with it back-propagates the meta-gradient.
+    :func:`inner_loop` on a meta-batch of one task.
 
     Args:
         model: supplies the computation.
-        params: name -> tensor, the initialization being meta-learned. ``"<name>@step<k>"`` entries
-            are MAML++'s per-step BatchNorm weights (``metagrad.per_step``): step k uses copy k (later
-            steps the last), and they are not adapted.
+        params: name -> tensor, the initialization being meta-learned.
         buffers: name -> tensor, passed through.
         support_x: (N*K, C, H, W) support images of one task (or any inputs the model takes).
         support_y: (N*K,) int64 labels in [0, N) (or any targets ``loss_fn`` takes).
-        inner_lr: inner learning rate alpha: a number, one per parameter name, or a sequence of
-            either with one per step (see the module docstring).
-        steps: number of inner gradient steps (0 returns the parameters unchanged).
-        first_order: first-order approximation (inner gradients detached).
-        keys: parameter names the inner loop adapts; None = all (MAML), the head's = ANIL.
-        under_vmap: True inside ``torch.func.vmap`` (see the module docstring).
-        loss_fn: ``loss_fn(outputs, support_y) -> scalar``; None for mean cross-entropy.
-        on_step: called after each step with its index (0-based) and the parameters it produced (MAML++'s
-            multi-step loss scores the query set there); None for nothing.
+        inner_lr, steps, first_order, keys, loss_fn: as for :func:`inner_loop`.
 
     Returns:
-        Adapted parameters: a new dict with every name of ``params`` (with per-step copies: every name
-        of the model, those copies' the last step's).
-
-    Raises:
-        ValueError: negative ``steps``, mismatched support shapes, or bad ``keys``.
+        Adapted parameters: a new dict with every name of the model.
 
     Example:
         >>> params = dict(model.named_parameters())
@@ -288,21 +284,23 @@ def adapt(
     References:
         Finn et al. 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
     if support_x.shape[0] != support_y.shape[0]:
         raise ValueError(
             f"support_x has {support_x.shape[0]} samples but support_y has {support_y.shape[0]} labels"
         )
-    # MAML++'s per-step BatchNorm weights (per_step.py): step k runs with copy k, which is not adapted.
-    keys = _check_keys(per_step.at_step(params, 0), per_step.adapted_keys(params, keys))
-    adapted = dict(per_step.at_step(params, 0))
-    for step in range(steps):
-        adapted = inner_step(
-            model, {**adapted, **per_step.copies_at(params, step)}, buffers, support_x,
-            support_y, inner_lr=lr_at(inner_lr, step),
-            first_order=first_order, keys=keys, under_vmap=under_vmap, loss_fn=loss_fn,
-        )
-        if on_step is not None:
-            on_step(step, adapted)
-    return adapted
+
+    def forward(current: Params, x: Tensor, tasked: frozenset[str]) -> Tensor:
+        own = {k: v[0] if k in tasked else v for k, v in current.items()}
+        return forward_with(model, own, buffers, x[0])[None]
+
+    fast, tasked = inner_loop(forward, params, support_x[None], support_y[None], lr=inner_lr, steps=steps,
+                              keys=keys, first_order=first_order, loss_fn=loss_fn)
+    return {k: v[0] if k in tasked else v for k, v in fast.items()}
+
+
+def inner_step(model: nn.Module, params: Params, buffers: Buffers, x: Tensor, y: Tensor, *, inner_lr: StepLR,
+               first_order: bool = False, keys: Iterable[str] | None = None,
+               loss_fn: LossFn | None = None) -> Params:
+    """One gradient step on the loss of one task's ``(x, y)``: :func:`adapt` with ``steps=1``."""
+    return adapt(model, params, buffers, x, y, inner_lr=inner_lr, steps=1, first_order=first_order, keys=keys,
+                 loss_fn=loss_fn)

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from metagrad.errors import ConfigError
 from metagrad.types import Buffers
 
-__all__ = ["ExactFunctions", "aux_scope", "loop_reason", "replay_running_stats"]
+__all__ = ["ExactFunctions", "exact_functions", "loop_reason", "replay_running_stats"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class ExactFunctions(TorchFunctionMode):
         self._counters = {id(t) for name, t in buffers.items()
                           if name.rpartition(".")[2] == "num_batches_tracked"}
         self.updates: list[_Update] = []  # one per BatchNorm call that updates running statistics
-        self.stats: list[list[Tensor]] = [[]]  # a stack of segments; see aux_scope
+        self.stats: list[Tensor] = []
         self.counts: dict[str, int] = {}  # num_batches_tracked name -> increments per task
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -127,9 +127,10 @@ class ExactFunctions(TorchFunctionMode):
         shape = [1, -1] + [1] * (x.dim() - 2)  # per-channel vectors broadcast over (B, C, ...)
         if training or running_mean is None:
             y, mean, var = _normalize(x, [0, *range(2, x.dim())], eps)
-            if training and running_mean is not None:
+            if training and running_mean is not None and running_var is not None:
                 self._record(running_mean, running_var, momentum, mean, var, x.numel() // x.shape[1])
         else:
+            assert running_var is not None, "batch_norm in eval mode without running statistics"
             y = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
         return _affine(y, weight, bias, shape)
 
@@ -138,86 +139,54 @@ class ExactFunctions(TorchFunctionMode):
         if not use_input_stats or running_mean is not None:
             raise ConfigError("InstanceNorm with running statistics cannot run vectorized over tasks; "
                               "pass vectorize=False (CLI: --no-vectorize) to run one task at a time")
-        y, _, _ = _normalize(input, list(range(2, input.dim())), eps)
+        y = _normalize(input, list(range(2, input.dim())), eps)[0]
         return _affine(y, weight, bias, [1, -1] + [1] * (input.dim() - 2))
 
     def _record(self, running_mean: Tensor, running_var: Tensor, momentum: float, mean: Tensor, var: Tensor,
                 count: int) -> None:
-        names = self._names.get(id(running_mean)), self._names.get(id(running_var))
-        if None in names:
+        mean_name, var_name = self._names.get(id(running_mean)), self._names.get(id(running_var))
+        if mean_name is None or var_name is None:
             raise ConfigError("a BatchNorm updates running statistics that are not among the buffers passed "
                               "to metagrad; pass dict(model.named_buffers()) as buffers")
-        self.updates.append(_Update(names[0], names[1], float(momentum)))
+        self.updates.append(_Update(mean_name, var_name, float(momentum)))
         unbiased = var * (count / max(count - 1, 1))  # running_var tracks the unbiased variance, as torch's
-        self.stats[-1] += [mean.detach().reshape(-1), unbiased.detach().reshape(-1)]
+        self.stats += [mean.detach().reshape(-1), unbiased.detach().reshape(-1)]
 
     def task_stats(self) -> tuple[Tensor, ...]:
         """The recorded (mean, unbiased variance) pairs of every updating call, in call order."""
-        assert len(self.stats) == 1, "aux_scope left open"
-        return tuple(self.stats[0])
-
-
-_ACTIVE: list[ExactFunctions] = []
+        return tuple(self.stats)
 
 
 @contextlib.contextmanager
 def exact_functions(buffers: Buffers) -> Iterator[ExactFunctions]:
-    """Activate :class:`ExactFunctions` for ``buffers`` (and let :func:`aux_scope` find it)."""
-    mode = ExactFunctions(buffers)
-    _ACTIVE.append(mode)
-    try:
-        with mode:
-            yield mode
-    finally:
-        _ACTIVE.pop()
-
-
-@contextlib.contextmanager
-def aux_scope() -> Iterator[list[Tensor]]:
-    """Collect the statistics recorded inside a ``torch.func.grad`` transform as its auxiliary output.
-
-    Tensors made inside ``torch.func.grad`` cannot be kept after it returns unless they are returned as
-    its ``aux``; the inner step wraps its support loss in this scope, returns the yielded list as ``aux``
-    and hands what ``grad`` returns to :func:`extend_stats`. Without an active mode it yields an empty list.
-    """
-    if not _ACTIVE:
-        yield []
-        return
-    mode = _ACTIVE[-1]
-    mode.stats.append([])
-    try:
-        yield mode.stats[-1]
-    finally:
-        mode.stats.pop()
-
-
-def extend_stats(stats: list[Tensor] | tuple[Tensor, ...]) -> None:
-    """Append statistics that came out of a ``torch.func.grad`` transform (see :func:`aux_scope`)."""
-    if _ACTIVE:
-        _ACTIVE[-1].stats[-1].extend(stats)
+    """Activate :class:`ExactFunctions` for ``buffers``."""
+    with ExactFunctions(buffers) as mode:
+        yield mode
 
 
 @torch.no_grad()
-def replay_running_stats(buffers: Buffers, mode: ExactFunctions, stats: tuple[Tensor, ...],
+def replay_running_stats(buffers: Buffers, calls: list[tuple[ExactFunctions, tuple[Tensor, ...]]],
                          tasks: int) -> None:
     """Apply the recorded updates to ``buffers`` in place, task by task, as the per-task loop would.
 
     Args:
         buffers: the buffers the model ran with (updated in place).
-        mode: the mode that ran the vmapped task function (its ``updates`` and ``counts``).
-        stats: what the vmapped function returned from ``mode.task_stats()``: (T, C) tensors, mean and
-            unbiased variance alternating, one pair per entry of ``mode.updates``.
+        calls: one ``(mode, stats)`` per vmapped forward, in call order: the mode that ran it (its
+            ``updates`` and ``counts``) and what it returned from ``mode.task_stats()``: (T, C) tensors,
+            mean and unbiased variance alternating, one pair per entry of ``mode.updates``.
         tasks: T.
     """
+    updates = [u for mode, _ in calls for u in mode.updates]
+    stats = [t for _, call_stats in calls for t in call_stats]
     # n updates r <- (1 - m) r + m x_k in a row are r (1 - m)^n + sum_k m (1 - m)^(n-1-k) x_k: one weighted
     # sum per buffer over its statistics in the loop's order (task-major, then call order).
-    calls: dict[tuple[str, str, float], list[int]] = {}
-    for i, update in enumerate(mode.updates):
-        calls.setdefault((update.mean, update.var, update.momentum), []).append(i)
-    if len({name for key in calls for name in key[:2]}) < 2 * len(calls):  # F.batch_norm called by hand
+    by_buffer: dict[tuple[str, str, float], list[int]] = {}
+    for i, update in enumerate(updates):
+        by_buffer.setdefault((update.mean, update.var, update.momentum), []).append(i)
+    if len({name for key in by_buffer for name in key[:2]}) < 2 * len(by_buffer):  # F.batch_norm by hand
         raise ConfigError("one BatchNorm buffer is updated with two momenta; pass vectorize=False "
                           "(CLI: --no-vectorize) to run one task at a time")
-    for (mean_name, var_name, m), indices in calls.items():
+    for (mean_name, var_name, m), indices in by_buffer.items():
         n = tasks * len(indices)
         for name, offset in ((mean_name, 0), (var_name, 1)):
             buffer = buffers[name]
@@ -225,8 +194,9 @@ def replay_running_stats(buffers: Buffers, mode: ExactFunctions, stats: tuple[Te
             weights = m * (1 - m) ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=seq.device)
             total = (weights[:, None] * seq.double()).sum(dim=0) + (1 - m) ** n * buffer.double().reshape(-1)
             buffer.copy_(total.view_as(buffer).to(buffer.dtype))
-    for name, count in mode.counts.items():
-        buffers[name].add_(count * tasks)
+    for mode, _ in calls:
+        for name, count in mode.counts.items():
+            buffers[name].add_(count * tasks)
 
 
 def loop_reason(model: nn.Module) -> str | None:

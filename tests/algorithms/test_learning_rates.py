@@ -12,16 +12,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from metagrad.algorithms import lslr_rates, meta_sgd_rates
-from metagrad.algorithms.meta_batch import (
+from metagrad.algorithms import (
+    MAML,
     STRATEGIES,
-    InnerLoop,
-    _task_losses,
     chunk_gradients,
     evaluate_with_losses,
+    lslr_rates,
+    make,
     meta_batch_loss,
     meta_rates,
+    meta_sgd_rates,
     meta_train_step,
+    task_objectives,
 )
 from metagrad.errors import ConfigError
 from metagrad.functional import learned_rates
@@ -107,10 +109,10 @@ def test_learned_rates_and_multi_step_loss_on_every_strategy(
     expected_grads = torch.autograd.grad(expected, wrt, allow_unused=True)
     scale = max(g.abs().max().item() for g in expected_grads if g is not None)
     strategies = STRATEGIES if model_name == "omniglot-cnn" else ("vmap", "loop")
-    loop = InnerLoop(algorithm, inner_lr=lr, inner_steps=STEPS, first_order=first_order,
-                     step_weights=step_weights)
+    learner = make(algorithm, inner_lr=lr, inner_steps=STEPS, first_order=first_order,
+                   step_weights=step_weights)
     for strategy in strategies:
-        losses, _ = _task_losses(loop, model, params, {}, episode, strategy=strategy)
+        _, losses, _ = task_objectives(learner, model, params, {}, episode, strategy=strategy)
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0, msg=strategy)
         grads = torch.autograd.grad(losses.mean(), wrt, allow_unused=True)
         for g, e in zip(grads, expected_grads):
@@ -125,21 +127,17 @@ def test_rates_receive_meta_gradients() -> None:
     model = OmniglotCNN(3, hidden_size=6).double()
     params = dict(model.named_parameters())
     lr = _per_parameter(params)
-    out = meta_batch_loss("maml", model, params, {}, random_episode(2, 3, 1, 1, (1, 28, 28), seed=0),
-                          inner_lr=lr, inner_steps=1)
+    out = meta_batch_loss(MAML(inner_lr=lr, inner_steps=1), model, params, {},
+                          random_episode(2, 3, 1, 1, (1, 28, 28), seed=0))
     out.loss.backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for k, t in lr.items() if "weight" in k)
 
 
 def test_too_few_per_step_rates_are_refused() -> None:
-    model = OmniglotCNN(3, hidden_size=6).double()
-    params = dict(model.named_parameters())
     with pytest.raises(ConfigError, match="2 per-step learning rates for 3 inner steps"):
-        meta_batch_loss("maml", model, params, {}, random_episode(2, 3, 1, 1, (1, 28, 28), seed=0),
-                        inner_lr=[0.1, 0.2], inner_steps=3)
+        MAML(inner_lr=[0.1, 0.2], inner_steps=3)
     with pytest.raises(ConfigError, match="finite non-negative"):
-        meta_batch_loss("maml", model, params, {}, random_episode(2, 3, 1, 1, (1, 28, 28), seed=0),
-                        inner_lr=[0.1, -0.2], inner_steps=2)
+        MAML(inner_lr=[0.1, -0.2], inner_steps=2)
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
@@ -154,8 +152,9 @@ def test_chunk_gradients_return_the_rates_meta_gradient(model_name: str, vectori
     expected = _reference(model, params, lr, episode, first_order, list(params)) * episode.num_tasks
     wrt = [*params.values(), *_leaves(lr)]
     expected_flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(expected, wrt)])
-    out, flat = chunk_gradients("maml", model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
-                                first_order=first_order, vectorize=vectorize, max_tasks_per_chunk=chunk)
+    maml = MAML(inner_lr=lr, inner_steps=STEPS, first_order=first_order)
+    out, flat = chunk_gradients(maml, model, params, {}, episode, vectorize=vectorize,
+                                max_tasks_per_chunk=chunk)
     assert list(meta_rates(lr)) == [f"inner_lr.{k}" for k in learned_rates(lr)]
     assert flat.shape == expected_flat.shape
     assert_close(out.loss * episode.num_tasks, expected.detach(), rtol=1e-10, atol=0)
@@ -172,9 +171,9 @@ def test_meta_train_step_moves_the_rates_with_the_parameters() -> None:
     before = [t.detach().clone() for t in tensors]
     optimizer = torch.optim.SGD(tensors, lr=1.0)
     episode = random_episode(2, 3, 1, 1, (1, 28, 28), seed=0)
-    expected = torch.autograd.grad(meta_batch_loss("maml", model, params, {}, episode, inner_lr=rates,
-                                                   inner_steps=1).loss, tensors)
-    meta_train_step("maml", model, optimizer, episode, inner_lr=rates, inner_steps=1)
+    maml = MAML(inner_lr=rates, inner_steps=1)
+    expected = torch.autograd.grad(meta_batch_loss(maml, model, params, {}, episode).loss, tensors)
+    meta_train_step(maml, model, optimizer, episode)
     for tensor, old, g in zip(tensors, before, expected):
         assert_close(tensor.detach(), old - g, rtol=1e-9, atol=1e-12)
 
@@ -207,10 +206,11 @@ def test_evaluation_keeps_no_graph_to_learned_rates() -> None:
     params = dict(model.named_parameters())
     rates = meta_sgd_rates(params, inner_lr=0.1, low=0.005, generator=torch.Generator().manual_seed(0))
     episode = random_episode(2, 3, 1, 1, (1, 28, 28), seed=0)
-    losses, accs = evaluate_with_losses("maml", model, params, {}, episode, inner_lr=rates, inner_steps=3)
+    maml = MAML(inner_lr=rates, inner_steps=3)
+    losses, accs = evaluate_with_losses(maml, model, params, {}, episode)
     assert not losses.requires_grad and not accs.requires_grad
     # The learned rates are used: they change the result from MAML's with one number.
-    plain, _ = evaluate_with_losses("maml", model, params, {}, episode, inner_lr=0.1, inner_steps=3)
+    plain, _ = evaluate_with_losses(maml.replace(inner_lr=0.1), model, params, {}, episode)
     assert not torch.equal(losses, plain)
 
 
@@ -220,8 +220,8 @@ def test_multi_step_loss_through_chunk_gradients_matches_finite_differences(vect
     # independent of autograd: central differences of the loss along a random direction.
     model, params, lr, episode = _problem("omniglot-cnn", "per-layer-per-step")
     wrt = [*params.values(), *_leaves(lr)]
-    _, flat = chunk_gradients("maml", model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
-                              vectorize=vectorize, step_weights=MSL_WEIGHTS, max_tasks_per_chunk=2)
+    maml = MAML(inner_lr=lr, inner_steps=STEPS, step_weights=MSL_WEIGHTS)
+    _, flat = chunk_gradients(maml, model, params, {}, episode, vectorize=vectorize, max_tasks_per_chunk=2)
     direction = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     eps = 1e-6
 
@@ -231,8 +231,8 @@ def test_multi_step_loss_through_chunk_gradients_matches_finite_differences(vect
         shifted = dict(zip(params, moved[:len(params)]))
         rates = moved[len(params):]
         shifted_lr = [{k: rates[s * len(params) + i] for i, k in enumerate(params)} for s in range(STEPS)]
-        out = meta_batch_loss("maml", model, shifted, {}, episode, inner_lr=shifted_lr, inner_steps=STEPS,
-                              vectorize=False, step_weights=MSL_WEIGHTS)
+        out = meta_batch_loss(MAML(inner_lr=shifted_lr, inner_steps=STEPS, step_weights=MSL_WEIGHTS), model,
+                              shifted, {}, episode, vectorize=False)
         return out.loss.item() * episode.num_tasks
 
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
@@ -240,7 +240,5 @@ def test_multi_step_loss_through_chunk_gradients_matches_finite_differences(vect
 
 
 def test_multi_step_loss_weights_must_match_the_steps() -> None:
-    model, params, lr, episode = _problem("omniglot-cnn", "number")
     with pytest.raises(ConfigError, match="3 multi-step loss weights for 2 inner steps"):
-        meta_batch_loss("maml", model, params, {}, episode, inner_lr=lr, inner_steps=2,
-                        step_weights=[0.1, 0.2, 0.7])
+        MAML(inner_lr=0.3, inner_steps=2, step_weights=[0.1, 0.2, 0.7])

@@ -13,12 +13,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from metagrad.algorithms.meta_batch import (
+from metagrad.algorithms import (
+    ANIL,
+    MAML,
     STRATEGIES,
-    InnerLoop,
-    _task_losses,
     chunk_gradients,
     evaluate_with_losses,
+    task_objectives,
 )
 from metagrad.errors import ConfigError
 from metagrad.models import OmniglotCNN
@@ -53,11 +54,13 @@ def _lslr(params: dict[str, Tensor]) -> list[dict[str, Tensor]]:
 
 
 def _reference(model: nn.Module, params: dict[str, Tensor], lr: object, episode: Episode, first_order: bool,
-               step_weights: list[float] | None, steps: int = STEPS) -> Tensor:
+               step_weights: list[float] | None, steps: int = STEPS, head_only: bool = False) -> Tensor:
     """Mean query loss, unrolled by hand one task at a time: step k's forwards (support, and query after
-    step k) take copy min(k, S-1) of each BatchNorm weight and bias; only the other tensors adapt."""
+    step k) take copy min(k, S-1) of each BatchNorm weight and bias; only the other tensors adapt (with
+    ``head_only``, ANIL's, only the head's)."""
     copies = per_step_copies(params)
     names = [k for k in params if "@" not in k]
+    adapted = [k for k in names if k.startswith("classifier.")] if head_only else names
 
     def bn(step: int) -> dict[str, Tensor]:
         return {name: params[keys[min(step, len(keys) - 1)]] for name, keys in copies.items()}
@@ -67,9 +70,9 @@ def _reference(model: nn.Module, params: dict[str, Tensor], lr: object, episode:
         fast = {k: params[k] for k in names}
         for step in range(steps):
             loss = F.cross_entropy(functional_call(model, {**fast, **bn(step)}, (sx,)), sy)
-            grads = torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)
+            grads = torch.autograd.grad(loss, [fast[k] for k in adapted], create_graph=not first_order)
             rate = lr[step] if isinstance(lr, list) else {k: lr for k in names}
-            fast = {k: fast[k] - rate[k] * g for k, g in zip(names, grads)}
+            fast = {**fast, **{k: fast[k] - rate[k] * g for k, g in zip(adapted, grads)}}
             if step_weights is not None:
                 query = F.cross_entropy(functional_call(model, {**fast, **bn(step)}, (qx,)), qy)
                 total = total + step_weights[step] * query
@@ -102,10 +105,9 @@ def test_per_step_bn_on_every_strategy(model_name: str, options: str, first_orde
             reached = not first_order or step_weights is not None or step == STEPS - 1
             assert bool(expected_grads[list(params).index(key)].any()) == reached, (key, reached)
     strategies = STRATEGIES if model_name == "omniglot-cnn" else ("vmap", "loop")
-    loop = InnerLoop("maml", inner_lr=lr, inner_steps=STEPS, first_order=first_order,
-                     step_weights=step_weights)
+    maml = MAML(inner_lr=lr, inner_steps=STEPS, first_order=first_order, step_weights=step_weights)
     for strategy in strategies:
-        losses, _ = _task_losses(loop, model, params, {}, episode, strategy=strategy)
+        _, losses, _ = task_objectives(maml, model, params, {}, episode, strategy=strategy)
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0, msg=strategy)
         grads = torch.autograd.grad(losses.mean(), wrt, allow_unused=True)
         for name, g, e in zip([*params, *range(len(_leaves(lr)))], grads, expected_grads):
@@ -122,8 +124,8 @@ def test_per_step_bn_meta_gradient_matches_finite_differences(vectorize: bool, o
     lr = _lslr(params) if "lslr" in options else 0.3
     step_weights = MSL_WEIGHTS if "msl" in options else None
     wrt = [*params.values(), *_leaves(lr)]
-    _, flat = chunk_gradients("maml", model, params, {}, episode, inner_lr=lr, inner_steps=STEPS,
-                              vectorize=vectorize, step_weights=step_weights, max_tasks_per_chunk=2)
+    maml = MAML(inner_lr=lr, inner_steps=STEPS, step_weights=step_weights)
+    _, flat = chunk_gradients(maml, model, params, {}, episode, vectorize=vectorize, max_tasks_per_chunk=2)
     assert flat.numel() == sum(t.numel() for t in wrt)
     direction = torch.randn(flat.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     eps = 1e-7  # small: at 1e-6 some directions already cross a ReLU or max-pool kink (the loss jumps)
@@ -149,8 +151,8 @@ def test_per_step_bn_meta_gradient_matches_finite_differences(vectorize: bool, o
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_test_time_steps_beyond_training_use_the_last_copy(strategy: str) -> None:
     model, params, episode = _problem("omniglot-cnn")
-    losses, _ = evaluate_with_losses("maml", model, params, {}, episode, inner_lr=0.3, inner_steps=STEPS + 2,
-                                     vectorize=strategy != "loop")
+    maml = MAML(inner_lr=0.3, inner_steps=STEPS + 2)
+    losses, _ = evaluate_with_losses(maml, model, params, {}, episode, vectorize=strategy != "loop")
     if strategy == "batched":
         expected = _reference(model, params, 0.3, episode, True, None, steps=STEPS + 2)
         per_task = torch.stack([
@@ -160,8 +162,7 @@ def test_test_time_steps_beyond_training_use_the_last_copy(strategy: str) -> Non
         assert_close(losses.mean(), expected, rtol=1e-10, atol=0)
         assert_close(losses, per_task.detach(), rtol=1e-10, atol=0)
     else:
-        looped, _ = _task_losses(InnerLoop("maml", inner_lr=0.3, inner_steps=STEPS + 2, first_order=True),
-                                 model, params, {}, episode, strategy=strategy)
+        _, looped, _ = task_objectives(maml.detached(), model, params, {}, episode, strategy=strategy)
         assert_close(losses, looped.detach(), rtol=1e-10, atol=0)
 
 
@@ -179,11 +180,37 @@ def test_copies_are_named_by_step_and_not_adapted() -> None:
     assert at_step(plain, 1) is plain and adapted_keys(plain, None) is None  # without BNWB: unchanged
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("options", ["bnwb", "bnwb+msl"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_anil_with_per_step_bn_runs_the_whole_forward(model_name: str, options: str,
+                                                      first_order: bool) -> None:
+    # ANIL beside BNWB: the body's BatchNorm takes each step's copy, so the body runs in every inner step
+    # and only the head adapts; every strategy gives the hand-unrolled reference's loss and gradients.
+    model, params, episode = _problem(model_name)
+    step_weights = MSL_WEIGHTS if "msl" in options else None
+    expected = _reference(model, params, 0.3, episode, first_order, step_weights, head_only=True)
+    assert not torch.allclose(expected, _reference(model, params, 0.3, episode, first_order, step_weights))
+    wrt = list(params.values())
+    expected_grads = [torch.zeros_like(t) if g is None else g
+                      for t, g in zip(wrt, torch.autograd.grad(expected, wrt, allow_unused=True))]
+    scale = max(g.abs().max().item() for g in expected_grads)
+    anil = ANIL(inner_lr=0.3, inner_steps=STEPS, first_order=first_order, step_weights=step_weights)
+    strategies = STRATEGIES if model_name == "omniglot-cnn" else ("vmap", "loop")
+    for strategy in strategies:
+        _, losses, _ = task_objectives(anil, model, params, {}, episode, strategy=strategy)
+        assert_close(losses.mean(), expected, rtol=1e-10, atol=0, msg=strategy)
+        grads = torch.autograd.grad(losses.mean(), wrt, allow_unused=True)
+        for name, g, e in zip(params, grads, expected_grads):
+            g = torch.zeros_like(e) if g is None else g
+            assert_close(g, e, rtol=1e-7, atol=1e-10 * scale, msg=f"{strategy} {name}")
+    losses, _ = evaluate_with_losses(anil, model, params, {}, episode, vectorize=False)
+    assert_close(losses.mean(), _reference(model, params, 0.3, episode, True, None, head_only=True),
+                 rtol=1e-10, atol=0)
+
+
 def test_bad_uses_are_refused() -> None:
-    model, params, episode = _problem("omniglot-cnn")
-    with pytest.raises(ConfigError, match="set meta.per_step_bn = false"):
-        _task_losses(InnerLoop("anil", inner_lr=0.3, inner_steps=STEPS), model, params, {}, episode,
-                     strategy="loop")
+    model = OmniglotCNN(3, hidden_size=6)
     linear = nn.Linear(3, 2)
     with pytest.raises(ConfigError, match="no BatchNorm weight or bias"):
         per_step_bn_params(linear, dict(linear.named_parameters()), steps=2)

@@ -14,8 +14,15 @@ from maml_reference import random_episode, reference_task_loss
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from metagrad.algorithms import chunk_gradients, meta_batch, meta_batch_loss, meta_train_step
-from metagrad.algorithms.meta_batch import strategy_for
+from metagrad.algorithms import (
+    MAML,
+    chunk_gradients,
+    make,
+    meta_batch_loss,
+    meta_train_step,
+    strategies,
+    strategy_for,
+)
 from metagrad.errors import ConfigError
 from metagrad.models import OmniglotCNN
 from metagrad.models import layers as mg_layers
@@ -196,8 +203,8 @@ def _meta(model: nn.Module, episode: Episode, *, vectorize: bool, first_order: b
           algorithm: str = "maml", steps: int = 2) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """(meta-loss, meta-gradient by name, buffers after) of ``model``'s own tensors."""
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    out = meta_batch_loss(algorithm, model, params, buffers, episode, inner_lr=INNER_LR, inner_steps=steps,
-                          first_order=first_order, vectorize=vectorize)
+    learner = make(algorithm, inner_lr=INNER_LR, inner_steps=steps, first_order=first_order)
+    out = meta_batch_loss(learner, model, params, buffers, episode, vectorize=vectorize)
     trainable = {k: p for k, p in params.items() if p.requires_grad}
     grads = torch.autograd.grad(out.loss, list(trainable.values()), allow_unused=True)
     grads = {k: g if g is not None else torch.zeros_like(p) for (k, p), g in zip(trainable.items(), grads)}
@@ -217,7 +224,7 @@ def test_user_model_vectorized_matches_loop(name: str, first_order: bool) -> Non
     model = _build(ZOO[name])
     twin = copy.deepcopy(model)  # both paths update running statistics: each gets its own
     episode = _episode()
-    assert strategy_for("maml", model, dict(model.named_parameters()), dict(model.named_buffers())) == "vmap"
+    assert strategy_for(MAML(), model, dict(model.named_parameters()), dict(model.named_buffers())) == "vmap"
     loss, grads, buffers = _meta(model, episode, vectorize=True, first_order=first_order)
     ref_loss, ref_grads, ref_buffers = _meta(twin, episode, vectorize=False, first_order=first_order)
     assert_close(loss, ref_loss, rtol=1e-10, atol=0)
@@ -246,8 +253,9 @@ def test_user_model_matches_finite_differences(name: str) -> None:
         for k, b in model.named_buffers():  # each evaluation starts from the same statistics
             b.copy_(buffers0[k])
         with torch.no_grad():
-            return meta_batch_loss("maml", model, dict(model.named_parameters()), dict(model.named_buffers()),
-                                   episode, inner_lr=INNER_LR, inner_steps=2, vectorize=False).loss.item()
+            return meta_batch_loss(MAML(inner_lr=INNER_LR, inner_steps=2), model,
+                                   dict(model.named_parameters()), dict(model.named_buffers()), episode,
+                                   vectorize=False).loss.item()
 
     _, grads, _ = _meta(model, episode, vectorize=True)
     direction = {k: torch.randn_like(p) for k, p in params.items()}
@@ -272,8 +280,8 @@ def test_frozen_parameters_are_neither_adapted_nor_updated() -> None:
     unfrozen = copy.deepcopy(model).requires_grad_(True)  # the inner loop would adapt the stem too
     assert not torch.isclose(loss, _meta(unfrozen, episode, vectorize=True)[0])
     before = model.features[0].weight.clone()
-    meta_train_step("maml", model, torch.optim.Adam(model.parameters(), lr=0.1), episode, inner_lr=INNER_LR,
-                    inner_steps=1)
+    meta_train_step(MAML(inner_lr=INNER_LR, inner_steps=1), model,
+                    torch.optim.Adam(model.parameters(), lr=0.1), episode)
     assert torch.equal(model.features[0].weight, before)
 
 
@@ -294,8 +302,8 @@ def test_dropout_draws_its_own_masks_per_task() -> None:
     one = _episode(tasks=1)
     same = Episode(*(t.expand(4, *t.shape[1:])
                      for t in (one.support_x, one.support_y, one.query_x, one.query_y)))
-    out = meta_batch_loss("maml", model, dict(model.named_parameters()), {}, same, inner_lr=INNER_LR,
-                          inner_steps=1)
+    maml = MAML(inner_lr=INNER_LR, inner_steps=1)
+    out = meta_batch_loss(maml, model, dict(model.named_parameters()), {}, same)
     assert out.task_losses.unique().numel() == 4  # the same task four times, four different masks
 
 
@@ -306,13 +314,13 @@ def test_dropout_draws_its_own_masks_per_task() -> None:
 def test_models_vmap_cannot_update_run_one_task_at_a_time(
         name: str, why: str, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(meta_batch, "_LOGGED", set())  # the choice is logged once per model class
+    monkeypatch.setattr(strategies, "_LOGGED", set())  # the choice is logged once per model class
     factory = {"bn-momentum-none": lambda: ConvBN(momentum=None),
                "instancenorm-running-stats": lambda: ConvNorm(nn.InstanceNorm2d(8, track_running_stats=True))}
     model = _build(factory[name])
     twin = copy.deepcopy(model)
     with caplog.at_level(logging.INFO, logger="metagrad"):
-        strategy = strategy_for("maml", model, dict(model.named_parameters()), dict(model.named_buffers()))
+        strategy = strategy_for(MAML(), model, dict(model.named_parameters()), dict(model.named_buffers()))
     assert strategy == "loop"
     assert why in caplog.text and "loop" in caplog.text
     _, grads, buffers = _meta(model, _episode(), vectorize=True)
@@ -336,10 +344,10 @@ class DataDependent(nn.Module):
 def test_a_model_vmap_cannot_run_is_refused_with_the_fix() -> None:
     model = _build(DataDependent)
     with pytest.raises(ConfigError, match="DataDependent cannot run vectorized over tasks.*vectorize=False"):
-        meta_batch_loss("maml", model, dict(model.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
-                        inner_steps=1)
-    meta_batch_loss("maml", model, dict(model.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
-                    inner_steps=1, vectorize=False)  # the loop runs it
+        meta_batch_loss(MAML(inner_lr=INNER_LR, inner_steps=1), model, dict(model.named_parameters()), {},
+                        _episode())
+    meta_batch_loss(MAML(inner_lr=INNER_LR, inner_steps=1), model, dict(model.named_parameters()), {},
+                    _episode(), vectorize=False)  # the loop runs it
 
 
 class CountsItsCalls(nn.Module):
@@ -358,8 +366,8 @@ class CountsItsCalls(nn.Module):
 def test_a_model_updating_its_own_buffer_is_refused_with_the_fix() -> None:
     model = _build(CountsItsCalls)
     with pytest.raises(ConfigError, match="CountsItsCalls cannot run vectorized over tasks.*vectorize=False"):
-        meta_batch_loss("maml", model, dict(model.named_parameters()), dict(model.named_buffers()),
-                        _episode(), inner_lr=INNER_LR, inner_steps=1)
+        meta_batch_loss(MAML(inner_lr=INNER_LR, inner_steps=1), model, dict(model.named_parameters()),
+                        dict(model.named_buffers()), _episode())
 
 
 class Sequence(nn.Module):
@@ -386,7 +394,7 @@ def _sequences(tasks: int = 2) -> Episode:
 
 def test_an_lstm_runs_one_task_at_a_time_and_exactly() -> None:
     model = _build(lambda: Sequence("lstm"))
-    assert strategy_for("maml", model, dict(model.named_parameters()), {}) == "loop"
+    assert strategy_for(MAML(), model, dict(model.named_parameters()), {}) == "loop"
     _, grads, _ = _meta(model, _sequences(), vectorize=True)
     _, ref_grads, _ = _meta(copy.deepcopy(model), _sequences(), vectorize=False)
     assert_dicts_close(grads, ref_grads)
@@ -409,18 +417,18 @@ def test_an_operation_without_second_derivative_is_refused_with_the_fix(vectoriz
     model = _build(lambda: Sequence("transformer"))
     params = dict(model.named_parameters())
     with pytest.raises(ConfigError, match="cannot differentiate twice.*first_order=True"):
-        chunk_gradients("maml", model, params, {}, _sequences(), inner_lr=INNER_LR, inner_steps=1,
+        chunk_gradients(MAML(inner_lr=INNER_LR, inner_steps=1), model, params, {}, _sequences(),
                         vectorize=vectorize)
-    chunk_gradients("maml", model, params, {}, _sequences(), inner_lr=INNER_LR, inner_steps=1,
-                    vectorize=vectorize, first_order=True)  # first order needs no second derivative
+    chunk_gradients(MAML(inner_lr=INNER_LR, inner_steps=1, first_order=True), model, params, {}, _sequences(),
+                    vectorize=vectorize)  # first order needs no second derivative
 
 
 def test_running_statistics_of_buffers_not_passed_update_the_module_as_on_the_loop() -> None:
     model = _build(ZOO["bn2d-running-stats"])
     twin = copy.deepcopy(model)
     for m, vectorize in ((model, True), (twin, False)):  # buffers={}: the module's own are used
-        out = meta_batch_loss("maml", m, dict(m.named_parameters()), {}, _episode(), inner_lr=INNER_LR,
-                              inner_steps=2, vectorize=vectorize)
+        out = meta_batch_loss(MAML(inner_lr=INNER_LR, inner_steps=2), m, dict(m.named_parameters()), {},
+                              _episode(), vectorize=vectorize)
         out.loss.backward()
     assert_dicts_close(dict(model.named_buffers()), dict(twin.named_buffers()))
     assert_dicts_close({k: p.grad for k, p in model.named_parameters()},
@@ -524,7 +532,7 @@ def test_user_network_of_metagrad_layers_runs_batched_and_exactly(name: str, fir
     model = _build(LAYER_MODELS[name])
     episode = _episode()
     params = dict(model.named_parameters())
-    assert strategy_for(algorithm, model, params, {}, episode=episode) == "batched"
+    assert strategy_for(make(algorithm), model, params, {}, episode=episode) == "batched"
     loss, grads, _ = _meta(model, episode, vectorize=True, first_order=first_order, algorithm=algorithm)
     if algorithm == "maml":
         ref_loss, ref_grads = _reference(model, episode, first_order=first_order)
@@ -539,7 +547,7 @@ def test_user_network_of_metagrad_layers_matches_finite_differences() -> None:
     model = _build(ResidualOfLayers)
     episode = _episode(seed=1, tasks=2)
     params = dict(model.named_parameters())
-    assert strategy_for("maml", model, params, {}, episode=episode) == "batched"
+    assert strategy_for(MAML(), model, params, {}, episode=episode) == "batched"
     _, grads, _ = _meta(model, episode, vectorize=True)
     direction = {k: torch.randn_like(p) for k, p in params.items()}
     h = 1e-6
@@ -547,7 +555,7 @@ def test_user_network_of_metagrad_layers_matches_finite_differences() -> None:
     def meta_loss(sign: float) -> float:
         moved = {k: p.detach() + sign * h * direction[k] for k, p in params.items()}
         with torch.no_grad():
-            return meta_batch_loss("maml", model, moved, {}, episode, inner_lr=INNER_LR, inner_steps=2,
+            return meta_batch_loss(MAML(inner_lr=INNER_LR, inner_steps=2), model, moved, {}, episode,
                                    vectorize=False).loss.item()
 
     predicted = sum((grads[k] * direction[k]).sum() for k in params).item()
@@ -560,14 +568,14 @@ def test_user_network_of_metagrad_layers_matches_finite_differences() -> None:
 ])
 def test_a_forward_that_mixes_tasks_runs_on_vmap_exactly(factory, why: str, caplog: pytest.LogCaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(meta_batch, "_LOGGED", set())
+    monkeypatch.setattr(strategies, "_LOGGED", set())
     model = _build(factory)
     episode = _episode()
     params = dict(model.named_parameters())
-    assert strategy_for("maml", model, params, {}) == "batched"  # by its layers, before its forward is seen
+    assert strategy_for(MAML(), model, params, {}) == "batched"  # by its layers, before its forward is seen
     with caplog.at_level(logging.INFO, logger="metagrad"):
         loss, grads, _ = _meta(model, episode, vectorize=True)
-        assert strategy_for("maml", model, params, {}, episode=episode) == "vmap"  # the verdict is kept
+        assert strategy_for(MAML(), model, params, {}, episode=episode) == "vmap"  # the verdict is kept
     lines = [r.getMessage() for r in caplog.records if "strategy" in r.getMessage()]
     assert len(lines) == 1 and "vmap strategy" in lines[0] and why in lines[0], lines
     for first_order in (False, True):
@@ -583,11 +591,11 @@ def test_the_check_leaves_dropout_and_train_mode_as_they_were() -> None:
                                          nn.Dropout(0.5), mg_layers.Linear(16, WAYS)))
     episode = _episode()
     # Dropout in train mode draws other masks batched than task by task: the check runs it in eval mode.
-    assert strategy_for("maml", model, dict(model.named_parameters()), {}, episode=episode) == "batched"
+    assert strategy_for(MAML(), model, dict(model.named_parameters()), {}, episode=episode) == "batched"
     assert all(m.training for m in model.modules())
     one = _episode(tasks=1)
     same = Episode(*(t.expand(4, *t.shape[1:])
                      for t in (one.support_x, one.support_y, one.query_x, one.query_y)))
-    out = meta_batch_loss("maml", model, dict(model.named_parameters()), {}, same, inner_lr=INNER_LR,
-                          inner_steps=1)
+    maml = MAML(inner_lr=INNER_LR, inner_steps=1)
+    out = meta_batch_loss(maml, model, dict(model.named_parameters()), {}, same)
     assert out.task_losses.unique().numel() == 4  # batched, each task still draws its own masks

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 import metagrad.compat.learn2learn as l2l
-from metagrad.algorithms import meta_batch_loss
+from metagrad.algorithms import ANIL, MAML, meta_batch_loss
 from metagrad.types import Episode
 
 MODELS = {
@@ -63,8 +63,8 @@ def test_clone_adapt_matches_fast_path(name: str, first_order: bool) -> None:
     loss, grads = _l2l_meta_gradient(maml, episode, steps=2)
 
     params = dict(model.named_parameters())
-    out = meta_batch_loss("maml", model, params, {}, episode, inner_lr=0.4, inner_steps=2,
-                          first_order=first_order)
+    maml_ = MAML(inner_lr=0.4, inner_steps=2, first_order=first_order)
+    out = meta_batch_loss(maml_, model, params, {}, episode)
     assert out.loss.item() == pytest.approx(loss, rel=1e-12)
     _assert_grads_close(grads, list(torch.autograd.grad(out.loss, list(params.values()))))
 
@@ -82,7 +82,7 @@ def test_anil_written_the_learn2learn_way_matches_fast_path() -> None:
             learner.adapt(F.cross_entropy(learner(support_f), support_y))
         (F.cross_entropy(learner(query_f), query_y) / episode.num_tasks).backward()
     params = dict(model.named_parameters())
-    out = meta_batch_loss("anil", model, params, {}, episode, inner_lr=0.4, inner_steps=3)
+    out = meta_batch_loss(ANIL(inner_lr=0.4, inner_steps=3), model, params, {}, episode)
     expected = list(torch.autograd.grad(out.loss, list(params.values())))
     _assert_grads_close([p.grad for p in params.values()], expected)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from metagrad.algorithms import ALGORITHMS
 from metagrad.errors import ConfigError
 from metagrad.training import Config, load_preset, resolve_config
 from metagrad.training.config import (
@@ -82,7 +83,7 @@ def test_preset_values_follow_the_papers(name: str) -> None:
     data, model, meta = config.data, config.model, config.meta
     algorithm = name.split("-")[-2]
     assert config.preset == name
-    assert meta.algorithm == algorithm
+    assert meta.algorithm == ("maml" if algorithm == "fomaml" else algorithm)  # fomaml: MAML, first order
     assert meta.first_order == (algorithm == "fomaml")
     assert (meta.meta_lr, meta.test_inner_steps, meta.iterations) == (0.001, 10, 60_000)
     assert (meta.lr_schedule, meta.vectorize) == ("constant", True)
@@ -194,8 +195,7 @@ BAD_OVERRIDES = [
     ({"model.norm_init": "zeros"}, "unknown model.norm_init 'zeros'; valid: learn2learn, ones"),
     ({"model.name": "omniglot-fc", "model.strided": False, "model.norm_init": "ones"},
      "norm_init applies to omniglot-cnn and mini-imagenet-cnn only"),
-    ({"meta.algorithm": "reptile"}, "unknown algorithm 'reptile'; valid algorithms: anil, fomaml, maml"),
-    ({"meta.algorithm": "fomaml"}, "fomaml is first-order MAML: set meta.first_order to true"),
+    ({"meta.algorithm": "imaml"}, "unknown algorithm 'imaml'; valid algorithms: " + ", ".join(ALGORITHMS)),
     ({"meta.inner_lr": 0.0}, r"meta.inner_lr \(--inner-lr\) must be positive, got 0.0"),
     ({"meta.inner_lr": -0.4}, "inner_lr .* must be positive"),
     ({"meta.inner_lr": float("nan")}, "inner_lr .* must be positive, got nan"),
@@ -225,6 +225,14 @@ BAD_OVERRIDES = [
 def test_bad_values_raise_config_error(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve_config(overrides=overrides)
+
+
+def test_fomaml_loads_as_first_order_maml() -> None:
+    # "fomaml", the old name for first-order MAML, still loads: as MAML with first_order, whatever it says
+    for first_order in (False, True):
+        meta = resolve_config(overrides={"meta.algorithm": "fomaml", "meta.first_order": first_order}).meta
+        assert (meta.algorithm, meta.first_order) == ("maml", True)
+    assert "fomaml" not in ALGORITHMS
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:

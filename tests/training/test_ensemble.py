@@ -10,11 +10,15 @@ import pytest
 import torch
 from test_loop import _Crash, _crash_at
 from tiny_run import fake_load_dataset, tiny_config
+from torch.testing import assert_close
 
+from metagrad.algorithms import evaluate_with_losses, make
 from metagrad.errors import ConfigError
+from metagrad.models import OmniglotCNN
 from metagrad.training import ensemble, evaluate_checkpoint, run, setup
 from metagrad.training.metrics import read_metrics
 from metagrad.training.top_k import TopCheckpoints, ranked_checkpoints
+from metagrad.types import Episode
 
 KEEP = {"meta.iterations": 8, "run.eval_every": 1, "run.checkpoint_every": 3, "run.keep_best": 3}
 """8 validations, the 3 best kept; a checkpoint every 3 iterations, so a crash falls between two."""
@@ -108,7 +112,7 @@ def test_the_ensemble_averages_the_members_probabilities(kept_run: Path, fake_da
     calls = {"n": 0}
     episodes_per_member = 2  # test_tasks 8, meta_batch_size 4
 
-    def fake(algorithm: str, model: Any, params: Any, buffers: Any, episode: Any, **_: Any) -> torch.Tensor:
+    def fake(algorithm: Any, model: Any, params: Any, buffers: Any, episode: Any, **_: Any) -> torch.Tensor:
         member = calls["n"] // episodes_per_member
         calls["n"] += 1
         y = episode.query_y  # (T, 6)
@@ -131,6 +135,27 @@ def test_the_ensemble_averages_the_members_probabilities(kept_run: Path, fake_da
     assert saved["ensemble_test_accuracy"] == pytest.approx(2 / 3)
     assert json.loads((kept_run / "eval_ensemble3.json").read_text())["ensemble_test_accuracy"] == \
         pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_query_probabilities_are_what_evaluation_scores(algorithm: str) -> None:
+    # A member's softmax probabilities after adaptation: their argmax gives evaluate's accuracies and the
+    # mean negative log-probability of the labels its losses, task by task; no graph is kept.
+    torch.manual_seed(0)
+    model = OmniglotCNN(3, hidden_size=8).double()
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    support_x, query_x = (torch.rand(3, n, 1, 28, 28, generator=g, dtype=torch.float64) for n in (3, 6))
+    episode = Episode(support_x, torch.arange(3).repeat(3, 1), query_x, torch.arange(3).repeat(3, 2))
+    learner = make(algorithm, inner_lr=0.4, inner_steps=3)
+    probabilities = ensemble.query_probabilities(learner, model, params, {}, episode)
+    assert probabilities.shape == (3, 6, 3) and not probabilities.requires_grad
+    assert_close(probabilities.sum(dim=-1), torch.ones(3, 6, dtype=torch.float64))
+    losses, accs = evaluate_with_losses(learner, model, params, {}, episode, vectorize=False)
+    picked = probabilities.gather(-1, episode.query_y.unsqueeze(-1)).squeeze(-1)
+    assert_close(-picked.log().mean(dim=1), losses, rtol=1e-10, atol=0)
+    assert_close((probabilities.argmax(dim=-1) == episode.query_y).double().mean(dim=1), accs)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_too_few_checkpoints_for_the_ensemble_are_refused(kept_run: Path, tmp_path: Path,

@@ -14,6 +14,7 @@ import torch
 from test_loop import RESUME_OVERRIDES, _assert_same_run, _Crash, _crash_at
 from tiny_run import fake_load_dataset, tiny_config
 
+from metagrad.algorithms import ALGORITHMS
 from metagrad.errors import ConfigError, TrainingError
 from metagrad.training import evaluate_checkpoint, loop, run, schedule, setup
 from metagrad.training.checkpoint import restore_params
@@ -144,8 +145,29 @@ def test_learned_rate_settings_are_checked() -> None:
         tiny_config(Path("x"), **{**LSLR, "meta.inner_lr_init_low": 0.01})
     with pytest.raises(ConfigError, match=r"inner_lr_init_low must be in \[0, meta.inner_lr=0.1\)"):
         tiny_config(Path("x"), **{**META_SGD, "meta.inner_lr_init_low": 0.2})
-    with pytest.raises(ConfigError, match="per_step_bn .* use algorithm maml or fomaml"):
-        tiny_config(Path("x"), **{"meta.per_step_bn": True, "meta.algorithm": "anil"})
+    # ANIL beside per-step BatchNorm runs the whole forward with only the head adapted: not refused
+    anil = tiny_config(Path("x"), **{"meta.per_step_bn": True, "meta.algorithm": "anil"}).meta
+    assert anil.per_step_bn and anil.algorithm == "anil"
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_the_learner_makes_the_configs_algorithm_with_its_rates(fake_data: list, algorithm: str) -> None:
+    overrides = {**LSLR, "meta.algorithm": algorithm, "meta.first_order": True, "meta.test_inner_steps": 3}
+    config = tiny_config(Path("x"), **overrides)
+    learner = setup.prepare(config, torch.device("cpu"), ("test",), init_seed=0).learner
+    meta = config.meta
+    train = learner.algorithm(meta, step_weights=[0.4, 0.6])
+    assert type(train) is ALGORITHMS[algorithm]
+    assert (train.inner_steps, train.first_order, train.step_weights) == (2, True, [0.4, 0.6])
+    assert train.inner_lr == inner_learning_rate(meta, learner.rates, 2)
+    assert all(r.requires_grad for step in train.inner_lr for r in step.values())  # learned: meta-gradient
+    test = learner.algorithm(meta, test=True, step_weights=[0.4, 0.6])
+    assert type(test) is ALGORITHMS[algorithm]
+    # meta-testing: test_inner_steps, the last step's rates beyond training's, the last step scored; the
+    # evaluation detaches the rates and runs first order itself (Algorithm.detached)
+    assert (test.inner_steps, test.step_weights) == (3, None)
+    assert [step["classifier.weight"] for step in test.inner_lr] == [
+        learner.rates[f"{s}.classifier.weight"] for s in (0, 1, 1)]
 
 
 def test_a_checkpoint_with_other_per_step_bn_is_refused(fake_data: list,

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from metagrad.algorithms.meta_batch import meta_batch_loss, strategy_for
-from metagrad.types import Episode, LossFn
+from metagrad.algorithms.meta_batch import meta_batch_loss
+from metagrad.algorithms.registry import make
+from metagrad.algorithms.strategies import strategy_for
+from metagrad.types import Episode, LossFn, Params
 
 __all__ = ["ModelCheck", "check_model"]
 
@@ -77,10 +80,10 @@ def _meta_gradient(model: nn.Module, algorithm: str, episode: Episode, *, vector
                    inner_lr: float, inner_steps: int, loss_fn: LossFn | None) -> tuple[Tensor, Tensor]:
     """(meta-loss, flat meta-gradient then buffers) of a copy of ``model``, which the step may change."""
     model = copy.deepcopy(model)
-    params = dict(model.named_parameters())
-    out = meta_batch_loss(algorithm, model, params, dict(model.named_buffers()), episode, inner_lr=inner_lr,
-                          inner_steps=inner_steps, first_order=first_order, vectorize=vectorize,
-                          loss_fn=loss_fn)
+    params: Params = dict(model.named_parameters())
+    algo = make(algorithm, inner_lr=inner_lr, inner_steps=inner_steps, first_order=first_order,
+                loss_fn=loss_fn)
+    out = meta_batch_loss(algo, model, params, dict(model.named_buffers()), episode, vectorize=vectorize)
     trainable = {k: p for k, p in params.items() if p.requires_grad}
     grads = torch.autograd.grad(out.loss, list(trainable.values()), allow_unused=True)
     named = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(trainable.items(), grads)}
@@ -114,7 +117,7 @@ def check_model(
     Args:
         model: any ``nn.Module`` taking (B, *input_shape) inputs.
         input_shape: one sample's shape, e.g. (1, 28, 28).
-        algorithm: "maml", "fomaml" or "anil" (ANIL needs ``.features`` and ``.classifier``).
+        algorithm: a name in ``algorithms.ALGORITHMS`` (ANIL and BOIL need ``.features`` and ``.classifier``).
         ways, shots, query_shots, tasks: the random meta-batch's shape; class labels in [0, ways).
         inner_lr, inner_steps: the inner loop.
         loss_fn: per-task loss (None: cross-entropy on class labels).
@@ -132,9 +135,9 @@ def check_model(
     generator = torch.Generator().manual_seed(seed)
     episode = _random_episode(input_shape, target_shape, tasks=tasks, ways=ways, shots=shots,
                               query_shots=query_shots, generator=generator)
-    strategy = strategy_for(algorithm, model, dict(model.named_parameters()), dict(model.named_buffers()),
-                            episode=episode)
-    common = {"inner_lr": inner_lr, "inner_steps": inner_steps, "loss_fn": loss_fn}
+    strategy = strategy_for(make(algorithm, inner_lr=inner_lr, inner_steps=inner_steps), model,
+                            dict(model.named_parameters()), dict(model.named_buffers()), episode=episode)
+    common: dict[str, Any] = {"inner_lr": inner_lr, "inner_steps": inner_steps, "loss_fn": loss_fn}
     errors = []
     for first_order in (False, True):
         _, fast = _meta_gradient(model, algorithm, episode, vectorize=True, first_order=first_order,

@@ -33,7 +33,8 @@ from typing import Any
 
 import tomllib
 
-from metagrad.algorithms.inner_loop import check_algorithm
+from metagrad.algorithms.base import Algorithm
+from metagrad.algorithms.registry import ALGORITHMS, check_algorithm
 from metagrad.data._io import write_text_atomically
 from metagrad.data.datasets import DATASETS
 from metagrad.data.folder import check_folder_name
@@ -53,6 +54,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "absolute_folders",
+    "algorithm_settings",
     "check_resume_compatible",
     "config_from_dict",
     "config_to_dict",
@@ -118,8 +120,8 @@ class ModelConfig:
 class MetaConfig:
     """The meta-learning algorithm and both optimization loops."""
 
-    algorithm: str = "maml"  # "maml", "fomaml" (first-order MAML) or "anil" (adapt the head only)
-    first_order: bool = False  # drop second-order terms of the meta-gradient (always true for fomaml)
+    algorithm: str = "maml"  # a name in metagrad.algorithms.ALGORITHMS: maml, anil
+    first_order: bool = False  # drop second-order terms of the meta-gradient (first-order MAML, ANIL, BOIL)
     inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop (learned rates: where they start)
     learned_inner_lr: str = "none"  # "none", "per-parameter" (Meta-SGD: a learned rate per element) or
     #                                "per-layer-per-step" (MAML++'s LSLR: per parameter tensor and inner step)
@@ -326,6 +328,8 @@ def _build(data: dict[str, Any], source: str) -> Config:
     preset = data.get("preset", DEFAULT_PRESET)
     if not isinstance(preset, str):
         raise ConfigError(f"{source}: preset must be a string, got {preset!r}")
+    if sections["meta"].algorithm == "fomaml":  # the old way to ask for first order: still loads
+        sections["meta"] = dataclasses.replace(sections["meta"], algorithm="maml", first_order=True)
     return Config(preset=preset, **sections)
 
 
@@ -479,13 +483,13 @@ def validate_config(config: Config) -> Config:
                           f"BatchNorm weights start at 1); leave it at learn2learn")
 
     check_algorithm(meta.algorithm)
-    if meta.algorithm == "fomaml" and not meta.first_order:
-        raise ConfigError("fomaml is first-order MAML: set meta.first_order to true, or use algorithm maml")
     _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
     _check_learned_inner_lr(meta)
     _positive("meta.meta_lr (--meta-lr)", meta.meta_lr)
     for name in ("inner_steps", "test_inner_steps", "meta_batch_size", "iterations"):
         _positive(f"meta.{name} (--{name.replace('_', '-')})", getattr(meta, name))
+    own = algorithm_settings(meta)
+    ALGORITHMS[meta.algorithm](inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, **own)  # its own checks
     if meta.tasks_per_chunk < 0:
         raise ConfigError(
             f"meta.tasks_per_chunk (--tasks-per-chunk) must be 0 (automatic) or a number of tasks, "
@@ -494,9 +498,6 @@ def validate_config(config: Config) -> Config:
     if meta.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"unknown lr_schedule {meta.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
     _check_epochs(meta)
-    if meta.per_step_bn and meta.algorithm == "anil":
-        raise ConfigError("meta.per_step_bn (MAML++'s per-step BatchNorm weights) needs an inner loop "
-                          "that runs the whole network at each step: use algorithm maml or fomaml or drop it")
 
     if not 0 <= run.seed < 2**63:
         raise ConfigError(f"run.seed (--seed) must be in [0, 2**63), got {run.seed}")
@@ -575,3 +576,11 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def algorithm_settings(meta: MetaConfig) -> dict[str, Any]:
+    """The settings ``meta.algorithm`` has beyond every algorithm's (e.g. Reptile's inner batch size),
+    read from the ``meta`` keys of the same names."""
+    common = {f.name for f in dataclasses.fields(Algorithm)}
+    return {f.name: getattr(meta, f.name) for f in dataclasses.fields(ALGORITHMS[meta.algorithm])
+            if f.name not in common and hasattr(meta, f.name)}

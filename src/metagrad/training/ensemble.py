@@ -8,7 +8,7 @@ before the argmax, as here).
 
 The test tasks are those of ``results.json`` and ``metagrad eval`` (the same generator, drawn the same
 way), and the best member's accuracy is reported beside the ensemble's. Adaptation runs one task at a
-time (``functional.adapt``, the reference path every strategy is tested against).
+time (the loop strategy, the reference every strategy is tested against).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metagrad import per_step
+from metagrad.algorithms import Algorithm, Tasks
+from metagrad.algorithms.strategies import looped
 from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import ConfigError, ResultNotSaved
-from metagrad.functional import adapt, detach_learning_rate, forward_with
-from metagrad.models import HEAD_PREFIX
 from metagrad.training.checkpoint import load_checkpoint
 from metagrad.training.config import Config
 from metagrad.training.evaluation import CI95_FORMULA, evaluation_config
@@ -36,30 +35,23 @@ from metagrad.training.runlock import lock_run_dir
 from metagrad.training.setup import prepare, resolve_device, versions
 from metagrad.training.signals import StopFlag
 from metagrad.training.top_k import Ranked, ranked_checkpoints
-from metagrad.types import Buffers, Episode, LearningRate, Params
+from metagrad.types import Buffers, Episode, Params
 
 __all__ = ["ENSEMBLE_RULE", "evaluate_ensemble", "query_probabilities"]
 
 ENSEMBLE_RULE = "argmax of the members' softmax probabilities averaged per query"
 
 
-def query_probabilities(algorithm: str, model: nn.Module, params: Params, buffers: Buffers, episode: Episode,
-                        *, inner_lr: LearningRate, inner_steps: int) -> Tensor:
-    """(T, N*Q, N) softmax probabilities of each task's queries after adapting to its support set.
-
-    The first-order inner loop (the same values at test time), one task at a time; ANIL adapts the head
-    only. Nothing is kept for a backward pass.
-    """
-    keys = [k for k in per_step.shared(params) if k.startswith(HEAD_PREFIX)] if algorithm == "anil" else None
+def query_probabilities(algorithm: Algorithm, model: nn.Module, params: Params, buffers: Buffers,
+                        episode: Episode) -> Tensor:
+    """(T, N*Q, N) softmax probabilities of each task's queries after ``algorithm`` adapts to its support
+    set, one task at a time with the first-order inner loop (the same values at test time). Nothing is kept
+    for a backward pass."""
+    algorithm = algorithm.detached()
     params = {k: v.detach() for k, v in params.items()}
-    inner_lr = detach_learning_rate(inner_lr)
-    probabilities = []
-    with torch.no_grad():  # the inner loop re-enables what it needs (functional.gradient_step)
-        for support_x, support_y, query_x, _ in (episode.task(i) for i in range(episode.num_tasks)):
-            adapted = adapt(model, params, buffers, support_x, support_y, inner_lr=inner_lr,
-                            steps=inner_steps, first_order=True, keys=keys)
-            probabilities.append(forward_with(model, adapted, buffers, query_x).softmax(dim=-1))  # (N*Q, N)
-    return torch.stack(probabilities)
+    with torch.no_grad():  # the inner loop re-enables what it needs (functional.inner_loop)
+        return torch.cat([algorithm.adapt(Tasks(model, params, buffers, episode.slice(t, t + 1), looped))
+                          .outputs().softmax(dim=-1) for t in range(episode.num_tasks)])
 
 
 def evaluate_ensemble(
@@ -137,11 +129,10 @@ def _evaluate_ensemble(run_dir: Path, members: list[Ranked], config: Config) -> 
         for member in members:
             state = load_checkpoint(member.path)
             learner.restore(state, member.path, config)
-            lr = learner.inner_lr(meta, meta.test_inner_steps)
             episodes = list(_test_episodes(config, prepared.samplers["test"], stop))
             probabilities.append(torch.cat([
-                query_probabilities(meta.algorithm, learner.model, learner.params, learner.buffers, episode,
-                                    inner_lr=lr, inner_steps=meta.test_inner_steps).float().cpu()
+                query_probabilities(learner.algorithm(meta, test=True), learner.model, learner.params,
+                                    learner.buffers, episode).float().cpu()
                 for episode in episodes]))  # (tasks, N*Q, N)
             labels = torch.cat([episode.query_y.cpu() for episode in episodes])  # (tasks, N*Q)
     assert labels is not None

@@ -20,7 +20,7 @@ from torch import Tensor
 from metagrad import algorithms
 from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import ConfigError
-from metagrad.training import distributed, threads
+from metagrad.training import distributed
 from metagrad.training.checkpoint import check_model_settings, load_checkpoint
 from metagrad.training.config import (
     CONFIG_NAME,
@@ -76,7 +76,6 @@ def score_tasks(
     meta = config.meta
     losses, accs, indices = [], [], []
     for start in range(0, num_tasks, meta.meta_batch_size):
-        threads.tick()
         if stop is not None:
             stop.check(world)
         episode = sampler.sample(min(meta.meta_batch_size, num_tasks - start), generator)
@@ -84,9 +83,8 @@ def score_tasks(
         if first == last:  # fewer tasks in this chunk than processes
             continue
         task_loss, task_acc = algorithms.evaluate_with_losses(
-            meta.algorithm, learner.model, learner.params, learner.buffers, episode.slice(first, last),
-            inner_lr=learner.inner_lr(meta, meta.test_inner_steps), inner_steps=meta.test_inner_steps,
-            vectorize=meta.vectorize,
+            learner.algorithm(meta, test=True), learner.model, learner.params, learner.buffers,
+            episode.slice(first, last), vectorize=meta.vectorize,
         )
         losses.append(task_loss.float().cpu())
         accs.append(task_acc.float().cpu())

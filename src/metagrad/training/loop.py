@@ -55,7 +55,7 @@ from metagrad import algorithms
 from metagrad.algorithms import MetaBatchOutput
 from metagrad.data.episodes import task_generator
 from metagrad.errors import ConfigError, FileError, ResultNotSaved, TrainingError
-from metagrad.training import distributed, threads
+from metagrad.training import distributed
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     RunState,
@@ -110,10 +110,8 @@ def compute_meta_gradients(
         ``distributed.all_reduce_gradients`` turns it into every parameter's ``.grad``.
     """
     return algorithms.chunk_gradients(
-        meta.algorithm, learner.model, learner.params, learner.buffers, episode,
-        inner_lr=learner.inner_lr(meta, meta.inner_steps), inner_steps=meta.inner_steps,
-        first_order=meta.first_order, step_weights=step_weights,
-        vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
+        learner.algorithm(meta, step_weights=step_weights), learner.model, learner.params, learner.buffers,
+        episode, vectorize=meta.vectorize, max_tasks_per_chunk=meta.tasks_per_chunk or None,
     )
 
 
@@ -200,7 +198,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         logger.info("run folder %s, %s", run_dir, where)
         warn_if_spinning(device)
 
-    optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=meta.meta_lr)
+    optimizer = learner.optimizer(meta)
     generators = {"train": task_generator(config.run.seed, "train")}
     state = RunState()
     offsets = None
@@ -300,7 +298,6 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
         )
 
     while state.iteration < meta.iterations:
-        threads.tick()  # the command's CPU threads follow the free cores (a no-op in a library call)
         iteration = state.iteration + 1
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()

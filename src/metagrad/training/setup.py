@@ -20,15 +20,16 @@ import torch
 from torch import nn
 
 import metagrad
-from metagrad import _openmp
+from metagrad import _openmp, algorithms
+from metagrad.algorithms import Algorithm
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.models import NORM_INIT_MODELS, build_model
 from metagrad.per_step import per_step_bn_params
-from metagrad.training import distributed, threads
+from metagrad.training import distributed
 from metagrad.training.checkpoint import RunState, restore_params
-from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig
+from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig, algorithm_settings
 from metagrad.training.distributed import ONE_PROCESS, World
 from metagrad.training.failures import out_of_memory
 from metagrad.training.metrics import MetricsWriter
@@ -41,7 +42,7 @@ from metagrad.training.rates import (
     saved_rates,
 )
 from metagrad.training.signals import StopFlag
-from metagrad.types import Buffers, LearningRate, Params
+from metagrad.types import Buffers, Params, StepWeights
 
 __all__ = [
     "Learner",
@@ -120,7 +121,7 @@ def versions() -> dict[str, str]:
 
 
 def warn_if_spinning(device: torch.device) -> None:
-    warning = _openmp.spinning_warning(device.type, torch.get_num_threads(), following=threads.following())
+    warning = _openmp.spinning_warning(device.type, torch.get_num_threads())
     if warning is not None:
         logger.warning(warning)
 
@@ -146,9 +147,22 @@ class Learner:
         """Everything the outer loop optimizes: the parameters, then the learned rates."""
         return meta_parameters(self.params, self.rates)
 
-    def inner_lr(self, meta: MetaConfig, steps: int) -> LearningRate:
-        """The ``inner_lr`` of an inner loop of ``steps`` steps (``rates.inner_learning_rate``)."""
-        return inner_learning_rate(meta, self.rates, steps)
+    def algorithm(self, meta: MetaConfig, *, test: bool = False,
+                  step_weights: StepWeights = None) -> Algorithm:
+        """The algorithm ``meta`` names, with this learner's inner rates (``rates.inner_learning_rate``):
+        for a training step (``meta`` as ``schedule.iteration_settings`` gives it, with the step's
+        multi-step loss weights) or, with ``test``, for validation and meta-testing (``test_inner_steps``)."""
+        steps = meta.test_inner_steps if test else meta.inner_steps
+        return algorithms.make(meta.algorithm, inner_lr=inner_learning_rate(meta, self.rates, steps),
+                               inner_steps=steps, first_order=meta.first_order and not test,
+                               step_weights=None if test else step_weights, **algorithm_settings(meta))
+
+    def optimizer(self, meta: MetaConfig) -> torch.optim.Optimizer:
+        """The outer optimizer over the meta-parameters: Adam, or plain SGD for an algorithm whose
+        meta-gradient is a parameter difference (Reptile's ``outer_optimizer``)."""
+        if algorithms.ALGORITHMS[meta.algorithm].outer_optimizer == "sgd":
+            return torch.optim.SGD(self.meta_parameters().values(), lr=meta.meta_lr)
+        return torch.optim.Adam(self.meta_parameters().values(), lr=meta.meta_lr)
 
     def weights(self) -> dict[str, Any]:
         """The checkpoint entries of what is learned: ``params`` and ``inner_lrs``, detached, on the CPU."""
