@@ -33,9 +33,10 @@ from metagrad.types import Episode
 INNER_LR = 0.4
 HEAD = ["classifier.weight", "classifier.bias"]
 
-VARIANTS = {"anil": ("anil", False), "fomaml": ("maml", True), "maml": ("maml", False)}
+VARIANTS = {"anil": ("anil", False), "boil": ("boil", False), "fomaml": ("maml", True),
+            "maml": ("maml", False)}
 """Test name -> (algorithm, first_order): those whose meta-gradient is the hand-unrolled MAML's on some keys
-(``_reference``), first-order MAML among them."""
+(``_reference``), first-order MAML among them. Reptile's surrogate objective has its own tests."""
 REFERENCED = tuple(VARIANTS)
 
 # name -> (model factory, image shape, tasks, ways, shots, query shots); small but real model classes.
@@ -59,7 +60,7 @@ def _meta_loss(strategy: str, algorithm: str, model: nn.Module, params: dict[str
     """``meta_batch_loss`` through an explicit strategy ("batched", "vmap" or "loop")."""
     objective, losses, accs = task_objectives(_algorithm(algorithm, steps, first_order), model, params, {},
                                               episode, strategy=strategy)
-    assert_close(objective, losses)  # MAML, ANIL: the objective is the query loss
+    assert_close(objective, losses)  # MAML, ANIL, BOIL: the objective is the query loss
     return MetaBatchOutput(objective.mean(), losses.detach(), accs.detach())
 
 
@@ -73,9 +74,9 @@ def _setup(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Tensor], Epis
 
 def _reference(algorithm: str, model: nn.Module, params: dict[str, Tensor], episode: Episode, steps: int,
                first_order: bool | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
-    # ANIL is MAML whose inner loop adapts only the head; first-order MAML detaches
+    # ANIL is MAML whose inner loop adapts only the head, BOIL only the body; first-order MAML detaches
     # the inner gradients.
-    keys = {"anil": HEAD}.get(algorithm)
+    keys = {"anil": HEAD, "boil": [k for k in params if k not in HEAD]}.get(algorithm)
     return reference_meta_gradient(
         model, params, episode, inner_lr=INNER_LR, inner_steps=steps,
         first_order=bool(first_order) or algorithm == "fomaml", keys=keys,

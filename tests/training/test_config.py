@@ -36,6 +36,8 @@ MAMLPP_PRESETS = [f"omniglot-mamlpp-{ways}w{shots}s" for ways in (5, 20) for sho
 
 OWN_PRESETS = ["omniglot-maml-5w1s-fast"]
 
+BOIL_PRESETS = ["omniglot-boil-5w1s", "mini-imagenet-boil-5w1s", "mini-imagenet-boil-5w5s"]
+
 FAST_OVERRIDES = {"meta.meta_batch_size": 16, "meta.meta_lr": 0.003, "meta.lr_schedule": "cosine",
                   "meta.min_meta_lr": 0.0001, "meta.iterations": 10000}
 """What omniglot-maml-5w1s-fast changes in the paper's preset: the settings docs/PERFORMANCE.md's time to
@@ -43,7 +45,15 @@ accuracy was measured with (`--preset omniglot-maml-5w1s --set ...`)."""
 
 
 def test_every_preset_of_the_issue_is_packaged() -> None:
-    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS + OWN_PRESETS)
+    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS + OWN_PRESETS + BOIL_PRESETS)
+
+
+@pytest.mark.parametrize("name", BOIL_PRESETS)
+def test_boil_presets_adapt_the_body_with_the_papers_step(name: str) -> None:
+    config = load_preset(name)
+    assert (config.meta.algorithm, config.meta.inner_lr, config.meta.inner_steps) == ("boil", 0.5, 1)
+    if name.startswith("mini-imagenet"):
+        assert (config.model.name, config.model.hidden_size) == ("mini-imagenet-cnn", 64)  # Conv64F
 
 
 def test_the_fast_preset_is_the_papers_network_and_inner_loop_with_a_faster_outer_loop() -> None:

@@ -18,6 +18,7 @@ __all__ = ["ALGORITHMS", "check_algorithm", "make"]
 _FILES = (
     "maml",
     "anil",
+    "boil",
 )
 
 ALGORITHMS: dict[str, type[Algorithm]] = {

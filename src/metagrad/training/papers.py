@@ -33,6 +33,8 @@ _MAMLPP_OMNIGLOT = ("Antoniou et al. 2019, Table 1, as paperswithcode.com lists 
 _MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it; not verified against the "
                 "paper, nor whether the spread is a CI or a std; an ensemble of the 5 best checkpoints")
 
+_BOIL = "Oh et al. 2021, Table 1, 4conv"
+
 PUBLISHED: dict[str, str] = {
     "omniglot-maml-5w1s": f"98.7 +/- 0.4 ({_FINN})",
     "omniglot-maml-5w5s": f"99.9 +/- 0.1 ({_FINN})",
@@ -61,6 +63,9 @@ PUBLISHED: dict[str, str] = {
     "omniglot-mamlpp-20w5s": f"99.33 ({_MAMLPP_OMNIGLOT})",
     "mini-imagenet-mamlpp-5w1s": f"52.15 +/- 0.26 ({_MAMLPP_MINI})",
     "mini-imagenet-mamlpp-5w5s": f"68.32 +/- 0.44 ({_MAMLPP_MINI})",
+    "omniglot-boil-5w1s": "none published (BOIL's paper has no Omniglot table)",
+    "mini-imagenet-boil-5w1s": f"49.61 +/- 0.16 ({_BOIL})",
+    "mini-imagenet-boil-5w5s": f"66.45 +/- 0.37 ({_BOIL})",
 }
 """Packaged preset -> the published test accuracy (%) it is set up to reproduce, with its source. The
 spreads are 95% confidence intervals except where the source says otherwise; a number without one is a
