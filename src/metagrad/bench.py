@@ -155,7 +155,8 @@ def run_bench(
     torch.manual_seed(config.run.seed)
     generator = torch.Generator().manual_seed(config.run.seed)
     dataset = _random_dataset(config, generator)
-    sampler = EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
+    sampler = EpisodeSampler(dataset, data.ways, data.train_shots or data.shots, data.query_shots,
+                             device=device)
     model = make_model(config.model, data.ways, dataset.image_shape).to(device)
     params = meta_learned_params(model, meta)  # with MAML++'s per-step BatchNorm copies if asked, as training
     rates = inner_rates(meta, params, config.run.seed)  # learned inner rates (Meta-SGD, LSLR), as training

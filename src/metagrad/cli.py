@@ -88,7 +88,10 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("meta.learned_inner_lr", "inner rates meta-learned beside the model: " + _either(list(LEARNED_INNER_LRS))
      + " (Meta-SGD: a rate per parameter element; MAML++'s LSLR: per tensor and step)"),
     ("meta.inner_lr_init_low", "per-parameter rates start uniform in [this, inner_lr); unset: at inner_lr"),
-    ("meta.min_meta_lr", "cosine schedule: the floor the meta learning rate anneals to (MAML++'s CA)"),
+    ("meta.min_meta_lr", "cosine or linear schedule: where the meta learning rate anneals to (MAML++'s CA)"),
+    ("data.train_shots", "support samples per class of training tasks (Reptile's train shots); 0: shots"),
+    ("meta.inner_optimizer", "reptile: the inner optimizer, adam (beta1 = 0, the paper's code) or sgd"),
+    ("meta.inner_batch_size", "reptile: support samples per inner step, cycling through them; 0: all"),
     ("meta.iterations_per_epoch", "an epoch is this many iterations (MAML++'s code: 500); 0: no epochs"),
     ("meta.first_order_epochs", "first order for this many epochs, then second order (MAML++'s DA)"),
     ("meta.msl_epochs", "weigh the query losses after every inner step for this many epochs (MAML++'s MSL)"),

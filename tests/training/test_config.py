@@ -38,6 +38,17 @@ OWN_PRESETS = ["omniglot-maml-5w1s-fast"]
 
 BOIL_PRESETS = ["omniglot-boil-5w1s", "mini-imagenet-boil-5w1s", "mini-imagenet-boil-5w5s"]
 
+REPTILE_PRESETS = [f"omniglot-reptile-{shape}" for shape in ("5w1s", "5w5s", "20w1s")] + [
+    f"mini-imagenet-reptile-5w{shots}s" for shots in (1, 5)]
+
+# The commands of github.com/openai/supervised-reptile's README: (inner batch, inner iterations, Adam's
+# learning rate, meta-batch, meta-iterations, train shots)
+REPTILE_COMMANDS = {"omniglot-reptile-5w1s": (10, 5, 0.001, 5, 100_000, 10),
+                    "omniglot-reptile-5w5s": (10, 5, 0.001, 5, 100_000, 10),
+                    "omniglot-reptile-20w1s": (20, 10, 0.0005, 5, 200_000, 10),
+                    "mini-imagenet-reptile-5w1s": (10, 8, 0.001, 5, 100_000, 15),
+                    "mini-imagenet-reptile-5w5s": (10, 8, 0.001, 5, 100_000, 15)}
+
 FAST_OVERRIDES = {"meta.meta_batch_size": 16, "meta.meta_lr": 0.003, "meta.lr_schedule": "cosine",
                   "meta.min_meta_lr": 0.0001, "meta.iterations": 10000}
 """What omniglot-maml-5w1s-fast changes in the paper's preset: the settings docs/PERFORMANCE.md's time to
@@ -45,7 +56,21 @@ accuracy was measured with (`--preset omniglot-maml-5w1s --set ...`)."""
 
 
 def test_every_preset_of_the_issue_is_packaged() -> None:
-    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS + OWN_PRESETS + BOIL_PRESETS)
+    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS + OWN_PRESETS + BOIL_PRESETS
+                                    + REPTILE_PRESETS)
+
+
+@pytest.mark.parametrize("name", REPTILE_PRESETS)
+def test_reptile_presets_follow_the_papers_commands(name: str) -> None:
+    config = load_preset(name)
+    data, meta = config.data, config.meta
+    ways, shots = (int(part) for part in name.split("-")[-1][:-1].split("w"))
+    assert (data.ways, data.shots, data.query_shots, meta.algorithm) == (ways, shots, 1, "reptile")
+    assert (meta.inner_batch_size, meta.inner_steps, meta.inner_lr, meta.meta_batch_size, meta.iterations,
+            data.train_shots) == REPTILE_COMMANDS[name]
+    assert (meta.inner_optimizer, meta.meta_lr) == ("adam", 1.0)
+    assert (meta.lr_schedule, meta.min_meta_lr) == ("linear", 0)
+    assert meta.test_inner_steps == 50
 
 
 @pytest.mark.parametrize("name", BOIL_PRESETS)

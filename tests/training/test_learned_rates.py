@@ -230,7 +230,7 @@ def test_derivative_order_annealing_trains_first_order_for_the_first_epochs(
 
 
 def test_epoch_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="min_meta_lr is the floor of the cosine schedule"):
+    with pytest.raises(ConfigError, match="min_meta_lr is where an annealed schedule ends"):
         tiny_config(Path("x"), **{"meta.min_meta_lr": 1e-5})
     with pytest.raises(ConfigError, match=r"min_meta_lr must be in \[0, meta.meta_lr=0.001\)"):
         tiny_config(Path("x"), **{"meta.lr_schedule": "cosine", "meta.min_meta_lr": 0.01})

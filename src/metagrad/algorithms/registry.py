@@ -19,6 +19,7 @@ _FILES = (
     "maml",
     "anil",
     "boil",
+    "reptile",
 )
 
 ALGORITHMS: dict[str, type[Algorithm]] = {

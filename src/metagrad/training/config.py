@@ -73,7 +73,7 @@ CONFIG_NAME = "config.json"
 DEFAULT_PRESET = "omniglot-maml-5w1s"
 """The preset ``metagrad train`` uses when given none: the README's main job."""
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 MAX_CONFIG_BYTES = 1 << 20
 """A config file is a few hundred bytes; a larger one is the wrong file, read no further."""
@@ -102,6 +102,7 @@ class DataConfig:
     query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
     rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
     split_scheme: str = "shuffled"  # Omniglot: "shuffled", "maml", "vinyals"; Mini-ImageNet: "ravi"
+    train_shots: int = 0  # support samples per class of training tasks (Reptile's train shots); 0: shots
     folder: str | None = None  # dataset "folder" only: your dataset's folder, data_dir/<folder>/{train,...}
 
 
@@ -120,7 +121,7 @@ class ModelConfig:
 class MetaConfig:
     """The meta-learning algorithm and both optimization loops."""
 
-    algorithm: str = "maml"  # a name in metagrad.algorithms.ALGORITHMS: maml, anil
+    algorithm: str = "maml"  # a name in metagrad.algorithms.ALGORITHMS: maml, anil, boil, reptile
     first_order: bool = False  # drop second-order terms of the meta-gradient (first-order MAML, ANIL, BOIL)
     inner_lr: float = 0.4  # step size of the inner (adaptation) SGD loop (learned rates: where they start)
     learned_inner_lr: str = "none"  # "none", "per-parameter" (Meta-SGD: a learned rate per element) or
@@ -132,8 +133,8 @@ class MetaConfig:
     meta_lr: float = 0.001  # Adam learning rate of the outer loop
     meta_batch_size: int = 32  # tasks per outer step
     iterations: int = 60_000  # outer steps
-    lr_schedule: str = "constant"  # "constant" or "cosine" (annealed to min_meta_lr at the last iteration)
-    min_meta_lr: float = 0.0  # cosine only: the floor the meta learning rate anneals to (MAML++'s CA)
+    lr_schedule: str = "constant"  # "constant", "cosine" or "linear" (annealed to min_meta_lr at the end)
+    min_meta_lr: float = 0.0  # cosine and linear: where the meta learning rate anneals to (MAML++'s CA)
     iterations_per_epoch: int = 0  # 0: no epochs, schedules count iterations; N: an epoch is N iterations, as
     #                               MAML++'s code counts one (the cosine then steps once per epoch)
     first_order_epochs: int = 0  # MAML++'s DA: first order for the first E epochs, second order after
@@ -141,6 +142,8 @@ class MetaConfig:
     #                     inner step, annealed towards the last one's (0: the last step's loss only)
     per_step_bn: bool = False  # MAML++'s BNWB: each BatchNorm weight and bias once per inner step (step k's
     #                           forwards use copy k, later test steps the last), meta-learned, not adapted
+    inner_optimizer: str = "adam"  # reptile only: "adam" (beta1 = 0, the paper's code) or "sgd"
+    inner_batch_size: int = 0  # reptile only: support samples per inner step, cycling; 0: all of them
     vectorize: bool = True  # one computation per meta-batch (batched or vmap); False: per-task loop
     tasks_per_chunk: int = 0  # 0: automatic (whole meta-batch on GPU, cache-sized chunks on CPU); N: at most
     #                          N tasks' graphs alive at once (lower peak memory, usually slower)
@@ -483,12 +486,18 @@ def validate_config(config: Config) -> Config:
                           f"BatchNorm weights start at 1); leave it at learn2learn")
 
     check_algorithm(meta.algorithm)
+    if data.train_shots < 0:
+        raise ConfigError(f"data.train_shots must be >= 0 (0: as data.shots), got {data.train_shots}")
     _positive("meta.inner_lr (--inner-lr)", meta.inner_lr)
     _check_learned_inner_lr(meta)
     _positive("meta.meta_lr (--meta-lr)", meta.meta_lr)
     for name in ("inner_steps", "test_inner_steps", "meta_batch_size", "iterations"):
         _positive(f"meta.{name} (--{name.replace('_', '-')})", getattr(meta, name))
     own = algorithm_settings(meta)
+    for key in ("inner_optimizer", "inner_batch_size"):
+        if key not in own and getattr(meta, key) != getattr(MetaConfig, key):
+            takers = ", ".join(name for name, cls in ALGORITHMS.items() if key in cls.__dataclass_fields__)
+            raise ConfigError(f"meta.{key} is a setting of {takers} only; drop it for {meta.algorithm}")
     ALGORITHMS[meta.algorithm](inner_lr=meta.inner_lr, inner_steps=meta.inner_steps, **own)  # its own checks
     if meta.tasks_per_chunk < 0:
         raise ConfigError(
@@ -529,8 +538,8 @@ def _check_learned_inner_lr(meta: MetaConfig) -> None:
 
 
 def _check_epochs(meta: MetaConfig) -> None:
-    if meta.min_meta_lr != 0 and meta.lr_schedule != "cosine":
-        raise ConfigError("meta.min_meta_lr is the floor of the cosine schedule: set meta.lr_schedule = "
+    if meta.min_meta_lr != 0 and meta.lr_schedule == "constant":
+        raise ConfigError("meta.min_meta_lr is where an annealed schedule ends: set meta.lr_schedule = "
                           "\"cosine\" (--lr-schedule cosine) or drop it")
     if not (math.isfinite(meta.min_meta_lr) and 0 <= meta.min_meta_lr < meta.meta_lr):
         raise ConfigError(f"meta.min_meta_lr must be in [0, meta.meta_lr={meta.meta_lr}), "

@@ -33,6 +33,7 @@ _MAMLPP_OMNIGLOT = ("Antoniou et al. 2019, Table 1, as paperswithcode.com lists 
 _MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it; not verified against the "
                 "paper, nor whether the spread is a CI or a std; an ensemble of the 5 best checkpoints")
 
+_REPTILE = "Nichol et al. 2018, Table {}, with transduction (as metagrad's batch-statistics BatchNorm)"
 _BOIL = "Oh et al. 2021, Table 1, 4conv"
 
 PUBLISHED: dict[str, str] = {
@@ -66,6 +67,11 @@ PUBLISHED: dict[str, str] = {
     "omniglot-boil-5w1s": "none published (BOIL's paper has no Omniglot table)",
     "mini-imagenet-boil-5w1s": f"49.61 +/- 0.16 ({_BOIL})",
     "mini-imagenet-boil-5w5s": f"66.45 +/- 0.37 ({_BOIL})",
+    "omniglot-reptile-5w1s": f"97.68 +/- 0.04 ({_REPTILE.format(2)})",
+    "omniglot-reptile-5w5s": f"99.48 +/- 0.06 ({_REPTILE.format(2)})",
+    "omniglot-reptile-20w1s": f"89.43 +/- 0.14 ({_REPTILE.format(2)})",
+    "mini-imagenet-reptile-5w1s": f"49.97 +/- 0.32 ({_REPTILE.format(1)})",
+    "mini-imagenet-reptile-5w5s": f"65.99 +/- 0.58 ({_REPTILE.format(1)})",
 }
 """Packaged preset -> the published test accuracy (%) it is set up to reproduce, with its source. The
 spreads are 95% confidence intervals except where the source says otherwise; a number without one is a

@@ -23,7 +23,10 @@ def epoch_of(meta: MetaConfig, iteration: int) -> int:
 
 
 def learning_rate(meta: MetaConfig, iteration: int) -> float:
-    """The outer learning rate used by step ``iteration`` (1-based): constant, or cosine-annealed.
+    """The outer learning rate used by step ``iteration`` (1-based): constant, cosine- or linearly annealed.
+
+    The linear schedule goes from ``meta_lr`` at the first step towards ``min_meta_lr`` at the last, as
+    Reptile's code anneals its meta step size (``frac_done = i / meta_iters``).
 
     The cosine schedule starts at ``meta_lr`` and decays towards ``min_meta_lr`` over ``iterations``
     steps, step by step; with epochs (``iterations_per_epoch``) it moves once per epoch, as MAML++'s code
@@ -38,6 +41,9 @@ def learning_rate(meta: MetaConfig, iteration: int) -> float:
         progress = min(progress, 1.0)  # past the planned iterations (a resumed, extended run): the floor
         floor = meta.min_meta_lr
         return floor + (meta.meta_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if meta.lr_schedule == "linear":
+        done = min((iteration - 1) / meta.iterations, 1.0)
+        return done * meta.min_meta_lr + (1.0 - done) * meta.meta_lr
     return meta.meta_lr
 
 

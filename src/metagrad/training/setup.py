@@ -215,7 +215,8 @@ def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, in
     with distributed.local_main_first(world):  # one process per node downloads and decodes
         datasets = load_splits(data, splits)
     samplers = {
-        split: EpisodeSampler(dataset, data.ways, data.shots, data.query_shots, device=device)
+        split: EpisodeSampler(dataset, data.ways, data.train_shots if split == "train" and data.train_shots
+                              else data.shots, data.query_shots, device=device)
         for split, dataset in datasets.items()
     }
     if init_seed is not None:
