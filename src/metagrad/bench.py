@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from typing import Any
@@ -45,6 +44,7 @@ from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.training import threads
 from metagrad.training.config import Config
+from metagrad.training.metrics import peak_memory_mb
 from metagrad.training.rates import inner_learning_rate, inner_rates, meta_parameters
 from metagrad.training.schedule import iteration_settings, multi_step_loss_weights
 from metagrad.training.setup import make_model, meta_learned_params, resolve_device
@@ -109,12 +109,6 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def run_bench(
     config: Config,
     *,
@@ -175,7 +169,7 @@ def run_bench(
             max_tasks_per_chunk=meta.tasks_per_chunk or None, step_weights=step_weights, params=params,
         )
 
-    before_mb = _peak_memory_mb(device)  # on CPU the process's high-water mark so far (a --check, say)
+    before_mb = peak_memory_mb(device)  # on CPU the process's high-water mark so far (a --check, say)
     times = []
     for i in range(warmup + iterations):
         threads.tick()  # outside the timed step, as training does between steps
@@ -185,7 +179,7 @@ def run_bench(
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    peak_mb = _peak_memory_mb(device)  # before the FLOP count and the matmul, which allocate on their own
+    peak_mb = peak_memory_mb(device)  # before the FLOP count and the matmul, which allocate on their own
     sec = statistics.median(times)
 
     gflop = gflops = peak = None

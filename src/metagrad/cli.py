@@ -69,6 +69,9 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--log-every", "run.log_every", int, "without a terminal, print a train row every this many iterations"),
     ("--dist-timeout", "run.dist_timeout_s", float,
      "under torchrun: seconds a process waits for the others (start-up, each exchange) before the job fails"),
+    ("--logger", "run.loggers", str,
+     "also log every metric row to tensorboard (RUN/tensorboard), wandb (offline without an API key) or "
+     "tensorboard,wandb; each an extra: pip install 'metagrad[tensorboard]'"),
 ]
 def _either(names: Sequence[str]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
@@ -93,6 +96,7 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("meta.msl_epochs", "weigh the query losses after every inner step for this many epochs (MAML++'s MSL)"),
     ("meta.per_step_bn", "a BatchNorm weight and bias per inner step, meta-learned, not adapted (BNWB)"),
     ("run.keep_best", "keep the K best validation checkpoints in RUN/top/ (for metagrad eval --ensemble K)"),
+    ("run.wandb_project", "--logger wandb: the W&B project (unset: $WANDB_PROJECT, else metagrad)"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 
@@ -150,7 +154,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         f"experiment options (default: the preset's value; {DEFAULT_PRESET}'s shown)")
     for flag, key, kind, text in _TRAIN_OPTIONS:
         options.add_argument(flag, type=kind, metavar=kind.__name__.upper(), dest=key,
-                             help=f"{text} ({DEFAULT_PRESET}: {_default_of(key)})")
+                             help=f"{text} ({DEFAULT_PRESET}: {_default_of(key) if _default_of(key) != '' else 'none'})")
     for flag, key, text in _TRAIN_SWITCHES:
         options.add_argument(flag, action=argparse.BooleanOptionalAction, dest=key,
                              help=f"{text} ({DEFAULT_PRESET}: {str(_default_of(key)).lower()})")

@@ -1,0 +1,253 @@
+"""TensorBoard and Weights & Biases as mirrors of a run's metric rows (``run.loggers``, ``--logger``).
+
+``metrics.jsonl`` stays the complete record: each logger receives every row it holds, as it is written
+(:meth:`MetricsWriter.mirror <metagrad.training.metrics.MetricsWriter.mirror>`), and logs each number
+of the row as the scalar ``<split>/<column>`` at the row's step: ``train/loss``, ``train/grad_norm``,
+``validation/acc_ci95``, ``train/inner_lr.<name>``... Both are optional extras, imported only here and
+only when asked for: ``pip install "metagrad[tensorboard]"`` / ``"metagrad[wandb]"``.
+
+- TensorBoard writes to ``RUN/tensorboard/``, with the resolved config as hyperparameters (the HParams
+  tab, with the test accuracy as its metric) and as text. ``tensorboard --logdir runs`` shows every run.
+- W&B logs the train and validation rows as history and the test row as the run's summary, with the
+  config as the run's config. Without ``WANDB_MODE`` it runs online when an API key is configured
+  (``wandb login``, ``WANDB_API_KEY``) and offline otherwise, in ``RUN/wandb/offline-run-*``:
+  ``wandb sync`` uploads it later. ``run.wandb_project`` names the project (else ``$WANDB_PROJECT``, else
+  "metagrad"); ``WANDB_ENTITY``, ``WANDB_MODE`` and W&B's other variables apply as usual.
+
+Resuming: ``RUN/loggers.json`` records, per logger, up to which step it holds the rows (and W&B's run
+id and project). A resumed run continues the same TensorBoard log and the same W&B run, so that each
+step is there once: TensorBoard drops the rows written after the checkpoint (a ``purge_step``), W&B,
+which cannot take rows back, keeps them and is sent only the later ones (the values are the same: a
+resumed run recomputes them bit for bit on CPU). A logger added on resume, or after a session without
+it, is first sent the rows it missed, from ``metrics.jsonl``. Changing ``run.wandb_project`` starts a
+new W&B run in that project, sent the whole run. Under torchrun only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from metagrad.data._io import write_text_atomically
+from metagrad.errors import ConfigError, FileError, describe_os_error
+from metagrad.training.config import Config, config_to_dict, logger_names
+
+__all__ = ["STATE_NAME", "TENSORBOARD_DIR", "WANDB_DIR", "check_installed", "open_loggers", "scalars"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "loggers.json"
+"""The run file that says what each logger holds (see the module docstring)."""
+
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard's log folder inside the run folder."""
+
+WANDB_DIR = "wandb"
+"""W&B's folder inside the run folder (offline runs, W&B's own logs)."""
+
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The module each logger imports (``pip install "metagrad[<logger>]"`` installs it)."""
+
+
+def check_installed(loggers: str) -> None:
+    """Import the packages the loggers ``run.loggers`` names need, before anything is written.
+
+    Raises:
+        ConfigError: a package is missing; the message gives the install command.
+    """
+    for name in logger_names(loggers):
+        try:
+            importlib.import_module(_PACKAGES[name])
+        except ImportError as exc:
+            raise ConfigError(f"--logger {name} needs the {_PACKAGES[name]} package, which cannot be "
+                              f"imported ({exc}); install it with: pip install 'metagrad[{name}]'") from None
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """A metric row's numbers as ``{"<split>/<column>": value}``: what every logger logs at its step."""
+    return {f"{row['split']}/{key}": float(value) for key, value in row.items()
+            if key not in ("step", "split") and isinstance(value, (int, float))
+            and not isinstance(value, bool)}
+
+
+def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], last_step: int,
+                 checkpoint_step: int) -> list[_Held]:
+    """Open the loggers ``config.run.loggers`` names, each sent first the rows it lacks, and record in
+    ``RUN/loggers.json`` what each holds.
+
+    Args:
+        config: the run's config (its hyperparameters are logged).
+        run_dir: the run folder.
+        kept: the metric rows the run keeps (``MetricsWriter.kept``: up to the checkpoint resumed from).
+        last_step: the last train or validation step the metrics held before a resume cut them back
+            (``MetricsWriter.last_step``): what a logger active in the previous session received.
+        checkpoint_step: the iteration the run resumes from (0 for a new run).
+
+    Returns:
+        The loggers, ready for :meth:`MetricsWriter.mirror`.
+
+    Raises:
+        ConfigError: a logger cannot start (W&B's message is given).
+        FileError: ``loggers.json`` cannot be read or written.
+    """
+    names = logger_names(config.run.loggers)
+    previous = _read_state(run_dir / STATE_NAME)
+    state: dict[str, Any] = {}
+    opened: list[_Held] = []
+    try:
+        for name in ("tensorboard", "wandb"):
+            before = previous.get(name)
+            if name == "wandb" and before is not None and before.get("project") != _wandb_project(config):
+                before = None  # another project: a new W&B run there, sent the whole run
+            held = _held(before, last_step, checkpoint_step, rewinds=name == "tensorboard")
+            if name not in names:
+                if before is not None:
+                    state[name] = {**before, "held": held, "active": False}
+                continue
+            if name == "tensorboard":
+                mirror: Any = _TensorBoard(run_dir, config, purge_from=held + 1 if before else None)
+                state[name] = {"held": held, "active": True, "log_dir": TENSORBOARD_DIR}
+            else:
+                run_id = before["id"] if before else secrets.token_hex(4)
+                mirror = _Wandb(run_dir, config, run_id)
+                state[name] = {"held": held, "active": True, "id": run_id, "project": _wandb_project(config),
+                               "mode": mirror.mode,
+                               "offline_runs": sorted({*(before or {}).get("offline_runs", []),
+                                                       *mirror.offline_runs})}
+            opened.append(_Held(mirror, held))
+            for row in kept:  # what it missed: the rows of sessions without it
+                if row["split"] != "test" and row["step"] > held:
+                    mirror.log(row)
+        _write_state(run_dir / STATE_NAME, state)
+    except BaseException:
+        for held_mirror in opened:
+            held_mirror.close()
+        raise
+    return opened
+
+
+def _held(before: dict[str, Any] | None, last_step: int, checkpoint_step: int, *, rewinds: bool) -> int:
+    """Up to which step a logger holds every row: what it received in the sessions it was active in.
+    One that can take rows back (TensorBoard) drops those after the checkpoint resumed from."""
+    if before is None:
+        return 0
+    held = last_step if before.get("active") else int(before.get("held", 0))
+    return min(held, checkpoint_step) if rewinds else held
+
+
+class _Held:
+    """A logger that skips the train and validation rows it already holds (W&B after a crash)."""
+
+    def __init__(self, mirror: Any, held: int) -> None:
+        self.mirror, self.held = mirror, held
+
+    def log(self, row: dict[str, Any]) -> None:
+        if row["split"] == "test" or row["step"] > self.held:
+            self.mirror.log(row)
+
+    def close(self) -> None:
+        self.mirror.close()
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "read", path)) from None
+    except ValueError:
+        state = None
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        raise FileError(f"{path} is damaged (not the loggers' JSON record); delete it: the loggers then "
+                        "start afresh (a new W&B run, TensorBoard sent every row again)")
+    return state
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    try:
+        write_text_atomically(path, json.dumps(state, indent=2) + "\n")
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "write", path)) from None
+
+
+def _hyperparameters(config: Config) -> dict[str, Any]:
+    """The config as flat ``section.key`` hyperparameters (folders left out: they say where, not what)."""
+    flat = {"preset": config.preset}
+    for section, values in config_to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+    for key in ("data.data_dir", "data.cache_dir", "run.run_dir"):
+        flat.pop(key, None)
+    return flat
+
+
+class _TensorBoard:
+    """Scalars in ``RUN/tensorboard/`` through torch's SummaryWriter; the config as hyperparameters."""
+
+    def __init__(self, run_dir: Path, config: Config, *, purge_from: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        # purge_step: TensorBoard drops the earlier events of steps >= purge_from (rows after the checkpoint)
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_from, flush_secs=10)
+        values = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                  for k, v in _hyperparameters(config).items()}
+        for summary in hparams(values, {"test/acc": 0.0, "validation/acc": 0.0}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "```\n" + json.dumps(config_to_dict(config), indent=2) + "\n```",
+                             global_step=purge_from or 0)
+
+    def log(self, row: dict[str, Any]) -> None:
+        for tag, value in scalars(row).items():
+            self.writer.add_scalar(tag, value, global_step=row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _wandb_project(config: Config) -> str:
+    return config.run.wandb_project or os.environ.get("WANDB_PROJECT") or "metagrad"
+
+
+class _Wandb:
+    """A W&B run (offline without an API key): train and validation rows as history, the test row as
+    its summary, the config as its config."""
+
+    def __init__(self, run_dir: Path, config: Config, run_id: str) -> None:
+        import wandb
+
+        self.mode = os.environ.get("WANDB_MODE") or (
+            "online" if wandb.login(prompt=False, verify=False) else "offline")
+        try:
+            self.run = wandb.init(
+                project=_wandb_project(config), id=run_id, resume="allow", mode=self.mode, dir=str(run_dir),
+                name=os.environ.get("WANDB_NAME") or run_dir.name, config=_hyperparameters(config),
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as exc:  # noqa: BLE001  (W&B's own errors: no server, a bad key, a bad setting)
+            raise ConfigError(f"W&B could not start the run ({type(exc).__name__}: {exc}); log offline with "
+                              "WANDB_MODE=offline, or drop --logger wandb") from None
+        self.run.config.update(_hyperparameters(config), allow_val_change=True)  # a resume may change some
+        sync_dir = Path(self.run.settings.sync_dir)
+        self.offline_runs = [str(sync_dir.relative_to(run_dir))] if self.mode == "offline" else []
+        if self.mode == "offline":
+            logger.info("W&B run %s logged offline in %s; upload it with: wandb sync %s", run_id, sync_dir,
+                        sync_dir)
+        elif self.mode != "disabled":
+            logger.info("W&B run %s", self.run.url)
+
+    def log(self, row: dict[str, Any]) -> None:
+        values = scalars(row)
+        if row["split"] == "test":  # its step is the tested checkpoint's, before the last: a summary
+            self.run.summary.update({**values, "test/step": row["step"]})
+        else:
+            self.run.log(values, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,272 @@
+"""TensorBoard and W&B mirror metrics.jsonl: read back with TensorBoard's own reader and from W&B's offline
+run files, after a plain run, a crash and resume, and a logger added on resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tiny_run import tiny_config
+
+from metagrad.cli import main
+from metagrad.errors import ConfigError
+from metagrad.training import loop
+from metagrad.training.loggers import scalars
+from metagrad.training.loop import run
+from metagrad.training.metrics import WALL_CLOCK_COLUMNS, read_metrics
+
+pytest.importorskip("tensorboard", reason="the tensorboard extra (in .[dev]) is not installed")
+pytest.importorskip("wandb", reason="the wandb extra (in .[dev]) is not installed")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+from wandb.proto import wandb_internal_pb2  # noqa: E402
+
+# 8 iterations, validation every 2, a checkpoint every 3: a crash at 5 leaves rows 4 and 5 - 1 = 4
+# written past the checkpoint at 3.
+OVERRIDES = {"meta.iterations": 8, "run.checkpoint_every": 3}
+
+
+class _Crash(Exception):
+    """Stands in for a crash between checkpoints."""
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No W&B account, key or setting of the user's: W&B must choose offline mode by itself."""
+    for name in list(os.environ):
+        if name.startswith("WANDB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.config/wandb
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # nothing leaves the machine, even on an error
+
+
+def _crash_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    real, calls = loop.compute_meta_gradients, {"n": 0}
+
+    def compute(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == iteration:
+            raise _Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_meta_gradients", compute)
+
+
+def _crash_then_resume(run_dir: Path, monkeypatch: pytest.MonkeyPatch, before: str, after: str) -> None:
+    with monkeypatch.context() as mp:
+        _crash_at(mp, 5)
+        with pytest.raises(_Crash):
+            run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": before}), quiet=True)
+    assert max(r["step"] for r in read_metrics(run_dir)) == 4  # one row past the checkpoint at 3
+    run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": after}), resume=True, quiet=True)
+
+
+def _expected(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every number of metrics.jsonl as ``{tag: [(step, value)]}``."""
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for row in read_metrics(run_dir):
+        for tag, value in scalars(row).items():
+            expected.setdefault(tag, []).append((row["step"], value))
+    return expected
+
+
+def _tensorboard(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _assert_tensorboard_mirrors_metrics(run_dir: Path) -> None:
+    events, expected = _tensorboard(run_dir), _expected(run_dir)
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for tag, points in expected.items():
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        # TensorBoard stores float32; the wall-clock columns of resumed steps are the second run's
+        assert logged == [(step, _float32(value)) for step, value in points], tag
+
+
+def test_tensorboard_mirrors_metrics_jsonl(tmp_path: Path, fake_data: list) -> None:
+    run_dir = tmp_path / "run"
+    run(tiny_config(run_dir, **{"run.loggers": "tensorboard", "meta.learned_inner_lr": "per-layer-per-step"}),
+        quiet=True)
+    _assert_tensorboard_mirrors_metrics(run_dir)
+    tags = _tensorboard(run_dir).Tags()["scalars"]
+    assert {"train/loss", "train/acc", "train/lr", "train/grad_norm", "train/sec_per_iter", "train/peak_mem_mb",
+            "train/train_seconds", "validation/acc", "validation/acc_ci95", "test/acc", "test/acc_ci95",
+            "train/inner_lr.0.classifier.weight"} <= set(tags)
+    # The resolved config as hyperparameters, the test accuracy as their metric.
+    content = _tensorboard(run_dir).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["meta.learned_inner_lr"].string_value == "per-layer-per-step"
+    assert hparams["data.ways"].number_value == 3 and hparams["preset"].string_value == "omniglot-maml-5w1s"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    assert "test/acc" in {m.name.tag for m in experiment.experiment.metric_infos}
+
+
+@pytest.mark.parametrize("before", ["tensorboard", ""], ids=["logged-throughout", "added-on-resume"])
+def test_tensorboard_after_a_resume_has_each_step_once(tmp_path: Path, fake_data: list, before: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    _crash_then_resume(run_dir, monkeypatch, before, "tensorboard")
+    events = _tensorboard(run_dir)
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in events.Scalars("validation/acc")] == [2, 4, 6, 8]
+    _assert_tensorboard_mirrors_metrics(run_dir)
+    if before:  # the step written after the checkpoint and dropped is in the event file, purged by the reader
+        assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def _wandb_records(path: Path) -> list[Any]:
+    """The records of a W&B ``.wandb`` file: a 7-byte header, then LevelDB's log format (32 KiB blocks of
+    chunks, each with a 7-byte header: CRC, length, type full/first/middle/last) of protobuf Records."""
+    data, records, pending, position = path.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:
+            break
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # full or last chunk
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def _wandb_history(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(history rows, config, summary) of an offline run folder."""
+    (path,) = folder.glob("run-*.wandb")
+    history, config, summary = [], {}, {}
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+    return history, config, summary
+
+
+def test_wandb_offline_without_an_account_and_resumed(tmp_path: Path, fake_data: list, offline_wandb: None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    _crash_then_resume(run_dir, monkeypatch, "wandb", "wandb")
+    state = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    assert state["mode"] == "offline" and state["project"] == "metagrad"
+    folders = [run_dir / name for name in state["offline_runs"]]  # one per session, the same run id
+    assert len(folders) == 2 and all(f.name.endswith("-" + state["id"]) and f.is_dir() for f in folders)
+
+    # History: every train and validation row once over both sessions, as in metrics.jsonl.
+    history = [row for folder in folders for row in _wandb_history(folder)[0]]
+    assert sorted(Counter(row["_step"] for row in history).items()) == [(s, 1) for s in range(1, 9)]
+    logged = {row["_step"]: row for row in history}
+    rows = read_metrics(run_dir)
+    for row in rows:
+        if row["split"] == "test":
+            continue
+        for tag, value in scalars(row).items():
+            assert tag in logged[row["step"]], tag
+            if tag.split("/")[1] not in WALL_CLOCK_COLUMNS:  # step 4 was logged before the crash
+                assert logged[row["step"]][tag] == value, (row["step"], tag)
+    # The config as the run's config, the test row as its summary.
+    _, config, summary = _wandb_history(folders[1])
+    assert config["meta.iterations"] == 8 and config["data.ways"] == 3
+    test = rows[-1]
+    assert test["split"] == "test"
+    assert summary["test/acc"] == test["acc"] and summary["test/acc_ci95"] == test["acc_ci95"]
+    assert summary["test/step"] == test["step"]
+
+
+def test_a_new_wandb_project_on_resume_gets_the_whole_run(tmp_path: Path, fake_data: list,
+                                                          offline_wandb: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        _crash_at(mp, 5)
+        with pytest.raises(_Crash):
+            run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "wandb"}), quiet=True)
+    first = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "wandb", "run.wandb_project": "other"}),
+        resume=True, quiet=True)
+    state = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    assert state["project"] == "other" and state["id"] != first["id"]
+    (folder,) = [run_dir / name for name in state["offline_runs"]]
+    assert [row["_step"] for row in _wandb_history(folder)[0]] == list(range(1, 9))
+
+
+def test_a_missing_extra_fails_before_the_run_folder(tmp_path: Path, fake_data: list,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    run_dir = tmp_path / "run"
+    code = main(["train", "--run-dir", str(run_dir), "--logger", "tensorboard,wandb", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--logger wandb needs the wandb package" in err and "pip install 'metagrad[wandb]'" in err
+    assert "Traceback" not in err and not run_dir.exists()
+
+
+def test_unknown_logger_lists_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown logger 'mlflow' in run.loggers .*tensorboard, wandb"):
+        tiny_config(tmp_path, **{"run.loggers": "tensorboard,mlflow"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_run_over_http(tmp_path: Path, fake_data: list) -> None:
+    run_dir = tmp_path / "run"
+    run(tiny_config(run_dir, **{"run.loggers": "tensorboard"}), quiet=True)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        query = urllib.parse.urlencode({"run": "run/tensorboard", "tag": "validation/acc"})
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}"
+        deadline, points = time.monotonic() + 120, None
+        while time.monotonic() < deadline and points is None:
+            assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+            except (OSError, ValueError):
+                time.sleep(1)
+        assert points is not None, "TensorBoard did not answer within 2 minutes"
+        expected = [(r["step"], r["acc"]) for r in read_metrics(run_dir) if r["split"] == "validation"]
+        assert [(step, value) for _wall, step, value in points] == [
+            (step, _float32(acc)) for step, acc in expected]
+        assert all(math.isfinite(value) for _w, _s, value in points)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
