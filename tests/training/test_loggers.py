@@ -30,9 +30,9 @@ from metagrad.training.metrics import WALL_CLOCK_COLUMNS, read_metrics
 pytest.importorskip("tensorboard", reason="the tensorboard extra (in .[dev]) is not installed")
 pytest.importorskip("wandb", reason="the wandb extra (in .[dev]) is not installed")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
-from wandb.proto import wandb_internal_pb2  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from wandb.proto import wandb_internal_pb2
 
 # 8 iterations, validation every 2, a checkpoint every 3: a crash at 5 leaves rows 4 and 5 - 1 = 4
 # written past the checkpoint at 3.
@@ -109,9 +109,9 @@ def test_tensorboard_mirrors_metrics_jsonl(tmp_path: Path, fake_data: list) -> N
         quiet=True)
     _assert_tensorboard_mirrors_metrics(run_dir)
     tags = _tensorboard(run_dir).Tags()["scalars"]
-    assert {"train/loss", "train/acc", "train/lr", "train/grad_norm", "train/sec_per_iter", "train/peak_mem_mb",
-            "train/train_seconds", "validation/acc", "validation/acc_ci95", "test/acc", "test/acc_ci95",
-            "train/inner_lr.0.classifier.weight"} <= set(tags)
+    assert {"train/loss", "train/acc", "train/lr", "train/grad_norm", "train/sec_per_iter",
+            "train/peak_mem_mb", "train/train_seconds", "validation/acc", "validation/acc_ci95", "test/acc",
+            "test/acc_ci95", "train/inner_lr.0.classifier.weight"} <= set(tags)
     # The resolved config as hyperparameters, the test accuracy as their metric.
     content = _tensorboard(run_dir).PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
@@ -133,6 +133,24 @@ def test_tensorboard_after_a_resume_has_each_step_once(tmp_path: Path, fake_data
     _assert_tensorboard_mirrors_metrics(run_dir)
     if before:  # the step written after the checkpoint and dropped is in the event file, purged by the reader
         assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def test_tensorboard_dropped_for_a_session_then_back(tmp_path: Path, fake_data: list,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1: logged up to 4 (checkpoint 3), crash; 2: without TensorBoard, 4-6 (checkpoint 6), crash;
+    # 3: TensorBoard again from 6: it drops its 4, is sent 4-6 from metrics.jsonl, then logs 7-8.
+    run_dir = tmp_path / "run"
+    for loggers, crash in (("tensorboard", 5), ("", 4)):
+        with monkeypatch.context() as mp:
+            _crash_at(mp, crash)
+            with pytest.raises(_Crash):
+                run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": loggers}), resume=loggers == "",
+                    quiet=True)
+    assert json.loads((run_dir / "loggers.json").read_text())["tensorboard"] == {
+        "held": 3, "active": False, "log_dir": "tensorboard"}
+    run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "tensorboard"}), resume=True, quiet=True)
+    assert [e.step for e in _tensorboard(run_dir).Scalars("train/loss")] == list(range(1, 9))
+    _assert_tensorboard_mirrors_metrics(run_dir)
 
 
 def _wandb_records(path: Path) -> list[Any]:
@@ -249,7 +267,7 @@ def test_tensorboard_serves_the_run_over_http(tmp_path: Path, fake_data: list) -
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1"],
+         "--port", str(port), "--reload_interval", "1", "--load_fast", "false"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         query = urllib.parse.urlencode({"run": "run/tensorboard", "tag": "validation/acc"})
