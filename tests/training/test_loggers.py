@@ -22,17 +22,17 @@ from tiny_run import tiny_config
 
 from metagrad.cli import main
 from metagrad.errors import ConfigError
-from metagrad.training import loop
-from metagrad.training.loggers import scalars
+from metagrad.training import loggers, loop
+from metagrad.training.loggers import scalars, wandb_records
 from metagrad.training.loop import run
 from metagrad.training.metrics import WALL_CLOCK_COLUMNS, read_metrics
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (in .[dev]) is not installed")
 pytest.importorskip("wandb", reason="the wandb extra (in .[dev]) is not installed")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from wandb.proto import wandb_internal_pb2
+from tensorboard.util import tensor_util
 
 # 8 iterations, validation every 2, a checkpoint every 3: a crash at 5 leaves rows 4 and 5 - 1 = 4
 # written past the checkpoint at 3.
@@ -84,10 +84,25 @@ def _expected(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return expected
 
 
-def _tensorboard(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+def _tensorboard(run_dir: Path) -> event_accumulator.EventAccumulator:
+    events = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"),
+                                                size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     return events
+
+
+def _tensorboard_scalars(run_dir: Path) -> list[dict[str, list[tuple[int, float]]]]:
+    """``{tag: [(step, value)]}`` as TensorBoard's two readers see them: the classic EventAccumulator and
+    the one its server uses (``--load_fast=false``), which purge a restarted run's events differently."""
+    classic = _tensorboard(run_dir)
+    server = plugin_event_accumulator.EventAccumulator(str(run_dir / "tensorboard"),
+                                                       size_guidance={"tensors": 0})
+    server.Reload()
+    return [
+        {tag: [(e.step, e.value) for e in classic.Scalars(tag)] for tag in classic.Tags()["scalars"]},
+        {tag: [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in server.Tensors(tag)]
+         for tag in server.PluginTagToContent("scalars")},
+    ]
 
 
 def _float32(value: float) -> float:
@@ -95,12 +110,12 @@ def _float32(value: float) -> float:
 
 
 def _assert_tensorboard_mirrors_metrics(run_dir: Path) -> None:
-    events, expected = _tensorboard(run_dir), _expected(run_dir)
-    assert sorted(events.Tags()["scalars"]) == sorted(expected)
-    for tag, points in expected.items():
-        logged = [(e.step, e.value) for e in events.Scalars(tag)]
-        # TensorBoard stores float32; the wall-clock columns of resumed steps are the second run's
-        assert logged == [(step, _float32(value)) for step, value in points], tag
+    expected = _expected(run_dir)
+    for logged in _tensorboard_scalars(run_dir):
+        assert sorted(logged) == sorted(expected)
+        for tag, points in expected.items():
+            # TensorBoard stores float32; the wall-clock columns of resumed steps are the second run's
+            assert logged[tag] == [(step, _float32(value)) for step, value in points], tag
 
 
 def test_tensorboard_mirrors_metrics_jsonl(tmp_path: Path, fake_data: list) -> None:
@@ -127,9 +142,9 @@ def test_tensorboard_after_a_resume_has_each_step_once(tmp_path: Path, fake_data
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
     _crash_then_resume(run_dir, monkeypatch, before, "tensorboard")
-    events = _tensorboard(run_dir)
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
-    assert [e.step for e in events.Scalars("validation/acc")] == [2, 4, 6, 8]
+    for logged in _tensorboard_scalars(run_dir):
+        assert [step for step, _ in logged["train/loss"]] == list(range(1, 9))
+        assert [step for step, _ in logged["validation/acc"]] == [2, 4, 6, 8]
     _assert_tensorboard_mirrors_metrics(run_dir)
     if before:  # the step written after the checkpoint and dropped is in the event file, purged by the reader
         assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
@@ -140,44 +155,23 @@ def test_tensorboard_dropped_for_a_session_then_back(tmp_path: Path, fake_data: 
     # 1: logged up to 4 (checkpoint 3), crash; 2: without TensorBoard, 4-6 (checkpoint 6), crash;
     # 3: TensorBoard again from 6: it drops its 4, is sent 4-6 from metrics.jsonl, then logs 7-8.
     run_dir = tmp_path / "run"
-    for loggers, crash in (("tensorboard", 5), ("", 4)):
+    for names, crash in (("tensorboard", 5), ("", 4)):
         with monkeypatch.context() as mp:
             _crash_at(mp, crash)
             with pytest.raises(_Crash):
-                run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": loggers}), resume=loggers == "",
+                run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": names}), resume=names == "",
                     quiet=True)
     assert json.loads((run_dir / "loggers.json").read_text())["tensorboard"] == {
         "held": 3, "active": False, "log_dir": "tensorboard"}
     run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "tensorboard"}), resume=True, quiet=True)
-    assert [e.step for e in _tensorboard(run_dir).Scalars("train/loss")] == list(range(1, 9))
     _assert_tensorboard_mirrors_metrics(run_dir)
-
-
-def _wandb_records(path: Path) -> list[Any]:
-    """The records of a W&B ``.wandb`` file: a 7-byte header, then LevelDB's log format (32 KiB blocks of
-    chunks, each with a 7-byte header: CRC, length, type full/first/middle/last) of protobuf Records."""
-    data, records, pending, position = path.read_bytes(), [], b"", 7
-    assert data[:4] == b":W&B"
-    while position + 7 <= len(data):
-        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
-            position += 32768 - position % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:
-            break
-        pending += data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # full or last chunk
-            records.append(wandb_internal_pb2.Record.FromString(pending))
-            pending = b""
-    return records
 
 
 def _wandb_history(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """(history rows, config, summary) of an offline run folder."""
     (path,) = folder.glob("run-*.wandb")
     history, config, summary = [], {}, {}
-    for record in _wandb_records(path):
+    for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
@@ -220,6 +214,28 @@ def test_wandb_offline_without_an_account_and_resumed(tmp_path: Path, fake_data:
     assert summary["test/step"] == test["step"]
 
 
+def test_wandb_rows_lost_in_a_crash_are_sent_again(tmp_path: Path, fake_data: list, offline_wandb: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # kill -9 loses what W&B had not flushed to its run file (every 15 s): here steps 3 and 4. The resumed
+    # run reads the run file, is sent step 3 from metrics.jsonl (before the checkpoint) and redoes 4.
+    run_dir = tmp_path / "run"
+    real_log = loggers._Wandb.log
+
+    def unflushed(self: Any, row: dict[str, Any]) -> None:
+        if row["split"] == "test" or row["step"] < 3:
+            real_log(self, row)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loggers._Wandb, "log", unflushed)
+        _crash_at(mp, 5)
+        with pytest.raises(_Crash):
+            run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "wandb"}), quiet=True)
+    run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "wandb"}), resume=True, quiet=True)
+    state = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    steps = [[row["_step"] for row in _wandb_history(run_dir / name)[0]] for name in state["offline_runs"]]
+    assert steps == [[1, 2], [3, 4, 5, 6, 7, 8]]
+
+
 def test_a_new_wandb_project_on_resume_gets_the_whole_run(tmp_path: Path, fake_data: list,
                                                           offline_wandb: None,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,30 +276,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(logdir: Path, load_fast: str) -> tuple[subprocess.Popen, int]:
+    """Start ``tensorboard --logdir`` on a free port of 127.0.0.1 (another one if its fast loader's own
+    server took that port meanwhile)."""
+    for _attempt in range(3):
+        port = _free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+             "--port", str(port), "--reload_interval", "1", "--load_fast", load_fast],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            server.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            return server, port
+        if "could not bind" not in (server.stderr.read() if server.stderr else ""):
+            break
+    pytest.fail(f"tensorboard did not start: {server.stderr.read() if server.stderr else ''}")
+
+
 @pytest.mark.slow
-def test_tensorboard_serves_the_run_over_http(tmp_path: Path, fake_data: list) -> None:
+@pytest.mark.parametrize("load_fast", ["true", "false"])  # its Rust data server, and its Python loader
+def test_tensorboard_serves_a_resumed_run_over_http(tmp_path: Path, fake_data: list, load_fast: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
-    run(tiny_config(run_dir, **{"run.loggers": "tensorboard"}), quiet=True)
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1", "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _crash_then_resume(run_dir, monkeypatch, "tensorboard", "tensorboard")
+    server, port = _serve(tmp_path, load_fast)
     try:
         query = urllib.parse.urlencode({"run": "run/tensorboard", "tag": "validation/acc"})
         url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}"
         deadline, points = time.monotonic() + 120, None
         while time.monotonic() < deadline and points is None:
-            assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
                     points = json.loads(response.read())
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # not serving yet, or the run not loaded yet
                 time.sleep(1)
         assert points is not None, "TensorBoard did not answer within 2 minutes"
         expected = [(r["step"], r["acc"]) for r in read_metrics(run_dir) if r["split"] == "validation"]
         assert [(step, value) for _wall, step, value in points] == [
-            (step, _float32(acc)) for step, acc in expected]
+            (step, _float32(acc)) for step, acc in expected]  # each step once, after the resume too
         assert all(math.isfinite(value) for _w, _s, value in points)
     finally:
         server.terminate()

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import secrets
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from metagrad.data._io import write_text_atomically
 from metagrad.errors import ConfigError, FileError, describe_os_error
 from metagrad.training.config import Config, config_to_dict, logger_names
 
-__all__ = ["STATE_NAME", "TENSORBOARD_DIR", "WANDB_DIR", "check_installed", "open_loggers", "scalars"]
+__all__ = ["STATE_NAME", "TENSORBOARD_DIR", "WANDB_DIR", "check_installed", "open_loggers", "scalars",
+           "wandb_history_steps", "wandb_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,54 +102,57 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], last
     state: dict[str, Any] = {}
     opened: list[_Held] = []
     try:
-        for name in ("tensorboard", "wandb"):
-            before = previous.get(name)
-            if name == "wandb" and before is not None and before.get("project") != _wandb_project(config):
-                before = None  # another project: a new W&B run there, sent the whole run
-            held = _held(before, last_step, checkpoint_step, rewinds=name == "tensorboard")
-            if name not in names:
-                if before is not None:
-                    state[name] = {**before, "held": held, "active": False}
-                continue
-            if name == "tensorboard":
-                mirror: Any = _TensorBoard(run_dir, config, purge_from=held + 1 if before else None)
-                state[name] = {"held": held, "active": True, "log_dir": TENSORBOARD_DIR}
-            else:
-                run_id = before["id"] if before else secrets.token_hex(4)
-                mirror = _Wandb(run_dir, config, run_id)
-                state[name] = {"held": held, "active": True, "id": run_id, "project": _wandb_project(config),
-                               "mode": mirror.mode,
-                               "offline_runs": sorted({*(before or {}).get("offline_runs", []),
-                                                       *mirror.offline_runs})}
-            opened.append(_Held(mirror, held))
-            for row in kept:  # what it missed: the rows of sessions without it
-                if row["split"] != "test" and row["step"] > held:
-                    mirror.log(row)
+        tensorboard = previous.get("tensorboard")
+        if "tensorboard" in names:
+            held = _tensorboard_held(tensorboard, last_step, checkpoint_step)
+            opened.append(_Held(_TensorBoard(run_dir, config, purge_from=held + 1), held))
+            state["tensorboard"] = {"held": held, "active": True, "log_dir": TENSORBOARD_DIR}
+        elif tensorboard is not None:
+            state["tensorboard"] = {**tensorboard, "active": False,
+                                    "held": _tensorboard_held(tensorboard, last_step, checkpoint_step)}
+        wandb = previous.get("wandb")
+        if wandb is not None and wandb.get("project") != _wandb_project(config):
+            wandb = None  # another project: a new W&B run there, sent the whole run
+        if "wandb" in names:
+            run_id = wandb["id"] if wandb else secrets.token_hex(4)
+            earlier = (wandb or {}).get("offline_runs", [])
+            mirror = _Wandb(run_dir, config, run_id)
+            opened.append(_Held(mirror, mirror.steps_held([run_dir / name for name in earlier])))
+            state["wandb"] = {"active": True, "id": run_id, "project": _wandb_project(config),
+                              "mode": mirror.mode, "offline_runs": [*earlier, *mirror.offline_runs]}
+        elif wandb is not None:
+            state["wandb"] = {**wandb, "active": False}
+        for logger_ in opened:  # first what it missed: the rows of sessions without it
+            for row in kept:
+                logger_.log(row, replay=True)
         _write_state(run_dir / STATE_NAME, state)
     except BaseException:
-        for held_mirror in opened:
-            held_mirror.close()
+        for logger_ in opened:
+            logger_.close()
         raise
     return opened
 
 
-def _held(before: dict[str, Any] | None, last_step: int, checkpoint_step: int, *, rewinds: bool) -> int:
-    """Up to which step a logger holds every row: what it received in the sessions it was active in.
-    One that can take rows back (TensorBoard) drops those after the checkpoint resumed from."""
+def _tensorboard_held(before: dict[str, Any] | None, last_step: int, checkpoint_step: int) -> int:
+    """Up to which step TensorBoard holds every row: what it received in the sessions it was active in,
+    without the rows after the checkpoint resumed from (which it drops)."""
     if before is None:
         return 0
-    held = last_step if before.get("active") else int(before.get("held", 0))
-    return min(held, checkpoint_step) if rewinds else held
+    return min(last_step if before.get("active") else int(before.get("held", 0)), checkpoint_step)
 
 
 class _Held:
-    """A logger that skips the train and validation rows it already holds (W&B after a crash)."""
+    """A logger given only the train and validation rows it does not hold yet (W&B after a crash keeps
+    the rows it had past the checkpoint; they come again as the resumed run redoes those steps)."""
 
     def __init__(self, mirror: Any, held: int) -> None:
         self.mirror, self.held = mirror, held
 
-    def log(self, row: dict[str, Any]) -> None:
-        if row["split"] == "test" or row["step"] > self.held:
+    def log(self, row: dict[str, Any], replay: bool = False) -> None:
+        if row["split"] == "test":
+            if not replay:
+                self.mirror.log(row)
+        elif row["step"] > self.held:
             self.mirror.log(row)
 
     def close(self) -> None:
@@ -190,18 +195,20 @@ def _hyperparameters(config: Config) -> dict[str, Any]:
 class _TensorBoard:
     """Scalars in ``RUN/tensorboard/`` through torch's SummaryWriter; the config as hyperparameters."""
 
-    def __init__(self, run_dir: Path, config: Config, *, purge_from: int | None) -> None:
+    def __init__(self, run_dir: Path, config: Config, *, purge_from: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # purge_step: TensorBoard drops the earlier events of steps >= purge_from (rows after the checkpoint)
+        # Every session starts with a SessionLog START at purge_from; from the second on, TensorBoard
+        # drops the earlier events of steps >= purge_from (its server ignores a first START: a new run
+        # writes one too)
         self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_from, flush_secs=10)
         values = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
                   for k, v in _hyperparameters(config).items()}
         for summary in hparams(values, {"test/acc": 0.0, "validation/acc": 0.0}):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + json.dumps(config_to_dict(config), indent=2) + "\n```",
-                             global_step=purge_from or 0)
+                             global_step=purge_from)
 
     def log(self, row: dict[str, Any]) -> None:
         for tag, value in scalars(row).items():
@@ -224,6 +231,7 @@ class _Wandb:
 
         self.mode = os.environ.get("WANDB_MODE") or (
             "online" if wandb.login(prompt=False, verify=False) else "offline")
+        self.offline = self.mode in ("offline", "dryrun")
         try:
             self.run = wandb.init(
                 project=_wandb_project(config), id=run_id, resume="allow", mode=self.mode, dir=str(run_dir),
@@ -235,12 +243,20 @@ class _Wandb:
                               "WANDB_MODE=offline, or drop --logger wandb") from None
         self.run.config.update(_hyperparameters(config), allow_val_change=True)  # a resume may change some
         sync_dir = Path(self.run.settings.sync_dir)
-        self.offline_runs = [str(sync_dir.relative_to(run_dir))] if self.mode == "offline" else []
-        if self.mode == "offline":
-            logger.info("W&B run %s logged offline in %s; upload it with: wandb sync %s", run_id, sync_dir,
-                        sync_dir)
+        self.offline_runs = [os.path.relpath(sync_dir, run_dir) if sync_dir.is_relative_to(run_dir)
+                             else str(sync_dir)] if self.offline else []
+        if self.offline:
+            logger.info("W&B run %s is logged offline; upload it with: wandb sync %s", run_id, sync_dir)
         elif self.mode != "disabled":
             logger.info("W&B run %s", self.run.url)
+
+    def steps_held(self, earlier_offline_runs: list[Path]) -> int:
+        """The last step this W&B run already has: the server's (online), else the last one in the earlier
+        sessions' offline run files (what ``wandb sync`` uploads; a crash loses what W&B had not flushed)."""
+        if not self.offline:
+            return max(self.run.starting_step - 1, 0)
+        return max((step for folder in earlier_offline_runs for path in folder.glob("run-*.wandb")
+                    for step in wandb_history_steps(path)), default=0)
 
     def log(self, row: dict[str, Any]) -> None:
         values = scalars(row)
@@ -251,3 +267,44 @@ class _Wandb:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The records of a W&B ``.wandb`` file (an offline run's, as ``wandb sync`` reads it), as protobuf
+    ``Record`` messages; a record cut short by a crash is left out.
+
+    The format: a 7-byte header (``:W&B``, magic, version), then LevelDB's log format: 32 KiB blocks of
+    chunks, each with a 7-byte header (CRC, length, type: full, first, middle or last), a block's tail
+    too short for a header being padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32768, 7
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise FileError(f"{path} is not a W&B run file")
+    records, pending, position = [], b"", header
+    while position + header <= len(data):
+        if block - position % block < header:
+            position += block - position % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + header])
+        chunk = data[position + header:position + header + length]
+        if kind == 0 or len(chunk) < length:  # zeros past the last record, or a chunk cut short
+            break
+        position += header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # full, or the last chunk of a record
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def wandb_history_steps(path: Path) -> list[int]:
+    """The ``_step`` of each history record of a W&B ``.wandb`` file."""
+    steps = []
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            steps += [int(json.loads(item.value_json)) for item in record.history.item
+                      if (item.key or "/".join(item.nested_key)) == "_step"]
+    return steps
