@@ -14,13 +14,14 @@ only when asked for: ``pip install "metagrad[tensorboard]"`` / ``"metagrad[wandb
   ``wandb sync`` uploads it later. ``run.wandb_project`` names the project (else ``$WANDB_PROJECT``, else
   "metagrad"); ``WANDB_ENTITY``, ``WANDB_MODE`` and W&B's other variables apply as usual.
 
-Resuming: ``RUN/loggers.json`` records, per logger, up to which step it holds the rows (and W&B's run
-id and project). A resumed run continues the same TensorBoard log and the same W&B run, so that each
-step is there once: TensorBoard drops the rows written after the checkpoint (a ``purge_step``), W&B,
-which cannot take rows back, keeps them and is sent only the later ones (the values are the same: a
-resumed run recomputes them bit for bit on CPU). A logger added on resume, or after a session without
-it, is first sent the rows it missed, from ``metrics.jsonl``. Changing ``run.wandb_project`` starts a
-new W&B run in that project, sent the whole run. Under torchrun only rank 0 logs.
+Resuming: ``RUN/loggers.json`` records W&B's run id and project and up to which step TensorBoard holds
+the rows. A resumed run continues the same TensorBoard log and the same W&B run, each step there once:
+TensorBoard drops the rows written after the checkpoint (every session starts with a ``purge_step``);
+W&B, which cannot take rows back, keeps those it has (its server's count online, its run files
+offline) and is sent only the later ones (the values are the same: a resumed run recomputes them bit
+for bit on CPU). A logger added on resume, or after a session without it, is first sent the rows it
+missed, from ``metrics.jsonl``. Changing ``run.wandb_project`` starts a new W&B run in that project,
+sent the whole run. Under torchrun only rank 0 logs.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
             and not isinstance(value, bool)}
 
 
-def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], last_step: int,
-                 checkpoint_step: int) -> list[_Held]:
+def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], checkpoint_step: int
+                 ) -> list[_Held]:
     """Open the loggers ``config.run.loggers`` names, each sent first the rows it lacks, and record in
     ``RUN/loggers.json`` what each holds.
 
@@ -86,8 +87,6 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], last
         config: the run's config (its hyperparameters are logged).
         run_dir: the run folder.
         kept: the metric rows the run keeps (``MetricsWriter.kept``: up to the checkpoint resumed from).
-        last_step: the last train or validation step the metrics held before a resume cut them back
-            (``MetricsWriter.last_step``): what a logger active in the previous session received.
         checkpoint_step: the iteration the run resumes from (0 for a new run).
 
     Returns:
@@ -104,12 +103,12 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], last
     try:
         tensorboard = previous.get("tensorboard")
         if "tensorboard" in names:
-            held = _tensorboard_held(tensorboard, last_step, checkpoint_step)
+            held = _tensorboard_held(tensorboard, checkpoint_step)
             opened.append(_Held(_TensorBoard(run_dir, config, purge_from=held + 1), held))
             state["tensorboard"] = {"held": held, "active": True, "log_dir": TENSORBOARD_DIR}
         elif tensorboard is not None:
             state["tensorboard"] = {**tensorboard, "active": False,
-                                    "held": _tensorboard_held(tensorboard, last_step, checkpoint_step)}
+                                    "held": _tensorboard_held(tensorboard, checkpoint_step)}
         wandb = previous.get("wandb")
         if wandb is not None and wandb.get("project") != _wandb_project(config):
             wandb = None  # another project: a new W&B run there, sent the whole run
@@ -133,12 +132,12 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], last
     return opened
 
 
-def _tensorboard_held(before: dict[str, Any] | None, last_step: int, checkpoint_step: int) -> int:
-    """Up to which step TensorBoard holds every row: what it received in the sessions it was active in,
-    without the rows after the checkpoint resumed from (which it drops)."""
+def _tensorboard_held(before: dict[str, Any] | None, checkpoint_step: int) -> int:
+    """Up to which step TensorBoard holds every row: all of them up to the checkpoint resumed from if it
+    logged the previous session (it drops those after), else what it held then."""
     if before is None:
         return 0
-    return min(last_step if before.get("active") else int(before.get("held", 0)), checkpoint_step)
+    return checkpoint_step if before.get("active") else min(int(before.get("held", 0)), checkpoint_step)
 
 
 class _Held:

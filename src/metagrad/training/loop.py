@@ -242,7 +242,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         writer = MetricsWriter(run_dir, offsets, COLUMNS + rate_columns(learner.rates))
     try:
         if writer is not None:
-            writer.mirror(open_loggers(config, run_dir, writer.kept, writer.last_step, state.iteration))
+            writer.mirror(open_loggers(config, run_dir, writer.kept, state.iteration))
         with StopFlag(keep_handlers=world.size > 1) as stop:
             progress = Progress(meta.iterations, state.iteration, config.run.log_every,
                                 enabled=not quiet and world.is_main)

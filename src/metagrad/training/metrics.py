@@ -128,8 +128,6 @@ class MetricsWriter:
 
     Attributes:
         kept: the rows a resumed run keeps (those the checkpoint saw), in order; [] for a new run.
-        last_step: the highest step of a train or validation row the files held before they were cut
-            back (rows written after the checkpoint included); 0 for a new run.
 
     Raises:
         TrainingError: a file is shorter than ``offsets`` says (it was edited or lost since).
@@ -143,14 +141,13 @@ class MetricsWriter:
         self.columns = tuple(columns)
         self.csv_columns = self.columns
         self.kept: list[dict[str, Any]] = []
-        self.last_step = 0
         self._mirrors: list[Mirror] = []
         with self._failing_as(self.jsonl_path):
             if offsets is None:
                 # both stay open for the whole run (one row per iteration) and are closed by close()
                 self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115
             else:
-                self.kept, self.last_step = _rows_around(self.jsonl_path, offsets["jsonl"])
+                self.kept = _rows_before(self.jsonl_path, offsets["jsonl"])
                 self._jsonl = _open_truncated(self.jsonl_path, offsets["jsonl"])
         with self._failing_as(self.csv_path):
             if offsets is None:
@@ -230,25 +227,14 @@ def _open_truncated(path: Path, size: int) -> io.TextIOWrapper:
     return handle
 
 
-def _rows_around(path: Path, size: int) -> tuple[list[dict[str, Any]], int]:
-    """The rows of the first ``size`` bytes of ``path``, and the highest train or validation step of all
-    its rows (a line cut short by a crash is skipped)."""
+def _rows_before(path: Path, size: int) -> list[dict[str, Any]]:
+    """The rows of the first ``size`` bytes of ``path`` (none if it is missing)."""
     try:
-        data = path.read_bytes()
+        data = path.read_bytes()[:size]
     except FileNotFoundError:
-        return [], 0
-    kept = [_parse_row(line.decode("utf-8", "replace"), path, number)
-            for number, line in enumerate(data[:size].splitlines(keepends=True), start=1)]
-    last = max((r["step"] for r in kept if r["split"] != "test"), default=0)
-    for line in data[size:].splitlines(keepends=True):
-        try:
-            row = json.loads(line) if line.endswith(b"\n") else None
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and row.get("split") in ("train", "validation") \
-                and isinstance(row.get("step"), int):
-            last = max(last, row["step"])
-    return kept, last
+        return []
+    return [_parse_row(line.decode("utf-8", "replace"), path, number)
+            for number, line in enumerate(data.splitlines(keepends=True), start=1)]
 
 
 def _csv_header(path: Path) -> tuple[str, ...] | None:
