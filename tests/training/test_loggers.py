@@ -265,6 +265,25 @@ def test_a_missing_extra_fails_before_the_run_folder(tmp_path: Path, fake_data: 
     assert "Traceback" not in err and not run_dir.exists()
 
 
+def test_overwrite_replaces_the_tensorboard_log_and_a_linked_log_folder_is_refused(
+        tmp_path: Path, fake_data: list) -> None:
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, **{"run.loggers": "tensorboard", "meta.iterations": 2})
+    run(config, quiet=True)
+    run(config, quiet=True, overwrite=True)  # the first run's events are removed with its other files
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    _assert_tensorboard_mirrors_metrics(run_dir)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tensorboard").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match="other/tensorboard is a link .*replace the link by a folder"):
+        run(tiny_config(other, **{"run.loggers": "tensorboard"}), quiet=True)
+    assert not list(elsewhere.iterdir())
+
+
 def test_unknown_logger_lists_the_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown logger 'mlflow' in run.loggers .*tensorboard, wandb"):
         tiny_config(tmp_path, **{"run.loggers": "tensorboard,mlflow"})

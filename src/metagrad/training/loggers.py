@@ -93,10 +93,15 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], chec
         The loggers, ready for :meth:`MetricsWriter.mirror`.
 
     Raises:
-        ConfigError: a logger cannot start (W&B's message is given).
+        ConfigError: a logger cannot start (W&B's message is given), or its folder is a link.
         FileError: ``loggers.json`` cannot be read or written.
     """
     names = logger_names(config.run.loggers)
+    for name, folder in (("tensorboard", TENSORBOARD_DIR), ("wandb", WANDB_DIR)):
+        if name in names and (run_dir / folder).is_symlink():  # its writes would land outside the run
+            raise ConfigError(f"{run_dir / folder} is a link ({os.readlink(run_dir / folder)}): the run "
+                              f"writes its {name} log there; replace the link by a folder, or drop --logger "
+                              f"{name}")
     previous = _read_state(run_dir / STATE_NAME)
     state: dict[str, Any] = {}
     opened: list[_Held] = []

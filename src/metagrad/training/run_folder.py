@@ -89,7 +89,9 @@ def run_files(run_dir: Path) -> list[str]:
     those in ``top/`` and ``tensorboard/`` as ``top/<name>``, ``tensorboard/<name>``."""
     names = [p.name for p in run_dir.glob("*") if p.name in RUN_FILES or p.match("eval_*.json")]
     names += [f"{TOP_DIR}/{p.name}" for p in run_dir.glob(f"{TOP_DIR}/iteration_*.pt")]
-    names += [f"{TENSORBOARD_DIR}/{p.name}" for p in run_dir.glob(f"{TENSORBOARD_DIR}/events.out.tfevents.*")]
+    if not (run_dir / TENSORBOARD_DIR).is_symlink():  # never remove files through a link out of the run
+        events = run_dir.glob(f"{TENSORBOARD_DIR}/events.out.tfevents.*")
+        names += [f"{TENSORBOARD_DIR}/{p.name}" for p in events]
     return sorted(names)
 
 
