@@ -154,3 +154,25 @@ def test_a_damaged_metrics_line_is_named(tmp_path: Path, line: str) -> None:
         handle.write(line + "\n")
     with pytest.raises(FileError, match=r"line 2 of .*metrics.jsonl is not a metric row|is not UTF-8 text"):
         read_metrics(tmp_path)
+
+
+def test_a_runs_grad_norm_is_its_first_meta_gradients_norm(tmp_path: Path, fake_data: list) -> None:
+    # Iteration 1's meta-gradient again, outside the loop: the same initialization and the same tasks.
+    from tiny_run import tiny_config
+
+    from metagrad.data.episodes import task_generator
+    from metagrad.training.loop import compute_meta_gradients, run
+    from metagrad.training.setup import prepare
+
+    config = tiny_config(tmp_path / "run", **{"meta.iterations": 1, "meta.learned_inner_lr": "per-parameter"})
+    run(config, quiet=True)
+    first = read_metrics(tmp_path / "run")[0]
+    prepared = prepare(config, torch.device("cpu"), ("train",), init_seed=config.run.seed)
+    generator = task_generator(config.run.seed, "train")
+    episode = prepared.samplers["train"].sample(config.meta.meta_batch_size, generator)
+    _, grad_sum = compute_meta_gradients(prepared.learner, episode, config.meta)
+    expected = (grad_sum / config.meta.meta_batch_size).norm().item()  # parameters' and rates' gradients
+    assert first["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    saved = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["inner_lrs"]  # after the step
+    assert {f"inner_lr.{name}": rate.mean().item() for name, rate in saved.items()} == {
+        key: value for key, value in first.items() if key.startswith("inner_lr.")}

@@ -6,7 +6,7 @@ Every row has the same keys, :data:`COLUMNS` and a run's learned inner rates (:f
 ``acc``), ``sec_per_iter`` (train rows: the step's wall time), ``train_seconds`` (train and validation
 rows: the sum of ``sec_per_iter`` so far, over every resume: training time, evaluation excluded),
 ``tasks_per_sec``, ``lr`` (the meta learning rate), ``grad_norm`` (train: the meta-gradient's L2 norm),
-``peak_mem_mb`` (train: the process's peak so far, :func:`peak_memory_mb`) and, with learned inner
+``peak_mem_mb`` (train: rank 0's peak so far, :func:`peak_memory_mb`) and, with learned inner
 rates, ``inner_lr.<name>`` (train: each rate tensor's mean). Missing values are ``null`` in JSON and
 empty in CSV. Both files are appended one flushed line at a time; a checkpoint records their sizes so
 that a resumed run cuts them back to what the checkpoint saw. The loggers (TensorBoard, W&B:
@@ -91,9 +91,10 @@ def rate_values(rates: Params) -> dict[str, float]:
 
 
 def gradient_norm(params: Params) -> float:
-    """The L2 norm of the gradients held in ``params``' ``.grad`` (the meta-gradient), in float64."""
-    squares = [p.grad.detach().double().square().sum() for p in params.values() if p.grad is not None]
-    return math.sqrt(torch.stack(squares).sum().item()) if squares else 0.0
+    """The L2 norm of the gradients held in ``params``' ``.grad`` (the meta-gradient): each tensor's norm,
+    then theirs (no copy of the gradients; one device sync)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params.values() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms).double()).item() if norms else 0.0
 
 
 def peak_memory_mb(device: torch.device) -> float:
