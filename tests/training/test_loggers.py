@@ -265,6 +265,28 @@ def test_a_missing_extra_fails_before_the_run_folder(tmp_path: Path, fake_data: 
     assert "Traceback" not in err and not run_dir.exists()
 
 
+def test_a_failing_logger_is_turned_off_and_caught_up_on_resume(tmp_path: Path, fake_data: list,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "tensorboard"})
+    real_log = loggers._TensorBoard.log
+
+    def full_disk(self: Any, row: dict[str, Any]) -> None:
+        if row["step"] >= 3:
+            raise OSError(28, "No space left on device")
+        real_log(self, row)
+
+    with monkeypatch.context() as mp, caplog.at_level("WARNING", logger="metagrad"):
+        mp.setattr(loggers._TensorBoard, "log", full_disk)
+        run(config, quiet=True)  # the run is not lost to its logger
+    assert (run_dir / "results.json").is_file()
+    assert "tensorboard logging stopped at step 3 (OSError: [Errno 28] No space left" in caplog.text
+    assert json.loads((run_dir / "loggers.json").read_text())["tensorboard"]["held"] == 2
+    run(config, resume=True, quiet=True)  # finished: the meta-test again, and the rows TensorBoard lacks
+    _assert_tensorboard_mirrors_metrics(run_dir)
+
+
 def test_overwrite_replaces_the_tensorboard_log_and_a_linked_log_folder_is_refused(
         tmp_path: Path, fake_data: list) -> None:
     run_dir = tmp_path / "run"

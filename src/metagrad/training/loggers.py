@@ -26,6 +26,7 @@ sent the whole run. Under torchrun only rank 0 logs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -102,15 +103,17 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], chec
             raise ConfigError(f"{run_dir / folder} is a link ({os.readlink(run_dir / folder)}): the run "
                               f"writes its {name} log there; replace the link by a folder, or drop --logger "
                               f"{name}")
-    previous = _read_state(run_dir / STATE_NAME)
+    path = run_dir / STATE_NAME
+    previous = _read_state(path)
     state: dict[str, Any] = {}
     opened: list[_Held] = []
     try:
         tensorboard = previous.get("tensorboard")
         if "tensorboard" in names:
             held = _tensorboard_held(tensorboard, checkpoint_step)
-            opened.append(_Held(_TensorBoard(run_dir, config, purge_from=held + 1), held))
             state["tensorboard"] = {"held": held, "active": True, "log_dir": TENSORBOARD_DIR}
+            mirror: Any = _TensorBoard(run_dir, config, purge_from=held + 1)
+            opened.append(_Held("tensorboard", mirror, held, state, path))
         elif tensorboard is not None:
             state["tensorboard"] = {**tensorboard, "active": False,
                                     "held": _tensorboard_held(tensorboard, checkpoint_step)}
@@ -121,15 +124,16 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], chec
             run_id = wandb["id"] if wandb else secrets.token_hex(4)
             earlier = (wandb or {}).get("offline_runs", [])
             mirror = _Wandb(run_dir, config, run_id)
-            opened.append(_Held(mirror, mirror.steps_held([run_dir / name for name in earlier])))
             state["wandb"] = {"active": True, "id": run_id, "project": _wandb_project(config),
                               "mode": mirror.mode, "offline_runs": [*earlier, *mirror.offline_runs]}
+            held = mirror.steps_held([run_dir / name for name in earlier])
+            opened.append(_Held("wandb", mirror, held, state, path))
         elif wandb is not None:
             state["wandb"] = {**wandb, "active": False}
         for logger_ in opened:  # first what it missed: the rows of sessions without it
             for row in kept:
                 logger_.log(row, replay=True)
-        _write_state(run_dir / STATE_NAME, state)
+        _write_state(path, state)
     except BaseException:
         for logger_ in opened:
             logger_.close()
@@ -147,20 +151,52 @@ def _tensorboard_held(before: dict[str, Any] | None, checkpoint_step: int) -> in
 
 class _Held:
     """A logger given only the train and validation rows it does not hold yet (W&B after a crash keeps
-    the rows it had past the checkpoint; they come again as the resumed run redoes those steps)."""
+    the rows it had past the checkpoint; they come again as the resumed run redoes those steps).
 
-    def __init__(self, mirror: Any, held: int) -> None:
-        self.mirror, self.held = mirror, held
+    A logger that fails (a full disk under TensorBoard, W&B's service gone) is turned off with one
+    warning, as the progress display is: the run goes on, metrics.jsonl keeps every row, and
+    ``loggers.json`` then says what the logger holds, so that the next resume sends it the rest.
+    """
+
+    def __init__(self, name: str, mirror: Any, held: int, state: dict[str, Any], state_path: Path) -> None:
+        self.name, self.mirror, self.held = name, mirror, held
+        self.state, self.state_path = state, state_path
+        self.logged = held  # the last train or validation step it was given
+        self.failed = False
 
     def log(self, row: dict[str, Any], replay: bool = False) -> None:
-        if row["split"] == "test":
-            if not replay:
-                self.mirror.log(row)
-        elif row["step"] > self.held:
+        if self.failed or (replay and row["split"] == "test"):
+            return
+        if row["split"] != "test" and row["step"] <= self.held:
+            return
+        try:
             self.mirror.log(row)
+        except Exception as exc:  # noqa: BLE001  (whatever the logging library raises: the run goes on)
+            self._fail(exc, row["step"])
+            return
+        if row["split"] != "test":
+            self.logged = row["step"]
+
+    def _fail(self, exc: Exception, step: int) -> None:
+        self.failed = True
+        logger.warning("%s logging stopped at step %d (%s: %s); training goes on and metrics.jsonl has "
+                       "every row: --resume later sends the logger the rows it missed", self.name, step,
+                       type(exc).__name__, exc)
+        # TensorBoard holds what it was given before (a resume drops any later event); W&B says itself
+        self.state[self.name] = {**self.state[self.name], "active": False, "held": self.logged}
+        try:
+            _write_state(self.state_path, self.state)
+        except FileError as error:
+            logger.warning("%s", error)
+        with contextlib.suppress(Exception):
+            self.mirror.close()
 
     def close(self) -> None:
-        self.mirror.close()
+        if not self.failed:
+            try:
+                self.mirror.close()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, self.logged)
 
 
 def _read_state(path: Path) -> dict[str, Any]:
