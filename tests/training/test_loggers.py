@@ -51,6 +51,7 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.config/wandb
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    monkeypatch.delenv("NETRC", raising=False)
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # nothing leaves the machine, even on an error
 
 
@@ -251,6 +252,20 @@ def test_a_new_wandb_project_on_resume_gets_the_whole_run(tmp_path: Path, fake_d
     assert state["project"] == "other" and state["id"] != first["id"]
     (folder,) = [run_dir / name for name in state["offline_runs"]]
     assert [row["_step"] for row in _wandb_history(folder)[0]] == list(range(1, 9))
+
+
+def test_wandb_environment_variables_apply(tmp_path: Path, fake_data: list, offline_wandb: None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    run_dir = tmp_path / "run"
+    run(tiny_config(run_dir, **{"run.loggers": "wandb", "meta.iterations": 2}), quiet=True)
+    state = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    assert state["project"] == "from-env" and state["mode"] == "offline"
+    (folder,) = [Path(name) for name in state["offline_runs"]]
+    assert folder.parent == tmp_path / "scratch" / "wandb" and not (run_dir / "wandb").exists()
+    assert [row["_step"] for row in _wandb_history(folder)[0]] == [1, 2]
 
 
 def test_a_missing_extra_fails_before_the_run_folder(tmp_path: Path, fake_data: list,

@@ -10,9 +10,10 @@ only when asked for: ``pip install "metagrad[tensorboard]"`` / ``"metagrad[wandb
   tab, with the test accuracy as its metric) and as text. ``tensorboard --logdir runs`` shows every run.
 - W&B logs the train and validation rows as history and the test row as the run's summary, with the
   config as the run's config. Without ``WANDB_MODE`` it runs online when an API key is configured
-  (``wandb login``, ``WANDB_API_KEY``) and offline otherwise, in ``RUN/wandb/offline-run-*``:
-  ``wandb sync`` uploads it later. ``run.wandb_project`` names the project (else ``$WANDB_PROJECT``, else
-  "metagrad"); ``WANDB_ENTITY``, ``WANDB_MODE`` and W&B's other variables apply as usual.
+  (``wandb login``, ``WANDB_API_KEY``) and offline otherwise, in ``RUN/wandb/offline-run-*`` (or
+  ``$WANDB_DIR/wandb/``): ``wandb sync`` uploads it later. ``run.wandb_project`` names the project (else
+  ``$WANDB_PROJECT``, else "metagrad"); ``WANDB_ENTITY``, ``WANDB_MODE``, ``WANDB_NAME`` and W&B's other
+  variables apply as usual, but for the run id and resuming, which are metagrad's (``loggers.json``).
 
 Resuming: ``RUN/loggers.json`` records W&B's run id and project and up to which step TensorBoard holds
 the rows. A resumed run continues the same TensorBoard log and the same W&B run, each step there once:
@@ -274,7 +275,8 @@ class _Wandb:
         self.offline = self.mode in ("offline", "dryrun")
         try:
             self.run = wandb.init(
-                project=_wandb_project(config), id=run_id, resume="allow", mode=self.mode, dir=str(run_dir),
+                project=_wandb_project(config), id=run_id, resume="allow", mode=self.mode,
+                dir=os.environ.get("WANDB_DIR") or str(run_dir),
                 name=os.environ.get("WANDB_NAME") or run_dir.name, config=_hyperparameters(config),
                 settings=wandb.Settings(console="off", silent=True),
             )
