@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_run import tiny_config
+from tiny_run import TINY_OVERRIDES, tiny_config
 
 from metagrad.cli import main
 from metagrad.errors import ConfigError
@@ -324,6 +325,45 @@ def test_overwrite_replaces_the_tensorboard_log_and_a_linked_log_folder_is_refus
 def test_unknown_logger_lists_the_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown logger 'mlflow' in run.loggers .*tensorboard, wandb"):
         tiny_config(tmp_path, **{"run.loggers": "tensorboard,mlflow"})
+
+
+_KILL_SCRIPT = """
+import json, os, signal, sys
+import torch
+from metagrad.training import loop, resolve_config, run, setup
+from tiny_run import fake_load_dataset
+torch.set_num_threads(1)
+setup.load_dataset = fake_load_dataset()
+real, calls = loop.compute_meta_gradients, [0]
+def compute(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 5:  # past the checkpoint at 3: rows 4 are written, nothing is closed or flushed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+loop.compute_meta_gradients = compute
+run(resolve_config(overrides=json.loads(sys.argv[1])), quiet=True)
+"""
+
+
+@pytest.mark.slow  # a subprocess that imports torch, TensorBoard and W&B: about 15 s on 2 shared cores
+def test_both_loggers_after_kill_9(tmp_path: Path, fake_data: list, offline_wandb: None) -> None:
+    # What the loggers had not written when the process died (TensorBoard flushes every 10 s and at
+    # each checkpoint, W&B every 15 s) is sent again on resume; nothing is there twice.
+    run_dir = tmp_path / "run"
+    overrides = {**TINY_OVERRIDES, **OVERRIDES, "run.run_dir": str(run_dir),
+                 "run.loggers": "tensorboard,wandb"}
+    script = tmp_path / "train.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    killed = subprocess.run([sys.executable, str(script), json.dumps(overrides)], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert max(r["step"] for r in read_metrics(run_dir)) == 4
+    run(tiny_config(run_dir, **OVERRIDES, **{"run.loggers": "tensorboard,wandb"}), resume=True, quiet=True)
+    _assert_tensorboard_mirrors_metrics(run_dir)
+    state = json.loads((run_dir / "loggers.json").read_text())["wandb"]
+    steps = [row["_step"] for name in state["offline_runs"] for row in _wandb_history(run_dir / name)[0]]
+    assert sorted(steps) == list(range(1, 9))
 
 
 def _free_port() -> int:

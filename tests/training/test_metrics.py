@@ -111,6 +111,9 @@ def test_extra_columns_and_mirrors(tmp_path: Path) -> None:
         def log(self, row: dict) -> None:
             self.rows.append(row)
 
+        def flush(self) -> None:
+            self.flushed = len(self.rows)
+
         def close(self) -> None:
             self.closed = True
 
@@ -118,6 +121,8 @@ def test_extra_columns_and_mirrors(tmp_path: Path) -> None:
     recorder = Recorder()
     writer.mirror([recorder])
     writer.write({"step": 1, "split": "train", "loss": 1.0, "acc": 0.5, "inner_lr.w": 0.25})
+    writer.offsets()  # a checkpoint: the mirrors are flushed too
+    assert recorder.flushed == 1
     writer.close()
     assert recorder.closed and recorder.rows == read_metrics(tmp_path)
     assert recorder.rows[0]["inner_lr.w"] == 0.25

@@ -192,6 +192,13 @@ class _Held:
         with contextlib.suppress(Exception):
             self.mirror.close()
 
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self.mirror.flush()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, self.logged)
+
     def close(self) -> None:
         if not self.failed:
             try:
@@ -255,6 +262,9 @@ class _TensorBoard:
         for tag, value in scalars(row).items():
             self.writer.add_scalar(tag, value, global_step=row["step"])
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -306,6 +316,9 @@ class _Wandb:
             self.run.summary.update({**values, "test/step": row["step"]})
         else:
             self.run.log(values, step=row["step"])
+
+    def flush(self) -> None:
+        """Nothing: a resume asks W&B's own files what it holds."""
 
     def close(self) -> None:
         self.run.finish()

@@ -110,6 +110,8 @@ class Mirror(Protocol):
 
     def log(self, row: dict[str, Any]) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -195,11 +197,13 @@ class MetricsWriter:
             mirror.log(row)
 
     def offsets(self) -> dict[str, int]:
-        """Current sizes of both files, after forcing them to disk (for a checkpoint)."""
+        """Current sizes of both files, after forcing them (and the mirrors) to disk (for a checkpoint)."""
         for path, handle in ((self.jsonl_path, self._jsonl), (self.csv_path, self._csv)):
             with self._failing_as(path):
                 handle.flush()
                 os.fsync(handle.fileno())
+        for mirror in self._mirrors:  # a resume takes them to hold every row up to the checkpoint
+            mirror.flush()
         return {"jsonl": self._jsonl.tell(), "csv": self._csv.tell()}
 
     def close(self) -> None:
