@@ -17,6 +17,8 @@ from typing import Any
 from metagrad.errors import ConfigError, FileError, MetagradError, describe_os_error
 from metagrad.training.config import (
     RESUMABLE_CHANGES,
+    Config,
+    _flatten,
     config_from_dict,
     config_to_dict,
     load_config_file,
@@ -127,12 +129,12 @@ def _settings(run_dir: Path) -> tuple[str | None, dict[str, Any]]:
         config = config_from_dict(load_config_file(path), source=str(path))
     except MetagradError:
         return None, {}
-    return config.preset, _label_settings(config_to_dict(config))
+    return config.preset, _label_settings(config)
 
 
-def _label_settings(data: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in data.items() if isinstance(values, dict)
-            for key, value in values.items() if f"{section}.{key}" not in NOT_IN_LABELS}
+def _label_settings(config: Config) -> dict[str, Any]:
+    flat = _flatten(config_to_dict(config))
+    return {k: v for k, v in flat.items() if k != "preset" and k not in NOT_IN_LABELS}
 
 
 def _setting(key: str, value: Any) -> str:
@@ -161,7 +163,7 @@ def run_labels(run_dirs: Sequence[str | Path]) -> tuple[list[str], str]:
             changes.append(None)
             continue
         try:
-            defaults = _label_settings(config_to_dict(load_preset(preset)))
+            defaults = _label_settings(load_preset(preset))
         except ConfigError:  # a preset this version does not ship: every setting is the run's own
             defaults = {}
         changes.append({k: v for k, v in settings.items() if defaults.get(k, missing) != v})

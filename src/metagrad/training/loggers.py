@@ -39,7 +39,7 @@ from typing import Any
 
 from metagrad.data._io import write_text_atomically
 from metagrad.errors import ConfigError, FileError, describe_os_error
-from metagrad.training.config import Config, config_to_dict, logger_names
+from metagrad.training.config import Config, _flatten, config_to_dict, logger_names
 
 __all__ = ["STATE_NAME", "TENSORBOARD_DIR", "WANDB_DIR", "check_installed", "open_loggers", "scalars",
            "wandb_history_steps", "wandb_records"]
@@ -81,7 +81,7 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], checkpoint_step: int
-                 ) -> list[_Held]:
+                 ) -> list[_Logger]:
     """Open the loggers ``config.run.loggers`` names, each sent first the rows it lacks, and record in
     ``RUN/loggers.json`` what each holds.
 
@@ -107,14 +107,14 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], chec
     path = run_dir / STATE_NAME
     previous = _read_state(path)
     state: dict[str, Any] = {}
-    opened: list[_Held] = []
+    opened: list[_Logger] = []
     try:
         tensorboard = previous.get("tensorboard")
         if "tensorboard" in names:
             held = _tensorboard_held(tensorboard, checkpoint_step)
             state["tensorboard"] = {"held": held, "active": True, "log_dir": TENSORBOARD_DIR}
             mirror: Any = _TensorBoard(run_dir, config, purge_from=held + 1)
-            opened.append(_Held("tensorboard", mirror, held, state, path))
+            opened.append(_Logger("tensorboard", mirror, held, state, path))
         elif tensorboard is not None:
             state["tensorboard"] = {**tensorboard, "active": False,
                                     "held": _tensorboard_held(tensorboard, checkpoint_step)}
@@ -128,7 +128,7 @@ def open_loggers(config: Config, run_dir: Path, kept: list[dict[str, Any]], chec
             state["wandb"] = {"active": True, "id": run_id, "project": _wandb_project(config),
                               "mode": mirror.mode, "offline_runs": [*earlier, *mirror.offline_runs]}
             held = mirror.steps_held([run_dir / name for name in earlier])
-            opened.append(_Held("wandb", mirror, held, state, path))
+            opened.append(_Logger("wandb", mirror, held, state, path))
         elif wandb is not None:
             state["wandb"] = {**wandb, "active": False}
         for logger_ in opened:  # first what it missed: the rows of sessions without it
@@ -150,9 +150,9 @@ def _tensorboard_held(before: dict[str, Any] | None, checkpoint_step: int) -> in
     return checkpoint_step if before.get("active") else min(int(before.get("held", 0)), checkpoint_step)
 
 
-class _Held:
-    """A logger given only the train and validation rows it does not hold yet (W&B after a crash keeps
-    the rows it had past the checkpoint; they come again as the resumed run redoes those steps).
+class _Logger:
+    """A logger as the run sees it: given only the train and validation rows it does not hold yet (W&B
+    after a crash keeps the rows it had past the checkpoint; they come again as the run redoes them).
 
     A logger that fails (a full disk under TensorBoard, W&B's service gone) is turned off with one
     warning, as the progress display is: the run goes on, metrics.jsonl keeps every row, and
@@ -231,13 +231,8 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 
 def _hyperparameters(config: Config) -> dict[str, Any]:
     """The config as flat ``section.key`` hyperparameters (folders left out: they say where, not what)."""
-    flat = {"preset": config.preset}
-    for section, values in config_to_dict(config).items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{key}": value for key, value in values.items()})
-    for key in ("data.data_dir", "data.cache_dir", "run.run_dir"):
-        flat.pop(key, None)
-    return flat
+    flat = _flatten(config_to_dict(config))
+    return {k: v for k, v in flat.items() if k not in ("data.data_dir", "data.cache_dir", "run.run_dir")}
 
 
 class _TensorBoard:
