@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from typing import Any
@@ -44,6 +43,7 @@ from metagrad.data.datasets import FewShotDataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
 from metagrad.training.config import Config
+from metagrad.training.metrics import peak_memory_mb
 from metagrad.training.rates import inner_rates
 from metagrad.training.schedule import iteration_settings, multi_step_loss_weights
 from metagrad.training.setup import Learner, make_model, meta_learned_params, resolve_device
@@ -108,12 +108,6 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def run_bench(
     config: Config,
     *,
@@ -173,7 +167,7 @@ def run_bench(
         meta_train_step(algorithm, model, optimizer, episode, vectorize=vectorize,
                         max_tasks_per_chunk=meta.tasks_per_chunk or None, params=params)
 
-    before_mb = _peak_memory_mb(device)  # on CPU the process's high-water mark so far (a --check, say)
+    before_mb = peak_memory_mb(device)  # on CPU the process's high-water mark so far (a --check, say)
     times = []
     for i in range(warmup + iterations):
         _sync(device)
@@ -182,7 +176,7 @@ def run_bench(
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    peak_mb = _peak_memory_mb(device)  # before the FLOP count and the matmul, which allocate on their own
+    peak_mb = peak_memory_mb(device)  # before the FLOP count and the matmul, which allocate on their own
     sec = statistics.median(times)
 
     gflop = gflops = peak = None

@@ -70,6 +70,9 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--log-every", "run.log_every", int, "without a terminal, print a train row every this many iterations"),
     ("--dist-timeout", "run.dist_timeout_s", float,
      "under torchrun: seconds a process waits for the others (start-up, each exchange) before the job fails"),
+    ("--logger", "run.loggers", str,
+     ("also log every metric row to tensorboard (RUN/tensorboard), wandb (offline without an API key) or "
+      "tensorboard,wandb; each an extra: pip install 'metagrad[tensorboard]'")),
 ]
 def _either(names: Sequence[str]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
@@ -97,6 +100,7 @@ _SET_ONLY: list[tuple[str, str]] = [
     ("meta.msl_epochs", "weigh the query losses after every inner step for this many epochs (MAML++'s MSL)"),
     ("meta.per_step_bn", "a BatchNorm weight and bias per inner step, meta-learned, not adapted (BNWB)"),
     ("run.keep_best", "keep the K best validation checkpoints in RUN/top/ (for metagrad eval --ensemble K)"),
+    ("run.wandb_project", "--logger wandb: the W&B project (unset: $WANDB_PROJECT, else metagrad)"),
 ]
 """(config key, help) of the settings without a flag of their own: ``--set KEY=VALUE`` reaches them."""
 
@@ -153,8 +157,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     options = parser.add_argument_group(
         f"experiment options (default: the preset's value; {DEFAULT_PRESET}'s shown)")
     for flag, key, kind, text in _TRAIN_OPTIONS:
+        shown = _default_of(key) if _default_of(key) != "" else "none"
         options.add_argument(flag, type=kind, metavar=kind.__name__.upper(), dest=key,
-                             help=f"{text} ({DEFAULT_PRESET}: {_default_of(key)})")
+                             help=f"{text} ({DEFAULT_PRESET}: {shown})")
     for flag, key, text in _TRAIN_SWITCHES:
         options.add_argument(flag, action=argparse.BooleanOptionalAction, dest=key,
                              help=f"{text} ({DEFAULT_PRESET}: {str(_default_of(key)).lower()})")
@@ -260,9 +265,12 @@ def _print_evaluation(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from metagrad.plot import plot_run
+    from metagrad.plot import plot_comparison, plot_run
 
-    print(plot_run(args.run_dir, args.output))
+    if len(args.run_dirs) > 1:
+        print(plot_comparison(args.run_dirs, args.output))
+    else:
+        print(plot_run(args.run_dirs[0], args.output))
     return 0
 
 
@@ -472,12 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     evaluate.set_defaults(func=_cmd_eval)
 
-    plot = commands.add_parser("plot", formatter_class=_HelpFormatter,
-                               help="learning curves (loss and accuracy) of a run as a PNG")
-    plot.add_argument("run_dir", metavar="RUN_DIR", type=_user_path,
-                      help="a run folder (it holds metrics.jsonl)")
+    plot = commands.add_parser(
+        "plot", formatter_class=_HelpFormatter,
+        help="learning curves of a run, or several runs compared, as a PNG",
+        description="One run: its loss and accuracy curves (default: RUN_DIR/learning_curves.png). Several "
+                    "runs: their validation accuracy against iterations and against training time "
+                    "(evaluation excluded) in one figure, each labelled by its preset and the settings it "
+                    "changed (default: comparison.png in the current folder).")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=_user_path,
+                      help="run folders (each holds metrics.jsonl)")
     plot.add_argument("--output", metavar="PNG", type=_user_path,
-                      help="output file (default: RUN_DIR/learning_curves.png)")
+                      help="output file (default: RUN_DIR/learning_curves.png for one run, comparison.png "
+                           "for several)")
     plot.set_defaults(func=_cmd_plot)
 
     results = commands.add_parser(

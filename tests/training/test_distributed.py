@@ -8,6 +8,7 @@ import torch), so the 2-process run is shared by the tests that read it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -35,10 +36,11 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 TINY_CLI = Path(__file__).parent / "tiny_cli.py"
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # the extra is in .[dev]
 OVERRIDES = {"meta.iterations": 6, "meta.tasks_per_chunk": 2, "run.checkpoint_every": 2, "run.eval_tasks": 5,
-             "run.test_tasks": 9}
-"""The tiny run, 6 iterations of 4 tasks (2 per process). Validation takes chunks of 4 + 1 tasks and the
-test 4 + 4 + 1, so some processes score 1 task of a chunk, or none.
+             "run.test_tasks": 9, "run.loggers": "tensorboard" if HAS_TENSORBOARD else ""}
+"""The tiny run, 6 iterations of 4 tasks (2 per process), logged to TensorBoard. Validation takes chunks
+of 4 + 1 tasks and the test 4 + 4 + 1, so some processes score 1 task of a chunk, or none.
 
 One process back-propagates its 4 training tasks in chunks of 2, as each of 2 processes does its share:
 the documented condition for the same bits. With the automatic chunk (all 4 at once) a task's gradient
@@ -175,6 +177,18 @@ def test_rank_0_alone_writes_and_shows_progress(two_process_run: dict[str, Any])
     assert [(r["step"], r["split"]) for r in rows] == [(6, "validation"), (best, "test")]
     assert resumed.stdout.count("test accuracy") == 1
     assert resumed.stderr.count("run folder") == 1 and "2 processes on cpu" in resumed.stderr
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="the tensorboard extra (in .[dev]) is not installed")
+def test_rank_0_alone_logs_each_step_once(two_process_run: dict[str, Any]) -> None:
+    # Rank 1 could not have written the event files (the audit hook above); the killed run's steps 1-4
+    # and the resumed run's 5-6 make one log.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(two_process_run["run_dir"] / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("validation/acc")] == [2, 4, 6]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ __all__ = [
     "CONFIG_NAME",
     "DEFAULT_PRESET",
     "LEARNED_INNER_LRS",
+    "LOGGERS",
     "LR_SCHEDULES",
     "RESUMABLE_CHANGES",
     "Config",
@@ -61,6 +62,7 @@ __all__ = [
     "list_presets",
     "load_config_file",
     "load_preset",
+    "logger_names",
     "parse_assignment",
     "resolve_config",
     "save_config",
@@ -74,6 +76,10 @@ DEFAULT_PRESET = "omniglot-maml-5w1s"
 """The preset ``metagrad train`` uses when given none: the README's main job."""
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+
+LOGGERS = ("tensorboard", "wandb")
+"""Where ``run.loggers`` mirrors the metric rows besides metrics.jsonl (each an optional extra:
+``pip install "metagrad[tensorboard]"``); see :mod:`metagrad.training.loggers`."""
 
 MAX_CONFIG_BYTES = 1 << 20
 """A config file is a few hundred bytes; a larger one is the wrong file, read no further."""
@@ -163,6 +169,8 @@ class RunConfig:
     keep_best: int = 1  # keep this many best validation checkpoints (K > 1: in top/, for eval --ensemble K)
     log_every: int = 100  # without a terminal: one progress line every this many iterations
     dist_timeout_s: float = 600.0  # under torchrun: how long a process waits for the others, then fails
+    loggers: str = ""  # also log to "tensorboard", "wandb" or "tensorboard,wandb"; "": the run folder only
+    wandb_project: str | None = None  # W&B project; None: $WANDB_PROJECT, else "metagrad"
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,7 @@ _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "meta": 
 
 RESUMABLE_CHANGES = frozenset(
     {"data.data_dir", "data.cache_dir", "run.device", "run.run_dir", "run.checkpoint_every", "run.log_every",
-     "run.dist_timeout_s"}
+     "run.dist_timeout_s", "run.loggers", "run.wandb_project"}
 )
 """Settings ``--resume`` may change: they do not alter what the run computes (on one device type)."""
 
@@ -516,12 +524,30 @@ def validate_config(config: Config) -> Config:
         _positive(f"run.{name} (--{name.replace('_', '-')})", getattr(run, name))
     _positive("run.dist_timeout_s (--dist-timeout)", run.dist_timeout_s)
     _positive("run.keep_best (--set run.keep_best=K)", run.keep_best, " (1 keeps best.pt alone)")
+    logger_names(run.loggers)
+    if run.wandb_project is not None and not run.wandb_project.strip():
+        raise ConfigError("run.wandb_project is empty; name a W&B project or leave it unset")
     if run.test_tasks < 2:
         raise ConfigError(
             f"run.test_tasks (--test-tasks) must be at least 2 (a confidence interval needs 2 tasks), "
             f"got {run.test_tasks}"
         )
     return config
+
+
+def logger_names(text: str) -> tuple[str, ...]:
+    """The loggers a comma-separated ``run.loggers`` names (``"tensorboard,wandb"``), in :data:`LOGGERS`
+    order; ``""`` names none.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the valid ones).
+    """
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(LOGGERS))
+    if unknown:
+        raise ConfigError(f"unknown logger {unknown[0]!r} in run.loggers (--logger); valid: "
+                          f"{', '.join(LOGGERS)}, or both comma-separated")
+    return tuple(name for name in LOGGERS if name in names)
 
 
 def _check_learned_inner_lr(meta: MetaConfig) -> None:

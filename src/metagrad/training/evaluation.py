@@ -121,7 +121,7 @@ def meta_test(run: TrainingRun) -> dict[str, Any]:
     # The test row's step is the iteration of the parameters tested (best.pt's), not the last one.
     tested_iteration = best["iteration"] if best is not None else state.iteration
     row = {"step": tested_iteration, "split": "test", "loss": test["test_loss"], "acc": test["test_accuracy"],
-           "tasks_per_sec": config.run.test_tasks / seconds}
+           "acc_ci95": test["test_ci95"], "tasks_per_sec": config.run.test_tasks / seconds}
     report_row(row, run.writer, run.progress)
     results = {
         "preset": config.preset,

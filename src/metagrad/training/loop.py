@@ -12,6 +12,7 @@ A run folder holds::
 
     config.json      the resolved config; ``metagrad train --config RUN/config.json`` repeats the run
     metrics.jsonl    one metric row per line (see metagrad.training.metrics); metrics.csv: the same rows
+    loggers.json     with --logger: what TensorBoard (tensorboard/) and W&B (wandb/) hold of them
     latest.pt        everything needed to resume (latest.prev.pt: the one before)
     best.pt          the parameters with the best validation accuracy (best.prev.pt: the one before)
     results.json     the meta-test result
@@ -68,7 +69,17 @@ from metagrad.training.config import RESUMABLE_CHANGES, Config, MetaConfig, abso
 from metagrad.training.distributed import World
 from metagrad.training.evaluation import meta_test, score_tasks
 from metagrad.training.failures import check_finite, diverged, step_guard
-from metagrad.training.metrics import MetricsWriter, report_row
+from metagrad.training.loggers import check_installed, open_loggers
+from metagrad.training.metrics import (
+    COLUMNS,
+    MetricsWriter,
+    gradient_norm,
+    mean_ci95,
+    peak_memory_mb,
+    rate_columns,
+    rate_values,
+    report_row,
+)
 from metagrad.training.progress import Progress
 from metagrad.training.run_folder import (
     BEST_NAME,
@@ -162,6 +173,7 @@ def run(
     distributed.check_meta_batch_size(config.meta.meta_batch_size, world)
     device = distributed.process_device(world, resolve_device(config.run.device))
     config = absolute_folders(config)
+    check_installed(config.run.loggers)  # a missing extra fails before the run folder exists
     with distributed.process_group(world, device, config.run.dist_timeout_s), contextlib.ExitStack() as lock:
 
         def claim_run_dir() -> Path:  # rank 0 locks the folder for the whole run, then checks it
@@ -223,8 +235,12 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         logger.warning("%s holds no checkpoint yet: starting its run from iteration 0", run_dir)
     distributed.check_same_parameters(world, learner.meta_parameters(), state.iteration)
 
-    writer = MetricsWriter(run_dir, offsets) if world.is_main else None  # rank 0 alone writes files
+    writer = None
+    if world.is_main:  # rank 0 alone writes files and logs
+        writer = MetricsWriter(run_dir, offsets, COLUMNS + rate_columns(learner.rates))
     try:
+        if writer is not None:
+            writer.mirror(open_loggers(config, run_dir, writer.kept, state.iteration))
         with StopFlag(keep_handlers=world.size > 1) as stop:
             progress = Progress(meta.iterations, state.iteration, config.run.log_every,
                                 enabled=not quiet and world.is_main)
@@ -315,13 +331,15 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
         if not math.isfinite(loss):
             raise diverged(f"the meta-training loss is {loss}", iteration, latest)
         with step_guard(iteration, latest):
+            grad_norm = gradient_norm(learner.meta_parameters())
             apply_meta_update(optimizer, lr)
         acc = task_accs.mean().item()
         seconds = time.perf_counter() - start
         state.iteration = iteration
         state.elapsed_s += seconds
         row = {"step": iteration, "split": "train", "loss": loss, "acc": acc, "sec_per_iter": seconds,
-               "tasks_per_sec": meta.meta_batch_size / seconds, "lr": lr}
+               "tasks_per_sec": meta.meta_batch_size / seconds, "lr": lr, "grad_norm": grad_norm,
+               "peak_mem_mb": peak_memory_mb(run.device), **rate_values(learner.rates)}
         report_row(row, writer, run.progress)
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
@@ -332,7 +350,8 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
             seconds = time.perf_counter() - start
             state.elapsed_s += seconds
             row = {"step": iteration, "split": "validation", "loss": losses.mean().item(),
-                   "acc": accs.mean().item(), "tasks_per_sec": run_config.eval_tasks / seconds, "lr": lr}
+                   "acc": accs.mean().item(), "acc_ci95": mean_ci95(accs)[1] if accs.numel() > 1 else None,
+                   "tasks_per_sec": run_config.eval_tasks / seconds, "lr": lr}
             report_row(row, writer, run.progress)
             if not (math.isfinite(row["loss"]) and math.isfinite(row["acc"])):
                 raise diverged(f"the validation loss is {row['loss']}", iteration, latest)

@@ -24,6 +24,7 @@ from metagrad.training.config import (
     save_config,
 )
 from metagrad.training.distributed import World
+from metagrad.training.loggers import STATE_NAME, TENSORBOARD_DIR
 from metagrad.training.metrics import CSV_NAME, JSONL_NAME
 
 __all__ = [
@@ -54,8 +55,9 @@ RESULTS_NAME = "results.json"
 
 RUN_FILES = frozenset({CONFIG_NAME, JSONL_NAME, CSV_NAME, LATEST_NAME, BEST_NAME, RESULTS_NAME,
                        previous_path(Path(LATEST_NAME)).name, previous_path(Path(BEST_NAME)).name,
-                       "learning_curves.png"})
-"""The files a run writes (besides ``eval_*.json``): a new run never overwrites them without ``overwrite``."""
+                       "learning_curves.png", STATE_NAME})
+"""The files a run writes (besides ``eval_*.json``, ``top/`` and TensorBoard's event files): a new run never
+overwrites them without ``overwrite``. (A new run's W&B run has a new id: earlier ones stay in ``wandb/``.)"""
 
 
 def default_run_dir(preset: str) -> Path:
@@ -84,9 +86,12 @@ TOP_DIR = "top"
 
 def run_files(run_dir: Path) -> list[str]:
     """The names of the files in ``run_dir`` that a run writes (config, metrics, checkpoints, results),
-    those in ``top/`` as ``top/<name>``."""
+    those in ``top/`` and ``tensorboard/`` as ``top/<name>``, ``tensorboard/<name>``."""
     names = [p.name for p in run_dir.glob("*") if p.name in RUN_FILES or p.match("eval_*.json")]
     names += [f"{TOP_DIR}/{p.name}" for p in run_dir.glob(f"{TOP_DIR}/iteration_*.pt")]
+    if not (run_dir / TENSORBOARD_DIR).is_symlink():  # never remove files through a link out of the run
+        events = run_dir.glob(f"{TENSORBOARD_DIR}/events.out.tfevents.*")
+        names += [f"{TENSORBOARD_DIR}/{p.name}" for p in events]
     return sorted(names)
 
 
