@@ -90,6 +90,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.suptitle(f"{name} ({preset})" if preset and preset != name else name)  # the preset once, not twice
     path = Path(output) if output is not None else run_dir / "learning_curves.png"
     try:
+        if output is None and path.is_symlink():  # the run's own file: replace a link, never write through
+            path.unlink()
         fig.savefig(path, dpi=120)
     except OSError as exc:
         raise FileError(describe_os_error(exc, "write the plot", path)) from None

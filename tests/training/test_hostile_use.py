@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -327,3 +328,59 @@ def test_a_meta_batch_too_large_for_memory_is_one_message(
                          "--run-dir", str(tmp_path / "run"))
     assert code == 1
     assert "\nerror: out of memory at iteration 1 (" in err and "Lower --meta-batch-size" in err
+
+
+# --------------------------------------------------------------------------- writes stay in the run folder
+
+
+@pytest.fixture(scope="module")
+def run_with_top(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run that keeps its 2 best checkpoints in top/, and an eval file."""
+    run_dir = tmp_path_factory.mktemp("top") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(setup, "load_dataset", fake_load_dataset())
+        run(tiny_config(run_dir, **{"meta.iterations": 4, "run.eval_every": 1, "run.keep_best": 2}),
+            quiet=True)
+        evaluate_checkpoint(run_dir)
+    return run_dir
+
+
+def _written_names() -> list[str]:
+    """Every name a run, an evaluation or a plot writes in a run folder."""
+    return sorted({*run_folder.RUN_FILES, ".lock", "eval_best.json", run_folder.TOP_DIR})
+
+
+def _outside_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["resume", "overwrite", "eval", "plot"])
+@pytest.mark.parametrize("name", _written_names())
+def test_no_write_or_delete_follows_a_link_out_of_the_run_folder(
+    tmp_path: Path, fake_data: list, run_with_top: Path, capsys: pytest.CaptureFixture, name: str,
+    command: str,
+) -> None:
+    # The rule: whatever a run, an evaluation or a plot writes or removes in its folder, a symbolic link
+    # there (to another run's file or folder) is replaced or refused with a message; where it points
+    # is never written, truncated or deleted.
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_with_top, run_dir)
+    outside = tmp_path / "another-run"
+    outside.mkdir()
+    target = outside / name
+    if (run_dir / name).exists():  # the file or folder itself moves out; the link points at it
+        shutil.move(run_dir / name, target)
+    else:
+        target.write_text("another run's file\n")
+    (run_dir / name).symlink_to(target)
+    before = _outside_snapshot(outside)
+    argv = {"resume": ["train", "--resume", "--run-dir", str(run_dir), "-q"],
+            "overwrite": ["train", *TINY_ARGS, "--set", "run.keep_best=2", "--overwrite", "--run-dir",
+                          str(run_dir), "-q"],
+            "eval": ["eval", str(run_dir), "--ensemble", "2"] if name != run_folder.TOP_DIR else
+                    ["eval", str(run_dir)],
+            "plot": ["plot", str(run_dir)]}[command]
+    code, _, err = _main(capsys, *argv)
+    assert _outside_snapshot(outside) == before, err  # nothing written, truncated or deleted there
+    if code != 0:  # refused: the message names the link
+        assert "symbolic link" in err and name in err, err

@@ -79,6 +79,12 @@ def _umask() -> int:
     return mask
 
 
+def no_follow(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open` that refuses a symbolic link at ``path`` (OSError ELOOP) instead of
+    writing to where it points: files in a run folder are written there, never through a link."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`; OSError on failure, ``path`` intact."""
     with atomic_write(path) as tmp:
