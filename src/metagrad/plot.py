@@ -6,9 +6,9 @@ finished, running and interrupted runs alike, and training never imports matplot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from metagrad.data._io import read_json
 from metagrad.errors import ConfigError, FileError, describe_os_error
 from metagrad.training.metrics import read_metrics
 
@@ -30,7 +30,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 def _preset(run_dir: Path) -> str | None:
     try:
-        return json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("preset")
+        config = read_json(run_dir / "config.json")
+        return config.get("preset") if isinstance(config, dict) else None
     except (OSError, ValueError):
         return None
 

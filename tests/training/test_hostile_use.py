@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -384,3 +385,63 @@ def test_no_write_or_delete_follows_a_link_out_of_the_run_folder(
     assert _outside_snapshot(outside) == before, err  # nothing written, truncated or deleted there
     if code != 0:  # refused: the message names the link
         assert "symbolic link" in err and name in err, err
+
+
+# ------------------------------------------------------------------------ output encodings and failures
+
+
+def _stream(encoding: str) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors="strict", write_through=True)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+def test_every_command_writes_its_output_in_any_encoding(
+    tmp_path: Path, fake_data: list, finished_run: Path, monkeypatch: pytest.MonkeyPatch, encoding: str
+) -> None:
+    # The rule: PYTHONIOENCODING or a terminal's encoding never fails a command; what it lacks is spelled
+    # in ASCII (``±`` as ``+/-``), here with a run folder whose name is not ASCII.
+    run_dir = _copy_run(finished_run, tmp_path / "прогон-±")
+    for argv in (["train", *TINY_ARGS, "--run-dir", str(tmp_path / "новый")], ["eval", str(run_dir)],
+                 ["eval", str(run_dir), "--json"], ["results", str(run_dir)]):
+        out, err = _stream(encoding), _stream(encoding)
+        with monkeypatch.context() as mp:
+            mp.setattr(sys, "stdout", out)
+            mp.setattr(sys, "stderr", err)
+            code = cli.main(argv)
+        text = out.buffer.getvalue().decode(encoding)
+        assert code == 0, (argv, err.buffer.getvalue())
+        assert "Traceback" not in err.buffer.getvalue().decode(encoding)
+        assert "+/-" in text or "±" in text or "test_accuracy" in text, (argv, text)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_full_stdout_after_the_result_is_saved_exits_0(
+    tmp_path: Path, fake_data: list, finished_run: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # stdout redirected to a full disk (/dev/full): the result is in the run folder, the command succeeds.
+    run_dir = tmp_path / "run" if command == "train" else _copy_run(finished_run, tmp_path / "run")
+    argv = ["train", *TINY_ARGS, "--run-dir", str(run_dir)] if command == "train" else ["eval", str(run_dir)]
+    with open("/dev/full", "w") as full, monkeypatch.context() as mp:
+        mp.setattr(sys, "stdout", full)
+        code = cli.main(argv)
+    assert code == 0
+    assert (run_dir / ("results.json" if command == "train" else "eval_best.json")).is_file()
+
+
+DEEP = '{"a":' * 100_000 + "1" + "}" * 100_000
+"""JSON nested deeper than Python's parser goes (a RecursionError in ``json.loads``)."""
+
+
+@pytest.mark.parametrize("name", ["results.json", "eval_best.json", "config.json", "metrics.jsonl"])
+def test_json_nested_too_deeply_is_a_damaged_file_not_a_traceback(
+    tmp_path: Path, fake_data: list, finished_run: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    other = _copy_run(finished_run, tmp_path / "other")
+    (run_dir / name).write_text(DEEP + "\n")
+    code, out, err = _main(capsys, "results", str(run_dir), str(other))
+    assert code == 0 and "| other |" in out  # the table is printed, the other run's row included
+    assert "| run |" in out and ("nested too deeply" in out or name in ("eval_best.json", "metrics.jsonl"))
+    code, out, err = _main(capsys, "plot", str(run_dir))
+    assert code in (0, 1) and (code == 0 or name in err)

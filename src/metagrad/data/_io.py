@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import http.client
 import io
+import json
 import logging
 import os
 import pickle
@@ -89,6 +90,21 @@ def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`; OSError on failure, ``path`` intact."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path`` (UTF-8).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not UTF-8, not JSON, or nested deeper than Python's parser goes (a
+            RecursionError there, turned into the same error as any other text that is not JSON).
+    """
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to read") from None
 
 
 def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE_FORMAT_VERSION) -> str:
