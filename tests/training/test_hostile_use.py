@@ -9,12 +9,16 @@ import errno
 import io
 import json
 import os
+import resource
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad import cli
@@ -445,3 +449,49 @@ def test_json_nested_too_deeply_is_a_damaged_file_not_a_traceback(
     assert "| run |" in out and ("nested too deeply" in out or name in ("eval_best.json", "metrics.jsonl"))
     code, out, err = _main(capsys, "plot", str(run_dir))
     assert code in (0, 1) and (code == 0 or name in err)
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """Every write past ``limit`` bytes of a file fails with EFBIG, as on a disk that is full there."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not the signal's kill
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+@pytest.mark.parametrize("limit", [100, 4_000, 30_000])  # below config.json; the caches; the checkpoints
+def test_a_full_disk_under_any_write_is_one_message_and_the_run_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture, limit: int
+) -> None:
+    # Writes through torch (checkpoints, the dataset cache) fail as RuntimeErrors inside torch; every
+    # write is named with its cause, the last good files stay, and --resume continues once space is back.
+    data = tmp_path / "data" / "glyphs"
+    for split in ("train", "validation", "test"):
+        for c in range(3):
+            (data / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                generator = torch.Generator().manual_seed(10 * c + i)
+                pixels = torch.randint(0, 256, (12, 12), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy(), "L").save(data / split / f"c{c}" / f"{i}.png")
+    run_dir = tmp_path / "run"
+    argv = ["train", *TINY_ARGS, "--iterations", "4", "--set", 'data.dataset="folder"', "--set",
+            'data.folder="glyphs"', "--set", 'data.split_scheme="folders"', "--set", "data.rotations=false",
+            "--set", 'model.name="omniglot-cnn"', "--data-dir", str(tmp_path / "data"), "--cache-dir",
+            str(tmp_path / "cache"), "--run-dir", str(run_dir)]
+    with _file_size_limit(limit):
+        code = cli.main(argv)
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err and "RuntimeError" not in err, err
+    if code != 0:
+        assert code == 1 and "File too large" in err, err
+    if (run_dir / "config.json").exists():
+        code, _, err = _main(capsys, "train", "--resume", "--run-dir", str(run_dir))
+    else:
+        code, _, err = _main(capsys, *argv)
+    assert code == 0, err
+    assert json.loads((run_dir / "results.json").read_text())["iterations"] == 4

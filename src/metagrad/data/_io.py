@@ -189,13 +189,27 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
     return payload
 
 
+def save_tensors(value: Any, handle: BinaryIO) -> None:
+    """``torch.save(value, handle)``, a failed write raised as the OSError it is (a full disk, a file-size
+    limit): torch raises a RuntimeError ("unexpected pos ...") with the OSError only as its context."""
+    try:
+        torch.save(value, handle)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def save_cache(path: Path, key: str, **tensors_and_lists: Any) -> None:
     """Write ``{"key", "version", **tensors_and_lists, "checksum"}`` atomically; warn (not fail) if the
     folder is read-only or full. The checksum (:func:`content_digest` of the rest) is verified on load."""
     payload = {"key": key, "version": CACHE_FORMAT_VERSION, **tensors_and_lists}
     try:
-        with atomic_write(path) as tmp:
-            torch.save({**payload, "checksum": content_digest(payload)}, tmp)
+        with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+            save_tensors({**payload, "checksum": content_digest(payload)}, handle)
     except OSError as exc:
         logger.warning(
             "could not write the cache %s (%s); the data will be decoded again next time. "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad.data._io import content_digest
+from metagrad.data._io import content_digest, save_tensors
 from metagrad.errors import ConfigError, FileError, TrainingError, describe_os_error
 from metagrad.training.config import CONFIG_NAME, Config, _flatten, config_to_dict
 from metagrad.types import Params
@@ -61,7 +61,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
+            save_tensors({**state, CHECKSUM_KEY: content_digest(state)}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():
