@@ -464,25 +464,33 @@ def _file_size_limit(limit: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, previous_handler)
 
 
+def _glyph(path: Path, seed: int, mode: str = "L") -> None:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (12, 12, 3), dtype=torch.uint8, generator=generator)
+    Image.fromarray(pixels.numpy() if mode == "RGB" else pixels[..., 0].numpy(), mode).save(path)
+
+
+def _glyph_run(tmp_path: Path, run_dir: Path) -> list[str]:
+    """A folder dataset of 3 grayscale classes x 3 images in ``tmp_path/data/glyphs``; the train command."""
+    for split in ("train", "validation", "test"):
+        for c in range(3):
+            (tmp_path / "data" / "glyphs" / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                _glyph(tmp_path / "data" / "glyphs" / split / f"c{c}" / f"{i}.png", 10 * c + i)
+    return ["train", *TINY_ARGS, "--iterations", "4", "--set", 'data.dataset="folder"', "--set",
+            'data.folder="glyphs"', "--set", 'data.split_scheme="folders"', "--set", "data.rotations=false",
+            "--set", 'model.name="omniglot-cnn"', "--data-dir", str(tmp_path / "data"), "--cache-dir",
+            str(tmp_path / "cache"), "--run-dir", str(run_dir)]
+
+
 @pytest.mark.parametrize("limit", [100, 4_000, 30_000])  # below config.json; the caches; the checkpoints
 def test_a_full_disk_under_any_write_is_one_message_and_the_run_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture, limit: int
 ) -> None:
     # Writes through torch (checkpoints, the dataset cache) fail as RuntimeErrors inside torch; every
     # write is named with its cause, the last good files stay, and --resume continues once space is back.
-    data = tmp_path / "data" / "glyphs"
-    for split in ("train", "validation", "test"):
-        for c in range(3):
-            (data / split / f"c{c}").mkdir(parents=True)
-            for i in range(3):
-                generator = torch.Generator().manual_seed(10 * c + i)
-                pixels = torch.randint(0, 256, (12, 12), dtype=torch.uint8, generator=generator)
-                Image.fromarray(pixels.numpy(), "L").save(data / split / f"c{c}" / f"{i}.png")
     run_dir = tmp_path / "run"
-    argv = ["train", *TINY_ARGS, "--iterations", "4", "--set", 'data.dataset="folder"', "--set",
-            'data.folder="glyphs"', "--set", 'data.split_scheme="folders"', "--set", "data.rotations=false",
-            "--set", 'model.name="omniglot-cnn"', "--data-dir", str(tmp_path / "data"), "--cache-dir",
-            str(tmp_path / "cache"), "--run-dir", str(run_dir)]
+    argv = _glyph_run(tmp_path, run_dir)
     with _file_size_limit(limit):
         code = cli.main(argv)
     _, err = capsys.readouterr()
@@ -495,3 +503,36 @@ def test_a_full_disk_under_any_write_is_one_message_and_the_run_resumes(
         code, _, err = _main(capsys, *argv)
     assert code == 0, err
     assert json.loads((run_dir / "results.json").read_text())["iterations"] == 4
+
+
+CHANGES = {
+    "nothing": lambda train: None,
+    "a class added": lambda train: shutil.copytree(train / "c0", train / "c3"),
+    "a class renamed": lambda train: (train / "c2").rename(train / "c9"),
+    "an image replaced": lambda train: _glyph(train / "c1" / "2.png", 99),
+    "an image more per class": lambda train: [_glyph(train / f"c{c}" / "3.png", 9 + c) for c in range(3)],
+    "colour": lambda train: _glyph(train / "c0" / "0.png", 0, "RGB"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_resumed_run_trains_on_the_data_it_started_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture, change: str
+) -> None:
+    # The rule: --resume finds the data of latest.pt (counts, shape, class names, pixels) or is refused,
+    # naming the split and what changed, before anything is written.
+    run_dir = tmp_path / "run"
+    argv = _glyph_run(tmp_path, run_dir)
+    code, _, err = _main(capsys, *argv[:argv.index("--iterations") + 1], "2",
+                         *argv[argv.index("--iterations") + 2:], "--checkpoint-every", "1")
+    assert code == 0, err
+    _edit_config(run_dir, "meta", "iterations", 4)  # as if it had been stopped after iteration 2
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    CHANGES[change](tmp_path / "data" / "glyphs" / "train")
+    code, _, err = _main(capsys, "train", "--resume", "--run-dir", str(run_dir))
+    if change == "nothing":
+        assert code == 0, err
+        return
+    assert code == 1 and f"cannot resume from {run_dir / 'latest.pt'}: the train split has " in err, err
+    assert "when the run started" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before

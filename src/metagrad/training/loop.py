@@ -60,6 +60,8 @@ from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     RunState,
     capture_rng_state,
+    check_same_data,
+    data_fingerprint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -200,6 +202,9 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         logger.info("run folder %s, %s", run_dir, where)
         warn_if_spinning(device)
 
+    # What the run trains and tests on, recorded in latest.pt: a resume on other data is refused.
+    data = data_fingerprint({split: sampler.dataset for split, sampler in prepared.samplers.items()}) \
+        if world.is_main else None
     optimizer = torch.optim.Adam(learner.meta_parameters().values(), lr=meta.meta_lr)
     generators = {"train": task_generator(config.run.seed, "train")}
     state = RunState()
@@ -209,6 +214,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
     # since each samples the whole meta-batch.
     checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
+        distributed.on_main(world, check_same_data, checkpoint, data, run_dir / LATEST_NAME)
         learner.restore(checkpoint, run_dir / LATEST_NAME, config)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -233,7 +239,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
             training = TrainingRun(config, run_dir, device, world, learner, prepared.samplers, state, writer,
                                    stop, progress)
             with progress:
-                _train(training, optimizer, generators)
+                _train(training, optimizer, generators, data)
             results = meta_test(training)
     finally:
         if writer is not None:
@@ -265,8 +271,8 @@ def _settings(config: Config) -> dict[str, Any]:
     return {"preset": config.preset, **{k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}}
 
 
-def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]
-           ) -> None:
+def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+           data: dict[str, Any] | None) -> None:
     config, run_dir, world, learner, state, writer = (
         run.config, run.run_dir, run.world, run.learner, run.state, run.writer)
     meta, run_config = config.meta, config.run
@@ -295,6 +301,7 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
                 "progress": dataclasses.asdict(state),
                 "config": config_to_dict(config),
                 "versions": versions(),
+                "data": data,  # data_fingerprint: what --resume must find again
             },
             latest,
         )
