@@ -13,6 +13,8 @@ import resource
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from tiny_run import fake_load_dataset, tiny_config
 
 from metagrad import cli
 from metagrad.errors import ConfigError, TrainingError
-from metagrad.training import evaluate_checkpoint, run, run_folder, setup
-from metagrad.training.checkpoint import save_checkpoint
+from metagrad.training import evaluate_checkpoint, run, run_folder, setup, signals
+from metagrad.training.checkpoint import load_checkpoint, save_checkpoint
 
 TINY_ARGS = ["--ways", "3", "--shots", "1", "--query-shots", "2", "--set", "model.hidden_size=8",
              "--meta-batch-size", "4", "--test-inner-steps", "2", "--eval-every", "2", "--eval-tasks", "4",
@@ -536,3 +538,43 @@ def test_a_resumed_run_trains_on_the_data_it_started_with(
     assert code == 1 and f"cannot resume from {run_dir / 'latest.pt'}: the train split has " in err, err
     assert "when the run started" in err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+# ------------------------------------------------------------------------------ every phase stops
+
+
+PHASES = {  # a phase far longer than the test waits, and where it is
+    "the first step of a huge meta-batch": ["--meta-batch-size", "200000", "--iterations", "1"],
+    "a huge validation": ["--eval-tasks", "2000000", "--eval-every", "1", "--iterations", "2",
+                          "--checkpoint-every", "1"],
+    "a huge meta-test": ["--test-tasks", "2000000", "--iterations", "1"],
+}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_every_phase_stops_within_seconds_of_a_signal(
+    tmp_path: Path, fake_data: list, capsys: pytest.CaptureFixture, phase: str, signum: int
+) -> None:
+    # The rule: SIGINT/SIGTERM ends any phase within GRACE_S (+ one torch operation), with one message,
+    # the signal's exit status and the last checkpoint valid.
+    run_dir = tmp_path / "run"
+    sent = {}
+
+    def send() -> None:
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(3.0, send)
+    timer.start()
+    try:
+        code, _, err = _main(capsys, "train", *TINY_ARGS, *PHASES[phase], "--run-dir", str(run_dir))
+    finally:
+        timer.cancel()
+    assert "at" in sent, err  # the phase was still running when the signal was sent
+    stopped_after = time.monotonic() - sent["at"]
+    assert code == 128 + signum, err
+    assert stopped_after < signals.GRACE_S + 3, stopped_after
+    assert f"{signal.Signals(signum).name} received" in err and "--resume" in err, err
+    if (run_dir / "latest.pt").exists():
+        assert load_checkpoint(run_dir / "latest.pt") is not None  # the last checkpoint is intact

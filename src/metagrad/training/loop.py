@@ -69,7 +69,7 @@ from metagrad.training.checkpoint import (
 from metagrad.training.config import RESUMABLE_CHANGES, Config, MetaConfig, absolute_folders, config_to_dict
 from metagrad.training.distributed import World
 from metagrad.training.evaluation import meta_test, score_tasks
-from metagrad.training.failures import check_finite, diverged, step_guard
+from metagrad.training.failures import check_finite, diverged, saved_note, step_guard
 from metagrad.training.metrics import MetricsWriter, report_row
 from metagrad.training.progress import Progress
 from metagrad.training.run_folder import (
@@ -311,7 +311,8 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
         iteration = state.iteration + 1
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
-        with step_guard(iteration, latest):
+        cut_short = _not_saved(f"during iteration {iteration}", run)  # the message if a signal stops the step
+        with step_guard(iteration, latest), run.stop.abortable(cut_short):
             episode = run.samplers["train"].sample(meta.meta_batch_size, generators["train"])  # all of it
             out, grad_sum = compute_meta_gradients(learner, episode.slice(first, last),
                                                    iteration_settings(meta, iteration),
@@ -336,7 +337,8 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
             start = time.perf_counter()
-            with step_guard(iteration, latest):
+            cut_short = _not_saved(f"while validating iteration {iteration}", run)
+            with step_guard(iteration, latest), run.stop.abortable(cut_short):
                 losses, accs = score_tasks(config, learner, run.samplers["validation"], run_config.eval_tasks,
                                            task_generator(run_config.seed, "validation"), world=world)
             seconds = time.perf_counter() - start
@@ -367,3 +369,10 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
                 f"saved {latest}; continue with: {resume_command(world, run_dir)}",
                 signum,
             )
+
+
+def _not_saved(where: str, run: TrainingRun) -> str:
+    """How a phase cut short by a signal ends the run: nothing since the last checkpoint is kept."""
+    return (f"{where}: stopped there, nothing since the last checkpoint is saved and "
+            f"{saved_note(run.run_dir / LATEST_NAME)}; continue with: "
+            f"{resume_command(run.world, run.run_dir)}")
