@@ -327,14 +327,38 @@ def test_eval_of_an_older_run_with_a_relative_data_folder_says_so(
     assert "relative" not in caplog.text
 
 
-def test_a_meta_batch_too_large_for_memory_is_one_message(
+def test_a_meta_batch_too_large_for_memory_is_refused_with_the_estimate_before_anything(
     tmp_path: Path, fake_data: list, capsys: pytest.CaptureFixture
 ) -> None:
-    # 10^12 tasks: their index alone would take 8 TB, which the allocator refuses at once.
+    # 10^12 tasks: terabytes even one task at a time; refused before the run folder or any tensor exists.
     code, _, err = _main(capsys, "train", *TINY_ARGS, "--meta-batch-size", "1000000000000",
                          "--run-dir", str(tmp_path / "run"))
-    assert code == 1
-    assert "\nerror: out of memory at iteration 1 (" in err and "Lower --meta-batch-size" in err
+    assert code == 2
+    assert "error: meta.meta_batch_size (--meta-batch-size) = 1000000000000 tasks need at least " in err
+    assert "GiB available; lower --meta-batch-size" in err and not (tmp_path / "run").exists()
+
+
+def test_the_memory_estimate_is_checked_against_what_is_available(
+    tmp_path: Path, fake_data: list, finished_run: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rule: the whole episode + one task's activations > available memory -> refused with the
+    # estimate, for training and evaluation; the same settings with enough memory run.
+    from metagrad.training import failures
+
+    model = setup.make_model(tiny_config(tmp_path).model, 3, (1, 8, 8))
+    episode, compute = failures.memory_per_task(model, (1, 8, 8), num_classes=10, per_class=20, ways=3,
+                                                samples=3)
+    assert episode > 3 * 3 * 64 * 4 and compute > 0  # 9 images of 1x8x8, and the layers' outputs for them
+    monkeypatch.setattr(failures, "available_memory", lambda device: 4 * episode + compute - 1)
+    code, _, err = _main(capsys, "train", *TINY_ARGS, "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and "error: meta.meta_batch_size (--meta-batch-size) = 4 tasks need at least " in err
+    assert "(at most about 3 would fit)" in err, err
+    monkeypatch.setattr(failures, "available_memory", lambda device: 4 * episode + compute)
+    assert _main(capsys, "train", *TINY_ARGS, "--run-dir", str(tmp_path / "run"))[0] == 0
+    monkeypatch.setattr(failures, "available_memory", lambda device: 1)
+    code, _, err = _main(capsys, "eval", str(finished_run))
+    assert code == 2 and "error: a chunk of test tasks = 4 tasks need at least" in err, err
 
 
 # --------------------------------------------------------------------------- writes stay in the run folder
