@@ -97,9 +97,12 @@ def read_json(path: Path) -> Any:
 
     Raises:
         OSError: the file cannot be read.
-        ValueError: it is not UTF-8, not JSON, or nested deeper than Python's parser goes (a
-            RecursionError there, turned into the same error as any other text that is not JSON).
+        ValueError: it is not a regular file (a FIFO would never end the read), not UTF-8, not JSON, or
+            nested deeper than Python's parser goes (a RecursionError there, turned into the same error
+            as any other text that is not JSON).
     """
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError("it is not a regular file")
     text = path.read_text(encoding="utf-8")
     try:
         return json.loads(text)
