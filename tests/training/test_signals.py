@@ -61,3 +61,16 @@ def test_a_second_signal_cuts_a_phase_at_once_and_a_late_phase_has_its_grace() -
             os.kill(os.getpid(), signal.SIGTERM)
             _busy(10)
         assert time.monotonic() - start < 0.25
+
+
+def test_a_phase_leaves_the_handlers_as_it_found_them() -> None:
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop = StopFlag()
+    with stop.abortable("x"):  # never entered: the phase installs, then restores
+        assert signal.getsignal(signal.SIGTERM) != before[0]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # restores the previous handlers
+        with stop.abortable("x"):
+            _busy(0.05)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

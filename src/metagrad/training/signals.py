@@ -106,7 +106,8 @@ class StopFlag:
             with self._stopped_as(what):
                 yield
             return
-        if not self._previous:  # restored after a signal outside a phase: this one may be cut short too
+        installed_here = not self._previous  # restored after a signal (or never entered): ours for the phase
+        if installed_here:
             self._install()
         self._abortable = True
         if self.signum is not None:  # the signal came before the phase: it has GRACE_S from its start
@@ -118,7 +119,7 @@ class StopFlag:
             self._abortable = False
             if self._timer is not None:
                 self._timer.cancel()
-            if self.signum is not None and not self._keep_handlers:
+            if installed_here or (self.signum is not None and not self._keep_handlers):
                 self._restore()  # as after a signal outside the phase: a second one interrupts at once
 
     @contextlib.contextmanager
