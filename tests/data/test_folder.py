@@ -183,3 +183,7 @@ def test_images_above_the_limits_are_refused_before_any_decoding(tmp_path: Path,
     os.mkfifo(data / "bombs" / "test" / "b" / "fifo.png")
     with pytest.raises(DataError, match=r"fifo\.png is not a regular file"):
         load_dataset("folder", "train", data_dir=data, folder="bombs")
+    (data / "bombs" / "test" / "b" / "fifo.png").unlink()
+    (data / "bombs" / "test" / "b" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(DataError, match=r"gone\.png is a symbolic link to nothing"):
+        load_dataset("folder", "train", data_dir=data, folder="bombs")

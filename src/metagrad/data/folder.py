@@ -97,6 +97,10 @@ def _listing(root: Path, split: str) -> dict[str, list[Path]]:
                                 "rename one")
             # not only regular files: a pipe or device among the images is refused, not skipped
             classes[name] = sorted(f for f in d.iterdir() if not f.is_dir() and not _hidden(f))
+            broken = next((f for f in classes[name] if not f.exists()), None)
+            if broken is not None:
+                raise DataError(f"{broken} is a symbolic link to nothing ({os.readlink(broken)}); remove it "
+                                "or restore the file it points to")
     if len(classes) < MIN_CLASSES:
         raise DataError(f"{folder} has {len(classes)} class folder(s); a few-shot split needs at least "
                         f"{MIN_CLASSES} (one subfolder per class: {LAYOUT})")
