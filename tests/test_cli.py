@@ -243,6 +243,7 @@ BAD_TRAIN_ARGS = [
     (["--config", "/nonexistent/exp.toml"], "error: cannot read config file /nonexistent/exp.toml"),
     (["--resume"], "error: no run to resume in "),
     (["--ways", "11"], "error: ways=11 but split 'train' of tiny has only 10 classes"),
+    (["--ways", "1"], "error: ways=1: a classification task needs at least 2 classes"),
     (["--shots", "10", "--query-shots", "11"], "error: shots + query_shots = 10 + 11 = 21"),
 ]
 

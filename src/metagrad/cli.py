@@ -14,14 +14,16 @@ results; the other processes print warnings and errors only, errors marked with 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import functools
 import importlib
+import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -209,8 +211,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_train_result(results: dict[str, Any]) -> None:
-    print(f"test accuracy {100 * results['test_accuracy']:.2f}% ± {100 * results['test_ci95']:.2f}% "
-          f"(95% CI over {results['test_tasks']} tasks); run folder {results['run_dir']}", flush=True)
+    _show_saved(f"test accuracy {100 * results['test_accuracy']:.2f}% ± {100 * results['test_ci95']:.2f}% "
+                f"(95% CI over {results['test_tasks']} tasks); run folder {results['run_dir']}")
+
+
+def _show_saved(text: str) -> None:
+    """Print a result that is saved in the run folder too: a stdout that fails (a full disk, a closed
+    pipe) loses the line, not the exit status of a command that did its work."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        _detach_if_broken(sys.stdout)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -249,19 +260,20 @@ def _print_ensemble(args: argparse.Namespace, result: dict[str, Any]) -> None:
     def pct(key: str) -> str:
         return f"{100 * result[key + '_test_accuracy']:.2f}% ± {100 * result[key + '_test_ci95']:.2f}%"
 
-    print(f"{args.run_dir}: ensemble of the {result['ensemble_members']} best checkpoints {pct('ensemble')}, "
-          f"best single checkpoint ({result['single_model_checkpoint']}) {pct('single_model')} "
-          f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)", flush=True)
+    _show_saved(f"{args.run_dir}: ensemble of the {result['ensemble_members']} best checkpoints "
+                f"{pct('ensemble')}, best single checkpoint ({result['single_model_checkpoint']}) "
+                f"{pct('single_model')} (95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} "
+                "inner steps)")
     if args.json:
-        print(json.dumps(result), flush=True)
+        _show_saved(json.dumps(result))
 
 
 def _print_evaluation(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    print(f"{args.run_dir} ({args.checkpoint}.pt, iteration {result['checkpoint_iteration']}): test accuracy "
-          f"{100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
-          f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)", flush=True)
+    _show_saved(f"{args.run_dir} ({args.checkpoint}.pt, iteration {result['checkpoint_iteration']}): test "
+                f"accuracy {100 * result['test_accuracy']:.2f}% ± {100 * result['test_ci95']:.2f}% "
+                f"(95% CI, {result['test_tasks']} tasks, {result['test_inner_steps']} inner steps)")
     if args.json:
-        print(json.dumps(result), flush=True)
+        _show_saved(json.dumps(result))
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -330,8 +342,8 @@ def _json_kwargs(text: str | None) -> dict[str, Any]:
     """``--kwargs``: a JSON object of constructor keywords, or nothing."""
     try:
         kwargs = json.loads(text) if text else {}
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--kwargs is not JSON: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"--kwargs is not JSON: {err or 'nested too deeply'}") from None
     if not isinstance(kwargs, dict):
         raise ConfigError("--kwargs must be a JSON object, e.g. '{\"ways\": 5}'")
     return kwargs
@@ -619,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _say(f"error: {exc}", sys.stderr)
         return exc.exit_code
+    restore_errors = _spell_what_streams_cannot_encode()
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_LevelFormatter("%(message)s"))
     logger.addHandler(handler)
@@ -648,6 +661,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(previous_level)
         for stream in (sys.stdout, sys.stderr):
             _detach_if_broken(stream)
+        restore_errors()
+
+
+_ASCII_SPELLINGS = {"±": "+/-", "×": "x", "…": "...", "—": "--", "–": "-"}
+
+
+def _in_ascii(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: characters an output encoding lacks, spelled in ASCII (``±`` as ``+/-``,
+    others as ``\\uXXXX`` escapes), so that ``PYTHONIOENCODING=ascii`` or a latin-1 terminal never
+    turns a finished command into a UnicodeEncodeError."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    spelled = (_ASCII_SPELLINGS.get(c) or c.encode("ascii", "backslashreplace").decode() for c in text)
+    return "".join(spelled), exc.end
+
+
+def _spell_what_streams_cannot_encode() -> Callable[[], None]:
+    """Make stdout and stderr spell what their encoding lacks (:func:`_in_ascii`); returns the undo."""
+    codecs.register_error("metagrad.ascii", _in_ascii)
+    undo = []
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and not stream.closed:
+            undo.append((stream, stream.errors))
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="metagrad.ascii")
+
+    def restore() -> None:
+        for stream, errors in undo:
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors=errors)
+
+    return restore
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -58,6 +58,8 @@ _FIXES = {
     errno.ENOTDIR: "a part of the path is a file, not a folder",
     errno.EISDIR: "it is a folder, not a file",
     errno.EIO: "input/output error: the disk or network file system failed",
+    errno.ELOOP: "it is a symbolic link, which metagrad does not write through (a run writes only inside its "
+                 "folder): replace the link by a copy of the file it points to",
 }
 
 

@@ -8,12 +8,12 @@ accuracy against iterations and against training time.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metagrad.data._io import read_json
 from metagrad.errors import ConfigError, FileError, MetagradError, describe_os_error
 from metagrad.training.config import (
     RESUMABLE_CHANGES,
@@ -51,7 +51,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 def _preset(run_dir: Path) -> str | None:
     try:
-        return json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("preset")
+        config = read_json(run_dir / "config.json")
+        return config.get("preset") if isinstance(config, dict) else None
     except (OSError, ValueError):
         return None
 
@@ -111,6 +112,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.suptitle(f"{name} ({preset})" if preset and preset != name else name)  # the preset once, not twice
     path = Path(output) if output is not None else run_dir / "learning_curves.png"
     try:
+        if output is None and path.is_symlink():  # the run's own file: replace a link, never write through
+            path.unlink()
         fig.savefig(path, dpi=120)
     except OSError as exc:
         raise FileError(describe_os_error(exc, "write the plot", path)) from None

@@ -27,7 +27,7 @@ def origin(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels[..., 0], pixels[..., 1]
 
 
-@pytest.mark.parametrize(("ways", "shots", "query_shots"), [(5, 1, 1), (5, 5, 15), (12, 1, 19), (1, 3, 2)])
+@pytest.mark.parametrize(("ways", "shots", "query_shots"), [(5, 1, 1), (5, 5, 15), (12, 1, 19), (2, 3, 2)])
 def test_task_invariants(tagged_dataset: FewShotDataset, ways: int, shots: int, query_shots: int) -> None:
     t = 16
     episode = EpisodeSampler(tagged_dataset, ways, shots, query_shots).sample(
@@ -91,6 +91,7 @@ def test_consecutive_meta_batches_differ(tagged_dataset: FewShotDataset) -> None
     ("ways", "shots", "query_shots", "message"),
     [
         (13, 1, 1, r"ways=13 but split 'validation' of tagged has only 12 classes; use ways <= 12"),
+        (1, 1, 1, r"ways=1: a classification task needs at least 2 classes"),  # 100% for any model
         (5, 15, 6, r"shots \+ query_shots = 15 \+ 6 = 21 but each class .* has only 20 images"),
         (0, 1, 1, r"ways=0 must be a positive integer"),
         (5, -1, 1, r"shots=-1 must be a positive integer"),

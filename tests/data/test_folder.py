@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,16 @@ from metagrad.errors import ConfigError, DataError
 
 def _write_dataset(root: Path, classes: dict[str, int], *, gray: bool = False,
                    formats: tuple[str, ...] = ("png", "jpeg")) -> Path:
-    """``root/<split>/<class>/<i>.<fmt>``: image (class c, index i) has a top-left pixel 10 * c + i."""
+    """``root/<split>/<class>/<i>.<fmt>``: image (class c, index i) has a top-left pixel 10 * c + i
+    (RGB: (10 * c + i, 10 * c + i, 200))."""
     for split in ("train", "validation", "test"):
         for c, (name, count) in enumerate(classes.items()):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 size = (40 + 3 * i, 30 + 5 * c)  # assorted sizes, as photos come
                 pixels = np.full((size[1], size[0], 1 if gray else 3), 10 * c + i, dtype=np.uint8)
+                if not gray:
+                    pixels[..., 2] = 200  # a colour: R = G = B would be a grayscale picture
                 image = Image.fromarray(pixels[..., 0] if gray else pixels, "L" if gray else "RGB")
                 image.save(root / split / name / f"{i:02d}.{formats[i % len(formats)]}")
     return root
@@ -44,7 +48,7 @@ def test_rgb_and_grayscale_folders_decode_once(tmp_path: Path, cache: Path,
     train = load_dataset("folder", "train", data_dir=tmp_path / "data", folder="birds")
     assert train.images.shape == (3, 4, 3, 84, 84) and train.images.dtype == torch.uint8
     assert train.class_names == ["owl", "robin", "sparrow"]  # sorted folder names
-    assert train.images[1, 2, :, 0, 0].tolist() == [12] * 3  # robin (class 1 as written), image 2
+    assert train.images[1, 2, :, 0, 0].tolist() == [12, 12, 200]  # robin (class 1 as written), image 2
 
     monkeypatch.setattr(folder_module, "_decode", lambda *_: pytest.fail("decoded again"))
     again = load_dataset("folder", "train", data_dir=tmp_path / "data", folder="birds")
@@ -91,7 +95,7 @@ def test_errors_name_the_problem_and_the_fix(tmp_path: Path, cache: Path) -> Non
         load_dataset("folder", "train", data_dir=data, folder="thin")
     _write_dataset(data / "broken", {"a": 2, "b": 2})
     (data / "broken" / "validation" / "b" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match=r"cannot read .*broken/validation/b/notes\.txt as an image"):
+    with pytest.raises(DataError, match=r"cannot decode .*broken/validation/b/notes\.txt: not an image"):
         load_dataset("folder", "train", data_dir=data, folder="broken")
 
 
@@ -125,3 +129,61 @@ def test_learn2learn_meta_dataset_over_a_folder(tmp_path: Path, cache: Path) -> 
                                        transforms.LoadData(dataset), transforms.RemapLabels(dataset)])
     data, labels = tasks.sample()
     assert data.shape == (4, 3, 84, 84) and sorted(labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_a_dataset_is_colour_when_an_image_shows_colour_whatever_the_modes(
+        tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The mixed-folder rule: 1x28x28 unless some image shows colour; a grayscale picture saved as RGB
+    # (or as a palette) does not count, one colour picture among grayscale ones is named in a warning.
+    data = tmp_path / "data"
+    _write_dataset(data / "glyphs", {"a": 3, "b": 3}, gray=True, formats=("png",))
+    pixels = np.full((20, 20, 3), 77, np.uint8)
+    Image.fromarray(pixels, "RGB").save(data / "glyphs" / "test" / "a" / "00.png")
+    Image.fromarray(pixels[..., 0], "L").convert("P").save(data / "glyphs" / "train" / "b" / "01.png")
+    with caplog.at_level(logging.WARNING):
+        gray = load_dataset("folder", "test", data_dir=data, folder="glyphs")
+    assert gray.images.shape == (2, 3, 1, 28, 28) and "colour" not in caplog.text
+    assert (gray.images[0, 0] == 77).all()  # test/a/00.png
+    pixels[0, 0] = (255, 0, 0)
+    Image.fromarray(pixels, "RGB").save(data / "glyphs" / "validation" / "b" / "02.png")
+    with caplog.at_level(logging.WARNING):
+        colour = load_dataset("folder", "test", data_dir=data, folder="glyphs")
+    assert colour.images.shape == (2, 3, 3, 84, 84)
+    assert torch.equal(colour.images[:, :, 0], colour.images[:, :, 2])  # grayscale in every channel
+    assert "validation/b/02.png shows colour" in caplog.text
+    assert "3 of its 18 images are in colour modes" in caplog.text
+
+
+@pytest.mark.parametrize("name", [b"caf\xe9", "naïve".encode(), b"two\nlines", b"tab\there"])
+def test_any_folder_name_the_file_system_allows_is_a_class_name(tmp_path: Path, cache: Path,
+                                                                 name: bytes) -> None:
+    data = tmp_path / "data"
+    _write_dataset(data / "names", {"plain": 2, "other": 2}, gray=True)
+    for split in ("train", "validation", "test"):
+        (data / "names" / split / "other").rename(data / "names" / split / os.fsdecode(name))
+    train = load_dataset("folder", "train", data_dir=data, folder="names")
+    shown = name.decode("utf-8", "backslashreplace")
+    assert sorted(train.class_names) == sorted(["plain", shown])
+    assert all(n.encode("utf-8") for n in train.class_names)  # valid text: logs, JSON and caches take it
+    again = load_dataset("folder", "train", data_dir=data, folder="names")  # the cache holds the names
+    assert again.class_names == train.class_names
+
+
+def test_images_above_the_limits_are_refused_before_any_decoding(tmp_path: Path, cache: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_io import png_header
+
+    data = tmp_path / "data"
+    _write_dataset(data / "bombs", {"a": 2, "b": 2}, gray=True)
+    (data / "bombs" / "test" / "b" / "big.png").write_bytes(png_header(13_000, 13_000))
+    monkeypatch.setattr(folder_module, "_decode", lambda *_: pytest.fail("decoded before the check"))
+    with pytest.raises(DataError, match=r"test/b/big\.png has 169,000,000 pixels, more than 40,000,000"):
+        load_dataset("folder", "train", data_dir=data, folder="bombs")
+    (data / "bombs" / "test" / "b" / "big.png").unlink()
+    os.mkfifo(data / "bombs" / "test" / "b" / "fifo.png")
+    with pytest.raises(DataError, match=r"fifo\.png is not a regular file"):
+        load_dataset("folder", "train", data_dir=data, folder="bombs")
+    (data / "bombs" / "test" / "b" / "fifo.png").unlink()
+    (data / "bombs" / "test" / "b" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(DataError, match=r"gone\.png is a symbolic link to nothing"):
+        load_dataset("folder", "train", data_dir=data, folder="bombs")

@@ -10,9 +10,11 @@ import contextlib
 import hashlib
 import http.client
 import io
+import json
 import logging
 import os
 import pickle
+import re
 import stat
 import sys
 import tempfile
@@ -78,10 +80,34 @@ def _umask() -> int:
     return mask
 
 
+def no_follow(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open` that refuses a symbolic link at ``path`` (OSError ELOOP) instead of
+    writing to where it points: files in a run folder are written there, never through a link."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`; OSError on failure, ``path`` intact."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path`` (UTF-8).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: it is not a regular file (a FIFO would never end the read), not UTF-8, not JSON, or
+            nested deeper than Python's parser goes (a RecursionError there, turned into the same error
+            as any other text that is not JSON).
+    """
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError("it is not a regular file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to read") from None
 
 
 def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE_FORMAT_VERSION) -> str:
@@ -93,7 +119,7 @@ def fingerprint(files: list[tuple[str, os.stat_result]], *, version: int = CACHE
     """
     digest = hashlib.sha256(f"metagrad-cache-v{version}\n".encode())
     for name, st in sorted(files, key=lambda item: item[0]):
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n"))  # any name's own bytes
     return digest.hexdigest()
 
 
@@ -130,7 +156,7 @@ def _feed(digest: Any, value: Any) -> None:
 
 def cache_file(cache_dir: Path, prefix: str, source: Path) -> Path:
     """The cache file for data read from ``source``: one per source folder, overwritten when stale."""
-    where = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+    where = hashlib.sha256(os.fsencode(source.resolve())).hexdigest()[:16]
     return cache_dir / f"{prefix}-{where}.pt"
 
 
@@ -166,13 +192,27 @@ def load_cache(path: Path, key: str) -> dict[str, Any] | None:
     return payload
 
 
+def save_tensors(value: Any, handle: BinaryIO) -> None:
+    """``torch.save(value, handle)``, a failed write raised as the OSError it is (a full disk, a file-size
+    limit): torch raises a RuntimeError ("unexpected pos ...") with the OSError only as its context."""
+    try:
+        torch.save(value, handle)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def save_cache(path: Path, key: str, **tensors_and_lists: Any) -> None:
     """Write ``{"key", "version", **tensors_and_lists, "checksum"}`` atomically; warn (not fail) if the
     folder is read-only or full. The checksum (:func:`content_digest` of the rest) is verified on load."""
     payload = {"key": key, "version": CACHE_FORMAT_VERSION, **tensors_and_lists}
     try:
-        with atomic_write(path) as tmp:
-            torch.save({**payload, "checksum": content_digest(payload)}, tmp)
+        with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+            save_tensors({**payload, "checksum": content_digest(payload)}, handle)
     except OSError as exc:
         logger.warning(
             "could not write the cache %s (%s); the data will be decoded again next time. "
@@ -224,8 +264,59 @@ def read_member(archive: zipfile.ZipFile, entry: str, path: Path, fix: str) -> b
         return member.read(MAX_IMAGE_BYTES + 1)
 
 
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+"""Pillow modes of single-channel images (with or without alpha)."""
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
+_WHITE = (255, 255, 255, 255)
+
+
+@contextlib.contextmanager
+def open_image(source: bytes | Path, name: str, fix: str) -> Iterator[Image.Image]:
+    """Open an image for the block, checked from its header only (pixels are decoded when used).
+
+    Every failure in the block is a DataError naming the file: not a regular file or too large
+    (:func:`check_file`, for a path), not an image, corrupt, or above :data:`MAX_IMAGE_PIXELS` (from the
+    header, before decoding; Pillow's own decompression-bomb check says the same).
+
+    Args:
+        source: the file's bytes, or its path.
+        name: how errors name the file (an archive member: ``archive/entry``).
+        fix: appended to every error: how to get a good copy.
+    """
+    try:
+        if isinstance(source, Path):
+            check_file(source, fix)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise _too_many_pixels(name, width * height, fix)
+                yield image
+    except (FileNotFoundError, DataError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # above Pillow's own limit
+        count = re.search(r"\((\d+) pixels\)", str(exc))  # "Image size (900000000 pixels) exceeds ..."
+        raise _too_many_pixels(name, int(count.group(1)) if count else None, fix) from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode {name}: not an image in a format Pillow reads, or corrupt. {fix}"
+                        ) from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+        raise DataError(f"cannot decode {name} ({exc}): the file is corrupt. {fix}") from None
+
+
+def _too_many_pixels(name: str, pixels: int | None, fix: str) -> DataError:
+    count = f"{pixels:,}" if pixels is not None else "too many"
+    return DataError(f"{name} has {count} pixels, more than {MAX_IMAGE_PIXELS:,}: a damaged or hostile image "
+                     f"(a decompression bomb?); refusing to decode it. {fix}")
+
+
 def decode_image(source: bytes | Path, name: str, mode: str, size: int, fix: str) -> np.ndarray:
     """An image file -> (size, size[, channels]) uint8 in PIL ``mode``, Lanczos-resized.
+
+    The file's values are mapped to 0..255 as :func:`to_mode` says (any bit depth, float, alpha).
 
     Args:
         source: the file's bytes, or its path.
@@ -235,25 +326,71 @@ def decode_image(source: bytes | Path, name: str, mode: str, size: int, fix: str
         fix: appended to every error: how to get a good copy.
 
     Raises:
-        DataError: not an image, corrupt, or above :data:`MAX_IMAGE_PIXELS` (checked from the header,
-            before decoding).
+        DataError: not an image, corrupt, above :data:`MAX_IMAGE_PIXELS` (checked from the header, before
+            decoding), or values that cannot be mapped faithfully (see :func:`to_mode`).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise DataError(
-                        f"{name} is {width} x {height} pixels, more than {MAX_IMAGE_PIXELS:,}: a damaged or "
-                        f"hostile image (a decompression bomb?); refusing to decode it. {fix}"
-                    )
-                return np.asarray(image.convert(mode).resize((size, size), Image.LANCZOS))
-    except (FileNotFoundError, DataError):
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"cannot decode {name} ({exc}): the file is corrupt. {fix}") from None
+    with open_image(source, name, fix) as image:
+        return to_mode(image, mode, size, name, fix)
+
+
+def to_mode(image: Image.Image, mode: str, size: int, name: str, fix: str) -> np.ndarray:
+    """``image``'s pixels as (size, size[, 3]) uint8 in ``mode`` (``"L"`` or ``"RGB"``), Lanczos-resized.
+
+    The mapping keeps what the image holds: 8-bit images as they are (Pillow's conversions: a colour
+    image to ``"L"`` by ITU-R 601 luma, a grayscale one to ``"RGB"`` by copying it into each channel,
+    1-bit 0/1 to 0/255); 16-bit integers 0..65535 and 32-bit integers (Pillow's ``"I"``, read as
+    16-bit values) scaled to 0..255; floats must lie in [0, 1] and are scaled likewise (high depths are
+    resized before rounding, so no precision is lost to the resize); an alpha channel is composited
+    over white, as image viewers show it. Values outside those ranges are refused, not clipped.
+
+    Raises:
+        DataError: a float image with values outside [0, 1] (or NaN), an integer image with values
+            outside 0..65535: nothing says what they mean as intensities.
+    """
+    scaled = _unit_range(image, name, fix)
+    if scaled is not None:  # (H, W) float32 in [0, 1]: resize in float, round once
+        small = np.asarray(Image.fromarray(scaled, "F").resize((size, size), Image.LANCZOS))
+        pixels = np.clip(np.rint(small * 255), 0, 255).astype(np.uint8)  # (size, size)
+        return pixels if mode == "L" else np.repeat(pixels[..., None], 3, axis=-1)  # (size, size, 3)
+    return np.asarray(flatten_alpha(image).convert(mode).resize((size, size), Image.LANCZOS))
+
+
+def flatten_alpha(image: Image.Image) -> Image.Image:
+    """``image`` composited over white when it has an alpha channel or a transparent colour; else itself."""
+    if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+
+
+def is_colour(image: Image.Image) -> bool:
+    """Whether ``image`` shows any colour: False for a grayscale mode and for a colour mode whose pixels
+    all have R = G = B (a grayscale picture saved as RGB). Decodes the pixels of a colour mode."""
+    if image.mode in GRAY_MODES:
+        return False
+    rgb = np.asarray(flatten_alpha(image).convert("RGB"))  # (H, W, 3)
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def _unit_range(image: Image.Image, name: str, fix: str) -> np.ndarray | None:
+    """(H, W) float32 in [0, 1] for a 16-bit, 32-bit integer or float image; None for 8-bit modes."""
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite(values).all() and low >= 0 and high <= 1):
+            raise DataError(f"{name} is a floating-point image with values in [{low:g}, {high:g}]; "
+                            f"metagrad reads float images as intensities in [0, 1]: rescale it to [0, 1] or "
+                            f"save it as an 8- or 16-bit image. {fix}")
+        return values
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise DataError(f"{name} is a 32-bit integer image with values in [{low}, {high}]; metagrad "
+                            f"reads integer images as 8- or 16-bit intensities (0..65535): save it as an 8- "
+                            f"or 16-bit image. {fix}")
+        return (values / 65535).astype(np.float32)
+    return None
 
 
 def looks_like_html(head: bytes) -> bool:

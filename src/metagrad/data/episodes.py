@@ -68,8 +68,8 @@ class EpisodeSampler:
         device: where the images live and the episodes are returned (default: CPU).
 
     Raises:
-        ConfigError: a non-positive or non-integer count, more ways than the split has classes, or
-            more shots + query_shots than a class has images.
+        ConfigError: a non-positive or non-integer count, fewer than 2 ways or more than the split has
+            classes, or more shots + query_shots than a class has images.
 
     Example:
         >>> sampler = EpisodeSampler(train, ways=5, shots=1, query_shots=15)  # doctest: +SKIP
@@ -92,6 +92,8 @@ class EpisodeSampler:
         self.query_shots = _check_count("query_shots", query_shots)
         classes, per_class = dataset.num_classes, dataset.images_per_class
         where = f"split '{dataset.split}' of {dataset.name}"
+        if ways < 2:  # every query would be labelled 0: 100% accuracy whatever the model
+            raise ConfigError(f"ways={ways}: a classification task needs at least 2 classes; use ways >= 2")
         if ways > classes:
             raise ConfigError(f"ways={ways} but {where} has only {classes} classes; use ways <= {classes}")
         if shots + query_shots > per_class:

@@ -7,11 +7,18 @@ class name) and each class folder holds images in any format Pillow reads. Hidde
 
 Decoding happens once per split, into one uint8 tensor (classes, images_per_class, C, H, W) cached in
 the cache folder and rebuilt when a file changes (as Omniglot and Mini-ImageNet). Images are converted to
-the inputs of metagrad's standard networks: when every image of the dataset is grayscale (Pillow modes
-"1", "L", "LA", "I", "I;16", "F"), to 1x28x28 grayscale as Omniglot (its networks: ``omniglot-cnn``,
-``omniglot-fc``); otherwise to 3x84x84 RGB as Mini-ImageNet (``mini-imagenet-cnn``). Resizing is Lanczos,
-to a square (the aspect ratio is not kept, as Omniglot's and Mini-ImageNet's preparations do).
-Pixel values are kept as they are (no inversion).
+the inputs of metagrad's standard networks: when no image of the dataset shows colour, to 1x28x28
+grayscale as Omniglot (its networks: ``omniglot-cnn``, ``omniglot-fc``); when any does, to 3x84x84 RGB
+as Mini-ImageNet (``mini-imagenet-cnn``), its grayscale images copied into each channel, with a warning
+naming a colour image when they are fewer than the grayscale ones. An image shows colour when its pixels
+are not all R = G = B, whatever its file's mode (a grayscale picture saved as RGB is grayscale).
+Resizing is Lanczos, to a square (the aspect ratio is not kept, as Omniglot's and Mini-ImageNet's
+preparations do). Values are mapped to 0..255 as :func:`metagrad.data._io.to_mode` says: 16-bit and
+float images scaled from their full range (floats must lie in [0, 1]), alpha composited over white;
+an image whose values have no such meaning is refused, naming it. No inversion.
+
+Class names are the folder names; a name that is not valid UTF-8 keeps its other bytes as ``\\xNN``
+escapes (``caf\\xe9``), so it can be shown, logged and saved.
 
 Classes are sorted by folder name and images within a class by file name. Every class of a split must
 have the same number of images; a split whose classes differ is cut to its smallest class's count (the
@@ -21,11 +28,11 @@ first images by name), with a warning that says how many were left out.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
@@ -39,7 +46,7 @@ __all__ = ["GRAY_SIZE", "RGB_SIZE", "SPLIT_FOLDERS", "check_folder_name", "find_
 SPLIT_FOLDERS = ("train", "validation", "test")  # split name = folder name
 GRAY_SIZE = 28  # side of grayscale datasets (Omniglot's networks)
 RGB_SIZE = 84  # side of color datasets (Mini-ImageNet's networks)
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+DECODING_VERSION = 2  # part of the cache key: a cache decoded by another version of the rules is rebuilt
 MIN_CLASSES = 2  # fewer cannot make a classification task
 MIN_IMAGES = 2  # per class: at least one support and one query image
 LAYOUT = "<data_dir>/<folder>/{train,validation,test}/<class>/<image>"
@@ -73,11 +80,27 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name == "__MACOSX"
 
 
+def class_name(folder_name: str) -> str:
+    """A folder's name as a class name: as it is when valid UTF-8, else with the other bytes escaped."""
+    return os.fsencode(folder_name).decode("utf-8", "backslashreplace")
+
+
 def _listing(root: Path, split: str) -> dict[str, list[Path]]:
     """class name -> its image files, sorted, for one split; checks the counts."""
     folder = root / split
-    classes = {d.name: sorted(f for f in d.iterdir() if f.is_file() and not _hidden(f))
-               for d in sorted(folder.iterdir()) if d.is_dir() and not _hidden(d)}
+    classes: dict[str, list[Path]] = {}
+    for d in sorted(folder.iterdir()):
+        if d.is_dir() and not _hidden(d):
+            name = class_name(d.name)
+            if name in classes:  # "caf\xe9" spelled out beside a folder whose name has the byte 0xe9
+                raise DataError(f"{folder} has two class folders named {name!r} once shown as text; "
+                                "rename one")
+            # not only regular files: a pipe or device among the images is refused, not skipped
+            classes[name] = sorted(f for f in d.iterdir() if not f.is_dir() and not _hidden(f))
+            broken = next((f for f in classes[name] if not f.exists()), None)
+            if broken is not None:
+                raise DataError(f"{broken} is a symbolic link to nothing ({os.readlink(broken)}); remove it "
+                                "or restore the file it points to")
     if len(classes) < MIN_CLASSES:
         raise DataError(f"{folder} has {len(classes)} class folder(s); a few-shot split needs at least "
                         f"{MIN_CLASSES} (one subfolder per class: {LAYOUT})")
@@ -90,32 +113,42 @@ def _listing(root: Path, split: str) -> dict[str, list[Path]]:
     return classes
 
 
-def _mode(path: Path) -> str:
-    try:
-        with Image.open(path) as image:  # reads the header only
-            return image.mode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read {path} as an image ({exc}); remove or replace it") from None
+_REPLACE = "Remove or replace it."
 
 
 def _grayscale(root: Path) -> bool:
-    """Whether every image of every split is grayscale (then the dataset is 1x28x28).
+    """Whether no image of any split shows colour (then the dataset is 1x28x28; else 3x84x84).
 
-    Reads every file's header (not only up to the first color image), so an unreadable file in any
-    split is reported by the first split loaded.
+    Reads every file's header first (so an unreadable or oversized file in any split is reported by the
+    first split loaded, before anything is decoded), then the pixels of colour-mode files until one
+    shows colour.
     """
-    modes = [_mode(f) for split in SPLIT_FOLDERS for files in _listing(root, split).values() for f in files]
-    return all(mode in GRAY_MODES for mode in modes)
+    files = [f for split in SPLIT_FOLDERS for files in _listing(root, split).values() for f in files]
+    modes = {}
+    for f in files:
+        with _io.open_image(f, str(f), _REPLACE) as image:  # the header only
+            modes[f] = image.mode
+    colour_modes = [f for f in files if modes[f] not in _io.GRAY_MODES]
+    colour = next((f for f in colour_modes if _shows_colour(f)), None)
+    if colour is None:
+        return True
+    if 2 * len(colour_modes) < len(files):
+        logger.warning("%s: %d of its %d images are in colour modes (%s shows colour), the others grayscale: "
+                       "the dataset is decoded as %dx%d RGB, grayscale images in every channel. Convert the "
+                       "colour ones to grayscale for a 1x%dx%d dataset", root, len(colour_modes), len(files),
+                       colour, RGB_SIZE, RGB_SIZE, GRAY_SIZE, GRAY_SIZE)
+    return False
+
+
+def _shows_colour(path: Path) -> bool:
+    with _io.open_image(path, str(path), _REPLACE) as image:
+        return _io.is_colour(image)
 
 
 def _decode(path: Path, gray: bool) -> np.ndarray:
     side = GRAY_SIZE if gray else RGB_SIZE
-    try:
-        with Image.open(path) as image:
-            converted = image.convert("L" if gray else "RGB").resize((side, side), Image.LANCZOS)
-            return np.asarray(converted).reshape(side, side, -1)  # (side, side, C)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode {path} ({exc}); remove or replace it") from None
+    pixels = _io.decode_image(path, str(path), "L" if gray else "RGB", side, _REPLACE)
+    return pixels.reshape(side, side, -1)  # (side, side, C)
 
 
 def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "folders"
@@ -124,7 +157,7 @@ def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "
 
     Raises:
         DataError: a split with fewer than 2 classes, a class with fewer than 2 images, or an image that
-            cannot be read (the message names the file).
+            cannot be read or mapped to pixel values faithfully (the message names the file).
     """
     classes = _listing(root, split)
     per_class = min(len(files) for files in classes.values())
@@ -136,7 +169,7 @@ def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "
     files = [f for name in names for f in classes[name][:per_class]]
     all_files = sorted(f for s in SPLIT_FOLDERS for fs in _listing(root, s).values() for f in fs)
     # the key covers every split's files: one of them decides whether the dataset is grayscale
-    key = _io.fingerprint([(str(f.relative_to(root)), f.stat()) for f in all_files])
+    key = _io.fingerprint([(str(f.relative_to(root)), f.stat()) for f in all_files], version=DECODING_VERSION)
     cache = _io.cache_file(cache_dir, f"folder-{root.name}-{split}", root)
     cached = _io.load_cache(cache, key)
     if cached is not None:

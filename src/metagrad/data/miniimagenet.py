@@ -196,8 +196,7 @@ def _read_csv(path: Path) -> dict[str, list[str]]:
 def _decode_jpeg(path: Path) -> np.ndarray:
     """An image file -> (84, 84, 3) uint8 RGB, Lanczos-resized."""
     try:
-        _io.check_file(path, "Replace it.")
-        return _io.decode_image(path, str(path), "RGB", IMAGE_SIZE, "Replace it.")
+        return _io.decode_image(path, str(path), "RGB", IMAGE_SIZE, "Replace it.")  # checks the file too
     except FileNotFoundError:
         raise DataError(
             f"{path} is listed in the split CSV but missing from the images folder. "

@@ -23,13 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad.data._io import content_digest
-from metagrad.errors import ConfigError, FileError, TrainingError, describe_os_error
+from metagrad.data._io import content_digest, save_tensors
+from metagrad.data.datasets import FewShotDataset
+from metagrad.errors import ConfigError, DataError, FileError, TrainingError, describe_os_error
 from metagrad.training.config import CONFIG_NAME, Config, _flatten, config_to_dict
 from metagrad.types import Params
 
 __all__ = ["FORMAT_VERSION", "MODEL_SETTINGS", "RunState", "capture_rng_state", "check_model_settings",
-           "load_checkpoint", "previous_path", "restore_params", "restore_rng_state", "save_checkpoint"]
+           "check_same_data", "data_fingerprint", "load_checkpoint", "previous_path", "restore_params",
+           "restore_rng_state", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
+            save_tensors({**state, CHECKSUM_KEY: content_digest(state)}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():
@@ -224,3 +226,46 @@ def check_model_settings(checkpoint: dict[str, Any], path: Path, config: Config)
                 f"{path} was trained with {key}={theirs[key]!r} but {where} says {ours[key]!r}: they do not "
                 f"fit together; restore {key} in {where} (or use the checkpoint of that run)"
             )
+
+
+def data_fingerprint(datasets: dict[str, FewShotDataset]) -> dict[str, dict[str, Any]]:
+    """What a run's data is, per split, for its checkpoints: the counts, the image shape and SHA-256
+    digests of the class names and of the images (``_io.content_digest``: the decoded tensor, so the same
+    data gives the same fingerprint wherever it was read or cached)."""
+    return {split: {"classes": dataset.num_classes, "images_per_class": dataset.images_per_class,
+                    "image_shape": list(dataset.image_shape),
+                    "class_names": content_digest(list(dataset.class_names)),
+                    "images": content_digest(dataset.images)}
+            for split, dataset in datasets.items()}
+
+
+def check_same_data(checkpoint: dict[str, Any], fingerprint: dict[str, dict[str, Any]], path: Path) -> None:
+    """Refuse to resume from ``checkpoint`` on other data than the run started with, naming what changed.
+
+    A checkpoint without a fingerprint (written before metagrad recorded one) is accepted.
+
+    Raises:
+        DataError: a split has other classes, another count, another image shape or other images.
+    """
+    saved = checkpoint.get("data")
+    if not isinstance(saved, dict):
+        return
+    fix = ("restore the data the run started with (the same folder, files and options), or start a new run "
+           "(--overwrite or another --run-dir)")
+    for split, now in fingerprint.items():
+        then = saved.get(split)
+        if not isinstance(then, dict):
+            continue
+        what = None
+        for key, says in (("classes", "{} classes"), ("images_per_class", "{} images per class"),
+                          ("image_shape", "images of shape {}")):
+            if then.get(key) != now[key]:
+                what = f"has {says.format(now[key])}, but {then.get(key)} when the run started"
+                break
+        else:
+            if then.get("class_names") != now["class_names"]:
+                what = "has other classes (other names) than when the run started"
+            elif then.get("images") != now["images"]:
+                what = "has other images than when the run started (the same classes)"
+        if what is not None:
+            raise DataError(f"cannot resume from {path}: the {split} split {what}; {fix}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -177,6 +178,12 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
         ) from None
     yield
     # Not on errors: the process ends anyway, and NCCL's teardown can block after a failed exchange.
+    # First one last exchange that every process waits for and that gloo's threads let go of (see
+    # _let_go): the processes leave together, and nothing Python owns is released after Python exits.
+    with _exchange("waiting for the other processes to finish"):
+        last = torch.zeros(1, device=_wire_device())
+        dist.all_reduce(last)
+        _let_go(last)
     dist.destroy_process_group()
 
 
@@ -190,6 +197,28 @@ def _exchange(what: str) -> Iterator[None]:
             f"{what} failed: {_first_line(exc)}. Another process exited or stalled for longer than "
             f"run.dist_timeout_s (--dist-timeout); the job resumes from its last checkpoint with --resume"
         ) from None
+
+
+LET_GO_S = 1.0
+"""Seconds :func:`_let_go` waits at most (the wait is microseconds: a worker thread finishing its loop)."""
+
+
+def _let_go(*tensors: Tensor) -> None:
+    """Wait until gloo's worker threads have dropped their references to ``tensors``, just exchanged.
+
+    A gloo collective returns as soon as its result is ready; the worker thread that ran it drops its
+    own references to the tensors a moment later (after about one collective in four here). Were Python's
+    reference dropped first, the worker's release would be the last one and would free the tensor's
+    Python object from outside the interpreter. Near the process's exit that happens during interpreter
+    finalization, where the thread is ended mid-destructor: "terminate called without an active
+    exception", SIGABRT, after the results were written (issue 34). Keeping the last reference in Python
+    ends that race. NCCL keeps references until its own watchdog lets go: not waited for.
+    """
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    deadline = time.monotonic() + LET_GO_S
+    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+        time.sleep(0)  # let the worker thread run
 
 
 def _first_line(exc: BaseException) -> str:
@@ -217,6 +246,7 @@ def all_reduce_gradients(world: World, params: Params, grad_sum: Tensor, total_t
         flat = grad_sum.clone()  # all_reduce works in place; the caller's sum stays its own
         with _exchange("the meta-gradient all-reduce"):
             dist.all_reduce(flat)
+            _let_go(flat)
     set_gradients(params, flat / total_tasks)
 
 
@@ -247,6 +277,7 @@ def exchange_meta_gradient(world: World, params: Params, grad_sum: Tensor, total
     flat[size:].view(total_tasks, -1)[indices.to(flat.device)] = scores.to(flat)
     with _exchange("the meta-gradient all-reduce"):
         dist.all_reduce(flat)
+        _let_go(flat)
     set_gradients(params, flat[:size] / total_tasks)
     return flat[size:].view(total_tasks, -1).to(device=scores.device, dtype=scores.dtype)
 
@@ -270,6 +301,7 @@ def gather_tasks(world: World, values: Tensor, indices: Tensor, num_tasks: int) 
     full[indices.to(full.device)] = values.to(full.device)
     with _exchange("gathering the tasks' scores"):
         dist.all_reduce(full)
+        _let_go(full)
     return full.to(values.device)
 
 
@@ -280,6 +312,7 @@ def any_rank(world: World, flag: bool) -> bool:
     count = torch.tensor([float(flag)], device=_wire_device())
     with _exchange("agreeing whether to stop"):
         dist.all_reduce(count)
+        _let_go(count)
     return count.item() > 0
 
 
@@ -337,6 +370,7 @@ def check_same_parameters(world: World, params: Params, iteration: int) -> None:
     reference = flat.clone()
     with _exchange("comparing the processes' parameters"):
         dist.broadcast(reference, src=0)
+        _let_go(reference)
     if any_rank(world, not torch.equal(flat, reference)):
         raise TrainingError(
             f"the processes' parameters differ after iteration {iteration}; every process must run the "

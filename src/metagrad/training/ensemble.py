@@ -13,7 +13,6 @@ time (the loop strategy, the reference every strategy is tested against).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from metagrad.algorithms import Algorithm, Tasks
 from metagrad.algorithms.strategies import looped
+from metagrad.data._io import read_json
 from metagrad.data.episodes import EpisodeSampler, task_generator
 from metagrad.errors import ConfigError, ResultNotSaved
 from metagrad.training.checkpoint import load_checkpoint
@@ -164,8 +164,10 @@ def _evaluate_ensemble(run_dir: Path, members: list[Ranked], config: Config) -> 
     write_result(saved, evaluation)
     if results_path.is_file():
         try:
-            results = json.loads(results_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            results = read_json(results_path)
+            if not isinstance(results, dict):
+                raise TypeError("it does not hold a JSON object")
+        except (OSError, ValueError, TypeError) as exc:
             raise ResultNotSaved(f"{results_path} cannot be read ({exc}) to add the ensemble's accuracy; "
                                  f"it is in {saved}", evaluation) from None
         results.setdefault("ensembles", {})[str(len(members))] = {**summary, "checkpoints": checkpoints}

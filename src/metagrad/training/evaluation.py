@@ -8,6 +8,7 @@ under torchrun); :func:`meta_test` tests a run's best parameters and writes ``re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -75,20 +76,22 @@ def score_tasks(
     """
     meta = config.meta
     losses, accs, indices = [], [], []
-    for start in range(0, num_tasks, meta.meta_batch_size):
-        if stop is not None:
-            stop.check(world)
-        episode = sampler.sample(min(meta.meta_batch_size, num_tasks - start), generator)
-        first, last = distributed.task_range(episode.num_tasks, world)
-        if first == last:  # fewer tasks in this chunk than processes
-            continue
-        task_loss, task_acc = algorithms.evaluate_with_losses(
-            learner.algorithm(meta, test=True), learner.model, learner.params, learner.buffers,
-            episode.slice(first, last), vectorize=meta.vectorize,
-        )
-        losses.append(task_loss.float().cpu())
-        accs.append(task_acc.float().cpu())
-        indices.append(torch.arange(start + first, start + last))
+    # a chunk of tasks still running GRACE_S after SIGINT/SIGTERM is cut short (stop.check between them)
+    with stop.abortable("") if stop is not None else contextlib.nullcontext():
+        for start in range(0, num_tasks, meta.meta_batch_size):
+            if stop is not None:
+                stop.check(world)
+            episode = sampler.sample(min(meta.meta_batch_size, num_tasks - start), generator)
+            first, last = distributed.task_range(episode.num_tasks, world)
+            if first == last:  # fewer tasks in this chunk than processes
+                continue
+            task_loss, task_acc = algorithms.evaluate_with_losses(
+                learner.algorithm(meta, test=True), learner.model, learner.params, learner.buffers,
+                episode.slice(first, last), vectorize=meta.vectorize,
+            )
+            losses.append(task_loss.float().cpu())
+            accs.append(task_acc.float().cpu())
+            indices.append(torch.arange(start + first, start + last))
     if not indices:  # more processes than tasks: this one scored none
         losses, accs, indices = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0, dtype=torch.long)]
     scores = torch.stack([torch.cat(losses), torch.cat(accs)], dim=1)  # (tasks here, 2): loss, accuracy

@@ -61,6 +61,8 @@ from metagrad.training.checkpoint import (
     FORMAT_VERSION,
     RunState,
     capture_rng_state,
+    check_same_data,
+    data_fingerprint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -68,7 +70,7 @@ from metagrad.training.checkpoint import (
 from metagrad.training.config import RESUMABLE_CHANGES, Config, MetaConfig, absolute_folders, config_to_dict
 from metagrad.training.distributed import World
 from metagrad.training.evaluation import meta_test, score_tasks
-from metagrad.training.failures import check_finite, diverged, step_guard
+from metagrad.training.failures import check_finite, diverged, saved_note, step_guard
 from metagrad.training.loggers import check_installed, open_loggers
 from metagrad.training.metrics import (
     COLUMNS,
@@ -210,6 +212,9 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
         logger.info("run folder %s, %s", run_dir, where)
         warn_if_spinning(device)
 
+    # What the run trains and tests on, recorded in latest.pt: a resume on other data is refused.
+    data = data_fingerprint({split: sampler.dataset for split, sampler in prepared.samplers.items()}) \
+        if world.is_main else None
     optimizer = learner.optimizer(meta)
     generators = {"train": task_generator(config.run.seed, "train")}
     state = RunState()
@@ -219,6 +224,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
     # since each samples the whole meta-batch.
     checkpoint = distributed.on_main(world, load_checkpoint, run_dir / LATEST_NAME) if resume else None
     if checkpoint is not None:
+        distributed.on_main(world, check_same_data, checkpoint, data, run_dir / LATEST_NAME)
         learner.restore(checkpoint, run_dir / LATEST_NAME, config)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -247,7 +253,7 @@ def _run(config: Config, world: World, device: torch.device, run_dir: Path, *, r
             training = TrainingRun(config, run_dir, device, world, learner, prepared.samplers, state, writer,
                                    stop, progress)
             with progress:
-                _train(training, optimizer, generators)
+                _train(training, optimizer, generators, data)
             results = meta_test(training)
     finally:
         if writer is not None:
@@ -279,8 +285,8 @@ def _settings(config: Config) -> dict[str, Any]:
     return {"preset": config.preset, **{k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}}
 
 
-def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]
-           ) -> None:
+def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+           data: dict[str, Any] | None) -> None:
     config, run_dir, world, learner, state, writer = (
         run.config, run.run_dir, run.world, run.learner, run.state, run.writer)
     meta, run_config = config.meta, config.run
@@ -309,6 +315,7 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
                 "progress": dataclasses.asdict(state),
                 "config": config_to_dict(config),
                 "versions": versions(),
+                "data": data,  # data_fingerprint: what --resume must find again
             },
             latest,
         )
@@ -317,7 +324,8 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
         iteration = state.iteration + 1
         lr = learning_rate(meta, iteration)
         start = time.perf_counter()
-        with step_guard(iteration, latest):
+        cut_short = _not_saved(f"during iteration {iteration}", run)  # the message if a signal stops the step
+        with step_guard(iteration, latest), run.stop.abortable(cut_short):
             episode = run.samplers["train"].sample(meta.meta_batch_size, generators["train"])  # all of it
             out, grad_sum = compute_meta_gradients(learner, episode.slice(first, last),
                                                    iteration_settings(meta, iteration),
@@ -344,7 +352,8 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
 
         if iteration % run_config.eval_every == 0 or iteration == meta.iterations:
             start = time.perf_counter()
-            with step_guard(iteration, latest):
+            cut_short = _not_saved(f"while validating iteration {iteration}", run)
+            with step_guard(iteration, latest), run.stop.abortable(cut_short):
                 losses, accs = score_tasks(config, learner, run.samplers["validation"], run_config.eval_tasks,
                                            task_generator(run_config.seed, "validation"), world=world)
             seconds = time.perf_counter() - start
@@ -376,3 +385,10 @@ def _train(run: TrainingRun, optimizer: torch.optim.Optimizer, generators: dict[
                 f"saved {latest}; continue with: {resume_command(world, run_dir)}",
                 signum,
             )
+
+
+def _not_saved(where: str, run: TrainingRun) -> str:
+    """How a phase cut short by a signal ends the run: nothing since the last checkpoint is kept."""
+    return (f"{where}: stopped there, nothing since the last checkpoint is saved and "
+            f"{saved_note(run.run_dir / LATEST_NAME)}; continue with: "
+            f"{resume_command(run.world, run.run_dir)}")

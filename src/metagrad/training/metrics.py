@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from metagrad.data._io import no_follow
 from metagrad.errors import FileError, TrainingError, describe_os_error
 from metagrad.types import Params
 
@@ -148,13 +149,14 @@ class MetricsWriter:
         with self._failing_as(self.jsonl_path):
             if offsets is None:
                 # both stay open for the whole run (one row per iteration) and are closed by close()
-                self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")  # noqa: SIM115
+                self._jsonl = open(self.jsonl_path, "w", encoding="utf-8", opener=no_follow)  # noqa: SIM115
             else:
                 self.kept = _rows_before(self.jsonl_path, offsets["jsonl"])
                 self._jsonl = _open_truncated(self.jsonl_path, offsets["jsonl"])
         with self._failing_as(self.csv_path):
             if offsets is None:
-                self._csv = open(self.csv_path, "w", encoding="utf-8", newline="")  # noqa: SIM115
+                self._csv = open(  # noqa: SIM115
+                    self.csv_path, "w", encoding="utf-8", newline="", opener=no_follow)
                 self._csv.write(",".join(self.columns) + "\n")
                 self._csv.flush()
             else:
@@ -226,7 +228,8 @@ def _open_truncated(path: Path, size: int) -> io.TextIOWrapper:
             f"{path} holds {max(actual, 0)} bytes but the checkpoint recorded {size}: the metrics were lost "
             f"or edited; restore the file or start a new run"
         )
-    handle = open(path, "r+", encoding="utf-8", newline="")  # noqa: SIM115 (the writer keeps and closes it)
+    # the writer keeps and closes it
+    handle = open(path, "r+", encoding="utf-8", newline="", opener=no_follow)  # noqa: SIM115
     handle.truncate(size)
     handle.seek(size)
     return handle

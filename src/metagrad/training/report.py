@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from metagrad.data._io import read_json
 from metagrad.errors import ConfigError, FileError
 from metagrad.training.config import Config, resolve_config
 from metagrad.training.metrics import read_metrics
@@ -49,7 +49,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
     results_path = run_dir / "results.json"
     if results_path.is_file():
         try:
-            results = json.loads(results_path.read_text(encoding="utf-8"))
+            results = read_json(results_path)
             row.update(
                 accuracy=f"{100 * results['test_accuracy']:.2f} ± {100 * results['test_ci95']:.2f}",
                 tasks=results.get("test_tasks", "?"),
@@ -63,7 +63,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
                 # published results (tools/publish_result.py) carry the number they were compared with
                 paper=results.get("paper") or row["paper"],
             )
-        except (ValueError, KeyError, TypeError) as exc:  # a results.json made or edited by hand
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a results.json made or edited by hand
             row.update(accuracy=f"(unreadable results.json: {type(exc).__name__} {exc})", iterations="",
                        wall="", device="")
         return row
@@ -104,7 +104,7 @@ def _paper(config: Config) -> str:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

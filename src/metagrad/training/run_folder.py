@@ -86,9 +86,13 @@ TOP_DIR = "top"
 
 def run_files(run_dir: Path) -> list[str]:
     """The names of the files in ``run_dir`` that a run writes (config, metrics, checkpoints, results),
-    those in ``top/`` and ``tensorboard/`` as ``top/<name>``, ``tensorboard/<name>``."""
+    those in ``top/`` and ``tensorboard/`` as ``top/<name>``, ``tensorboard/<name>`` (or ``top`` itself when
+    it is a symbolic link: removing the run's files removes the link, never files where it points)."""
     names = [p.name for p in run_dir.glob("*") if p.name in RUN_FILES or p.match("eval_*.json")]
-    names += [f"{TOP_DIR}/{p.name}" for p in run_dir.glob(f"{TOP_DIR}/iteration_*.pt")]
+    if (run_dir / TOP_DIR).is_symlink():  # the link itself is the run's file: never what it points to
+        names.append(TOP_DIR)
+    else:
+        names += [f"{TOP_DIR}/{p.name}" for p in run_dir.glob(f"{TOP_DIR}/iteration_*.pt")]
     if not (run_dir / TENSORBOARD_DIR).is_symlink():  # never remove files through a link out of the run
         events = run_dir.glob(f"{TENSORBOARD_DIR}/events.out.tfevents.*")
         names += [f"{TENSORBOARD_DIR}/{p.name}" for p in events]

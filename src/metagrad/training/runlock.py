@@ -71,8 +71,12 @@ def _acquire(path: Path, command: str) -> int | None:
         return None
     for _ in range(_ATTEMPTS):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a link: replace it rather than write the PID where it points
+                logger.warning("%s was a symbolic link; replacing it by the lock file", path)
+                _remove_link(path)
+                continue
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 # Nothing can be written there, by us or by another metagrad: there is nothing to guard.
                 logger.debug("no lock in %s (%s)", path.parent, exc.strerror)
@@ -99,6 +103,15 @@ def _acquire(path: Path, command: str) -> int | None:
             return fd
         os.close(fd)  # the holder removed this file as it ended: lock the new one
     raise FileError(f"cannot lock {path}: it keeps being replaced; is another program removing it?")
+
+
+def _remove_link(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise FileError(describe_os_error(exc, "replace the symbolic link", path)) from None
 
 
 def _holder(fd: int) -> str:

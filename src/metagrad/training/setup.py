@@ -31,7 +31,7 @@ from metagrad.training import distributed
 from metagrad.training.checkpoint import RunState, restore_params
 from metagrad.training.config import Config, DataConfig, MetaConfig, ModelConfig, algorithm_settings
 from metagrad.training.distributed import ONE_PROCESS, World
-from metagrad.training.failures import out_of_memory
+from metagrad.training.failures import check_memory, memory_per_task, out_of_memory
 from metagrad.training.metrics import MetricsWriter
 from metagrad.training.progress import Progress
 from metagrad.training.rates import (
@@ -222,9 +222,26 @@ def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, in
     if init_seed is not None:
         torch.manual_seed(init_seed)
     model = make_model(config.model, data.ways, datasets[splits[0]].image_shape).to(device)
+    _check_memory(config, datasets, model, device)
     params = meta_learned_params(model, config.meta)
     rates = inner_rates(config.meta, params, config.run.seed)
     return Prepared(samplers, Learner(model, params, dict(model.named_buffers()), rates))
+
+
+def _check_memory(config: Config, datasets: dict[str, FewShotDataset], model: nn.Module,
+                  device: torch.device) -> None:
+    """Refuse a meta-batch (training) or chunk of evaluation tasks that cannot fit in memory, before
+    anything is allocated for it (``failures.check_memory``)."""
+    data, meta, run = config.data, config.meta, config.run
+    for split, dataset in datasets.items():
+        training = split == "train"
+        tasks = meta.meta_batch_size if training else \
+            min(meta.meta_batch_size, run.eval_tasks if split == "validation" else run.test_tasks)
+        per_task = memory_per_task(model, dataset.image_shape, num_classes=dataset.num_classes,
+                                   per_class=dataset.images_per_class, ways=data.ways,
+                                   samples=data.shots + data.query_shots)
+        what = "meta.meta_batch_size (--meta-batch-size)" if training else f"a chunk of {split} tasks"
+        check_memory(what, tasks, per_task, device, "lower --meta-batch-size (tasks sampled at once)")
 
 
 def meta_learned_params(model: nn.Module, meta: MetaConfig) -> Params:

@@ -20,6 +20,7 @@ time (``experiment_builder.py``, ``evaluated_test_set_using_the_best_models``).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,10 @@ class TopCheckpoints:
     """Keeps ``run_dir/top/`` at the ``keep`` best validation checkpoints as the run offers them."""
 
     def __init__(self, run_dir: Path, keep: int) -> None:
+        folder = run_dir / TOP_DIR
+        if folder.is_symlink():  # its checkpoints would be ranked, written and deleted where it points
+            raise FileError(f"{folder} is a symbolic link (to {os.readlink(folder)}); a run writes only "
+                            f"inside its folder: replace the link by a folder of its own (or remove it)")
         self.run_dir, self.keep = run_dir, keep
         self.kept = ranked_checkpoints(run_dir)
         self._delete(self.kept[keep:])  # a crash between writing a new one and deleting the one it replaced
