@@ -42,11 +42,12 @@ def _taskset(dataset: FewShotDataset, ways: int, samples: int, num_tasks: int,
     if ways > dataset.num_classes:
         raise ConfigError(f"ways={ways} but split {dataset.split!r} has only {dataset.num_classes} classes")
     if samples > dataset.images_per_class:
+        smallest = "per class" if dataset.class_sizes is None else "in its smallest class"
         raise ConfigError(f"samples={samples} but split {dataset.split!r} has only "
-                          f"{dataset.images_per_class} images per class")
+                          f"{dataset.images_per_class} images {smallest}")
     if num_tasks == 0 or num_tasks < -1:
         raise ConfigError(f"num_tasks must be -1 (unlimited) or positive, got {num_tasks}")
-    meta = MetaDataset(ClassImages(dataset.images.to(device)))
+    meta = MetaDataset(ClassImages(dataset.images.to(device), class_sizes=dataset.class_sizes))
     transforms = [FusedNWaysKShots(meta, n=ways, k=samples), LoadData(meta), RemapLabels(meta),
                   ConsecutiveLabels(meta)]
     return Taskset(meta, transforms, num_tasks=num_tasks)
