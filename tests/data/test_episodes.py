@@ -140,7 +140,7 @@ def ragged_dataset() -> FewShotDataset:
     return FewShotDataset("ragged", "train", images, [f"c{i}" for i in range(5)], class_sizes=RAGGED_SIZES)
 
 
-def test_ragged_classes_draw_every_image_of_each_class_and_none_beyond(ragged_dataset: FewShotDataset) -> None:
+def test_ragged_classes_draw_each_image_of_a_class_and_none_beyond(ragged_dataset: FewShotDataset) -> None:
     episode = EpisodeSampler(ragged_dataset, 3, 1, 1).sample(3000, torch.Generator().manual_seed(0))
     classes, samples = origin(torch.cat([episode.support_x, episode.query_x], dim=1))
     drawn = {c: set() for c in range(len(RAGGED_SIZES))}
@@ -157,7 +157,7 @@ def test_ragged_classes_draw_every_image_of_each_class_and_none_beyond(ragged_da
     assert all(len(set(row)) == 3 for row in classes[:, :3].tolist())
 
 
-def test_ragged_sampling_is_reproducible_and_checks_the_smallest_class(ragged_dataset: FewShotDataset) -> None:
+def test_ragged_sampling_is_reproducible_and_checks_the_smallest(ragged_dataset: FewShotDataset) -> None:
     a = EpisodeSampler(ragged_dataset, 2, 1, 1).sample(5, torch.Generator().manual_seed(3))
     b = EpisodeSampler(ragged_dataset, 2, 1, 1).sample(5, torch.Generator().manual_seed(3))
     assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad.data import folder, miniimagenet, omniglot
+from metagrad.data import cifarfs, cub, fc100, folder, miniimagenet, omniglot, tieredimagenet
 from metagrad.errors import ConfigError, DataError
 
 __all__ = [
@@ -143,6 +143,37 @@ DATASETS: dict[str, _Spec] = {
         download=None,
         options={"split_scheme": ("ravi",)},  # Ravi & Larochelle's 64/16/20, the only one in use
         sources_hint=miniimagenet.sources_hint,
+    ),
+    "cifar-fs": _Spec(
+        find_root=cifarfs.find_root,
+        load_split=cifarfs.load_split,
+        info=cifarfs.info,
+        download=None,
+        options={"split_scheme": ("bertinetto",)},  # Bertinetto et al.'s 64/16/20
+        sources_hint=cifarfs.sources_hint,
+    ),
+    "fc100": _Spec(
+        find_root=fc100.find_root,
+        load_split=fc100.load_split,
+        info=fc100.info,
+        download=None,
+        options={"split_scheme": ("oreshkin",)},  # Oreshkin et al.'s superclass split, 60/20/20
+        sources_hint=fc100.sources_hint,
+    ),
+    "tiered-imagenet": _Spec(
+        find_root=tieredimagenet.find_root,
+        load_split=tieredimagenet.load_split,
+        info=tieredimagenet.info,
+        download=None,
+        options={"split_scheme": ("ren",)},  # Ren et al.'s category split, 351/97/160
+        sources_hint=tieredimagenet.sources_hint,
+    ),
+    "cub": _Spec(
+        find_root=cub.find_root,
+        load_split=cub.load_split,
+        info=cub.info,
+        download=cub.download,
+        options={"split_scheme": cub.SPLIT_SCHEMES},  # Chen et al.'s 100/50/50, Meta-Dataset's 140/30/30
     ),
     "folder": _Spec(  # a user's own: <data_dir>/<folder>/{train,validation,test}/<class>/<image>
         find_root=folder.find_root,

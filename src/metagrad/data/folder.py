@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from metagrad.data import _io
-from metagrad.data._counts import split_counts
+from metagrad.data._splits import split_counts
 from metagrad.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -141,9 +141,9 @@ def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "
     equal = len(set(sizes)) == 1
     if cached is not None:
         images = cached.get("images")
-        if isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == (5 if equal else 4) \
-                and images.shape[0] == (len(names) if equal else sum(sizes)) \
-                and (not equal or images.shape[1] == sizes[0]) and cached.get("class_names") == names:
+        shape = (len(names), sizes[0]) if equal else (sum(sizes),)  # (classes, per_class) or (total,)
+        if isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == len(shape) + 3 \
+                and tuple(images.shape[:len(shape)]) == shape and cached.get("class_names") == names:
             return images, names, None if equal else sizes
         logger.warning("cache %s holds unexpected contents; rebuilding it", cache)
     gray = _grayscale(root)

@@ -196,7 +196,7 @@ class _TensorTasks:
         allowed = {RemapLabels, ConsecutiveLabels, RandomClassRotation}
         if steps[rest:rest + 1] != [LoadData] or not set(tail) <= allowed or len(set(tail)) != len(tail):
             return None
-        sizes = source.class_sizes[torch.as_tensor(labels, dtype=torch.int64)] if labels else source.class_sizes
+        sizes = source.class_sizes[torch.as_tensor(labels, dtype=torch.int64)]  # (L,) of the drawn classes
         if ways > len(labels) or shots > int(sizes.min()):
             return None  # the per-sample path raises the transforms' own errors
         remap = next((("shuffle" if t.shuffle else "sorted") for t in transforms if type(t) is RemapLabels),
