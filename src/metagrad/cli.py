@@ -364,7 +364,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     if args.model in MODELS:
         model = build_model(args.model, args.ways, **_json_kwargs(args.kwargs))
-        default_shape = IMAGE_SHAPES["mini-imagenet" if "imagenet" in args.model else "omniglot"]
+        default_shape = IMAGE_SHAPES[{"mini-imagenet-cnn": "mini-imagenet", "cifar-cnn": "cifar-fs"}.get(
+            args.model, "omniglot")]
     else:
         model = _user_model(args.model, args.kwargs)
         default_shape = IMAGE_SHAPES["omniglot"]
@@ -537,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a registered model name, FILE.py:NAME or MODULE:NAME (a class or function)")
     check.add_argument("--kwargs", metavar="JSON", help="keyword arguments for MODEL's constructor")
     check.add_argument("--input-shape", metavar="C,H,W",
-                       help="one input's shape (default: 1,28,28; 3,84,84 for mini-imagenet-cnn)")
+                       help="one input's shape (default: 1,28,28; 3,84,84 for mini-imagenet-cnn; "
+                            "3,32,32 for cifar-cnn)")
     check.add_argument("--algorithm", default="maml", choices=("maml", "fomaml", "anil"),
                        help="algorithm to check")
     check.add_argument("--ways", type=int, default=5, metavar="INT", help="classes per random task")
