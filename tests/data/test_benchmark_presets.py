@@ -14,7 +14,8 @@ from metagrad import cli
 pytestmark = pytest.mark.usefixtures("small_benchmark_counts")
 
 SMALL = {"data.ways": 2, "data.shots": 1, "data.query_shots": 2, "meta.iterations": 2,
-         "meta.meta_batch_size": 2, "run.eval_every": 1, "run.eval_tasks": 2, "run.test_tasks": 2, "model.hidden_size": 4}
+         "meta.meta_batch_size": 2, "run.eval_every": 1, "run.eval_tasks": 2, "run.test_tasks": 2,
+         "model.hidden_size": 4}
 
 
 @pytest.mark.parametrize(("preset", "write"), [
@@ -27,8 +28,8 @@ def test_preset_trains_on_its_data(tmp_path: Path, capsys: pytest.CaptureFixture
     write(tmp_path / "data")
     overrides = [arg for key, value in SMALL.items() for arg in ("--set", f"{key}={value}")]
     code = cli.main(["train", "--preset", preset, "--data-dir", str(tmp_path / "data"),
-                     "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--run-dir", str(tmp_path / "run"),
-                     *overrides])
+                     "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                     "--run-dir", str(tmp_path / "run"), *overrides])
     assert code == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["test_tasks"] == 2 and 0 <= result["test_accuracy"] <= 1
