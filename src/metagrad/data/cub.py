@@ -125,9 +125,10 @@ def download(data_dir: Path) -> Path:
     return root
 
 
-def class_ids(split: str, split_scheme: str, classes: int = 200) -> list[int]:
-    """The species numbers (1-based) of ``split`` ("all" for every species) under ``split_scheme``."""
-    numbers = list(range(1, classes + 1))
+def class_ids(split: str, split_scheme: str, classes: int | None = None) -> list[int]:
+    """The species numbers (1-based) of ``split`` ("all" for every species) under ``split_scheme``, of
+    ``classes`` species (default: all 200)."""
+    numbers = list(range(1, (classes or OFFICIAL_COUNTS.classes) + 1))
     if split == "all":
         return numbers
     if split_scheme == "chen":  # Chen et al.'s write_CUB_filelist.py, on 0-based positions
