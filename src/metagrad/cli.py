@@ -272,7 +272,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from metagrad.data.datasets import dataset_info
 
-    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    options = {} if args.split_scheme is None else {"split_scheme": args.split_scheme}
+    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir, **options)
     print(f"dataset: {info.get('dataset', args.name)}")
     for key, value in info.items():
         if key in ("dataset", "splits"):
@@ -491,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", formatter_class=_HelpFormatter, help="inspect or download a dataset")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     info = data_commands.add_parser("info", formatter_class=_HelpFormatter, help="facts about a dataset")
-    info.add_argument("name", metavar="NAME", help="omniglot or mini-imagenet")
+    info.add_argument("name", metavar="NAME",
+                      help="omniglot, mini-imagenet, cifar-fs, fc100, tiered-imagenet or cub")
+    info.add_argument("--split-scheme", metavar="SCHEME",
+                      help="the class split to count (default: the dataset's; cub: chen or triantafillou)")
     info.add_argument("--data-dir", type=_user_path,
                       help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     info.add_argument("--cache-dir", type=_user_path,
@@ -502,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_data_info)
     fetch = data_commands.add_parser("download", formatter_class=_HelpFormatter,
                                      help="download and verify a dataset")
-    fetch.add_argument("name", metavar="NAME", help="omniglot (Mini-ImageNet has no stable download)")
+    fetch.add_argument("name", metavar="NAME",
+                       help="omniglot or cub (the others have no official download with a checksum)")
     fetch.add_argument("--data-dir", type=_user_path,
                        help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     fetch.set_defaults(func=_cmd_data_download)
