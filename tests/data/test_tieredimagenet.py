@@ -42,9 +42,9 @@ def test_cache_is_memory_mapped_built_once_and_released_by_the_sampler(
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".u8"]  # no leftovers
     released = []
     dataset = type(again)(again.name, again.split, again.images, again.class_names, again.class_sizes,
-                          lambda: released.append(again.release_pages()))
+                          released.append)
     episode = EpisodeSampler(dataset, 2, 2, 2).sample(4, torch.Generator().manual_seed(0))
-    assert released == [None] and episode.support_x.shape == (4, 4, 3, 84, 84)
+    assert released == [4 * 8 * 3 * 84 * 84] and episode.support_x.shape == (4, 4, 3, 84, 84)
     classes = torch.round(episode.support_x[:, :, 0, 0, 0] * 255)
     assert set(classes.flatten().tolist()) <= {0.0, 1.0}
 
@@ -140,6 +140,34 @@ def test_damaged_files(tmp_path: Path) -> None:
     (root / "train_labels.pkl").write_bytes(pickle.dumps({"labels": [1]}))
     with pytest.raises(DataError, match="not a tiered-ImageNet label file: expected a dict with 'label_spe"):
         load_dataset("tiered-imagenet", "train", data_dir=tmp_path, cache_dir=tmp_path / "cache")
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_released_pages_leave_the_resident_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = (64, 3, 84, 84)
+    with _mapped.build_cache(tmp_path, "x", "k", shape, (64,), ["a"]) as put:
+        for i in range(64):
+            put(i, np.full(shape[1:], i, np.uint8))
+    opened = _mapped.open_cache(tmp_path, "x", "k")
+    file = tmp_path / "x.u8"
+    monkeypatch.setattr(_mapped, "RELEASE_EVERY", 32 * 3 * 84 * 84)
+    assert int(opened.images[:30].sum()) > 0 and _resident_kb(file) >= 30 * 3 * 84 * 84 // 1024
+    opened.release_pages(30 * 3 * 84 * 84)  # below the threshold: nothing released yet
+    assert _resident_kb(file) >= 30 * 3 * 84 * 84 // 1024
+    opened.release_pages(2 * 3 * 84 * 84)
+    assert _resident_kb(file) == 0
+    assert opened.images[5, 0, 0, 0] == 5  # still readable
 
 
 def test_mapped_cache_refuses_a_description_that_does_not_match(tmp_path: Path) -> None:

@@ -2,18 +2,18 @@
 448,695 images of 3x84x84, 9.5 GB as uint8).
 
 A cache is two files in the cache folder: ``<stem>.u8``, the raw pixels (total_images, C, H, W) uint8 in
-class order, and ``<stem>.json``, what they are (source fingerprint, shape, class sizes and names, the
-pixels' SHA-256). Both are written through temporary files and renamed; the JSON last, so a reader that
-finds it finds complete pixels. Opening maps the pixels copy-on-write (nothing is ever written through
+class order, and ``<stem>.json``, what they are (source fingerprint, shape, class sizes and names).
+Both are written through temporary files and renamed; the JSON last, so a reader that finds it finds
+complete pixels. Opening maps the pixels copy-on-write (nothing is ever written through
 the map) and returns a tensor over them plus a function that drops the pages read so far from the
 process's resident memory (``madvise(MADV_DONTNEED)``; the kernel's page cache keeps them, so reading
-them again costs a page fault, not a disk read). Samplers call it after each meta-batch, which bounds
-the resident set by one meta-batch's images whatever the cache's size.
+them again costs a page fault, not a disk read). Samplers call it with the bytes each meta-batch read,
+and it releases every :data:`RELEASE_EVERY` bytes, which bounds the resident set whatever the cache's
+size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -32,7 +32,10 @@ from metagrad.data import _io
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHUNK = 64 << 20  # bytes hashed at a time
+RELEASE_EVERY = 128 << 20
+"""Gathered bytes between two releases of the mapped pages: bounds the map's share of the resident set
+to about this much, while a release (its page-table walk, and the page faults that follow it) comes
+once per many meta-batches rather than after each."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class MappedImages:
     images: Tensor
     class_sizes: tuple[int, ...]
     class_names: list[str]
-    release_pages: Callable[[], None]
+    release_pages: Callable[[int], None]
 
 
 def paths(cache_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -54,8 +57,8 @@ def open_cache(cache_dir: Path, stem: str, key: str) -> MappedImages | None:
     """Map cache ``stem`` if it is complete and built from the sources ``key`` names; else None.
 
     A stale (other sources), older-format or truncated cache is reported and None returned, so the
-    caller rebuilds it. The pixels' checksum is checked when the cache is built, not on every open
-    (that would read the whole file each time); a damaged cache is rebuilt by deleting it.
+    caller rebuilds it. The pixels are not checksummed (that would read the whole file at every open):
+    a cache damaged in place is rebuilt by deleting it.
     """
     data, meta_path = paths(cache_dir, stem)
     if not meta_path.is_file():
@@ -82,19 +85,24 @@ def open_cache(cache_dir: Path, stem: str, key: str) -> MappedImages | None:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     images = torch.frombuffer(mapped, dtype=torch.uint8).view(shape)  # (total, C, H, W), no copy
 
-    def release_pages() -> None:
-        mapped.madvise(mmap.MADV_DONTNEED)
+    read = [0]  # bytes gathered since the last release
+
+    def release_pages(nbytes: int) -> None:
+        read[0] += nbytes
+        if read[0] >= RELEASE_EVERY:
+            mapped.madvise(mmap.MADV_DONTNEED)
+            read[0] = 0
 
     return MappedImages(images, sizes, names, release_pages)
 
 
 @contextmanager
 def build_cache(cache_dir: Path, stem: str, key: str, shape: tuple[int, int, int, int],
-                class_sizes: tuple[int, ...], class_names: list[str]) -> Iterator[Callable[[int, np.ndarray],
-                                                                                         None]]:
+                class_sizes: tuple[int, ...], class_names: list[str]
+                ) -> Iterator[Callable[[int, np.ndarray], None]]:
     """Yield ``put(index, image)``, which writes image ``index`` (C, H, W) uint8 of the cache; on success
-    hash the pixels and write the metadata, both atomically. A failure or Ctrl-C leaves no cache (and the
-    previous one, if any, as it was).
+    rename the pixels into place, then write the metadata, both atomically. A failure or Ctrl-C leaves no
+    new cache (a previous one, if any, as it was).
 
     Images go to the file with positioned writes, so the process holds one image at a time, not the
     split: the kernel writes the pages back as it needs.
@@ -113,20 +121,7 @@ def build_cache(cache_dir: Path, stem: str, key: str, shape: tuple[int, int, int
                 os.pwrite(fd, np.ascontiguousarray(image).data, index * item)
 
             yield put
-            digest = _sha256(fd, shape[0] * item)
         meta = {"version": FORMAT_VERSION, "key": key, "shape": list(shape), "class_sizes": list(class_sizes),
-                "class_names": class_names, "sha256": digest}
+                "class_names": class_names}
         meta_path.unlink(missing_ok=True)  # the old description must not outlive the old pixels
     _io.write_text_atomically(meta_path, json.dumps(meta))
-
-
-def _sha256(fd: int, size: int) -> str:
-    digest = hashlib.sha256()
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(CHUNK, size - offset), offset)
-        if not chunk:
-            break
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
