@@ -31,6 +31,20 @@ def test_reads_zip_and_folders_with_bertinetto_splits(tmp_path: Path, folder: st
     assert info["image_shape"] == [3, 32, 32]
 
 
+def test_trees_without_their_top_folder(tmp_path: Path) -> None:
+    files = cifarfs_files()
+    (tmp_path / "a" / "cifar-fs").mkdir(parents=True)
+    with zipfile.ZipFile(tmp_path / "a" / "cifar-fs" / cifarfs.ARCHIVE, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(f"CIFAR-FS/{name}", data)  # another top folder
+    for name, data in files.items():  # data/ and splits/ straight in the dataset folder
+        path = tmp_path / "b" / "cifar-fs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    a, b = (load_dataset("cifar-fs", "test", data_dir=tmp_path / d, cache_dir=tmp_path / "c") for d in "ab")
+    assert torch.equal(a.images, b.images) and a.class_names == b.class_names
+
+
 def test_decodes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_cifarfs(tmp_path / "cifar-fs", as_zip=True)
     first = load_dataset("cifar-fs", "train", data_dir=tmp_path, cache_dir=tmp_path / "cache")
@@ -66,7 +80,7 @@ def test_damaged_copies_are_refused_with_the_file_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"cannot decode .*zip: cifar100/data/{name}/{name}_002.png"):
         load_dataset("cifar-fs", "train", data_dir=_zip(tmp_path / "b", corrupt), cache_dir=tmp_path / "c")
     no_list = {k: v for k, v in files.items() if not k.endswith("val.txt")}
-    with pytest.raises(DataError, match=r"no cifar100/splits/bertinetto/val.txt \(the class list"):
+    with pytest.raises(DataError, match=r"no splits/bertinetto/val.txt \(the class list"):
         load_dataset("cifar-fs", "validation", data_dir=_zip(tmp_path / "d", no_list),
                      cache_dir=tmp_path / "c")
     wrong = {**files, "splits/bertinetto/test.txt": b"class_70\nclass_71\n"}

@@ -5,7 +5,8 @@ download with a published checksum, so metagrad never downloads it; put learn2le
 (as distributed on zenodo.org/record/7978538), or the ``cifar100/`` folder it extracts to, in
 ``<data_dir>/cifar-fs/``. learn2learn's own folder, ``<data_dir>/cifarfs/`` (holding ``cifar100/``), is
 read as it is. Either holds ``cifar100/data/<class>/<image>.png`` and the class lists
-``cifar100/splits/bertinetto/{train,val,test}.txt`` (one class name per line).
+``cifar100/splits/bertinetto/{train,val,test}.txt`` (one class name per line); ``data/`` and ``splits/``
+may also sit directly in the folder or at the zip's top.
 
 Images are read straight from the zip (nothing is extracted), decoded once and cached in the cache
 folder. Class order: class names sorted; images of a class sorted by file name.
@@ -54,8 +55,16 @@ def sources_hint(root: Path) -> str:
     return SOURCES_HINT.format(root=root)
 
 
+def _tree_folder(folder: Path) -> Path | None:
+    """``folder/cifar100/``, or ``folder`` itself when the zip was extracted without its top folder."""
+    for tree in (folder / TREE, folder):
+        if (tree / SPLITS_DIR).is_dir() and (tree / "data").is_dir():
+            return tree
+    return None
+
+
 def _has_files(folder: Path) -> bool:
-    return (folder / ARCHIVE).is_file() or (folder / TREE).is_dir()
+    return (folder / ARCHIVE).is_file() or _tree_folder(folder) is not None
 
 
 def find_root(data_dir: Path) -> Path:
@@ -72,9 +81,9 @@ class _Tree:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        folder, archive = root / TREE, root / ARCHIVE
+        folder, archive = _tree_folder(root), root / ARCHIVE
         self.zip: zipfile.ZipFile | None = None
-        if folder.is_dir():
+        if folder is not None:
             self.source = folder
             self.stats = [(str(f.relative_to(root)), f.stat()) for f in folder.rglob("*") if f.is_file()]
         elif archive.is_file():
@@ -85,11 +94,12 @@ class _Tree:
             except (zipfile.BadZipFile, OSError) as exc:
                 raise DataError(f"{archive} is not a readable zip ({exc}); delete it and get it again. "
                                 f"{sources_hint(root)}") from None
-            self.members: dict[tuple[str, ...], str] = {}
-            for name in self.zip.namelist():
-                parts = tuple(_io.check_member_name(name, archive))
-                if TREE in parts and not name.endswith("/"):
-                    self.members[parts[parts.index(TREE) + 1:]] = name  # path inside cifar100/
+            names = {tuple(_io.check_member_name(n, archive)): n for n in self.zip.namelist()
+                     if not n.endswith("/")}
+            # the tree's top: where splits/bertinetto/ is (cifar100/ in learn2learn's zip)
+            tops = sorted(len(p) - 3 for p in names if p[-3:-1] == tuple(SPLITS_DIR.split("/")))
+            top = tops[0] if tops else 0
+            self.members = {p[top:]: n for p, n in names.items()}  # path inside the tree -> entry
         else:
             missing = " (the folder does not exist)" if not root.exists() else ""
             raise DataError(f"CIFAR-FS not found: no {ARCHIVE} or {TREE}/ in {root}{missing}. "
@@ -138,7 +148,7 @@ class _Tree:
                 raise DataError(f"{path} ({what}) is missing. {sources_hint(self.root)}")
             return path.read_bytes()
         if parts not in self.members:
-            raise DataError(f"{self.source} has no cifar100/{'/'.join(parts)} ({what}). "
+            raise DataError(f"{self.source} has no {'/'.join(parts)} ({what}). "
                             f"{sources_hint(self.root)}")
         return _io.read_member(self.zip, self.members[parts], self.source, "Get the archive again.")
 
