@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import pickletools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
 from tqdm import tqdm
 
 from metagrad.data import _io, _mapped
@@ -160,7 +161,8 @@ def png_payloads(path: Path) -> Iterator[bytes]:
 
 
 def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "ren",
-               counts: Counts | None = None) -> tuple:
+               counts: Counts | None = None
+               ) -> tuple[Tensor, list[str], tuple[int, ...], Callable[[int], None]]:
     """One split as ``(images (total, 3, 84, 84) uint8, class_names, class_sizes, release_pages)``, the
     images memory-mapped from the cache (built on first use).
 
