@@ -42,9 +42,9 @@ def test_cache_is_memory_mapped_built_once_and_released_by_the_sampler(
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".u8"]  # no leftovers
     released = []
     dataset = type(again)(again.name, again.split, again.images, again.class_names, again.class_sizes,
-                          released.append)
+                          lambda: released.append(again.release_pages()))
     episode = EpisodeSampler(dataset, 2, 2, 2).sample(4, torch.Generator().manual_seed(0))
-    assert released == [4 * 8 * 3 * 84 * 84] and episode.support_x.shape == (4, 4, 3, 84, 84)
+    assert released == [None] and episode.support_x.shape == (4, 4, 3, 84, 84)
     classes = torch.round(episode.support_x[:, :, 0, 0, 0] * 255)
     assert set(classes.flatten().tolist()) <= {0.0, 1.0}
 
@@ -154,18 +154,15 @@ def _resident_kb(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
-def test_released_pages_leave_the_resident_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_released_pages_leave_the_resident_set(tmp_path: Path) -> None:
     shape = (64, 3, 84, 84)
     with _mapped.build_cache(tmp_path, "x", "k", shape, (64,), ["a"]) as put:
         for i in range(64):
             put(i, np.full(shape[1:], i, np.uint8))
     opened = _mapped.open_cache(tmp_path, "x", "k")
     file = tmp_path / "x.u8"
-    monkeypatch.setattr(_mapped, "RELEASE_EVERY", 32 * 3 * 84 * 84)
     assert int(opened.images[:30].sum()) > 0 and _resident_kb(file) >= 30 * 3 * 84 * 84 // 1024
-    opened.release_pages(30 * 3 * 84 * 84)  # below the threshold: nothing released yet
-    assert _resident_kb(file) >= 30 * 3 * 84 * 84 // 1024
-    opened.release_pages(2 * 3 * 84 * 84)
+    opened.release_pages()
     assert _resident_kb(file) == 0
     assert opened.images[5, 0, 0, 0] == 5  # still readable
 

@@ -7,9 +7,8 @@ Both are written through temporary files and renamed; the JSON last, so a reader
 complete pixels. Opening maps the pixels copy-on-write (nothing is ever written through
 the map) and returns a tensor over them plus a function that drops the pages read so far from the
 process's resident memory (``madvise(MADV_DONTNEED)``; the kernel's page cache keeps them, so reading
-them again costs a page fault, not a disk read). Samplers call it with the bytes each meta-batch read,
-and it releases every :data:`RELEASE_EVERY` bytes, which bounds the resident set whatever the cache's
-size.
+them again costs a page fault, not a disk read). Samplers call it after each meta-batch, which bounds
+the map's share of the resident set by about one meta-batch's pages whatever the cache's size.
 """
 
 from __future__ import annotations
@@ -32,10 +31,6 @@ from metagrad.data import _io
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-RELEASE_EVERY = 128 << 20
-"""Gathered bytes between two releases of the mapped pages: bounds the map's share of the resident set
-to about this much, while a release (its page-table walk, and the page faults that follow it) comes
-once per many meta-batches rather than after each."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,7 @@ class MappedImages:
     images: Tensor
     class_sizes: tuple[int, ...]
     class_names: list[str]
-    release_pages: Callable[[int], None]
+    release_pages: Callable[[], None]
 
 
 def paths(cache_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -85,13 +80,8 @@ def open_cache(cache_dir: Path, stem: str, key: str) -> MappedImages | None:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     images = torch.frombuffer(mapped, dtype=torch.uint8).view(shape)  # (total, C, H, W), no copy
 
-    read = [0]  # bytes gathered since the last release
-
-    def release_pages(nbytes: int) -> None:
-        read[0] += nbytes
-        if read[0] >= RELEASE_EVERY:
-            mapped.madvise(mmap.MADV_DONTNEED)
-            read[0] = 0
+    def release_pages() -> None:
+        mapped.madvise(mmap.MADV_DONTNEED)
 
     return MappedImages(images, sizes, names, release_pages)
 

@@ -52,9 +52,9 @@ class FewShotDataset:
             images; with ``class_sizes``, (total_images, C, H, W) uint8, class 0's images first.
         class_names: one human-readable name per class, in the order of ``images``.
         class_sizes: images per class when they differ (they sum to ``images.shape[0]``); None: equal.
-        release_pages: for an ``images`` tensor memory-mapped from a cache file, called by samplers with
-            the bytes each gather read; it drops the pages read from the process's resident memory now and
-            then (they stay in the page cache). None for tensors in memory.
+        release_pages: for an ``images`` tensor memory-mapped from a cache file, drops the pages read so far
+            from the process's resident memory (they stay in the page cache); samplers call it after each
+            gather. None for tensors in memory.
     """
 
     name: str
@@ -62,7 +62,7 @@ class FewShotDataset:
     images: Tensor
     class_names: list[str] = field(default_factory=list)
     class_sizes: tuple[int, ...] | None = None
-    release_pages: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    release_pages: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         dims = 5 if self.class_sizes is None else 4

@@ -148,11 +148,10 @@ class EpisodeSampler:
         support = flat[:, :, :k].reshape(t, n * k)  # (T, N, K) -> (T, N*K): a class's samples consecutive
         query = flat[:, :, k:].reshape(t, n * q)  # (T, N, Q) -> (T, N*Q)
         # gather uint8, then convert on the device: (T, N*K) indices -> (T, N*K, c, h, w) float32
-        support_u8, query_u8 = self._images[support], self._images[query]  # (T, N*K|N*Q, c, h, w) uint8
+        support_x = self._images[support].to(self.device).to(torch.float32).div_(255)
+        query_x = self._images[query].to(self.device).to(torch.float32).div_(255)
         if self._release is not None:
-            self._release(support_u8.nbytes + query_u8.nbytes)
-        support_x = support_u8.to(self.device).to(torch.float32).div_(255)
-        query_x = query_u8.to(self.device).to(torch.float32).div_(255)
+            self._release()
         return Episode(
             support_x=support_x,
             support_y=self._support_y.expand(t, -1).contiguous(),

@@ -162,7 +162,7 @@ def png_payloads(path: Path) -> Iterator[bytes]:
 
 def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "ren",
                counts: Counts | None = None
-               ) -> tuple[Tensor, list[str], tuple[int, ...], Callable[[int], None]]:
+               ) -> tuple[Tensor, list[str], tuple[int, ...], Callable[[], None]]:
     """One split as ``(images (total, 3, 84, 84) uint8, class_names, class_sizes, release_pages)``, the
     images memory-mapped from the cache (built on first use).
 
