@@ -222,7 +222,7 @@ def test_config_file_then_flags(tmp_path: Path, fake_data: None, capsys: pytest.
 
 BAD_TRAIN_ARGS = [
     (["--preset", "omniglot-maml-5w3s"], ("error: unknown preset 'omniglot-maml-5w3s'; valid presets: "
-                                          "mini-imagenet-anil-5w1s, ")),
+                                          "cifar-fs-anil-5w1s, ")),
     (["--inner-lr", "0"], "error: meta.inner_lr (--inner-lr) must be positive, got 0.0"),
     (["--inner-lr", "-0.1"], "error: meta.inner_lr (--inner-lr) must be positive, got -0.1"),
     (["--meta-lr", "0"], "error: meta.meta_lr (--meta-lr) must be positive"),
