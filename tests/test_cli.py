@@ -20,6 +20,7 @@ from metagrad.training import loop, setup
 from metagrad.training.metrics import WALL_CLOCK_COLUMNS, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent / "training"))
+from repo_scripts import load_script
 from tiny_run import fake_load_dataset
 
 TINY = ["--ways", "3", "--shots", "1", "--query-shots", "2", "--set", "model.hidden_size=8",
@@ -221,7 +222,7 @@ def test_config_file_then_flags(tmp_path: Path, fake_data: None, capsys: pytest.
 
 BAD_TRAIN_ARGS = [
     (["--preset", "omniglot-maml-5w3s"], ("error: unknown preset 'omniglot-maml-5w3s'; valid presets: "
-                                          "mini-imagenet-anil-5w1s, ")),
+                                          "cifar-fs-anil-5w1s, ")),
     (["--inner-lr", "0"], "error: meta.inner_lr (--inner-lr) must be positive, got 0.0"),
     (["--inner-lr", "-0.1"], "error: meta.inner_lr (--inner-lr) must be positive, got -0.1"),
     (["--meta-lr", "0"], "error: meta.meta_lr (--meta-lr) must be positive"),
@@ -411,6 +412,23 @@ def test_data_info_and_download(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert code == 0 and not out.splitlines()[-1].startswith("{")
     code, out, _err = _main(capsys, "data", "download", "omniglot", "--data-dir", "D")
     assert code == 0 and out == f"{tmp_path / 'omniglot'}\n" and calls[-1] == ("omniglot", {"data_dir": "D"})
+    code, out, _err = _main(capsys, "data", "info", "cub", "--split-scheme", "triantafillou")
+    assert code == 0 and calls[-1] == ("cub", {"data_dir": None, "cache_dir": None,
+                                               "split_scheme": "triantafillou"})
+
+
+def test_data_info_counts_classes_of_unequal_sizes(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from metagrad.data import cub
+
+    builders = load_script("tests/data/data_builders.py")
+    monkeypatch.setattr(cub, "OFFICIAL_COUNTS", builders.SMALL_CUB_COUNTS)
+    builders.write_cub(tmp_path / "cub", as_tgz=False)
+    code, out, err = _main(capsys, "data", "info", "cub", "--data-dir", str(tmp_path), "--cache-dir",
+                           str(tmp_path / "cache"), "--json")
+    assert code == 0, err
+    assert "  train: 4 classes, 17 images, 4 min images per class, 5 max images per class" in out
+    assert json.loads(out.splitlines()[-1])["splits"]["test"] == {"classes": 2, "images_per_class": 4}
 
 
 def test_data_errors_are_one_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

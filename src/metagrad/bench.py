@@ -50,7 +50,10 @@ from metagrad.training.setup import Learner, make_model, meta_learned_params, re
 
 __all__ = ["IMAGE_SHAPES", "check_preset_model", "matmul_gflops", "run_bench"]
 
-IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {"omniglot": (1, 28, 28), "mini-imagenet": (3, 84, 84)}
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "omniglot": (1, 28, 28), "mini-imagenet": (3, 84, 84), "cifar-fs": (3, 32, 32), "fc100": (3, 32, 32),
+    "tiered-imagenet": (3, 84, 84), "cub": (3, 84, 84),
+}
 """(C, H, W) of each dataset's images as the models take them."""
 
 RANDOM_CLASSES = 64

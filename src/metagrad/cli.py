@@ -296,7 +296,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from metagrad.data.datasets import dataset_info
 
-    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    options = {} if args.split_scheme is None else {"split_scheme": args.split_scheme}
+    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir, **options)
     print(f"dataset: {info.get('dataset', args.name)}")
     for key, value in info.items():
         if key in ("dataset", "splits"):
@@ -388,7 +389,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     if args.model in MODELS:
         model = build_model(args.model, args.ways, **_json_kwargs(args.kwargs))
-        default_shape = IMAGE_SHAPES["mini-imagenet" if "imagenet" in args.model else "omniglot"]
+        default_shape = IMAGE_SHAPES[{"mini-imagenet-cnn": "mini-imagenet", "cifar-cnn": "cifar-fs"}.get(
+            args.model, "omniglot")]
     else:
         model = _user_model(args.model, args.kwargs)
         default_shape = IMAGE_SHAPES["omniglot"]
@@ -519,7 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", formatter_class=_HelpFormatter, help="inspect or download a dataset")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     info = data_commands.add_parser("info", formatter_class=_HelpFormatter, help="facts about a dataset")
-    info.add_argument("name", metavar="NAME", help="omniglot or mini-imagenet")
+    info.add_argument("name", metavar="NAME",
+                      help="omniglot, mini-imagenet, cifar-fs, fc100, tiered-imagenet or cub")
+    info.add_argument("--split-scheme", metavar="SCHEME",
+                      help="the class split to count (default: the dataset's; cub: chen or triantafillou)")
     info.add_argument("--data-dir", type=_user_path,
                       help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     info.add_argument("--cache-dir", type=_user_path,
@@ -530,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_data_info)
     fetch = data_commands.add_parser("download", formatter_class=_HelpFormatter,
                                      help="download and verify a dataset")
-    fetch.add_argument("name", metavar="NAME", help="omniglot (Mini-ImageNet has no stable download)")
+    fetch.add_argument("name", metavar="NAME",
+                       help="omniglot or cub (the others have no official download with a checksum)")
     fetch.add_argument("--data-dir", type=_user_path,
                        help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     fetch.set_defaults(func=_cmd_data_download)
@@ -566,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a registered model name, FILE.py:NAME or MODULE:NAME (a class or function)")
     check.add_argument("--kwargs", metavar="JSON", help="keyword arguments for MODEL's constructor")
     check.add_argument("--input-shape", metavar="C,H,W",
-                       help="one input's shape (default: 1,28,28; 3,84,84 for mini-imagenet-cnn)")
+                       help="one input's shape (default: 1,28,28; 3,84,84 for mini-imagenet-cnn; "
+                            "3,32,32 for cifar-cnn)")
     check.add_argument("--algorithm", default="maml", choices=tuple(ALGORITHMS),
                        help="algorithm to check")
     check.add_argument("--ways", type=int, default=5, metavar="INT", help="classes per random task")

@@ -13,7 +13,7 @@ from repo_scripts import load_script
 from torch import nn
 
 import metagrad.compat.learn2learn as l2l
-from metagrad.data import datasets, miniimagenet, omniglot
+from metagrad.data import cifarfs, cub, datasets, fc100, miniimagenet, omniglot, tieredimagenet
 from metagrad.data.datasets import FewShotDataset
 from metagrad.errors import ConfigError
 from metagrad.models import HEAD_PREFIX
@@ -122,23 +122,28 @@ def test_fixed_task_pool_and_seeding(fake_load: list[dict[str, Any]]) -> None:
 
 
 def test_get_tasksets_errors(fake_load: list[dict[str, Any]]) -> None:
-    with pytest.raises(ConfigError, match="omniglot, mini-imagenet"):
-        l2l.vision.benchmarks.get_tasksets("cifarfs")
+    with pytest.raises(ConfigError, match="omniglot, mini-imagenet, tiered-imagenet, fc100, cifarfs, cub"):
+        l2l.vision.benchmarks.get_tasksets("cifar-fs")
     with pytest.raises(ConfigError, match="ways=8 but split 'validation' has only 6 classes"):
         l2l.vision.benchmarks.get_tasksets("omniglot", train_samples=2, test_ways=8, test_samples=2)
     with pytest.raises(ConfigError, match="samples=10 but split 'train' has only 8"):
         l2l.vision.benchmarks.get_tasksets("omniglot")
     with pytest.raises(ConfigError, match="num_tasks"):
         l2l.vision.benchmarks.get_tasksets("omniglot", train_samples=2, test_samples=2, num_tasks=0)
-    assert l2l.vision.benchmarks.list_tasksets() == ("omniglot", "mini-imagenet")
+    assert l2l.vision.benchmarks.list_tasksets() == ("omniglot", "mini-imagenet", "tiered-imagenet", "fc100",
+                                                     "cifarfs", "cub")
 
 
 @pytest.fixture
 def builders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """tests/data/data_builders.py, with its small Omniglot and Mini-ImageNet counting as complete."""
+    """tests/data/data_builders.py, with its small data sets counting as complete."""
     module = load_script("tests/data/data_builders.py")
     monkeypatch.setattr(omniglot, "OFFICIAL_COUNTS", module.SMALL_COUNTS)
     monkeypatch.setattr(miniimagenet, "OFFICIAL_COUNTS", module.SMALL_MINI_COUNTS)
+    monkeypatch.setattr(cifarfs, "OFFICIAL_COUNTS", module.SMALL_CIFARFS_COUNTS)
+    monkeypatch.setattr(fc100, "OFFICIAL_COUNTS", module.SMALL_FC100_COUNTS)
+    monkeypatch.setattr(tieredimagenet, "OFFICIAL_COUNTS", module.SMALL_TIERED_COUNTS)
+    monkeypatch.setattr(cub, "OFFICIAL_COUNTS", module.SMALL_CUB_COUNTS)
     monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
     return module
 
@@ -181,3 +186,63 @@ def test_mini_imagenet_dataset_reads_learn2learns_pickle(tmp_path: Path, builder
         l2l.vision.datasets.MiniImagenet(root=tmp_path / "data", mode="val")
     with pytest.raises(ConfigError, match="cannot be downloaded"):
         l2l.vision.datasets.MiniImagenet(root=tmp_path / "data", mode="validation", download=True)
+
+
+def test_learn2learn_layouts_through_get_tasksets(tmp_path: Path, builders: ModuleType) -> None:
+    """learn2learn's benchmark names over the files where learn2learn keeps them, in learn2learn's layout:
+    (data, labels) with each class's samples consecutive, pixels in [0, 1] as its ToTensor gives them."""
+    data = tmp_path / "data"
+    builders.write_cifarfs(data / "cifarfs", as_zip=False)
+    builders.write_fc100(data)  # learn2learn keeps FC100's pickles in the root itself
+    builders.write_tiered(data / "tiered-imagenet")
+    builders.write_cub(data / "cubirds200", as_tgz=True)
+    random.seed(0)
+    for name, shape in (("cifarfs", (3, 32, 32)), ("fc100", (3, 32, 32)), ("tiered-imagenet", (3, 84, 84)),
+                        ("cub", (3, 84, 84))):
+        tasksets = l2l.vision.benchmarks.get_tasksets(name, train_ways=2, train_samples=4, test_ways=2,
+                                                      test_samples=4, root=data)
+        for taskset in tasksets:
+            x, y = taskset.sample()
+            assert x.shape == (8, *shape) and 0 <= float(x.min()) and float(x.max()) <= 1
+            assert sorted(y.tolist()) == [0, 0, 0, 0, 1, 1, 1, 1] and torch.equal(y[::4], y[1::4])
+    train = l2l.vision.benchmarks.get_tasksets("tiered-imagenet", train_samples=4, test_samples=4,
+                                               train_ways=3, test_ways=2, root=data).train
+    classes = {round(float(x[0, 0, 0]) * 255) for _ in range(30) for x in train.sample()[0]}
+    assert classes == {0, 1, 2}  # every class of the ragged split, through the tensor fast path
+
+
+def test_vision_datasets_with_learn2learns_signatures(tmp_path: Path, builders: ModuleType,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    builders.write_cifarfs(data / "cifarfs", as_zip=True)
+    builders.write_fc100(data / "fc100", as_zip=True)
+    builders.write_tiered(data / "tiered-imagenet")
+    builders.write_cub(data / "cub", as_tgz=False)
+    cifar = l2l.vision.datasets.CIFARFS(root=data, mode="validation")
+    image, label = cifar[7]
+    assert len(cifar) == 2 * 5 and image.shape == (3, 32, 32) and label == 1 and float(image.max()) <= 1
+    fc = l2l.vision.datasets.FC100(data, mode="test", transform=lambda x: x * 2, target_transform=str)
+    image, label = fc[6]
+    assert len(fc) == 12 and label == "1" and float(image.max()) > 1 and fc.class_names == ["9", "72"]
+    tiered = l2l.vision.datasets.TieredImagenet(root=data, mode="train")
+    assert len(tiered) == 21 and tiered[5][1] == 1 and tiered[4][1] == 0  # classes of 5, 9, 7 images
+    dataset = l2l.data.MetaDataset(tiered)
+    assert [len(dataset.labels_to_indices[c]) for c in dataset.labels] == [5, 9, 7]
+    transforms = l2l.data.transforms
+    tasks = l2l.data.Taskset(dataset, [transforms.NWays(dataset, 2), transforms.KShots(dataset, 5),
+                                       transforms.LoadData(dataset), transforms.RemapLabels(dataset)])
+    assert tasks._fast is not None and tasks.sample()[0].shape == (10, 3, 84, 84)
+    birds = l2l.vision.datasets.CUBirds200(root=data)  # mode="all", ImageNet duplicates left out
+    assert len(birds) == 34 - 1 and birds.class_names[0].startswith("001.")
+    with_duplicates = l2l.vision.datasets.CUBirds200(root=data, include_imagenet_duplicates=True)
+    assert len(with_duplicates) == 34
+    monkeypatch.setattr(cub, "TRIANTAFILLOU_SPLITS", {"validation": (2, 7), "test": (4,)})
+    assert len(l2l.vision.datasets.CUBirds200(root=data, mode="test")) == 4
+    for make, message in (
+        (lambda: l2l.vision.datasets.CIFARFS(root=data, download=True), "cannot be downloaded.*cifar100.zip"),
+        (lambda: l2l.vision.datasets.TieredImagenet(root=data, mode="val"), "mode must be one of"),
+        (lambda: l2l.vision.datasets.CUBirds200(root=data, bounding_box_crop=True), "bounding_box_crop"),
+        (lambda: l2l.vision.datasets.CUBirds200(root=data, mode="novel"), "mode must be one of all"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            make()

@@ -5,9 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_builders import SMALL_COUNTS, SMALL_MAML_SPLITS, SMALL_MINI_COUNTS, write_omniglot_zips
+from data_builders import (
+    SMALL_CIFARFS_COUNTS,
+    SMALL_COUNTS,
+    SMALL_CUB_COUNTS,
+    SMALL_FC100_COUNTS,
+    SMALL_MAML_SPLITS,
+    SMALL_MINI_COUNTS,
+    SMALL_TIERED_COUNTS,
+    write_omniglot_zips,
+)
 
-from metagrad.data import miniimagenet, omniglot
+from metagrad.data import cifarfs, cub, fc100, miniimagenet, omniglot, tieredimagenet
 
 
 @pytest.fixture
@@ -29,3 +38,12 @@ def small_counts(monkeypatch: pytest.MonkeyPatch) -> omniglot.Counts:
 def small_mini_counts(monkeypatch: pytest.MonkeyPatch) -> miniimagenet.Counts:
     monkeypatch.setattr(miniimagenet, "OFFICIAL_COUNTS", SMALL_MINI_COUNTS)
     return SMALL_MINI_COUNTS
+
+
+@pytest.fixture
+def small_benchmark_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the small CIFAR-FS, FC100, tiered-ImageNet and CUB fixtures count as complete."""
+    monkeypatch.setattr(cifarfs, "OFFICIAL_COUNTS", SMALL_CIFARFS_COUNTS)
+    monkeypatch.setattr(fc100, "OFFICIAL_COUNTS", SMALL_FC100_COUNTS)
+    monkeypatch.setattr(tieredimagenet, "OFFICIAL_COUNTS", SMALL_TIERED_COUNTS)
+    monkeypatch.setattr(cub, "OFFICIAL_COUNTS", SMALL_CUB_COUNTS)

@@ -26,7 +26,8 @@ from metagrad.errors import ConfigError, DataError
 
 
 def test_registry_names() -> None:
-    assert list(DATASETS) == ["omniglot", "mini-imagenet", "folder"]
+    assert list(DATASETS) == ["omniglot", "mini-imagenet", "cifar-fs", "fc100", "tiered-imagenet", "cub",
+                              "folder"]
 
 
 @pytest.mark.parametrize(

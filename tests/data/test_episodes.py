@@ -127,3 +127,63 @@ def test_on_cuda_same_tasks_as_cpu(tagged_dataset: FewShotDataset) -> None:
     assert torch.equal(torch.round(on_cpu.query_x * 255), torch.round(cpu.query_x * 255))
     torch.testing.assert_close(on_cpu.support_x, cpu.support_x, rtol=1e-6, atol=0)
     assert torch.equal(on_cpu.support_y, cpu.support_y)
+
+
+RAGGED_SIZES = (3, 7, 2, 5, 4)
+
+
+@pytest.fixture
+def ragged_dataset() -> FewShotDataset:
+    """Classes of 3, 7, 2, 5 and 4 images; pixel (0, 0) = class, pixel (0, 1) = index within the class."""
+    images = torch.zeros(sum(RAGGED_SIZES), 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(len(RAGGED_SIZES)).repeat_interleave(torch.tensor(RAGGED_SIZES))
+    images[:, 0, 0, 1] = torch.cat([torch.arange(n) for n in RAGGED_SIZES])
+    return FewShotDataset("ragged", "train", images, [f"c{i}" for i in range(5)], class_sizes=RAGGED_SIZES)
+
+
+def test_ragged_classes_draw_each_image_of_a_class_and_none_beyond(ragged_dataset: FewShotDataset) -> None:
+    episode = EpisodeSampler(ragged_dataset, 3, 1, 1).sample(3000, torch.Generator().manual_seed(0))
+    classes, samples = origin(torch.cat([episode.support_x, episode.query_x], dim=1))
+    drawn = {c: set() for c in range(len(RAGGED_SIZES))}
+    counts = torch.zeros(len(RAGGED_SIZES), max(RAGGED_SIZES))
+    for c, s in zip(classes.flatten().tolist(), samples.flatten().tolist(), strict=True):
+        drawn[c].add(s)
+        counts[c, s] += 1
+    assert drawn == {c: set(range(n)) for c, n in enumerate(RAGGED_SIZES)}  # all of each, nothing beyond
+    for c, n in enumerate(RAGGED_SIZES):  # uniform within each class
+        share = counts[c, :n] / counts[c, :n].sum()
+        assert (share - 1 / n).abs().max() < 0.05
+    # support and query of a class are distinct images; a task's classes are distinct
+    assert (classes[:, :3] == classes[:, 3:]).all() and (samples[:, :3] != samples[:, 3:]).all()
+    assert all(len(set(row)) == 3 for row in classes[:, :3].tolist())
+
+
+def test_ragged_sampling_is_reproducible_and_checks_the_smallest(ragged_dataset: FewShotDataset) -> None:
+    a = EpisodeSampler(ragged_dataset, 2, 1, 1).sample(5, torch.Generator().manual_seed(3))
+    b = EpisodeSampler(ragged_dataset, 2, 1, 1).sample(5, torch.Generator().manual_seed(3))
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    with pytest.raises(ConfigError, match="its smallest class of split 'train' of ragged has only 2 images"):
+        EpisodeSampler(ragged_dataset, 2, 2, 1)
+
+
+def test_equal_classes_draw_the_same_tasks_as_before_ragged_support(tagged_dataset: FewShotDataset) -> None:
+    """The streams of equal-class datasets (and the results built on them) are unchanged: the draws are
+    those of the equal-only sampler, key for key."""
+    t, n, k, q = 6, 5, 2, 3
+    generator = torch.Generator().manual_seed(11)
+    classes = torch.rand(t, CLASSES, generator=generator).topk(n, dim=1).indices
+    positions = torch.rand(t, n, PER_CLASS, generator=generator).topk(k + q, dim=2).indices
+    expected = (classes.unsqueeze(2) * PER_CLASS + positions)[:, :, :k].reshape(t, n * k)
+    episode = EpisodeSampler(tagged_dataset, n, k, q).sample(t, torch.Generator().manual_seed(11))
+    flat = tagged_dataset.images.flatten(0, 1)
+    assert torch.equal(episode.support_x, flat[expected].float() / 255)
+
+
+def test_ragged_dataset_checks_its_layout() -> None:
+    with pytest.raises(ValueError, match="class_sizes must be positive and sum to the 6 images"):
+        FewShotDataset("x", "train", torch.zeros(6, 1, 2, 2, dtype=torch.uint8), class_sizes=(2, 3))
+    with pytest.raises(ValueError, match=r"\(total_images, C, H, W\) with class_sizes"):
+        FewShotDataset("x", "train", torch.zeros(2, 3, 1, 2, 2, dtype=torch.uint8), class_sizes=(3, 3))
+    ragged = FewShotDataset("x", "train", torch.zeros(5, 1, 2, 2, dtype=torch.uint8), class_sizes=(2, 3))
+    assert (ragged.num_classes, ragged.images_per_class, ragged.sizes) == (2, 2, (2, 3))
+    assert ragged.offsets.tolist() == [0, 2] and ragged.image_shape == (1, 2, 2)

@@ -64,13 +64,19 @@ def test_rgb_and_grayscale_folders_decode_once(tmp_path: Path, cache: Path,
                                                                                    "images_per_class": 3}
 
 
-def test_unequal_classes_are_cut_to_the_smallest(tmp_path: Path, cache: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    _write_dataset(tmp_path / "data" / "mixed", {"a": 5, "b": 3, "c": 4})
-    with caplog.at_level(logging.WARNING):
-        split = load_dataset("folder", "train", data_dir=tmp_path / "data", folder="mixed")
-    assert split.images.shape[:2] == (3, 3)
-    assert "using the first 3 of each (3 images left out)" in caplog.text
+def test_unequal_classes_keep_all_their_images(tmp_path: Path, cache: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_dataset(tmp_path / "data" / "mixed", {"a": 5, "b": 3, "c": 4}, formats=("png",))  # exact pixels
+    split = load_dataset("folder", "train", data_dir=tmp_path / "data", folder="mixed")
+    assert split.class_sizes == (5, 3, 4) and split.images.shape == (12, 3, 84, 84)
+    assert split.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 20, 21, 22, 23]  # 10 * c + i
+    monkeypatch.setattr(folder_module, "_decode", lambda *_: pytest.fail("decoded again"))
+    again = load_dataset("folder", "train", data_dir=tmp_path / "data", folder="mixed")
+    assert again.class_sizes == (5, 3, 4) and torch.equal(again.images, split.images)  # from the cache
+    monkeypatch.undo()
+    info = dataset_info("folder", data_dir=tmp_path / "data", folder="mixed")
+    assert info["splits"]["test"] == {"classes": 3, "images": 12, "min_images_per_class": 3,
+                                      "max_images_per_class": 5}
 
 
 def test_errors_name_the_problem_and_the_fix(tmp_path: Path, cache: Path) -> None:

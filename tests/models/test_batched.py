@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from metagrad.functional import forward_with
-from metagrad.models import MiniImagenetCNN, OmniglotCNN, OmniglotFC
+from metagrad.models import CifarCNN, MiniImagenetCNN, OmniglotCNN, OmniglotFC
 from metagrad.models.layers import (
     BatchNorm,
     Conv2d,
@@ -32,6 +32,7 @@ CASES = {
     "omniglot-cnn-strided": (lambda: OmniglotCNN(3, hidden_size=8, strided=True), (1, 28, 28)),
     "omniglot-fc": (lambda: OmniglotFC(3, input_size=64, sizes=(16, 8)), (1, 8, 8)),
     "mini-imagenet-cnn": (lambda: MiniImagenetCNN(3, hidden_size=4, layers=2), (3, 84, 84)),
+    "cifar-cnn": (lambda: CifarCNN(3, hidden_size=4), (3, 32, 32)),
 }
 
 # name -> (layer factory, one task's input shape (B, ...)); each layer alone, as a user composes them.

@@ -15,6 +15,8 @@ CASES = [
     ("omniglot-cnn", {"strided": True}, (1, 28, 28), 64),
     ("omniglot-fc", {}, (1, 28, 28), 64),
     ("mini-imagenet-cnn", {}, (3, 84, 84), 800),
+    ("cifar-cnn", {}, (3, 32, 32), 128),  # 32-16-8-4-2: 2 * 2 * 32
+    ("mini-imagenet-cnn", {"image_size": 32}, (3, 32, 32), 128),
 ]
 
 
@@ -80,7 +82,7 @@ def test_batch_norm_everywhere_with_learn2learn_eps() -> None:
 
 
 def test_build_model_errors() -> None:
-    with pytest.raises(ConfigError, match="mini-imagenet-cnn, omniglot-cnn, omniglot-fc"):
+    with pytest.raises(ConfigError, match="cifar-cnn, mini-imagenet-cnn, omniglot-cnn, omniglot-fc"):
         build_model("resnet", 5)
     with pytest.raises(ConfigError, match="ways"):
         build_model("omniglot-cnn", 0)
@@ -88,6 +90,8 @@ def test_build_model_errors() -> None:
         build_model("mini-imagenet-cnn", 5, strided=True)
     with pytest.raises(ConfigError, match="layers"):
         MiniImagenetCNN(5, layers=7)
+    with pytest.raises(ConfigError, match="layers=6 pools 32-pixel images away; use 5 or fewer"):
+        build_model("cifar-cnn", 5, layers=6)
     with pytest.raises(ConfigError, match="sizes"):
         OmniglotFC(5, sizes=())
 

@@ -34,6 +34,10 @@ MAMLPP_PRESETS = [f"omniglot-mamlpp-{ways}w{shots}s" for ways in (5, 20) for sho
     f"mini-imagenet-mamlpp-5w{shots}s" for shots in (1, 5)]
 
 
+BENCHMARK_PRESETS = [f"{dataset}-{algorithm}-5w{shots}s"
+                     for dataset in ("cifar-fs", "fc100", "tiered-imagenet", "cub")
+                     for algorithm in ("maml", "anil") for shots in (1, 5)]
+
 OWN_PRESETS = ["omniglot-maml-5w1s-fast"]
 
 BOIL_PRESETS = ["omniglot-boil-5w1s", "mini-imagenet-boil-5w1s", "mini-imagenet-boil-5w5s"]
@@ -56,8 +60,8 @@ accuracy was measured with (`--preset omniglot-maml-5w1s --set ...`)."""
 
 
 def test_every_preset_of_the_issue_is_packaged() -> None:
-    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS + OWN_PRESETS + BOIL_PRESETS
-                                    + REPTILE_PRESETS)
+    assert list_presets() == sorted(PRESETS + META_SGD_PRESETS + MAMLPP_PRESETS + BENCHMARK_PRESETS
+                                    + OWN_PRESETS + BOIL_PRESETS + REPTILE_PRESETS)
 
 
 @pytest.mark.parametrize("name", REPTILE_PRESETS)
@@ -79,6 +83,21 @@ def test_boil_presets_adapt_the_body_with_the_papers_step(name: str) -> None:
     assert (config.meta.algorithm, config.meta.inner_lr, config.meta.inner_steps) == ("boil", 0.5, 1)
     if name.startswith("mini-imagenet"):
         assert (config.model.name, config.model.hidden_size) == ("mini-imagenet-cnn", 64)  # Conv64F
+
+
+@pytest.mark.parametrize("name", BENCHMARK_PRESETS)
+def test_benchmark_presets_pair_each_dataset_with_its_network_and_split(name: str) -> None:
+    config = load_preset(name)
+    data, model, meta = config.data, config.model, config.meta
+    dataset, algorithm = name.split("-5w")[0].rsplit("-", 1)
+    shots = int(name[-2])
+    assert (data.dataset, data.ways, data.shots, data.query_shots, meta.algorithm) == (
+        dataset, 5, shots, 15, algorithm)
+    assert (model.name, data.split_scheme) == {
+        "cifar-fs": ("cifar-cnn", "bertinetto"), "fc100": ("cifar-cnn", "oreshkin"),
+        "tiered-imagenet": ("mini-imagenet-cnn", "ren"), "cub": ("mini-imagenet-cnn", "chen")}[dataset]
+    assert meta.inner_lr == {"maml": 0.01, "anil": 0.05}[algorithm]
+    assert meta.meta_batch_size == (4 if shots == 1 else 2)
 
 
 def test_the_fast_preset_is_the_papers_network_and_inner_loop_with_a_faster_outer_loop() -> None:
@@ -229,7 +248,7 @@ BAD_OVERRIDES = [
     ({"model.name": "mini-imagenet-cnn"}, "strided applies to omniglot-cnn only"),
     ({"model.norm_init": "zeros"}, "unknown model.norm_init 'zeros'; valid: learn2learn, ones"),
     ({"model.name": "omniglot-fc", "model.strided": False, "model.norm_init": "ones"},
-     "norm_init applies to omniglot-cnn and mini-imagenet-cnn only"),
+     "norm_init applies to omniglot-cnn, mini-imagenet-cnn and cifar-cnn only"),
     ({"meta.algorithm": "imaml"}, "unknown algorithm 'imaml'; valid algorithms: " + ", ".join(ALGORITHMS)),
     ({"meta.inner_lr": 0.0}, r"meta.inner_lr \(--inner-lr\) must be positive, got 0.0"),
     ({"meta.inner_lr": -0.4}, "inner_lr .* must be positive"),
@@ -272,7 +291,7 @@ def test_fomaml_loads_as_first_order_maml() -> None:
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
     with pytest.raises(ConfigError,
-                       match="unknown preset 'omniglot-maml-5w2s'; valid presets: mini-imagenet-anil-5w1s"):
+                       match="unknown preset 'omniglot-maml-5w2s'; valid presets: cifar-fs-anil-5w1s"):
         load_preset("omniglot-maml-5w2s")
 
 

@@ -501,8 +501,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     and ``_codecs.encode``; any other global raises :class:`DataError` before anything is called.
     """
 
-    def __init__(self, file: BinaryIO, source: Path) -> None:
-        super().__init__(file)
+    def __init__(self, file: BinaryIO, source: Path | str) -> None:
+        super().__init__(file, encoding="latin1")  # Python 2 pickles (FC100's) hold numpy data as str
         self._source = source
 
     def find_class(self, module: str, name: str) -> Any:
@@ -525,14 +525,25 @@ def restricted_load(path: Path) -> Any:
     head = read_head(path)
     if not head:
         raise DataError(f"{path} is empty (an interrupted download?); delete it and get the file again.")
+    with open(path, "rb") as f:
+        return _restricted(f, head, path)
+
+
+def restricted_loads(data: bytes, name: str) -> Any:
+    """:func:`restricted_load` for a pickle in memory (an archive member); ``name`` names it in errors."""
+    if not data:
+        raise DataError(f"{name} is empty; get the file again.")
+    return _restricted(io.BytesIO(data), data[:512], name)
+
+
+def _restricted(file: BinaryIO, head: bytes, path: Path | str) -> Any:
     if looks_like_html(head):
         raise DataError(
             f"{path} is an HTML page, not a pickle: the download link returned a web page (Google Drive "
             "and Dropbox do this for large files). Delete it and download the file again by hand."
         )
     try:
-        with open(path, "rb") as f:
-            return RestrictedUnpickler(f, path).load()
+        return RestrictedUnpickler(file, path).load()
     except DataError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,

@@ -20,9 +20,9 @@ an image whose values have no such meaning is refused, naming it. No inversion.
 Class names are the folder names; a name that is not valid UTF-8 keeps its other bytes as ``\\xNN``
 escapes (``caf\\xe9``), so it can be shown, logged and saved.
 
-Classes are sorted by folder name and images within a class by file name. Every class of a split must
-have the same number of images; a split whose classes differ is cut to its smallest class's count (the
-first images by name), with a warning that says how many were left out.
+Classes are sorted by folder name and images within a class by file name. Classes may hold different
+numbers of images: each keeps all of its own (tasks draw uniformly within each class), and the split is
+then a flat tensor with its class sizes (see :class:`~metagrad.data.FewShotDataset`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from metagrad.data import _io
+from metagrad.data._splits import split_counts
 from metagrad.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -152,51 +153,51 @@ def _decode(path: Path, gray: bool) -> np.ndarray:
 
 
 def load_split(root: Path, split: str, cache_dir: Path, *, split_scheme: str = "folders"
-               ) -> tuple[Tensor, list[str]]:
-    """One split as ``(images (classes, images_per_class, C, 28 | 84, 28 | 84) uint8, class_names)``.
+               ) -> tuple[Tensor, list[str], tuple[int, ...] | None]:
+    """One split as ``(images, class_names, class_sizes)``: images (classes, images_per_class, C, side,
+    side) uint8 and ``class_sizes`` None when every class has as many images, else images (total, C, side,
+    side) with each class's count in ``class_sizes``; side is 28 (grayscale) or 84 (RGB).
 
     Raises:
         DataError: a split with fewer than 2 classes, a class with fewer than 2 images, or an image that
             cannot be read or mapped to pixel values faithfully (the message names the file).
     """
     classes = _listing(root, split)
-    per_class = min(len(files) for files in classes.values())
-    dropped = sum(len(files) - per_class for files in classes.values())
-    if dropped:
-        logger.warning("%s: classes have %d to %d images; using the first %d of each (%d images left out)",
-                       root / split, per_class, max(len(f) for f in classes.values()), per_class, dropped)
     names = sorted(classes)
-    files = [f for name in names for f in classes[name][:per_class]]
+    sizes = tuple(len(classes[name]) for name in names)
+    files = [f for name in names for f in classes[name]]
     all_files = sorted(f for s in SPLIT_FOLDERS for fs in _listing(root, s).values() for f in fs)
     # the key covers every split's files: one of them decides whether the dataset is grayscale
     key = _io.fingerprint([(str(f.relative_to(root)), f.stat()) for f in all_files], version=DECODING_VERSION)
     cache = _io.cache_file(cache_dir, f"folder-{root.name}-{split}", root)
     cached = _io.load_cache(cache, key)
+    equal = len(set(sizes)) == 1
     if cached is not None:
         images = cached.get("images")
-        if isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == 5 \
-                and tuple(images.shape[:2]) == (len(names), per_class) and cached.get("class_names") == names:
-            return images, names
+        shape = (len(names), sizes[0]) if equal else (sum(sizes),)  # (classes, per_class) or (total,)
+        if isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == len(shape) + 3 \
+                and tuple(images.shape[:len(shape)]) == shape and cached.get("class_names") == names:
+            return images, names, None if equal else sizes
         logger.warning("cache %s holds unexpected contents; rebuilding it", cache)
     gray = _grayscale(root)
     logger.info("decoding %s '%s' from %s (once; cached in %s)", root.name, split, root / split, cache)
     bar = tqdm(files, desc=f"Decoding {root.name} {split} (once)", unit="img",
                disable=not _io.show_progress())
-    pixels = np.stack([_decode(f, gray) for f in bar])  # (classes*per_class, side, side, C)
-    side, channels = pixels.shape[1], pixels.shape[3]
-    # (classes*per_class, side, side, C) -> (classes, per_class, C, side, side)
-    images = torch.from_numpy(pixels).reshape(len(names), per_class, side, side, channels)
-    images = images.permute(0, 1, 4, 2, 3).contiguous()
+    pixels = np.stack([_decode(f, gray) for f in bar])  # (total, side, side, C)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (total, side, side, C) -> (total, C, side, side)
+    if equal:  # (classes*per_class, C, side, side) -> (classes, per_class, C, side, side)
+        images = images.reshape(len(names), sizes[0], *images.shape[1:])
+    images = images.contiguous()
     _io.save_cache(cache, key, images=images, class_names=names)
-    return images, names
+    return images, names, None if equal else sizes
 
 
 def info(root: Path, cache_dir: Path, *, split_scheme: str = "folders") -> dict:
     """Facts about the dataset under ``root``; loads (and caches) each split."""
     splits, shape = {}, None
     for split in SPLIT_FOLDERS:
-        images, _ = load_split(root, split, cache_dir)
-        splits[split] = {"classes": images.shape[0], "images_per_class": images.shape[1]}
-        shape = list(images.shape[2:])
+        images, names, sizes = load_split(root, split, cache_dir)
+        splits[split] = split_counts(sizes or (images.shape[1],) * len(names))
+        shape = list(images.shape[-3:])
     return {"dataset": "folder", "folder": root.name, "image_shape": shape, "splits": splits,
             "root": str(root), "split_scheme": split_scheme}

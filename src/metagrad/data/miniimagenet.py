@@ -31,7 +31,6 @@ import logging
 import os
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from metagrad.data import _io
+from metagrad.data._splits import Counts, cached_images, split_counts
 from metagrad.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -51,18 +51,7 @@ CSV_NAMES = {"train": "train.csv", "validation": "val.csv", "test": "test.csv"}
 IMAGES_FOLDER = "images"
 
 
-@dataclass(frozen=True)
-class Counts:
-    """Classes per split and images per class of a complete copy; tests pass smaller ones."""
-
-    classes: tuple[tuple[str, int], ...] = (("train", 64), ("validation", 16), ("test", 20))
-    images: int = 600  # per class
-
-    def classes_in(self, split: str) -> int:
-        return dict(self.classes)[split]
-
-
-OFFICIAL_COUNTS = Counts()
+OFFICIAL_COUNTS = Counts((("train", 64), ("validation", 16), ("test", 20)), images=600)
 
 SOURCES_HINT = (
     "Mini-ImageNet has no stable official download. Put either learn2learn's "
@@ -215,14 +204,9 @@ def _load_csv(path: Path, split: str, cache_dir: Path, counts: Counts) -> tuple[
     stats = [(str(Path(IMAGES_FOLDER) / f), _stat(folder / f, path)) for name in names for f in classes[name]]
     key = _io.fingerprint([(path.name, path.stat()), *stats])
     cache = _io.cache_file(cache_dir, f"mini-imagenet-{split}", path.parent)
-    cached = _io.load_cache(cache, key)
-    shape = (len(names), counts.images, 3, IMAGE_SIZE, IMAGE_SIZE)
-    if cached is not None:
-        images = cached.get("images")
-        if isinstance(images, Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == shape \
-                and cached.get("class_names") == names:
-            return images, names
-        logger.warning("cache %s holds unexpected contents; rebuilding it", cache)
+    images = cached_images(cache, key, (len(names), counts.images, 3, IMAGE_SIZE, IMAGE_SIZE), names)
+    if images is not None:
+        return images, names
     logger.info("decoding Mini-ImageNet '%s' from %s (once; cached in %s)", split, folder, cache)
     out = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     bar = tqdm(files, desc=f"Decoding Mini-ImageNet {split} (once)", unit="img",
@@ -267,7 +251,7 @@ def info(root: Path, cache_dir: Path, *, split_scheme: str = "ravi") -> dict:
     splits, sources = {}, {}
     for split in PICKLE_NAMES:
         images, _ = load_split(root, split, cache_dir)
-        splits[split] = {"classes": images.shape[0], "images_per_class": images.shape[1]}
+        splits[split] = split_counts([images.shape[1]] * images.shape[0])
         sources[split] = str(source_of(root, split)[1])
     return {
         "dataset": "mini-imagenet",

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from metagrad.errors import ConfigError
-from metagrad.models.conv4 import MiniImagenetCNN, OmniglotCNN, OmniglotFC
+from metagrad.models.conv4 import CifarCNN, MiniImagenetCNN, OmniglotCNN, OmniglotFC
 from metagrad.models.layers import (
     BatchNorm,
     Conv2d,
@@ -27,9 +27,9 @@ from metagrad.models.layers import (
 )
 
 __all__ = [
-    "HEAD_PREFIX", "MODELS", "NORM_INIT_MODELS", "BatchNorm", "Conv2d", "ConvBlock", "Flatten", "Linear",
-    "LinearBlock", "MaxPool2d", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC", "SpatialMean", "build_model",
-    "task_batch",
+    "HEAD_PREFIX", "IMAGE_SIZE_MODELS", "MODELS", "NORM_INIT_MODELS", "BatchNorm", "CifarCNN", "Conv2d",
+    "ConvBlock", "Flatten", "Linear", "LinearBlock", "MaxPool2d", "MiniImagenetCNN", "OmniglotCNN",
+    "OmniglotFC", "SpatialMean", "build_model", "task_batch",
 ]
 
 HEAD_PREFIX = "classifier."
@@ -39,18 +39,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "omniglot-cnn": OmniglotCNN,
     "omniglot-fc": OmniglotFC,
     "mini-imagenet-cnn": MiniImagenetCNN,
+    "cifar-cnn": CifarCNN,
 }
 """Model name -> constructor taking ``ways`` first."""
 
-NORM_INIT_MODELS = ("omniglot-cnn", "mini-imagenet-cnn")
+NORM_INIT_MODELS = ("omniglot-cnn", "mini-imagenet-cnn", "cifar-cnn")
 """The models whose constructor takes ``norm_init`` (the conv networks; the FC one starts BatchNorm at 1)."""
+
+IMAGE_SIZE_MODELS = ("mini-imagenet-cnn", "cifar-cnn")
+"""The models whose head size follows the image side (constructor option ``image_size``)."""
 
 
 def build_model(name: str, ways: int, **kwargs: Any) -> nn.Module:
     """Build a registered model.
 
     Args:
-        name: one of ``MODELS`` ("omniglot-cnn", "omniglot-fc", "mini-imagenet-cnn").
+        name: one of ``MODELS`` ("omniglot-cnn", "omniglot-fc", "mini-imagenet-cnn", "cifar-cnn").
         ways: number of classes the head outputs.
         **kwargs: passed to the constructor (e.g. ``hidden_size``, ``layers``, ``strided``).
 

@@ -23,10 +23,13 @@ from torch import Tensor, nn
 from metagrad.errors import ConfigError
 from metagrad.models.layers import ConvBlock, Flatten, Linear, LinearBlock, SpatialMean, fc_init_, maml_init_
 
-__all__ = ["MINI_IMAGENET_SIZE", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC"]
+__all__ = ["CIFAR_SIZE", "MINI_IMAGENET_SIZE", "CifarCNN", "MiniImagenetCNN", "OmniglotCNN", "OmniglotFC"]
 
 MINI_IMAGENET_SIZE = 84
 """Side of a Mini-ImageNet image; the CNN's head size is derived from it."""
+
+CIFAR_SIZE = 32
+"""Side of a CIFAR-FS or FC100 image."""
 
 
 def _check_positive(**values: int) -> None:
@@ -126,25 +129,28 @@ class MiniImagenetCNN(nn.Module):
     Args:
         ways: number of classes N.
         hidden_size: filters per convolution.
-        layers: number of conv blocks (84 is halved, rounding down, once per block).
+        layers: number of conv blocks (the side is halved, rounding down, once per block).
         norm_init: how BatchNorm's weight starts: "learn2learn" (U[0, 1)) or "ones".
+        image_size: side of the (square) input images; the head's input size follows from it.
 
     Shapes:
-        x: (B, 3, 84, 84) -> logits (B, ways). ``features(x)``: (B, hidden_size * s * s), s = 5 for 4 layers.
+        x: (B, 3, image_size, image_size) -> logits (B, ways). ``features(x)``: (B, hidden_size * s * s),
+        s = 5 for 4 layers on 84-pixel images.
 
     References:
         Ravi and Larochelle 2017, "Optimization as a Model for Few-Shot Learning", ICLR.
     """
 
     def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4,
-                 norm_init: str = "learn2learn") -> None:
+                 norm_init: str = "learn2learn", image_size: int = MINI_IMAGENET_SIZE) -> None:
         super().__init__()
-        _check_positive(ways=ways, hidden_size=hidden_size, layers=layers)
-        side = MINI_IMAGENET_SIZE
+        _check_positive(ways=ways, hidden_size=hidden_size, layers=layers, image_size=image_size)
+        side = image_size
         for _ in range(layers):
             side //= 2
         if side < 1:
-            raise ConfigError(f"layers={layers} pools {MINI_IMAGENET_SIZE}-pixel images away; use 6 or fewer")
+            raise ConfigError(f"layers={layers} pools {image_size}-pixel images away; use "
+                              f"{image_size.bit_length() - 1} or fewer")
         blocks = [ConvBlock(3 if i == 0 else hidden_size, hidden_size, norm_init=norm_init)
                   for i in range(layers)]
         # (B, hidden, side, side) -> (B, hidden * side * side)
@@ -153,5 +159,21 @@ class MiniImagenetCNN(nn.Module):
         maml_init_(self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, 84, 84) images -> (B, ways) logits."""
+        """(B, 3, image_size, image_size) images -> (B, ways) logits."""
         return self.classifier(self.features(x))
+
+
+class CifarCNN(MiniImagenetCNN):
+    """MAML's Mini-ImageNet network on 3x32x32 images (CIFAR-FS, FC100): the maps shrink 32-16-8-4-2, so
+    the body outputs 2*2*hidden_size (128 for 32 filters) flattened features.
+
+    This is the network Bertinetto et al. 2019 trained MAML with on CIFAR-FS (MAML's four 32-filter blocks,
+    at CIFAR's resolution); everything else is :class:`MiniImagenetCNN`'s.
+
+    References:
+        Bertinetto et al. 2019, "Meta-learning with differentiable closed-form solvers", ICLR.
+    """
+
+    def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4,
+                 norm_init: str = "learn2learn", image_size: int = CIFAR_SIZE) -> None:
+        super().__init__(ways, hidden_size, layers, norm_init, image_size)

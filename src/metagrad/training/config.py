@@ -107,7 +107,8 @@ class DataConfig:
     shots: int = 1  # K: support samples per class
     query_shots: int = 1  # Q: query samples per class (MAML on Omniglot: Q = K)
     rotations: bool = True  # Omniglot only: 0/90/180/270-degree rotations are 4 distinct classes (MAML)
-    split_scheme: str = "shuffled"  # Omniglot: "shuffled", "maml", "vinyals"; Mini-ImageNet: "ravi"
+    split_scheme: str = "shuffled"  # Omniglot: "shuffled", "maml", "vinyals"; Mini-ImageNet: "ravi";
+    # CUB: "chen", "triantafillou"; CIFAR-FS: "bertinetto"; FC100: "oreshkin"; tiered-ImageNet: "ren"
     train_shots: int = 0  # support samples per class of training tasks (Reptile's train shots); 0: shots
     folder: str | None = None  # dataset "folder" only: your dataset's folder, data_dir/<folder>/{train,...}
 
@@ -490,7 +491,8 @@ def validate_config(config: Config) -> Config:
         raise ConfigError(f"model.strided applies to omniglot-cnn only; set it to false for {model.name}")
     check_norm_init(model.norm_init, "model.norm_init")
     if model.norm_init != "learn2learn" and model.name not in NORM_INIT_MODELS:
-        raise ConfigError(f"model.norm_init applies to {' and '.join(NORM_INIT_MODELS)} only ({model.name}'s "
+        names = f"{', '.join(NORM_INIT_MODELS[:-1])} and {NORM_INIT_MODELS[-1]}"
+        raise ConfigError(f"model.norm_init applies to {names} only ({model.name}'s "
                           f"BatchNorm weights start at 1); leave it at learn2learn")
 
     check_algorithm(meta.algorithm)

@@ -35,6 +35,14 @@ _MAMLPP_MINI = ("Antoniou et al. 2019, Table 2, as a third-party table quotes it
 
 _REPTILE = "Nichol et al. 2018, Table {}, with transduction (as metagrad's batch-statistics BatchNorm)"
 _BOIL = "Oh et al. 2021, Table 1, 4conv"
+_BERTINETTO = ("Bertinetto et al. 2019, Table 1, as third-party tables quote it; not read in the paper "
+               "itself")
+_L2L_README = "learn2learn's examples/vision/README.md, their own run, no spread"
+_TPN = ("Liu et al. 2019 (TPN), their run of MAML, as later papers' tables quote it; not read in the paper "
+        "itself")
+_CHEN = ("Chen et al. 2019, Conv-4, trained with data augmentation, as third-party tables quote it; not "
+         "read in the paper itself")
+_ANIL_ONLY = "ANIL's paper reports Omniglot and Mini-ImageNet only"
 
 PUBLISHED: dict[str, str] = {
     "omniglot-maml-5w1s": f"98.7 +/- 0.4 ({_FINN})",
@@ -72,6 +80,26 @@ PUBLISHED: dict[str, str] = {
     "omniglot-reptile-20w1s": f"89.43 +/- 0.14 ({_REPTILE.format(2)})",
     "mini-imagenet-reptile-5w1s": f"49.97 +/- 0.32 ({_REPTILE.format(1)})",
     "mini-imagenet-reptile-5w5s": f"65.99 +/- 0.58 ({_REPTILE.format(1)})",
+    "cifar-fs-maml-5w1s": f"58.9 +/- 1.9 ({_BERTINETTO})",
+    "cifar-fs-maml-5w5s": f"71.5 +/- 1.0 ({_BERTINETTO})",
+    "cifar-fs-anil-5w1s": f"none published ({_ANIL_ONLY}, and learn2learn's table has CIFAR-FS at 5 shots "
+                          "only)",
+    "cifar-fs-anil-5w5s": f"68.3 ({_L2L_README})",
+    "fc100-maml-5w1s": "none published (MAML and learn2learn's tables have no FC100 1-shot MAML with this "
+                       "network)",
+    "fc100-maml-5w5s": f"49.0 ({_L2L_README})",
+    "fc100-anil-5w1s": f"none published ({_ANIL_ONLY}, and learn2learn's table has FC100 at 5 shots only)",
+    "fc100-anil-5w5s": f"47.6 ({_L2L_README})",
+    "tiered-imagenet-maml-5w1s": f"51.67 +/- 1.81 ({_TPN})",
+    "tiered-imagenet-maml-5w5s": f"70.30 +/- 1.75 ({_TPN})",
+    "tiered-imagenet-anil-5w1s": f"none published ({_ANIL_ONLY}; the tiered-ImageNet numbers seen in later "
+                                 "tables could not be traced to their source)",
+    "tiered-imagenet-anil-5w5s": f"none published ({_ANIL_ONLY}; the tiered-ImageNet numbers seen in later "
+                                 "tables could not be traced to their source)",
+    "cub-maml-5w1s": f"54.73 +/- 0.97 ({_CHEN})",
+    "cub-maml-5w5s": f"75.75 +/- 0.76 ({_CHEN})",
+    "cub-anil-5w1s": f"none published ({_ANIL_ONLY})",
+    "cub-anil-5w5s": f"none published ({_ANIL_ONLY})",
 }
 """Packaged preset -> the published test accuracy (%) it is set up to reproduce, with its source. The
 spreads are 95% confidence intervals except where the source says otherwise; a number without one is a

@@ -25,7 +25,7 @@ from metagrad.algorithms import Algorithm
 from metagrad.data.datasets import FewShotDataset, load_dataset
 from metagrad.data.episodes import EpisodeSampler
 from metagrad.errors import ConfigError
-from metagrad.models import NORM_INIT_MODELS, build_model
+from metagrad.models import IMAGE_SIZE_MODELS, NORM_INIT_MODELS, build_model
 from metagrad.per_step import per_step_bn_params
 from metagrad.training import distributed
 from metagrad.training.checkpoint import RunState, restore_params
@@ -104,6 +104,8 @@ def make_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, int
         kwargs["strided"] = model_config.strided
     if model_config.name in NORM_INIT_MODELS:
         kwargs["norm_init"] = model_config.norm_init
+    if model_config.name in IMAGE_SIZE_MODELS:  # the head's input size follows the data's image side
+        kwargs["image_size"] = image_shape[-1]
     try:
         return build_model(model_config.name, ways, **kwargs)
     except (RuntimeError, MemoryError) as exc:

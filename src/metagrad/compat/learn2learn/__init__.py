@@ -4,9 +4,11 @@
 Provided: ``l2l.algorithms`` (``MAML``, ``MetaSGD``, ``maml_update``); ``l2l.clone_module`` /
 ``update_module`` / ``detach_module`` / ``clone_parameters``; ``l2l.data`` (``MetaDataset``, ``Taskset`` /
 ``TaskDataset``, the task transforms, ``partition_task``, ``InfiniteIterator``); ``l2l.vision`` (datasets
-``FullOmniglot`` / ``MiniImagenet``, ``transforms.RandomClassRotation``, models ``OmniglotCNN`` /
-``OmniglotFC`` / ``CNN4`` / ``MiniImagenetCNN``, ``benchmarks.get_tasksets`` for "omniglot" and
-"mini-imagenet"). docs/MIGRATION.md lists every name, what differs and why, and what is not provided.
+``FullOmniglot`` / ``MiniImagenet`` / ``CIFARFS`` / ``FC100`` / ``TieredImagenet`` / ``CUBirds200``,
+``transforms.RandomClassRotation``, models ``OmniglotCNN`` / ``OmniglotFC`` / ``CNN4`` / ``MiniImagenetCNN``,
+``benchmarks.get_tasksets`` for learn2learn's "omniglot", "mini-imagenet", "tiered-imagenet", "fc100",
+"cifarfs", and "cub", a metagrad extension). docs/MIGRATION.md lists every name, what differs and why,
+and what is not provided.
 """
 
 from metagrad.compat.learn2learn import algorithms, data, vision

@@ -9,9 +9,10 @@ class) that ``l2l.vision.datasets`` return and that ``MetaDataset`` makes of a m
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -21,43 +22,62 @@ __all__ = ["ClassImages", "MetaDataset"]
 
 
 class ClassImages(Dataset):
-    """``(image, label)`` pairs over a uint8 tensor (classes, images_per_class, C, H, W).
+    """``(image, label)`` pairs over a uint8 tensor (classes, images_per_class, C, H, W), or over flat
+    images (total, C, H, W) with ``class_sizes`` when classes differ in size.
 
-    Item ``i`` is image ``i % images_per_class`` of class ``label = i // images_per_class``, as a float
-    tensor (C, H, W) (``uint8 / 255`` in [0, 1] by default), passed through ``transform``; the label is
-    a Python int passed through ``target_transform``.
+    Items are the images of class 0, then class 1...: item ``i`` of equal classes is image
+    ``i % images_per_class`` of class ``label = i // images_per_class``. Each is a float tensor (C, H, W)
+    (``uint8 / 255`` in [0, 1] by default), passed through ``transform``; the label is a Python int
+    passed through ``target_transform``.
 
     Args:
-        images: (classes, images_per_class, C, H, W) uint8.
+        images: (classes, images_per_class, C, H, W) uint8, or (total, C, H, W) with ``class_sizes``.
         pixel_max: the float value of pixel 255: 1.0 (the default), or 255.0 for learn2learn's
             ``MiniImagenet``, whose images are unscaled floats.
         transform: applied to each image tensor (learn2learn's datasets give PIL images; these give
             tensors, so torchvision's ``ToTensor`` is not needed).
         target_transform: applied to each label.
+        class_sizes: images per class of flat ``images``, in order; None for the 5-D layout.
     """
 
     def __init__(self, images: Tensor, transform: Callable[[Tensor], Any] | None = None,
-                 target_transform: Callable[[int], Any] | None = None, pixel_max: float = 1.0) -> None:
-        if images.dim() != 5:
-            raise ValueError(f"images must be (classes, images_per_class, C, H, W), "
-                             f"got {tuple(images.shape)}")
+                 target_transform: Callable[[int], Any] | None = None, pixel_max: float = 1.0,
+                 class_sizes: Sequence[int] | None = None) -> None:
+        if class_sizes is None:
+            if images.dim() != 5:
+                raise ValueError(f"images must be (classes, images_per_class, C, H, W), "
+                                 f"got {tuple(images.shape)}")
+            sizes = torch.full((images.shape[0],), images.shape[1], dtype=torch.int64)
+        else:
+            sizes = torch.as_tensor(list(class_sizes), dtype=torch.int64)
+            if images.dim() != 4 or int(sizes.sum()) != images.shape[0] or bool((sizes < 1).any()):
+                raise ValueError(f"flat images (total, C, H, W) {tuple(images.shape)} do not match "
+                                 f"class_sizes summing to {int(sizes.sum())}")
         self.images = images
+        self.flat_images = images if class_sizes is not None else images.flatten(0, 1)  # (total, C, H, W)
+        self.class_sizes = sizes  # (classes,) int64
+        self.offsets = sizes.cumsum(0) - sizes  # (classes,): each class's first item
         self.transform = transform
         self.target_transform = target_transform
         self.pixel_max = pixel_max
 
     def __len__(self) -> int:
-        return self.images.shape[0] * self.images.shape[1]
+        return self.flat_images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        label, position = divmod(index % len(self), self.images.shape[1])
-        image: Any = self.images[label, position].float() * (self.pixel_max / 255)  # (C, H, W)
+        index %= len(self)
+        label = int(torch.searchsorted(self.offsets, torch.tensor(index), right=True)) - 1
+        image: Any = self.flat_images[index].float() * (self.pixel_max / 255)  # (C, H, W)
         if self.transform is not None:
             image = self.transform(image)
         target: Any = label if self.target_transform is None else self.target_transform(label)
         return image, target
+
+    def labels_of_items(self) -> list[int]:
+        """The label of every item, in item order (no image is loaded)."""
+        return torch.arange(len(self.class_sizes)).repeat_interleave(self.class_sizes).tolist()
 
 
 class MetaDataset(Dataset):
@@ -83,7 +103,7 @@ class MetaDataset(Dataset):
     def __init__(self, dataset: Any, labels_to_indices: dict[Hashable, list[int]] | None = None,
                  indices_to_labels: dict[int, Hashable] | None = None) -> None:
         if isinstance(dataset, FewShotDataset):
-            dataset = ClassImages(dataset.images)
+            dataset = ClassImages(dataset.images, class_sizes=dataset.class_sizes)
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise TypeError(f"MetaDataset needs an indexable dataset with a length (dataset[i] -> "
                             f"(sample, label)), got {type(dataset).__name__}")
@@ -102,8 +122,7 @@ class MetaDataset(Dataset):
         if labels_to_indices is None and indices_to_labels is None:
             if isinstance(self.dataset, ClassImages) and self.dataset.target_transform is None:
                 # the layout says it: no item is loaded
-                classes, per_class = self.dataset.images.shape[:2]
-                indices_to_labels = {i: i // per_class for i in range(classes * per_class)}
+                indices_to_labels = dict(enumerate(self.dataset.labels_of_items()))
             else:
                 indices_to_labels = {i: _scalar_label(self.dataset[i], i) for i in range(len(self.dataset))}
         if labels_to_indices is None:

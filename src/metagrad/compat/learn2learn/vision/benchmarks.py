@@ -1,12 +1,14 @@
 """``l2l.vision.benchmarks.get_tasksets``: learn2learn's task sets over metagrad's datasets.
 
-Each split is an ``l2l.data.Taskset`` with learn2learn's benchmark pipeline: ``FusedNWaysKShots``,
-``LoadData``, ``RemapLabels``, ``ConsecutiveLabels``. So ``sample()`` returns ``(data, labels)`` with
-``ways * samples`` items, the samples of each class consecutive, the classes numbered 0..ways-1 in
-random order; learn2learn's examples (which split support and query by even and odd positions) work
-unchanged, and ``random.seed`` reproduces the tasks. The data is metagrad's tensor, so tasks are
-drawn by the Taskset's tensor fast path. Omniglot's rotations are metagrad's protocol (each rotation is
-a class of its own, option ``rotations``), not learn2learn's per-task ``RandomClassRotation``.
+Names: learn2learn 0.2.0's ("omniglot", "mini-imagenet", "tiered-imagenet", "fc100", "cifarfs") and
+"cub" (a metagrad extension). Each split is an ``l2l.data.Taskset`` with learn2learn's benchmark
+pipeline: ``FusedNWaysKShots``, ``LoadData``, ``RemapLabels``, ``ConsecutiveLabels``. So ``sample()``
+returns ``(data, labels)`` with ``ways * samples`` items, the samples of each class consecutive, the
+classes numbered 0..ways-1 in random order; learn2learn's examples (which split support and query by
+even and odd positions) work unchanged, and ``random.seed`` reproduces the tasks. The data is
+metagrad's tensor, so tasks are drawn by the Taskset's tensor fast path. Omniglot's rotations are
+metagrad's protocol (each rotation is a class of its own, option ``rotations``), not learn2learn's
+per-task ``RandomClassRotation``; tiered-ImageNet's data augmentation options are not provided.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from metagrad.errors import ConfigError
 __all__ = ["BenchmarkTasksets", "get_tasksets", "list_tasksets"]
 
 SPLITS = ("train", "validation", "test")
-BENCHMARKS = ("omniglot", "mini-imagenet")
+BENCHMARKS = {"omniglot": "omniglot", "mini-imagenet": "mini-imagenet", "tiered-imagenet": "tiered-imagenet",
+              "fc100": "fc100", "cifarfs": "cifar-fs", "cub": "cub"}
+"""learn2learn's benchmark names (and ``"cub"``, a metagrad extension) -> metagrad's dataset names."""
 
 
 def _taskset(dataset: FewShotDataset, ways: int, samples: int, num_tasks: int,
@@ -42,11 +46,12 @@ def _taskset(dataset: FewShotDataset, ways: int, samples: int, num_tasks: int,
     if ways > dataset.num_classes:
         raise ConfigError(f"ways={ways} but split {dataset.split!r} has only {dataset.num_classes} classes")
     if samples > dataset.images_per_class:
+        smallest = "per class" if dataset.class_sizes is None else "in its smallest class"
         raise ConfigError(f"samples={samples} but split {dataset.split!r} has only "
-                          f"{dataset.images_per_class} images per class")
+                          f"{dataset.images_per_class} images {smallest}")
     if num_tasks == 0 or num_tasks < -1:
         raise ConfigError(f"num_tasks must be -1 (unlimited) or positive, got {num_tasks}")
-    meta = MetaDataset(ClassImages(dataset.images.to(device)))
+    meta = MetaDataset(ClassImages(dataset.images.to(device), class_sizes=dataset.class_sizes))
     transforms = [FusedNWaysKShots(meta, n=ways, k=samples), LoadData(meta), RemapLabels(meta),
                   ConsecutiveLabels(meta)]
     return Taskset(meta, transforms, num_tasks=num_tasks)
@@ -61,8 +66,8 @@ class BenchmarkTasksets(NamedTuple):
 
 
 def list_tasksets() -> tuple[str, ...]:
-    """Benchmark names ``get_tasksets`` accepts."""
-    return BENCHMARKS
+    """Benchmark names ``get_tasksets`` accepts: learn2learn 0.2.0's five, then ``"cub"``."""
+    return tuple(BENCHMARKS)
 
 
 def get_tasksets(
@@ -79,14 +84,17 @@ def get_tasksets(
     """Train, validation and test task sets of a benchmark, as ``learn2learn.vision.benchmarks.get_tasksets``.
 
     Args:
-        name: "omniglot" or "mini-imagenet".
+        name: learn2learn's "omniglot", "mini-imagenet", "tiered-imagenet", "fc100" or "cifarfs", or "cub"
+            (CUB-200-2011, a metagrad extension: learn2learn 0.2.0 has no CUB benchmark; Chen et al.'s split
+            unless ``split_scheme="triantafillou"``).
         train_ways: classes per training task.
         train_samples: images per class per training task (support and query together).
         test_ways: classes per validation and test task.
         test_samples: images per class per validation and test task.
         num_tasks: -1 for fresh tasks on every sample, else the size of each split's fixed task pool.
-        root: the data folder holding ``omniglot/`` (metagrad's ``--data-dir``); ``~`` is expanded.
-            None uses ``$METAGRAD_DATA`` or the default folder.
+        root: the data folder holding ``omniglot/``, ``mini-imagenet/``, learn2learn's ``cifarfs/``,
+            ``tiered-imagenet/``, FC100's pickles... (metagrad's ``--data-dir``); ``~`` is expanded. None
+            uses ``$METAGRAD_DATA`` or the default folder.
         device: where the images are kept and tasks are returned (learn2learn: ``OnDeviceDataset``).
         **kwargs: options of ``metagrad.data.datasets.load_dataset`` (e.g. ``rotations``, ``split_scheme``).
 
@@ -109,6 +117,6 @@ def get_tasksets(
     tasksets = {}
     for split in SPLITS:
         ways, samples = shapes[split]
-        dataset = datasets.load_dataset(name, split, data_dir=data_dir, **kwargs)
+        dataset = datasets.load_dataset(BENCHMARKS[name], split, data_dir=data_dir, **kwargs)
         tasksets[split] = _taskset(dataset, ways, samples, num_tasks, device)
     return BenchmarkTasksets(**tasksets)
