@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from metagrad.compat.learn2learn._missing import missing_names
 from metagrad.compat.learn2learn.data.meta_dataset import ClassImages
 from metagrad.data import miniimagenet, omniglot
 from metagrad.data.datasets import resolve_cache_dir, resolve_data_dir
@@ -80,3 +81,21 @@ class MiniImagenet(ClassImages):
                               f"{miniimagenet.sources_hint(folder)}")
         images, self.class_names = miniimagenet.load_split(folder, mode, resolve_cache_dir(None))
         super().__init__(images, transform, target_transform, pixel_max=255.0)
+
+
+_OWN_IMAGES = ("its reader is not provided; lay the images out as a folder dataset "
+               "(DATA/NAME/{train,validation,test}/CLASS/IMAGE), load a split with "
+               "metagrad.data.load_dataset(\"folder\", split, "
+               "data_dir=DATA, folder=NAME) and wrap it in l2l.data.MetaDataset")
+_NOT_PROVIDED = {
+    "TieredImagenet": _OWN_IMAGES,
+    "CIFARFS": _OWN_IMAGES,
+    "FC100": _OWN_IMAGES,
+    "VGGFlower102": _OWN_IMAGES,
+    "FGVCAircraft": _OWN_IMAGES,
+    "CUBirds200": _OWN_IMAGES,
+    "DescribableTextures": _OWN_IMAGES,
+    "Quickdraw": _OWN_IMAGES,
+    "FGVCFungi": _OWN_IMAGES,
+}
+__getattr__ = missing_names(__name__, _NOT_PROVIDED)
