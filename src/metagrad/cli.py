@@ -527,9 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", formatter_class=_HelpFormatter,
         help="check that metagrad's meta-gradients are exact for a model (float64, random tasks)",
-        description="Run a model on a small random meta-batch in float64 and compare the meta-gradient of "
-                    "the path metagrad takes for it (batched, vmap or loop) with the per-task loop's, first "
-                    "and second order, and the loop's with finite differences. Exit status 1 if they differ."
+        description="Run a model on a small random meta-batch in float64 and compare the meta-gradient (and "
+                    "running statistics) of the path metagrad takes for it (batched, vmap or loop) with the "
+                    "per-task loop's, first and second order (no finite differences: see docs/EXACTNESS.md). "
+                    "Dropout is off on both paths for the comparison, since each path draws its own masks; "
+                    "the report says when the model has some. Exit status 1 if the paths differ, or if the "
+                    "forward draws other random numbers, which leaves nothing to compare."
                     "\n\nexamples:\n"
                     "  metagrad check omniglot-cnn\n"
                     "  metagrad check my_models.py:ResNet12 --kwargs '{\"ways\": 5}' --input-shape 3,84,84")
