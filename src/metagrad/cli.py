@@ -273,7 +273,11 @@ def _cmd_results(args: argparse.Namespace) -> int:
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from metagrad.data.datasets import dataset_info
 
-    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    if args.name == "folder" and args.folder is None:
+        raise ConfigError("metagrad data info folder needs the dataset's folder: --folder NAME for "
+                          "DATA/NAME/{train,validation,test}/CLASS/IMAGE")
+    options = {"folder": args.folder} if args.folder is not None else {}
+    info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir, **options)
     print(f"dataset: {info.get('dataset', args.name)}")
     for key, value in info.items():
         if key in ("dataset", "splits"):
@@ -489,8 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", formatter_class=_HelpFormatter, help="inspect or download a dataset")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    info = data_commands.add_parser("info", formatter_class=_HelpFormatter, help="facts about a dataset")
-    info.add_argument("name", metavar="NAME", help="omniglot or mini-imagenet")
+    info = data_commands.add_parser(
+        "info", formatter_class=_HelpFormatter, help="facts about a dataset",
+        description="What a dataset holds: each split's classes and images per class, the image shape.\n\n"
+                    "examples:\n"
+                    "  metagrad data info omniglot --data-dir DATA\n"
+                    "  metagrad data info folder --folder birds --data-dir DATA   # DATA/birds/{train,...}")
+    info.add_argument("name", metavar="NAME", help=_either(list(DATASETS)))
+    info.add_argument("--folder", metavar="NAME",
+                      help="folder only: your dataset's folder under the data folder (config data.folder)")
     info.add_argument("--data-dir", type=_user_path,
                       help="dataset folder (default: $METAGRAD_DATA, else a user data folder)")
     info.add_argument("--cache-dir", type=_user_path,
