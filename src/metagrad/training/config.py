@@ -63,6 +63,7 @@ __all__ = [
     "load_config_file",
     "load_preset",
     "parse_assignment",
+    "preset_source",
     "resolve_config",
     "save_config",
     "validate_config",
@@ -201,6 +202,20 @@ def list_presets() -> list[str]:
     """Names of the packaged presets, sorted."""
     folder = resources.files("metagrad") / "configs"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_source(name: str) -> str:
+    """Where a preset's values come from, as its TOML header says: the paper's authors and year
+    (``"Finn, Abbeel & Levine 2017"``), or ``"metagrad's own recipe"``.
+
+    Raises:
+        ConfigError: the name is unknown (the message lists the valid ones).
+    """
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
+    text = (resources.files("metagrad") / "configs" / f"{name}.toml").read_text(encoding="utf-8")
+    cited = re.search(r"^# Source: (.+? \d{4})\b", text, re.MULTILINE)
+    return cited.group(1) if cited else "metagrad's own recipe"
 
 
 def load_preset(name: str) -> Config:
