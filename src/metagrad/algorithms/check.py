@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from metagrad.algorithms.meta_batch import meta_batch_loss
@@ -87,9 +88,14 @@ _DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha
                        torch.feature_alpha_dropout})
 
 
+_DROPOUT_P = {F.scaled_dot_product_attention: 4, F.multi_head_attention_forward: 10}
+"""Functions that take a ``dropout_p`` (attention dropout, nn.MultiheadAttention's and the Transformer
+layers'), and its position."""
+
+
 class _NoDropout(TorchFunctionMode):
-    """Every dropout function (so every dropout module) returns its input; records those that would have
-    drawn a mask (training on, p > 0)."""
+    """Every dropout function (so every dropout module) returns its input, and attention runs with
+    ``dropout_p=0``; records those that would have drawn a mask (training on, p > 0)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,6 +103,19 @@ class _NoDropout(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func in _DROPOUT_P:
+            at = _DROPOUT_P[func]
+            p = args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)
+            if p > 0 and kwargs.get("training", True):
+                self.seen.add(func.__name__)
+            if len(args) > at:
+                args = (*args[:at], 0.0, *args[at + 1:])
+            else:
+                kwargs["dropout_p"] = 0.0
+            # the math kernel, which attention with dropout runs on too: the fused CPU kernels that
+            # dropout_p=0 would pick have no second derivative
+            with sdpa_kernel(SDPBackend.MATH):
+                return func(*args, **kwargs)
         if func not in _DROPOUTS:
             return func(*args, **kwargs)
         names = ("input", "p", "training") if func.__module__ == F.__name__ else ("input", "p", "train")
@@ -204,6 +223,8 @@ def check_model(
             loops.append(loop)
         torch.manual_seed(seed + 1)  # the loop again from other random states: equal unless it draws
         _, again = _meta_gradient(model, algorithm, episode, vectorize=False, first_order=False, **common)
-    dropout = _dropout_modules(model) or sorted(f"F.{name}" for name in no_dropout.seen)
+    attention = {f.__name__ for f in _DROPOUT_P} & no_dropout.seen
+    functions = sorted(f"F.{name}" for name in no_dropout.seen - attention)
+    dropout = (_dropout_modules(model) or functions) + sorted(f"F.{name}" for name in attention)
     return ModelCheck(type(model).__name__, strategy, errors[0], errors[1], dropout=tuple(dropout),
                       random_error=_relative(again, loops[0]))
