@@ -168,12 +168,14 @@ def test_cli_check_on_dropout_passes_and_a_wrong_path_fails(tmp_path: Path, caps
     assert "exact; dropout (Dropout) turned off" in capsys.readouterr().out
     passthrough = vmap_exact.ExactFunctions.__torch_function__
 
-    def fused(self, func, types, args=(), kwargs=None):  # torch's fused BatchNorm: wrong under vmap
+    def wrong_second_derivative(self, func, types, args=(), kwargs=None):  # as in the test above
+        out = passthrough(self, func, types, args, kwargs)
         if func in (torch.nn.functional.batch_norm, torch.batch_norm):
-            return func(*args, **(kwargs or {}))
-        return passthrough(self, func, types, args, kwargs)
+            cube = out ** 3
+            out = out + (cube - cube.detach()) - (out - out.detach()) * (3 * out ** 2).detach()
+        return out
 
-    monkeypatch.setattr(vmap_exact.ExactFunctions, "__torch_function__", fused)
+    monkeypatch.setattr(vmap_exact.ExactFunctions, "__torch_function__", wrong_second_derivative)
     assert main(["check", f"{source}:Net", "--kwargs", '{"ways": 5}', "--input-shape", "1,8,8"]) == 1
     assert "NOT exact" in capsys.readouterr().out
     sys.modules.pop("dropout_models", None)
