@@ -491,3 +491,19 @@ def test_every_argument_of_every_command_has_help() -> None:
             elif not isinstance(action, argparse._HelpAction) and not action.help:
                 missing.append(f"{name}: {action.dest}")
     assert missing == []
+
+
+def test_presets_lists_every_preset_with_its_source_and_settings(capsys: pytest.CaptureFixture) -> None:
+    from metagrad.training.config import list_presets
+
+    code, out, err = _main(capsys, "presets")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[::2]] == list_presets()
+    assert "omniglot-maml-5w1s  (Finn, Abbeel & Levine 2017)" in lines
+    assert "omniglot-maml-5w1s-fast  (metagrad's own recipe)" in lines
+    settings = lines[lines.index("omniglot-maml-5w1s  (Finn, Abbeel & Levine 2017)") + 1]
+    assert settings == ("    omniglot 5-way 1-shot (1 query), maml, inner lr 0.4 x 1 (10 at test), "
+                        "meta-batch 32, 60,000 iterations, omniglot-cnn")
+    mamlpp = lines[lines.index("omniglot-mamlpp-5w1s  (Antoniou, Edwards & Storkey 2019)") + 1]
+    assert "learned inner lr per-layer-per-step, per-step BatchNorm" in mamlpp

@@ -21,13 +21,12 @@ def _run(tmp_path: Path, accuracy: float, iterations: int) -> Path:
                   "iterations": iterations, "training_wall_time_s": 123.0, "status": "partial"}
     (run / "eval_best.json").write_text(json.dumps(evaluation))
     (run / "config.json").write_text(json.dumps({"preset": "omniglot-maml-5w1s"}))
-    rows = [{"step": 1, "split": "train", "sec_per_iter": 3.0},
-            {"step": 2, "split": "train", "sec_per_iter": 1.0},
-            {"step": 2, "split": "validation", "sec_per_iter": None},
-            {"step": 3, "split": "train", "sec_per_iter": 2.0}]
+    rows = [{"step": 1, "split": "train", "loss": 1.234567, "acc": 0.5, "sec_per_iter": 3.0},
+            {"step": 2, "split": "train", "loss": 1.0, "acc": 0.6, "sec_per_iter": 1.0},
+            {"step": 2, "split": "validation", "loss": 0.9, "acc": 0.7, "sec_per_iter": None},
+            {"step": 3, "split": "train", "loss": 0.8, "acc": 0.123456, "sec_per_iter": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "best.pt").write_bytes(b"checkpoint")
-    (run / "learning_curves.png").write_bytes(b"png")
     return run
 
 
@@ -43,7 +42,10 @@ def test_publish_writes_results_and_remembers_the_previous_number(tmp_path: Path
     assert data["paper"].startswith("98.7 +/- 0.4") and data["previous"] is None
     assert (target / "best.pt").read_bytes() == b"checkpoint"
     assert sorted(p.name for p in target.iterdir()) == [
-        "best.pt", "config.json", "learning_curves.png", "results.json"]
+        "best.pt", "config.json", "learning_curves.png", "metrics.jsonl", "results.json"]
+    kept = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
+    assert kept[0] == {"step": 1, "split": "train", "loss": 1.235, "acc": 0.5} and kept[3]["acc"] == 0.1235
+    assert (target / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"  # re-drawn from the kept rows
 
     tool.publish(_run(tmp_path, 0.97, 5000), results, device="cpu: test", command="metagrad train X")
     data = json.loads((target / "results.json").read_text())
@@ -77,10 +79,10 @@ def test_publish_refuses_a_run_that_was_not_evaluated(tmp_path: Path) -> None:
         _tool().publish(run, tmp_path / "results", device="d", command="c")
 
 
-def test_publish_refuses_a_run_without_its_curves(tmp_path: Path) -> None:
+def test_publish_refuses_a_run_without_its_metrics(tmp_path: Path) -> None:
     run = _run(tmp_path, 0.9, 10)
-    (run / "learning_curves.png").unlink()
-    with pytest.raises(SystemExit, match="metagrad plot"):
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(SystemExit, match="lacks metrics.jsonl"):
         _tool().publish(run, tmp_path / "results", device="d", command="c")
 
 

@@ -1,10 +1,12 @@
 """Copy one evaluated run into ``results/<preset>/``: what the README's Results table is built from.
 
 Reads the run folder only (nothing is re-measured here): ``eval_best.json`` (written by
-``metagrad eval RUN --checkpoint best``), ``config.json``, ``metrics.jsonl``, ``best.pt`` and
-``learning_curves.png`` (``metagrad plot RUN``). Writes ``results/<preset>/results.json`` (the
-evaluation's fields, plus the paper's number, the exact command, the hardware in words and the median
-seconds per iteration from the training log), and copies the config, the curves and the checkpoint.
+``metagrad eval RUN --checkpoint best``), ``config.json``, ``metrics.jsonl`` and ``best.pt``. Writes
+``results/<preset>/results.json`` (the evaluation's fields, plus the paper's number, the exact command,
+the hardware in words and the median seconds per iteration from the training log), copies the config and
+the checkpoint, keeps the rows the curves are drawn from (``metrics.jsonl``: step, split, loss and
+accuracy to 4 significant digits, about 60 bytes a row, so ``metagrad plot results/<preset>`` re-draws
+them) and draws the curves there, with the test result marked.
 The published config names no data or cache folder (``null``): those were paths on the machine that
 trained, so ``metagrad eval results/<preset> --data-dir DATA`` says where the data is on yours.
 The previous ``results.json`` of that preset, if any, is summarised in the new one's ``previous``.
@@ -12,7 +14,6 @@ The previous ``results.json`` of that preset, if any, is summarised in the new o
 Usage::
 
     metagrad eval runs/omniglot-maml-5w1s-cpu --checkpoint best --device cpu
-    metagrad plot runs/omniglot-maml-5w1s-cpu
     python tools/publish_result.py runs/omniglot-maml-5w1s-cpu \\
         --device "cpu: 2-core AMD EPYC (KVM), 1 thread" \\
         --command \\
@@ -29,9 +30,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metagrad.plot import plot_run
 from metagrad.training.papers import PUBLISHED
 
-COPIED = ("learning_curves.png", "best.pt")
+COPIED = ("best.pt",)
+PLOTTED = ("step", "split", "loss", "acc")  # the metric columns the learning curves need
 MACHINE_PATHS = ("data_dir", "cache_dir")  # config's [data] folders, set to null when published
 
 
@@ -65,10 +68,9 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
     preset = evaluation.get("preset") or _read_json(run_dir / "config.json").get("preset")
     if not preset:
         raise SystemExit(f"error: {run_dir} names no preset; publish only runs of a packaged preset")
-    missing = [name for name in ("config.json", *COPIED) if not (run_dir / name).is_file()]
+    missing = [name for name in ("config.json", "metrics.jsonl", *COPIED) if not (run_dir / name).is_file()]
     if missing:
-        raise SystemExit(f"error: {run_dir} lacks {', '.join(missing)} "
-                         f"(`metagrad plot {run_dir}` draws the curves)")
+        raise SystemExit(f"error: {run_dir} lacks {', '.join(missing)}")
     target = results_dir / preset
     old = target / "results.json"
     config = _read_json(run_dir / "config.json")
@@ -99,7 +101,20 @@ def publish(run_dir: Path, results_dir: Path, *, device: str, command: str, pape
         config["data"].update(dict.fromkeys(MACHINE_PATHS))
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (target / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (target / "metrics.jsonl").write_text(compact_metrics(run_dir / "metrics.jsonl"), encoding="utf-8")
+    plot_run(target)  # from the rows just kept, with the test result of results.json marked
     return target
+
+
+def compact_metrics(metrics: Path) -> str:
+    """``metrics.jsonl``'s rows with only the plotted columns, numbers to 4 significant digits."""
+    lines = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        kept = {key: row.get(key) for key in PLOTTED}
+        kept.update({key: float(f"{kept[key]:.4g}") for key in ("loss", "acc") if kept[key] is not None})
+        lines.append(json.dumps(kept, separators=(",", ":")) + "\n")
+    return "".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """The ``metagrad`` command: argparse -> config -> the library. Nothing else lives here.
 
-Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``data info``, ``data download``, ``bench``,
-``check``. stdout carries results only; progress, metric rows and messages go to stderr, and a closed
-stdout or stderr never fails a command that did its work (see docs/ROBUSTNESS.md).
+Subcommands: ``train``, ``eval``, ``plot``, ``results``, ``presets``, ``data info``, ``data download``,
+``bench``, ``check``. stdout carries results only; progress, metric rows and messages go to stderr, and a
+closed stdout or stderr never fails a command that did its work (see docs/ROBUSTNESS.md).
 Errors the user can fix (:class:`~metagrad.errors.MetagradError`) print ``error: <message>`` on stderr,
 without a traceback, and exit with the error's code (2 for a bad configuration, 1 otherwise); argparse
 errors (an unknown option, a malformed number) exit 2 as well.
@@ -140,7 +140,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("configuration (preset < --config file < single options)")
     source.add_argument("--preset", metavar="NAME",
                         help=f"named preset (default: the config file's preset, else {DEFAULT_PRESET}); "
-                             "see src/metagrad/configs/ or any wrong name for the list")
+                             "`metagrad presets` lists them")
     source.add_argument("--config", metavar="FILE", type=_user_path,
                         help="TOML file with [data] [model] [meta] [run] tables, or a run's config.json "
                              "(repeats that run in a new folder)")
@@ -293,10 +293,35 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from metagrad.training.config import list_presets, preset_source
+
+    for name in list_presets():
+        config = load_preset(name)
+        data, meta = config.data, config.meta
+        first_order = meta.first_order and meta.algorithm != "fomaml"  # fomaml says so itself
+        algorithm = meta.algorithm + (" first order" if first_order else "")
+        if meta.learned_inner_lr != "none":
+            algorithm += f", learned inner lr {meta.learned_inner_lr}"
+        if meta.per_step_bn:
+            algorithm += ", per-step BatchNorm"
+        queries = f"{data.query_shots} {'query' if data.query_shots == 1 else 'queries'}"
+        print(f"{name}  ({preset_source(name)})\n    {data.dataset} {data.ways}-way {data.shots}-shot "
+              f"({queries}), {algorithm}, inner lr {meta.inner_lr:g} x {meta.inner_steps} "
+              f"({meta.test_inner_steps} at test), meta-batch {meta.meta_batch_size}, "
+              f"{meta.iterations:,} iterations, {config.model.name}")
+    return 0
+
+
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from metagrad.data.datasets import dataset_info
 
+    if args.name == "folder" and args.folder is None:
+        raise ConfigError("metagrad data info folder needs the dataset's folder: --folder NAME for "
+                          "DATA/NAME/{train,validation,test}/CLASS/IMAGE")
     options = {} if args.split_scheme is None else {"split_scheme": args.split_scheme}
+    if args.folder is not None:
+        options["folder"] = args.folder
     info = dataset_info(args.name, data_dir=args.data_dir, cache_dir=args.cache_dir, **options)
     print(f"dataset: {info.get('dataset', args.name)}")
     for key, value in info.items():
@@ -438,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``metagrad`` argument parser (all subcommands)."""
     parser = argparse.ArgumentParser(
         prog="metagrad", formatter_class=_HelpFormatter,
-        description="Gradient-based meta-learning (MAML, first-order MAML, ANIL) for few-shot vision.",
+        description="Gradient-based meta-learning (MAML, first-order MAML, ANIL, Meta-SGD, MAML++) for "
+                    "few-shot vision, on Omniglot, Mini-ImageNet and your own image folders.",
         epilog="environment:\n"
                "  METAGRAD_DATA      dataset folder when --data-dir is not given\n"
                "  METAGRAD_CACHE     decoded-dataset cache when --cache-dir is not given\n"
@@ -518,11 +544,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run folders, or folders of runs")
     results.set_defaults(func=_cmd_results)
 
+    presets = commands.add_parser(
+        "presets", formatter_class=_HelpFormatter, help="list the presets: source and settings of each",
+        description="Every packaged preset (metagrad train --preset NAME), the paper its values come from, "
+                    "and its main settings in one line.")
+    presets.set_defaults(func=_cmd_presets)
+
     data = commands.add_parser("data", formatter_class=_HelpFormatter, help="inspect or download a dataset")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    info = data_commands.add_parser("info", formatter_class=_HelpFormatter, help="facts about a dataset")
-    info.add_argument("name", metavar="NAME",
-                      help="omniglot, mini-imagenet, cifar-fs, fc100, tiered-imagenet or cub")
+    info = data_commands.add_parser(
+        "info", formatter_class=_HelpFormatter, help="facts about a dataset",
+        description="What a dataset holds: each split's classes and images per class, the image shape.\n\n"
+                    "examples:\n"
+                    "  metagrad data info omniglot --data-dir DATA\n"
+                    "  metagrad data info folder --folder birds --data-dir DATA   # DATA/birds/{train,...}")
+    info.add_argument("name", metavar="NAME", help=_either(list(DATASETS)))
+    info.add_argument("--folder", metavar="NAME",
+                      help="folder only: your dataset's folder under the data folder (config data.folder)")
     info.add_argument("--split-scheme", metavar="SCHEME",
                       help="the class split to count (default: the dataset's; cub: chen or triantafillou)")
     info.add_argument("--data-dir", type=_user_path,
@@ -562,9 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", formatter_class=_HelpFormatter,
         help="check that metagrad's meta-gradients are exact for a model (float64, random tasks)",
-        description="Run a model on a small random meta-batch in float64 and compare the meta-gradient of "
-                    "the path metagrad takes for it (batched, vmap or loop) with the per-task loop's, first "
-                    "and second order, and the loop's with finite differences. Exit status 1 if they differ."
+        description="Run a model on a small random meta-batch in float64 and compare the meta-gradient (and "
+                    "running statistics) of the path metagrad takes for it (batched, vmap or loop) with the "
+                    "per-task loop's, first and second order (no finite differences: see docs/EXACTNESS.md). "
+                    "Dropout is off on both paths for the comparison, since each path draws its own masks; "
+                    "the report says when the model has some. Exit status 1 if the paths differ, or if the "
+                    "forward draws other random numbers, which leaves nothing to compare."
                     "\n\nexamples:\n"
                     "  metagrad check omniglot-cnn\n"
                     "  metagrad check my_models.py:ResNet12 --kwargs '{\"ways\": 5}' --input-shape 3,84,84")

@@ -242,7 +242,7 @@ BAD_OVERRIDES = [
     ({"data.dataset": "cifar"}, "unknown dataset 'cifar'; valid datasets: omniglot, mini-imagenet"),
     ({"data.split_scheme": "random"},
      "split_scheme 'random' is not one of omniglot's: maml, vinyals, shuffled"),
-    ({"data.dataset": "mini-imagenet", "data.split_scheme": "ravi"}, "rotations applies to omniglot only"),
+    ({"data.dataset": "mini-imagenet", "data.rotations": True}, "rotations applies to omniglot only"),
     ({"model.name": "resnet"}, "unknown model 'resnet'; valid models: omniglot-cnn"),
     ({"model.hidden_size": 0}, "model.hidden_size must be positive"),
     ({"model.name": "mini-imagenet-cnn"}, "strided applies to omniglot-cnn only"),

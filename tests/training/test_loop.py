@@ -357,8 +357,8 @@ def test_evaluating_an_interrupted_run_says_how_far_it_got(
     run_dir = tmp_path / "runs" / "stopped"
     with monkeypatch.context() as mp:
         _crash_at(mp, 5, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
-        with pytest.raises(TrainingInterrupted):
-            run(tiny_config(run_dir, **RESUME_OVERRIDES), quiet=True)
+        with pytest.raises(TrainingInterrupted):  # device auto: the table names the device that ran
+            run(tiny_config(run_dir, **RESUME_OVERRIDES, **{"run.device": "auto"}), quiet=True)
     assert "not tested" in results_table(find_runs([tmp_path / "runs"]))
     evaluation = evaluate_checkpoint(run_dir)
     best = torch.load(run_dir / "best.pt", weights_only=True)["iteration"]
@@ -370,6 +370,7 @@ def test_evaluating_an_interrupted_run_says_how_far_it_got(
     config = tiny_config(run_dir)
     assert (f"| stopped | {config.preset} | {config.data.split_scheme} | {accuracy} (eval of best.pt, "
             f"iteration {best}) | {evaluation['test_tasks']} | 5/8 |") in row
+    assert row.endswith(" | cpu |") and evaluation["device"] == "cpu"
     assert not (run_dir / "results.json").exists()  # an evaluation is not the run's final result
 
 

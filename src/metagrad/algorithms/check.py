@@ -5,6 +5,12 @@ meta-gradient (and the running statistics the step leaves) of the path ``vectori
 the per-task loop's (plain autograd, one task at a time), first and second order. Finite differences
 are no check for a user's ReLU network here: the inner gradient jumps where a unit crosses zero, so
 MAML's meta-loss is discontinuous and a big network crosses some kink at any step size.
+
+Dropout is off on both paths during the comparison: each path draws its own masks (vmap one per task,
+the loop task after task) and is exact for the masks it draws, so with dropout on they would differ
+without either being wrong. The report says whether the model uses dropout. A forward that draws other
+random numbers (``torch.rand``, ``torch.bernoulli``) cannot be compared at all; the check finds it by
+running the loop twice from different random states, and says so instead of giving a verdict.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from metagrad.algorithms.meta_batch import meta_batch_loss
 from metagrad.algorithms.registry import make
@@ -45,16 +54,80 @@ class ModelCheck:
     second_order_error: float
     first_order_error: float
     tolerance: float = TOLERANCE
+    dropout: tuple[str, ...] = ()
+    random_error: float = 0.0
+
+    @property
+    def comparable(self) -> bool:
+        """False when the forward draws random numbers besides dropout: then no verdict can be given."""
+        return self.random_error <= self.tolerance
 
     @property
     def ok(self) -> bool:
-        return max(self.second_order_error, self.first_order_error) <= self.tolerance
+        return self.comparable and max(self.second_order_error, self.first_order_error) <= self.tolerance
 
     def __str__(self) -> str:
+        if not self.comparable:
+            return (f"{self.model}: {self.strategy} path; cannot compare: its forward draws random numbers "
+                    f"besides dropout (two runs of the per-task loop differ by {self.random_error:.1e}), and "
+                    "each path is exact only for the numbers it draws (docs/EXACTNESS.md, Randomness). "
+                    "Draw them through torch's dropout (nn.Dropout, F.dropout), which the check turns off, "
+                    "or check the model with them off")
         verdict = "exact" if self.ok else "NOT exact: train it with vectorize=False and report the model"
+        noted = ""
+        if self.dropout:
+            noted = (f"; dropout ({', '.join(self.dropout)}) turned off on both paths for the comparison: in "
+                     "training each path draws its own masks and is exact for them (docs/EXACTNESS.md)")
         return (f"{self.model}: {self.strategy} path; largest relative error against the per-task loop "
                 f"{self.second_order_error:.1e} (second order), {self.first_order_error:.1e} (first order): "
-                f"{verdict}")
+                f"{verdict}{noted}")
+
+
+_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                       F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+                       torch.feature_alpha_dropout})
+
+
+_DROPOUT_P = {F.scaled_dot_product_attention: 4, F.multi_head_attention_forward: 10}
+"""Functions that take a ``dropout_p`` (attention dropout, nn.MultiheadAttention's and the Transformer
+layers'), and its position."""
+
+
+class _NoDropout(TorchFunctionMode):
+    """Every dropout function (so every dropout module) returns its input, and attention runs with
+    ``dropout_p=0``; records those that would have drawn a mask (training on, p > 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _DROPOUT_P:
+            at = _DROPOUT_P[func]
+            p = args[at] if len(args) > at else kwargs.get("dropout_p", 0.0)
+            if p > 0 and kwargs.get("training", True):
+                self.seen.add(func.__name__)
+            if len(args) > at:
+                args = (*args[:at], 0.0, *args[at + 1:])
+            else:
+                kwargs["dropout_p"] = 0.0
+            # the math kernel, which attention with dropout runs on too: the fused CPU kernels that
+            # dropout_p=0 would pick have no second derivative
+            with sdpa_kernel(SDPBackend.MATH):
+                return func(*args, **kwargs)
+        if func not in _DROPOUTS:
+            return func(*args, **kwargs)
+        names = ("input", "p", "training") if func.__module__ == F.__name__ else ("input", "p", "train")
+        bound = dict(zip(names, args)) | kwargs
+        if bound.get(names[2], True) and bound.get("p", 0.5) > 0:
+            self.seen.add(func.__name__)
+        return bound["input"]
+
+
+def _dropout_modules(model: nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0})
 
 
 def _random_episode(input_shape: tuple[int, ...], target_shape: tuple[int, ...] | None, *, tasks: int,
@@ -138,12 +211,20 @@ def check_model(
     strategy = strategy_for(make(algorithm, inner_lr=inner_lr, inner_steps=inner_steps), model,
                             dict(model.named_parameters()), dict(model.named_buffers()), episode=episode)
     common: dict[str, Any] = {"inner_lr": inner_lr, "inner_steps": inner_steps, "loss_fn": loss_fn}
-    errors = []
-    for first_order in (False, True):
-        _, fast = _meta_gradient(model, algorithm, episode, vectorize=True, first_order=first_order,
-                                 **common)
-        _, loop = _meta_gradient(model, algorithm, episode, vectorize=False, first_order=first_order,
-                                 **common)
-        errors.append(_relative(fast, loop))
-
-    return ModelCheck(type(model).__name__, strategy, errors[0], errors[1])
+    errors, loops = [], []
+    with torch.random.fork_rng(devices=[]), _NoDropout() as no_dropout:  # the caller's random state is kept
+        for first_order in (False, True):
+            torch.manual_seed(seed)
+            _, fast = _meta_gradient(model, algorithm, episode, vectorize=True, first_order=first_order,
+                                     **common)
+            _, loop = _meta_gradient(model, algorithm, episode, vectorize=False, first_order=first_order,
+                                     **common)
+            errors.append(_relative(fast, loop))
+            loops.append(loop)
+        torch.manual_seed(seed + 1)  # the loop again from other random states: equal unless it draws
+        _, again = _meta_gradient(model, algorithm, episode, vectorize=False, first_order=False, **common)
+    attention = {f.__name__ for f in _DROPOUT_P} & no_dropout.seen
+    functions = sorted(f"F.{name}" for name in no_dropout.seen - attention)
+    dropout = (_dropout_modules(model) or functions) + sorted(f"F.{name}" for name in attention)
+    return ModelCheck(type(model).__name__, strategy, errors[0], errors[1], dropout=tuple(dropout),
+                      random_error=_relative(again, loops[0]))

@@ -57,28 +57,28 @@ class OmniglotCNN(nn.Module):
         layers: number of conv blocks.
         strided: stride-2 convolutions instead of max-pooling.
         norm_init: how BatchNorm's weight starts: "learn2learn" (U[0, 1)) or "ones".
+        channels: input channels (1 for Omniglot; 3 for color images of your own).
 
     Shapes:
-        x: (B, 1, H, W) with H, W >= 2**layers -> logits (B, ways). ``features(x)``: (B, hidden_size).
+        x: (B, channels, H, W) with H, W >= 2**layers -> logits (B, ways). ``features(x)``: (B, hidden_size).
 
     References:
         Finn et al. 2017, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML.
     """
 
     def __init__(self, ways: int, hidden_size: int = 64, layers: int = 4, strided: bool = False,
-                 norm_init: str = "learn2learn") -> None:
+                 norm_init: str = "learn2learn", channels: int = 1) -> None:
         super().__init__()
-        _check_positive(ways=ways, hidden_size=hidden_size, layers=layers)
-        channels = [1] + [hidden_size] * layers
-        blocks = [ConvBlock(c_in, hidden_size, strided=strided, norm_init=norm_init)
-                  for c_in in channels[:-1]]
+        _check_positive(ways=ways, hidden_size=hidden_size, layers=layers, channels=channels)
+        blocks = [ConvBlock(channels if i == 0 else hidden_size, hidden_size, strided=strided,
+                            norm_init=norm_init) for i in range(layers)]
         self.features = nn.Sequential(*blocks, SpatialMean())
         self.classifier = Linear(hidden_size, ways)
         nn.init.normal_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, 1, H, W) images -> (B, ways) logits."""
+        """(B, channels, H, W) images -> (B, ways) logits."""
         return self.classifier(self.features(x))
 
 
@@ -129,29 +129,31 @@ class MiniImagenetCNN(nn.Module):
     Args:
         ways: number of classes N.
         hidden_size: filters per convolution.
-        layers: number of conv blocks (the side is halved, rounding down, once per block).
+        layers: number of conv blocks (the image side is halved, rounding down, once per block).
         norm_init: how BatchNorm's weight starts: "learn2learn" (U[0, 1)) or "ones".
-        image_size: side of the (square) input images; the head's input size follows from it.
+        channels: input channels (3 for Mini-ImageNet; 1 for grayscale images of your own).
+        image_size: the side of the square input images (84 for Mini-ImageNet); sizes the head.
 
     Shapes:
-        x: (B, 3, image_size, image_size) -> logits (B, ways). ``features(x)``: (B, hidden_size * s * s),
-        s = 5 for 4 layers on 84-pixel images.
+        x: (B, channels, image_size, image_size) -> logits (B, ways). ``features(x)``: (B, hidden_size * s
+        * s), s = 5 for 4 layers on 84-pixel images.
 
     References:
         Ravi and Larochelle 2017, "Optimization as a Model for Few-Shot Learning", ICLR.
     """
 
-    def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4,
-                 norm_init: str = "learn2learn", image_size: int = MINI_IMAGENET_SIZE) -> None:
+    def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4, norm_init: str = "learn2learn",
+                 channels: int = 3, image_size: int = MINI_IMAGENET_SIZE) -> None:
         super().__init__()
-        _check_positive(ways=ways, hidden_size=hidden_size, layers=layers, image_size=image_size)
+        _check_positive(ways=ways, hidden_size=hidden_size, layers=layers, channels=channels,
+                        image_size=image_size)
         side = image_size
         for _ in range(layers):
             side //= 2
         if side < 1:
             raise ConfigError(f"layers={layers} pools {image_size}-pixel images away; use "
                               f"{image_size.bit_length() - 1} or fewer")
-        blocks = [ConvBlock(3 if i == 0 else hidden_size, hidden_size, norm_init=norm_init)
+        blocks = [ConvBlock(channels if i == 0 else hidden_size, hidden_size, norm_init=norm_init)
                   for i in range(layers)]
         # (B, hidden, side, side) -> (B, hidden * side * side)
         self.features = nn.Sequential(*blocks, Flatten())
@@ -159,7 +161,7 @@ class MiniImagenetCNN(nn.Module):
         maml_init_(self.classifier)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, image_size, image_size) images -> (B, ways) logits."""
+        """(B, channels, image_size, image_size) images -> (B, ways) logits."""
         return self.classifier(self.features(x))
 
 
@@ -175,5 +177,5 @@ class CifarCNN(MiniImagenetCNN):
     """
 
     def __init__(self, ways: int, hidden_size: int = 32, layers: int = 4,
-                 norm_init: str = "learn2learn", image_size: int = CIFAR_SIZE) -> None:
-        super().__init__(ways, hidden_size, layers, norm_init, image_size)
+                 norm_init: str = "learn2learn", channels: int = 3, image_size: int = CIFAR_SIZE) -> None:
+        super().__init__(ways, hidden_size, layers, norm_init, channels=channels, image_size=image_size)

@@ -44,6 +44,7 @@ from metagrad.models.layers import check_norm_init
 
 __all__ = [
     "CONFIG_NAME",
+    "DATASET_DEFAULTS",
     "DEFAULT_PRESET",
     "LEARNED_INNER_LRS",
     "LOGGERS",
@@ -64,6 +65,7 @@ __all__ = [
     "load_preset",
     "logger_names",
     "parse_assignment",
+    "preset_source",
     "resolve_config",
     "save_config",
     "validate_config",
@@ -92,6 +94,19 @@ Adam beside the parameters."""
 
 SPLIT_SCHEMES = {name: spec.options["split_scheme"] for name, spec in DATASETS.items()}
 """Class splits each dataset offers, as its loader declares them (Mini-ImageNet: Ravi & Larochelle's only)."""
+
+DATASET_DEFAULTS = {
+    "omniglot": {"split_scheme": "shuffled", "rotations": True},  # MAML's protocol
+    "mini-imagenet": {"split_scheme": "ravi", "rotations": False},
+    "folder": {"split_scheme": "folders", "rotations": False},  # your own split folders, as they are
+    "cifar-fs": {"split_scheme": "bertinetto", "rotations": False},
+    "fc100": {"split_scheme": "oreshkin", "rotations": False},
+    "tiered-imagenet": {"split_scheme": "ren", "rotations": False},
+    "cub": {"split_scheme": "chen", "rotations": False},  # Chen et al. 2019's 100/50/50, the presets'
+}
+"""The data settings that belong to a dataset: a config that names another dataset than its preset's
+takes these for the ones it does not set itself (``--preset omniglot-maml-5w1s --set data.dataset=folder``
+needs no ``split_scheme`` or ``rotations``)."""
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -203,6 +218,20 @@ def list_presets() -> list[str]:
     """Names of the packaged presets, sorted."""
     folder = resources.files("metagrad") / "configs"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_source(name: str) -> str:
+    """Where a preset's values come from, as its TOML header says: the paper's authors and year
+    (``"Finn, Abbeel & Levine 2017"``), or ``"metagrad's own recipe"``.
+
+    Raises:
+        ConfigError: the name is unknown (the message lists the valid ones).
+    """
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
+    text = (resources.files("metagrad") / "configs" / f"{name}.toml").read_text(encoding="utf-8")
+    cited = re.search(r"^# Source: (.+? \d{4})\b", text, re.MULTILINE)
+    return cited.group(1) if cited else "metagrad's own recipe"
 
 
 def load_preset(name: str) -> Config:
@@ -428,6 +457,7 @@ def resolve_config(
             raise ConfigError(f"config file {config_file}: preset must be a string, got {preset!r}")
     merged = _preset_dict(preset)
     merged["preset"] = preset
+    preset_dataset = merged.get("data", {}).get("dataset", DataConfig.dataset)
     _merge(merged, {k: v for k, v in file_data.items() if k != "preset"})
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
@@ -440,8 +470,24 @@ def resolve_config(
             raise ConfigError(f"[{section}] must be a table of settings, not {merged[section]!r} "
                               f"(in {config_file})")
         merged[section][key] = value
+    _dataset_defaults(merged, preset_dataset, file_data, overrides or {})
     source = f"preset {preset}" + (f" + {config_file}" if config_file is not None else "")
     return validate_config(_build(merged, source))
+
+
+def _dataset_defaults(merged: dict[str, Any], preset_dataset: str, file_data: dict[str, Any],
+                      overrides: dict[str, Any]) -> None:
+    """When the dataset is not the preset's, the settings of :data:`DATASET_DEFAULTS` that neither the file
+    nor an override sets become the new dataset's (the preset's belong to its own dataset)."""
+    data = merged.get("data")
+    if not isinstance(data, dict) or data.get("dataset", preset_dataset) == preset_dataset:
+        return
+    file_section = file_data.get("data")
+    chosen = set(file_section) if isinstance(file_section, dict) else set()
+    chosen |= {key.partition(".")[2] for key in overrides if key.startswith("data.")}
+    for key, value in DATASET_DEFAULTS.get(data["dataset"], {}).items():
+        if key not in chosen:
+            data[key] = value
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:

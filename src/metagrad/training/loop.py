@@ -55,7 +55,7 @@ from torch import Tensor
 from metagrad import algorithms
 from metagrad.algorithms import MetaBatchOutput
 from metagrad.data.episodes import task_generator
-from metagrad.errors import ConfigError, FileError, ResultNotSaved, TrainingError
+from metagrad.errors import ConfigError, FileError, MetagradError, ResultNotSaved, TrainingError
 from metagrad.training import distributed
 from metagrad.training.checkpoint import (
     FORMAT_VERSION,
@@ -91,6 +91,7 @@ from metagrad.training.run_folder import (
     create_run_dir,
     resume_command,
     run_dir_of,
+    undo_failed_start,
 )
 from metagrad.training.runlock import lock_run_dir
 from metagrad.training.schedule import iteration_settings, learning_rate, multi_step_loss_weights
@@ -187,7 +188,12 @@ def run(
         _check_same_config(world, config)
         run_dir = distributed.on_main(world, claim_run_dir)
         try:
-            return _run(config, world, device, run_dir, resume=resume, quiet=quiet)
+            try:
+                return _run(config, world, device, run_dir, resume=resume, quiet=quiet)
+            except MetagradError as exc:  # settings to change (a crash keeps its files for --resume)
+                if not resume and world.is_main and not isinstance(exc, FileError):
+                    undo_failed_start(run_dir)  # failed before any checkpoint: no half-made run folder
+                raise
         except FileError as exc:
             if isinstance(exc, ResultNotSaved) or not (run_dir / CONFIG_NAME).is_file():
                 raise

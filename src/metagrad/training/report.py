@@ -82,7 +82,7 @@ def _row(run_dir: Path) -> dict[str, Any]:
                 accuracy=(f"{100 * evaluation['test_accuracy']:.2f} ± {100 * evaluation['test_ci95']:.2f} "
                           f"(eval of best.pt, iteration {evaluation['checkpoint_iteration']})"),
                 tasks=evaluation.get("test_tasks", "?"),
-                device=config.run.device,
+                device=evaluation.get("device", "?"),  # the one that ran, not the setting ("auto")
             )
             if evaluation.get("iterations") is not None:
                 row["iterations"] = f"{evaluation['iterations']}/{evaluation['iterations_planned']}"

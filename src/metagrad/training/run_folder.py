@@ -40,6 +40,7 @@ __all__ = [
     "resume_command",
     "run_dir_of",
     "run_files",
+    "undo_failed_start",
     "write_result",
 ]
 
@@ -131,6 +132,19 @@ def create_run_dir(config: Config, run_dir: Path) -> None:
         except OSError as exc:
             raise FileError(describe_os_error(exc, "remove the earlier run's file", run_dir / name)) from None
     save_config(config, run_dir / CONFIG_NAME)
+
+
+def undo_failed_start(run_dir: Path) -> None:
+    """Remove the files a new run wrote (config.json, the metrics) when it failed before any checkpoint:
+    there is nothing to resume or evaluate, and a half-made run would make the next try need --overwrite.
+    A run with a checkpoint is kept whole. What cannot be removed stays (the error already says why)."""
+    if (run_dir / LATEST_NAME).exists() or (run_dir / BEST_NAME).exists():
+        return
+    for name in run_files(run_dir):
+        try:
+            (run_dir / name).unlink()
+        except OSError:
+            pass
 
 
 def resume_command(world: World, run_dir: Path) -> str:

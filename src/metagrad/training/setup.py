@@ -48,6 +48,7 @@ __all__ = [
     "Learner",
     "Prepared",
     "TrainingRun",
+    "check_input_shape",
     "load_splits",
     "make_model",
     "meta_learned_params",
@@ -95,13 +96,18 @@ def load_splits(data: DataConfig, splits: tuple[str, ...]) -> dict[str, FewShotD
 
 
 def make_model(model_config: ModelConfig, ways: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The configured network, its input layer fitted to ``image_shape`` (C, H, W): any of the networks
+    runs on any dataset's images (your own grayscale or color folder with any preset)."""
     kwargs: dict[str, Any] = {}
     if model_config.name == "omniglot-fc":
         kwargs["input_size"] = math.prod(image_shape)
     else:
         kwargs["hidden_size"] = model_config.hidden_size
+        kwargs["channels"] = image_shape[0]
     if model_config.name == "omniglot-cnn":
         kwargs["strided"] = model_config.strided
+    if model_config.name == "mini-imagenet-cnn":
+        kwargs["image_size"] = image_shape[1]
     if model_config.name in NORM_INIT_MODELS:
         kwargs["norm_init"] = model_config.norm_init
     if model_config.name in IMAGE_SIZE_MODELS:  # the head's input size follows the data's image side
@@ -223,7 +229,9 @@ def prepare(config: Config, device: torch.device, splits: tuple[str, ...], *, in
     }
     if init_seed is not None:
         torch.manual_seed(init_seed)
-    model = make_model(config.model, data.ways, datasets[splits[0]].image_shape).to(device)
+    image_shape = datasets[splits[0]].image_shape
+    model = make_model(config.model, data.ways, image_shape).to(device)
+    check_input_shape(model, image_shape, config, device)
     _check_memory(config, datasets, model, device)
     params = meta_learned_params(model, config.meta)
     rates = inner_rates(config.meta, params, config.run.seed)
@@ -244,6 +252,31 @@ def _check_memory(config: Config, datasets: dict[str, FewShotDataset], model: nn
                                    samples=data.shots + data.query_shots)
         what = "meta.meta_batch_size (--meta-batch-size)" if training else f"a chunk of {split} tasks"
         check_memory(what, tasks, per_task, device, "lower --meta-batch-size (tasks sampled at once)")
+
+
+def check_input_shape(model: nn.Module, image_shape: tuple[int, int, int], config: Config,
+                      device: torch.device) -> None:
+    """Run ``model`` once on two blank images of the data's shape: a network that cannot take them
+    (another number of channels, too small an image) fails here, as one ConfigError, before any run file
+    is written, instead of as torch's traceback in the first step.
+
+    Raises:
+        ConfigError: naming the data's image shape, the network and torch's reason.
+    """
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    expected = getattr(first, "in_channels", None)
+    try:
+        with torch.no_grad():  # metagrad's networks hold no buffers: this changes nothing in the model
+            model(torch.zeros(2, *image_shape, device=device))
+    except RuntimeError as exc:
+        if out_of_memory(exc):
+            raise
+        c, h, w = image_shape
+        data = config.data.folder or config.data.dataset
+        takes = f" (its first layer takes {expected}-channel images)" if expected not in (None, c) else ""
+        reason = next(iter(str(exc).splitlines()), type(exc).__name__)
+        raise ConfigError(f"the network {config.model.name}{takes} cannot take {data}'s {c}x{h}x{w} images: "
+                          f"{reason}. Choose a model.name or preset made for such images") from None
 
 
 def meta_learned_params(model: nn.Module, meta: MetaConfig) -> Params:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metagrad.compat.learn2learn._missing import missing_names
 from metagrad.compat.learn2learn.utils import clone_module, clone_parameters, set_parameters
 from metagrad.functional import sgd_step
 
@@ -212,3 +213,19 @@ class MetaSGD(_Learner):
         grads = _gradients(loss, params, first_order=self.first_order if first_order is None else first_order,
                            allow_unused=False, allow_nograd=False)
         set_parameters(self.module, sgd_step(params, grads, lr=dict(zip(params, lrs))))
+
+
+_NOT_PROVIDED = {
+    "meta_sgd_update": "use MetaSGD(model).clone().adapt(loss), or clone_module + update_module",
+    "GBML": "use MAML or MetaSGD; learnable update rules (l2l.optim) are not provided",
+    "MetaCurvature": "not implemented in metagrad; use MAML or MetaSGD",
+    "LightningEpisodicModule": "PyTorch Lightning stays out of metagrad: write the loop with MAML, or run "
+                               "`metagrad train`",
+    "LightningMAML": "PyTorch Lightning stays out of metagrad: write the loop with MAML, or run "
+                     "`metagrad train`",
+    "LightningANIL": "PyTorch Lightning stays out of metagrad: wrap only the head in MAML (ANIL), or run "
+                     "`metagrad train --algorithm anil`",
+    "LightningPrototypicalNetworks": "metagrad implements gradient-based meta-learning only",
+    "LightningMetaOptNet": "metagrad implements gradient-based meta-learning only",
+}
+__getattr__ = missing_names(__name__, _NOT_PROVIDED)

@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from metagrad.compat.learn2learn._missing import missing_names
 from metagrad.types import Params
 
-__all__ = ["clone_module", "clone_parameters", "detach_module", "set_parameters", "update_module"]
+__all__ = ["accuracy", "clone_module", "clone_parameters", "detach_module", "magic_box", "set_parameters",
+           "update_module"]
 
 
 def _refresh(module: nn.Module) -> None:
@@ -151,3 +154,32 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
 def clone_parameters(param_list: Iterable[Tensor]) -> list[Tensor]:
     """``[p.clone() for p in param_list]``: copies that stay in the graph of the originals."""
     return [p.clone() for p in param_list]
+
+
+def accuracy(preds: Tensor, targets: Tensor) -> Tensor:
+    """The fraction of rows of ``preds`` (B, classes) whose argmax is ``targets`` (B,), as a float32 scalar.
+
+    Targets are compared as integers, so float labels work (learn2learn's ``MiniImagenet`` gives floats).
+    """
+    hits = (preds.argmax(dim=1).long() == targets.long()).sum().float()
+    return hits / preds.size(0)
+
+
+def magic_box(x: Any) -> Any:
+    """DiCE's magic box, ``exp(x - x.detach())``: 1 in value, ``x``'s gradient in the backward; a value
+    that is not a tensor is returned as it is.
+
+    References:
+        Foerster et al. 2018, "DiCE: The Infinitely Differentiable Monte-Carlo Estimator".
+    """
+    return torch.exp(x - x.detach()) if isinstance(x, Tensor) else x
+
+
+_NOT_PROVIDED = {
+    "clone_named_parameters": "use {name: p.clone() for name, p in params.items()}",
+    "clone_distribution": "torch.distributions are not cloned here; build a new distribution from cloned "
+                          "parameters",
+    "detach_distribution": "build a new distribution from detached parameters",
+    "flatten_config": "metagrad's configs are dataclasses: dataclasses.asdict(config)",
+}
+__getattr__ = missing_names(__name__, _NOT_PROVIDED)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from metagrad.compat.learn2learn._missing import missing_names
 from metagrad.compat.learn2learn.data.meta_dataset import ClassImages
 from metagrad.data import cub, miniimagenet, omniglot
 from metagrad.data.datasets import DATASETS, load_dataset, resolve_cache_dir, resolve_data_dir
@@ -192,3 +193,17 @@ class CUBirds200(ClassImages):
             folder, resolve_cache_dir(None), cub.class_ids(mode, "triantafillou"),
             exclude_duplicates=not include_imagenet_duplicates)
         super().__init__(images, transform, target_transform, class_sizes=sizes)
+
+
+_OWN_IMAGES = ("its reader is not provided; lay the images out as a folder dataset "
+               "(DATA/NAME/{train,validation,test}/CLASS/IMAGE), load a split with "
+               "metagrad.data.load_dataset(\"folder\", split, "
+               "data_dir=DATA, folder=NAME) and wrap it in l2l.data.MetaDataset")
+_NOT_PROVIDED = {
+    "VGGFlower102": _OWN_IMAGES,
+    "FGVCAircraft": _OWN_IMAGES,
+    "DescribableTextures": _OWN_IMAGES,
+    "Quickdraw": _OWN_IMAGES,
+    "FGVCFungi": _OWN_IMAGES,
+}
+__getattr__ = missing_names(__name__, _NOT_PROVIDED)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from metagrad import models
+from metagrad.compat.learn2learn._missing import missing_names
 from metagrad.errors import ConfigError
 from metagrad.models.layers import ConvBlock, maml_init_
 
@@ -96,3 +97,13 @@ class CNN4(nn.Module):
 
 MiniImagenetCNN = CNN4
 """learn2learn 0.2.0 defines ``MiniImagenetCNN = CNN4`` (64 filters, 1600 features on 84x84 images)."""
+
+
+_NO_BACKBONES = ("ResNet12, WRN28 and their pretrained weights are not provided; build the network from "
+                 "metagrad.models' layers (the batched path) or torch's, and check it with metagrad check")
+_NOT_PROVIDED = {
+    "ResNet12": _NO_BACKBONES, "ResNet12Backbone": _NO_BACKBONES, "WRN28": _NO_BACKBONES,
+    "WRN28Backbone": _NO_BACKBONES, "get_pretrained_backbone": _NO_BACKBONES,
+    "CNN4Backbone": "use CNN4(...).features", "ConvBase": "use CNN4(...).features",
+}
+__getattr__ = missing_names(__name__, _NOT_PROVIDED)
