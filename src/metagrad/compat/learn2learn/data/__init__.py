@@ -2,9 +2,14 @@
 
 from metagrad.compat.learn2learn.data import transforms
 from metagrad.compat.learn2learn.data.description import DataDescription
-from metagrad.compat.learn2learn.data.meta_dataset import ClassImages, MetaDataset
+from metagrad.compat.learn2learn.data.meta_dataset import (
+    ClassImages,
+    FilteredMetaDataset,
+    MetaDataset,
+    UnionMetaDataset,
+)
 from metagrad.compat.learn2learn.data.task_dataset import TaskDataset, Taskset
-from metagrad.compat.learn2learn.data.utils import InfiniteIterator, partition_task
+from metagrad.compat.learn2learn.data.utils import InfiniteIterator, OnDeviceDataset, partition_task
 
-__all__ = ["ClassImages", "DataDescription", "InfiniteIterator", "MetaDataset", "TaskDataset", "Taskset",
-           "partition_task", "transforms"]
+__all__ = ["ClassImages", "DataDescription", "FilteredMetaDataset", "InfiniteIterator", "MetaDataset",
+           "OnDeviceDataset", "TaskDataset", "Taskset", "UnionMetaDataset", "partition_task", "transforms"]
