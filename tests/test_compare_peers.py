@@ -170,6 +170,24 @@ def test_time_to_accuracy_arguments_and_table() -> None:
     assert "| 20 | 85.00 ± 1.00% (1) | n/a |" in table
 
 
+def test_time_to_accuracy_learn2learn_cnn_takes_the_presets_recipe_or_refuses_it() -> None:
+    recipe = tta.preset_recipe(tta.metagrad_config(tta.parse_args(["--preset", "omniglot-maml-5w1s-fast"])))
+    assert recipe == {"ways": 5, "shots": 1, "query_shots": 1, "hidden_size": 64, "inner_lr": 0.4,
+                      "inner_steps": 1, "test_inner_steps": 10, "first_order": False, "meta_lr": 0.003,
+                      "lr_schedule": "cosine", "min_meta_lr": 0.0001, "iterations": 10000,
+                      "meta_batch_size": 16, "seed": 0}
+    assert tta.preset_recipe(tta.metagrad_config(tta.parse_args(["--preset", "omniglot-fomaml-5w1s"])))[
+        "first_order"]
+    for preset, named in [("omniglot-metasgd-5w1s", "learned_inner_lr"), ("omniglot-anil-5w1s", "algorithm"),
+                          ("omniglot-mamlpp-5w1s", "MAML++")]:
+        with pytest.raises(ValueError, match=named):
+            tta.preset_recipe(tta.metagrad_config(tta.parse_args(["--preset", preset])))
+        with pytest.raises(SystemExit):  # refused before anything runs
+            tta.parse_args(["--preset", preset, "--libraries", "learn2learn-cnn"])
+        assert tta.parse_args(["--preset", preset]).libraries == ["metagrad", "learn2learn"]
+    assert tta.parse_args([]).libraries == ["metagrad", "learn2learn", "learn2learn-cnn"]
+
+
 def test_time_to_accuracy_clock_evaluates_at_marks_and_resumes(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
