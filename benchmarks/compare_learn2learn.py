@@ -228,6 +228,9 @@ def compare_loop(l2l_python: str, args: argparse.Namespace, env: dict[str, str])
         summary = {"way": way, "network": network, "sec_per_iter": _median(mine),
                    "speedup_vs_l2l": _median(ratios), "speedup_per_round": ratios}
         summaries.append(summary)
+        if way == "l2l":
+            rows.append(f"| {network} | {way} | {_fmt(summary['sec_per_iter'], '.3f')} | (the baseline) | |")
+            continue
         rows.append(f"| {network} | {way} | {_fmt(summary['sec_per_iter'], '.3f')} | "
                     f"{', '.join(f'{r:.2f}' for r in ratios)} | {_fmt(summary['speedup_vs_l2l'], '.2f')}x |")
     loads = [r["load_before"] for r in runs]
