@@ -5,7 +5,7 @@
 #   learn2learn 0.2.0   built here for CPython 3.12 from its sdist (l2l_source.sh, as setup_peers.sh)
 #   higher 0.2.1        downloaded (pure Python)
 #   TorchOpt 0.7.3      downloaded for cp312 manylinux, with optree, which that machine lacks
-#   parallel-metalearn 0.5.6  downloaded (pure Python; it needs numpy and tqdm, which that machine has)
+#   parallel-metalearn 0.5.6  downloaded (pure Python; the modules the recipe imports need torch alone)
 #
 # Nothing is vendored: every file comes from the package registry. Needs python3.12 here (PYTHON312).
 # There, with .whl carried and metagrad's src on the path:
