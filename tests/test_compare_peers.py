@@ -134,7 +134,7 @@ def _venv_python(peer: str) -> Path | None:
 
 
 @pytest.mark.slow  # a float64 second-order step in a fresh process per case: about a minute in all
-@pytest.mark.parametrize("peer", ["learn2learn", "higher", "torchopt", "torch.func"])
+@pytest.mark.parametrize("peer", ["learn2learn", "higher", "torchopt", "torch.func", "parallel-metalearn"])
 @pytest.mark.parametrize("config", ["a", "c"])
 def test_peer_meta_gradient_equals_metagrads(peer: str, config: str, tmp_path: Path) -> None:
     python = _venv_python(peer) if peer != "torch.func" else Path(sys.executable)
@@ -144,7 +144,7 @@ def test_peer_meta_gradient_equals_metagrads(peer: str, config: str, tmp_path: P
     compare.write_check_file(config, path, tasks=1, ways=2)
     command = [str(python), str(ROOT / "benchmarks" / "peer_recipes.py"), "--peer", peer, "--check-file",
                str(path)]
-    if peer == "torch.func" and config == "a":
+    if peer in compare.VMAPPED and config == "a":
         command.append("--loop")  # under vmap torch's fused BatchNorm is inexact at second order
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
     assert json.loads(out.stdout.splitlines()[-1])["max_rel_diff"] < 1e-9
