@@ -17,11 +17,21 @@ not do out of the box. ``--l2l-malloc keep`` gives learn2learn the ``keep`` sett
 environment variables (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``), to compare with
 ``METAGRAD_MALLOC=keep``; ``METAGRAD_MALLOC=default`` in the environment turns metagrad's off.
 
+``--loop``: the user's side instead of the presets'. learn2learn's own loop (``maml_omniglot.py``:
+``clone()``, ``adapt()``, one ``backward()`` per task; ``l2l_baseline.py``) on config a, timed three
+ways per round, each in its own process, the order rotating between rounds: learn2learn; the same code
+through metagrad's learn2learn layer (only the import changed); and the smallest metagrad code doing the
+same meta-update batched (:func:`batched_step`, docs/MIGRATION.md shows it). Each on learn2learn's
+``OmniglotCNN`` ("library"; metagrad's layer gives its own) and on a user's torch network
+(``l2l_baseline.user_network``: ``BatchNorm2d``, max-pooling); the batched rewrite also on that network
+built from metagrad's layers ("user-layers"). The ratios are same-round learn2learn s/iter over each.
+
 Usage::
 
     python benchmarks/compare_learn2learn.py                      # configs a a-fo b c d, 3 rounds
     python benchmarks/compare_learn2learn.py --configs a c d --rounds 5 --iterations 20
     python benchmarks/compare_learn2learn.py --configs d --l2l-malloc keep   # same allocator for both
+    python benchmarks/compare_learn2learn.py --loop --threads 1 --rounds 5   # the learn2learn loop
 """
 
 from __future__ import annotations
@@ -37,9 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from l2l_baseline import CONFIGS  # (the configs live beside the baseline; it needs no metagrad)
+from l2l_baseline import CONFIGS, META_LR  # (the configs live beside the baseline; it needs no metagrad)
 
 from metagrad import _malloc
 
@@ -111,6 +123,131 @@ def l2l_command(python: str, config: str, args: argparse.Namespace) -> list[str]
 def metagrad_command(config: str, args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "metagrad", "bench", "--preset", CONFIGS[config]["preset"],
             "--iterations", str(args.iterations), "--device", args.device, "--json"]
+
+
+LOOP_CONFIG = "a"  # maml_omniglot.py's shapes: Omniglot 5-way 1-shot, 32 tasks, 1 step, second order
+LOOP_WAYS = {  # way -> (--network of l2l_baseline.py, or of batched_step)
+    "l2l": ("library", "user"), "compat": ("library", "user"), "batched": ("library", "user", "user-layers")}
+
+
+def batched_network(network: str, ways: int) -> Any:
+    """The network of :func:`batched_step`: metagrad's OmniglotCNN (what its learn2learn layer's
+    ``OmniglotCNN`` is), the user's torch network, or that network built from metagrad's layers."""
+    from l2l_baseline import user_network
+
+    from metagrad.models import layers
+    from metagrad.models.conv4 import OmniglotCNN
+
+    if network == "library":
+        return OmniglotCNN(ways, strided=True)
+    if network == "user":
+        return user_network(ways)
+    if network != "user-layers":
+        raise ValueError(f"unknown network {network!r}")
+    # user_network with metagrad's Conv2d, BatchNorm (batch statistics, no buffers) and MaxPool2d
+    blocks: list[Any] = []
+    for c_in in [1, 64, 64, 64]:
+        blocks += [layers.Conv2d(c_in, 64, 3, padding=1), layers.BatchNorm(64, eps=1e-5), torch.nn.ReLU(),
+                   layers.MaxPool2d(2)]
+    return torch.nn.Sequential(*blocks, layers.Flatten(), layers.Linear(64, ways))
+
+
+def batched_step(network: str, iterations: int, warmup: int) -> dict[str, Any]:
+    """Times the batched rewrite of the learn2learn loop on config a (random tasks as l2l_baseline's)."""
+    import resource
+    import statistics as stats
+
+    from l2l_baseline import _random_tasks
+
+    import metagrad
+
+    cfg = CONFIGS[LOOP_CONFIG]
+    torch.manual_seed(0)
+    model = batched_network(network, cfg["ways"])
+    episode = metagrad.Episode(*_random_tasks(cfg, torch.device("cpu"), torch.Generator().manual_seed(0)))
+    # --- the code docs/MIGRATION.md shows ---
+    optimizer = torch.optim.Adam(model.parameters(), lr=META_LR)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    maml = metagrad.MAML(inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
+
+    def step() -> None:
+        optimizer.zero_grad()
+        out = metagrad.meta_batch_loss(maml, model, params, buffers, episode)
+        out.loss.backward()
+        optimizer.step()
+    # ---
+    times = []
+    for i in range(warmup + iterations):
+        start = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"library": "metagrad", "way": "batched", "network": network, "config": LOOP_CONFIG,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "sec_per_iter": stats.median(times),
+            "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "times": times}
+
+
+def loop_command(way: str, network: str, l2l_python: str, args: argparse.Namespace) -> list[str]:
+    if way == "batched":
+        return [sys.executable, __file__, "--child-batched", network, "--iterations", str(args.iterations),
+                "--warmup", str(args.warmup)]
+    python, library = (l2l_python, "learn2learn") if way == "l2l" else (sys.executable, "metagrad")
+    return [python, str(HERE / "l2l_baseline.py"), "--config", LOOP_CONFIG, "--library", library,
+            "--network", network, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+
+
+def compare_loop(l2l_python: str, args: argparse.Namespace, env: dict[str, str]) -> int:
+    """``--loop``: the learn2learn loop, its import changed, and the batched rewrite, interleaved."""
+    runs: list[dict[str, Any]] = []
+    failures: list[str] = []
+    order = [(way, network) for way, networks in LOOP_WAYS.items() for network in networks]
+    for round_index in range(args.rounds):
+        shift = round_index % len(order)
+        for way, network in order[shift:] + order[:shift]:
+            try:
+                result = run_json(loop_command(way, network, l2l_python, args), args.timeout, env)
+            except RunFailed as exc:
+                failures.append(str(exc))
+                print(f"FAILED {way} {network}: {exc}", file=sys.stderr, flush=True)
+                continue
+            runs.append({**result, "way": way, "network": network, "round": round_index})
+            print(f"round {round_index + 1}/{args.rounds} {way:>7} {network:>11}: "
+                  f"{result['sec_per_iter']:.3f} s/iter", file=sys.stderr, flush=True)
+
+    def seconds(way: str, network: str, round_index: int) -> float | None:
+        return next((r["sec_per_iter"] for r in runs if (r["way"], r["network"], r["round"])
+                     == (way, network, round_index)), None)
+
+    rows = ["| network | way | s/iter (median) | learn2learn / this, per round | median |",
+            "| --- | --- | ---: | --- | ---: |"]
+    summaries = []
+    for way, network in order:
+        mine = [r["sec_per_iter"] for r in runs if (r["way"], r["network"]) == (way, network)]
+        base = "user" if network == "user-layers" else network  # learn2learn runs the user's own network
+        ratios = [b / m for i in range(args.rounds)
+                  if (b := seconds("l2l", base, i)) and (m := seconds(way, network, i))]
+        summary = {"way": way, "network": network, "sec_per_iter": _median(mine),
+                   "speedup_vs_l2l": _median(ratios), "speedup_per_round": ratios}
+        summaries.append(summary)
+        if way == "l2l":
+            rows.append(f"| {network} | {way} | {_fmt(summary['sec_per_iter'], '.3f')} | (the baseline) | |")
+            continue
+        rows.append(f"| {network} | {way} | {_fmt(summary['sec_per_iter'], '.3f')} | "
+                    f"{', '.join(f'{r:.2f}' for r in ratios)} | {_fmt(summary['speedup_vs_l2l'], '.2f')}x |")
+    loads = [r["load_before"] for r in runs]
+    print(f"\nlearn2learn's loop on config {LOOP_CONFIG} ({CONFIGS[LOOP_CONFIG]['description']}), "
+          f"{args.rounds} interleaved rounds of {args.iterations} timed iterations, threads "
+          f"{args.threads if args.threads is not None else 'default'}, 1-minute load "
+          f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f} on {os.cpu_count()} CPUs")
+    print("\n".join(rows))
+    report = {"mode": "loop", "config": LOOP_CONFIG, "threads": args.threads, "rounds": args.rounds,
+              "iterations": args.iterations, "max_load": max(loads, default=None), "summaries": summaries,
+              "runs": runs, "failures": failures}
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 1 if failures else 0
 
 
 def check_shapes(config: str, result: dict[str, Any]) -> None:
@@ -215,7 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="report metagrad alone")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run (default: 1800)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON result to this file")
+    parser.add_argument("--loop", action="store_true",
+                        help="learn2learn's own loop against it through metagrad's layer and the batched "
+                             "rewrite (see the module docstring); --configs is not used")
+    parser.add_argument("--child-batched", choices=LOOP_WAYS["batched"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_batched:
+        print(json.dumps(batched_step(args.child_batched, args.iterations, args.warmup)), flush=True)
+        return 0
 
     l2l_python, unavailable = (None, "--no-baseline given") if args.no_baseline else setup_learn2learn(
         args.l2l_python)
@@ -227,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy  # the same for both libraries
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    if args.loop:
+        if l2l_python is None:
+            print("--loop compares against learn2learn, which is unavailable", file=sys.stderr)
+            return 1
+        return compare_loop(l2l_python, args, env)
     l2l_env = {**env, **_malloc.GLIBC_KEEP_ENV} if args.l2l_malloc == "keep" else env
     metagrad_malloc = _malloc.command_mode(env)
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}

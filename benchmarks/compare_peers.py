@@ -1,4 +1,5 @@
-"""metagrad against learn2learn 0.2.0, higher 0.2.1, TorchOpt 0.7.3 and torch.func: speed, memory, gradients.
+"""metagrad against learn2learn 0.2.0, higher 0.2.1, TorchOpt 0.7.3, torch.func and parallel-metalearn 0.5.6:
+speed, memory, gradients.
 
 Speed (the default): for each thread setting (1 thread, torch's default), round and config, runs
 ``metagrad bench --preset ... --json`` and each peer's recipe (``peer_recipes.py``, in the peer's venv made
@@ -11,9 +12,10 @@ median over rounds of the same-round ratio best peer s/iter / metagrad s/iter.
 meta-gradient is written with the weights and tasks to a ``.pt`` file (tensors only, read with
 ``weights_only=True``); each peer computes its own from that file and reports the largest relative
 difference. BatchNorm conventions are matched (batch statistics, eps 1e-3; learn2learn's ANIL body runs
-on support and query separately, as metagrad's). When torch.func's vmapped recipe differs, the same
-recipe is run again with a loop over tasks: if that one matches, the cell says "inexact" (torch's fused
-BatchNorm under vmap) rather than "MISMATCH".
+on support and query separately, as metagrad's). When a vmapped recipe (torch.func's, parallel-metalearn's)
+differs, the same recipe is run again with a loop over tasks (parallel-metalearn: its
+``backend="sequential"``): if that one matches, the cell says "inexact" (torch's fused BatchNorm under
+vmap) rather than "MISMATCH".
 
 What is timed: metagrad's iteration includes task sampling (from a random uint8 dataset); the peers'
 do not (one fixed meta-batch of random tensors), as in compare_learn2learn.py.
@@ -22,7 +24,7 @@ Prints a Markdown table, then one JSON line. A peer whose venv is missing is rep
 
 Usage::
 
-    bash benchmarks/setup_peers.sh                                 # once: .bench/{l2l,higher,torchopt}-venv
+    bash benchmarks/setup_peers.sh                     # once: .bench/{l2l,higher,torchopt,pml}-venv
     python benchmarks/compare_peers.py --check                     # gradient equality, about a minute
     python benchmarks/compare_peers.py --configs a c --rounds 5 --iterations 10
 
@@ -53,10 +55,12 @@ from l2l_baseline import CONFIGS, IMAGE_SHAPES
 from peer_recipes import PEERS, canonical_parameters
 
 CONFIG_NAMES = ("a", "b", "c", "d")  # the second-order configs every peer can run
-VENVS = {"learn2learn": "l2l-venv", "higher": "higher-venv", "torchopt": "torchopt-venv"}
+VENVS = {"learn2learn": "l2l-venv", "higher": "higher-venv", "torchopt": "torchopt-venv",
+         "parallel-metalearn": "pml-venv"}
 LABELS = {"learn2learn": "learn2learn", "higher": "higher", "torchopt": "TorchOpt",
-          "torch.func": "torch.func"}
+          "torch.func": "torch.func", "parallel-metalearn": "parallel-metalearn"}
 THREAD_SETTINGS = ("1", "default")
+VMAPPED = {"torch.func", "parallel-metalearn"}  # peers whose recipe vmaps over tasks (--check reruns a loop)
 CHECK_TOLERANCE = 1e-8
 
 
@@ -160,7 +164,7 @@ def speed_table(summaries: dict[str, list[dict[str, Any]]], peers: list[str], mi
 
 
 def check_cell(result: dict[str, Any] | None, tolerance: float) -> str:
-    """``result``: a peer's check (``max_rel_diff``, and for torch.func possibly ``loop_max_rel_diff``)."""
+    """``result``: a peer's check (``max_rel_diff``; a vmapped peer's possibly ``loop_max_rel_diff``)."""
     if result is None:
         return "n/a"
     if "missing" in result:
@@ -228,7 +232,7 @@ def run_check(args: argparse.Namespace, pythons: dict[str, str], missing: dict[s
                 command = [python, str(HERE / "peer_recipes.py"), "--peer", peer, "--check-file", str(path)]
                 try:
                     result = run_json(command, args.timeout, env)
-                    if peer == "torch.func" and result["max_rel_diff"] > args.tolerance:
+                    if peer in VMAPPED and result["max_rel_diff"] > args.tolerance:
                         result["loop_max_rel_diff"] = run_json([*command, "--loop"], args.timeout,
                                                                env)["max_rel_diff"]
                 except RunFailed as exc:
@@ -282,8 +286,8 @@ def run_speed(args: argparse.Namespace, pythons: dict[str, str], missing: dict[s
           "same-round (fastest peer / metagrad).")
     for peer, why in missing.items():
         print(f"{LABELS[peer]} missing: {why}")
-    if "torch.func" in peers:
-        print("torch.func is timed as its example is written, though under vmap its second-order "
+    for peer in VMAPPED.intersection(peers):
+        print(f"{LABELS[peer]} is timed as its example is written, though under vmap its second-order "
               "meta-gradient through torch's BatchNorm is inexact in torch 2.13 (MAML configs; see --check).")
     print()
     print(speed_table(summaries, peers, missing))

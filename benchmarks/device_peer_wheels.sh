@@ -5,6 +5,7 @@
 #   learn2learn 0.2.0   built here for CPython 3.12 from its sdist (l2l_source.sh, as setup_peers.sh)
 #   higher 0.2.1        downloaded (pure Python)
 #   TorchOpt 0.7.3      downloaded for cp312 manylinux, with optree, which that machine lacks
+#   parallel-metalearn 0.5.6  downloaded (pure Python; the modules the recipe imports need torch alone)
 #
 # Nothing is vendored: every file comes from the package registry. Needs python3.12 here (PYTHON312).
 # There, with .whl carried and metagrad's src on the path:
@@ -35,6 +36,7 @@ download() {  # download NAME==VERSION: one cp312 x86-64 wheel into .whl/
 download "higher==0.2.1"
 download "torchopt==0.7.3"
 download "optree==0.14.1"
+download "parallel-metalearn==0.5.6"
 
 if ! ls "$out"/learn2learn-0.2.0-cp312-*.whl >/dev/null 2>&1; then
     source "$root/benchmarks/l2l_source.sh"

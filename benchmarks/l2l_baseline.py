@@ -12,9 +12,14 @@ accuracy, ``backward()``; then the gradients are averaged over the meta-batch an
 fixed meta-batch of random images of the right shape made before timing, so task sampling is not counted.
 Support and query come as separate tensors, which is what the examples' index trick produces.
 
+The same loop runs through metagrad's learn2learn layer with ``--library metagrad`` (metagrad's
+interpreter; only the import differs, as for a user who changes one line), and on a user's own torch
+network instead of the library's ``OmniglotCNN`` with ``--network user`` (:func:`user_network`).
+
 Usage (one JSON line per config on stdout)::
 
     .bench/l2l-venv/bin/python benchmarks/l2l_baseline.py --config a --iterations 10
+    python benchmarks/l2l_baseline.py --library metagrad --network user --config a   # metagrad's layer
 
 Peak RSS is the process's, so run one config per process when comparing memory.
 """
@@ -66,6 +71,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 IMAGE_SHAPES = {"omniglot-cnn": (1, 28, 28), "mini-imagenet-cnn": (3, 84, 84)}
 META_LR = 1e-3
+LIBRARIES = ("learn2learn", "metagrad")
+NETWORKS = ("library", "user")  # the library's own network of the config, or user_network
+
+
+def user_network(ways: int, channels: int = 1, hidden: int = 64) -> torch.nn.Module:
+    """A user's own torch network, as learn2learn users write them: four blocks of 3x3 convolution,
+    ``BatchNorm2d`` (torch's defaults, running statistics), ReLU and 2x2 max-pooling, then a linear head;
+    (B, channels, 28, 28) -> (B, ways). Nothing in it is learn2learn's or metagrad's."""
+    nn = torch.nn
+    layers: list[torch.nn.Module] = []
+    for c_in in [channels] + [hidden] * 3:
+        layers += [nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden, ways))  # 28-14-7-3-1: (B, hidden)
 
 
 def import_learn2learn() -> types.SimpleNamespace:
@@ -104,6 +122,20 @@ def import_learn2learn() -> types.SimpleNamespace:
                                  MiniImagenetCNN=cnn4.MiniImagenetCNN, version=version)
 
 
+def import_library(library: str) -> types.SimpleNamespace:
+    """learn2learn's MAML and models (:func:`import_learn2learn`), or metagrad's learn2learn layer's."""
+    if library == "learn2learn":
+        return import_learn2learn()
+    if library != "metagrad":
+        raise ValueError(f"unknown library {library!r}; expected one of {', '.join(LIBRARIES)}")
+    import metagrad
+    import metagrad.compat.learn2learn as l2l
+
+    return types.SimpleNamespace(MAML=l2l.algorithms.MAML, OmniglotCNN=l2l.vision.models.OmniglotCNN,
+                                 MiniImagenetCNN=l2l.vision.models.MiniImagenetCNN,
+                                 version=metagrad.__version__)
+
+
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == targets).float().mean()
 
@@ -124,7 +156,11 @@ def _random_tasks(cfg: dict[str, Any], device: torch.device, generator: torch.Ge
     return images(k), labels(k), images(q), labels(q)
 
 
-def _build(l2l: types.SimpleNamespace, cfg: dict[str, Any]) -> torch.nn.Module:
+def _build(l2l: types.SimpleNamespace, cfg: dict[str, Any], network: str = "library") -> torch.nn.Module:
+    if network == "user":
+        if cfg["model"] != "omniglot-cnn" or cfg["algorithm"] != "maml":
+            raise ValueError("--network user is MAML on Omniglot's (1, 28, 28) images")
+        return user_network(cfg["ways"])
     if cfg["model"] == "omniglot-cnn":
         return l2l.OmniglotCNN(output_size=cfg["ways"], hidden_size=64, layers=4)
     if cfg["model"] == "mini-imagenet-cnn":
@@ -181,10 +217,11 @@ def make_meta_backward(l2l: types.SimpleNamespace, cfg: dict[str, Any], model: t
     return meta_backward, parameters
 
 
-def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.device):
+def make_step(l2l: types.SimpleNamespace, cfg: dict[str, Any], device: torch.device,
+              network: str = "library"):
     """Returns ``step(support_x, support_y, query_x, query_y)``: one meta-training iteration as the
     examples do."""
-    model = _build(l2l, cfg).to(device)
+    model = _build(l2l, cfg, network).to(device)
     meta_backward, parameters = make_meta_backward(l2l, cfg, model)
     optimizer = torch.optim.Adam(parameters, lr=META_LR)
 
@@ -201,12 +238,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(config: str, *, iterations: int = 10, warmup: int = 2, device: str = "cpu", seed: int = 0) -> dict:
+def run(config: str, *, iterations: int = 10, warmup: int = 2, device: str = "cpu", seed: int = 0,
+        library: str = "learn2learn", network: str = "library") -> dict:
     """Times one config; returns the JSON-able result (median s/iter after ``warmup`` iterations)."""
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; expected one of {sorted(CONFIGS)}")
     cfg = CONFIGS[config]
-    l2l = import_learn2learn()
+    l2l = import_library(library)
     dev = torch.device(device)
     torch.manual_seed(seed)
     import numpy as np  # CNN4's init draws from scipy, i.e. numpy's global RNG
@@ -214,7 +252,7 @@ def run(config: str, *, iterations: int = 10, warmup: int = 2, device: str = "cp
     np.random.seed(seed)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    step = make_step(l2l, cfg, dev)
+    step = make_step(l2l, cfg, dev, network)
     batch = _random_tasks(cfg, dev, torch.Generator().manual_seed(seed))
     times = []
     for i in range(warmup + iterations):
@@ -230,7 +268,8 @@ def run(config: str, *, iterations: int = 10, warmup: int = 2, device: str = "cp
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
     return {
-        "library": "learn2learn", "version": l2l.version, "config": config, "description": cfg["description"],
+        "library": library, "network": network, "version": l2l.version, "config": config,
+        "description": cfg["description"],
         "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "load_avg": os.getloadavg()[0],
         "machine": platform.machine(), "iterations": iterations, "warmup": warmup,
@@ -247,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--library", choices=LIBRARIES, default="learn2learn",
+                        help="whose MAML and models run the loop (metagrad: its learn2learn layer)")
+    parser.add_argument("--network", choices=NETWORKS, default="library",
+                        help="the library's network of the config, or a user's torch network (user_network)")
     parser.add_argument("--check", action="store_true", help="only import learn2learn and build each model")
     args = parser.parse_args(argv)
     if args.check:
@@ -257,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for config in args.config or list(CONFIGS):
         result = run(config, iterations=args.iterations, warmup=args.warmup, device=args.device,
-                     seed=args.seed)
+                     seed=args.seed, library=args.library, network=args.network)
         print(json.dumps(result), flush=True)
     return 0
 

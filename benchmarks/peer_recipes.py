@@ -13,6 +13,10 @@ measurement, so that peak RSS is one run's. The recipes:
   place, ``extract_state_dict``/``recover_state_dict`` around each task, query losses summed).
 * ``torch.func``: PyTorch's ``functorch/examples/maml_omniglot/maml-omniglot-transforms.py``
   (``functional_call`` + ``grad`` in a per-task loss, ``vmap`` over the tasks, ``.sum().backward()``).
+* ``parallel-metalearn`` 0.5.6 (``import metalearn``): its README's MAML (``MAML_Model(backbone, head)``,
+  ``CrossEntropy(metric_fn=CategoricalAccuracy())``, ``InnerSGD(initial_fast_weights=...,
+  first_order=False)``, ``MAML(...)`` with its defaults: ``backend="vmap"``, ``chunk_size=80``, so a
+  meta-batch of up to 80 tasks is one vmap), one ``algorithm.step(task_iterator)`` per iteration.
 
 ANIL has an example only in learn2learn; the others are written in their MAML example's idiom with the
 inner loop on the head (``model.classifier``) and the body (``model.features``) run once per task.
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import l2l_baseline
 from l2l_baseline import CONFIGS, IMAGE_SHAPES, META_LR
 
-PEERS = ("learn2learn", "higher", "torchopt", "torch.func")
+PEERS = ("learn2learn", "higher", "torchopt", "torch.func", "parallel-metalearn")
 BN_EPS = 1e-3  # learn2learn's and metagrad's few-shot networks (torch's default is 1e-5)
 
 MetaBackward = Callable[[Tensor, Tensor, Tensor, Tensor], float]
@@ -222,10 +226,60 @@ def torch_func_recipe(cfg: dict[str, Any], *, vectorize: bool = True):
     return net, meta_backward, list(net.parameters()), "sum"
 
 
+class _Called(nn.Module):
+    """Runs ``module`` on x alone: parallel-metalearn calls its backbone and head with keyword flags
+    (``training``, ``num_step``) that torch's layers do not take."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor, **_: Any) -> Tensor:
+        return self.module(x)
+
+
+def parallel_metalearn_recipe(cfg: dict[str, Any], *, vectorize: bool = True):
+    """parallel-metalearn's README MAML (vmap backend, default chunking) on the same ``nn.Sequential``.
+
+    Its ``MAML.step`` zeroes the gradients, back-propagates each chunk and steps its outer optimizer
+    itself; that optimizer is given a learning rate of 0 here, so that ``run``'s Adam (the same as every
+    other peer's) makes the update and ``--check`` reads the meta-gradient. ``InnerSGD``'s README form
+    keeps its default ``learn_lr=True``: the inner rate is a meta-parameter (its value, ``inner_lr``,
+    is the config's), so the model's meta-gradient is MAML's and the rate gets one beside it.
+    ``vectorize=False``: its ``backend="sequential"`` (a loop over tasks), for ``compare_peers.py --check``.
+    """
+    from metalearn.algorithms import MAML
+    from metalearn.inner_optimizers import InnerSGD
+    from metalearn.loss import CategoricalAccuracy, CrossEntropy
+    from metalearn.model_wrappers import MAML_Model
+
+    net = build_network(cfg)
+    if cfg["algorithm"] == "anil":
+        model = MAML_Model(backbone=_Called(net.features), head=_Called(net.classifier),
+                           fast_weights_names="ANIL")
+    else:
+        model = MAML_Model(backbone=_Called(net.features), head=_Called(net.classifier))
+    loss_fn = CrossEntropy(metric_fn=CategoricalAccuracy())
+    inner_optimizer = InnerSGD(initial_fast_weights=model.get_fast_weights(), inner_lr=cfg["inner_lr"],
+                               first_order=False)
+    gradients_only = torch.optim.SGD(model.parameters(), lr=0.0)  # see the docstring
+    algorithm = MAML(model=model, optimizer=gradients_only, inner_optimizer=inner_optimizer,
+                     support_loss_fn=loss_fn, inner_steps=cfg["inner_steps"],
+                     **({} if vectorize else {"backend": "sequential"}))
+
+    def meta_backward(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> float:
+        tasks = iter([(x_spt, {"labels": y_spt}, x_qry, {"labels": y_qry})])  # its loader's batch format
+        meta_loss, _ = algorithm.step(tasks, training=True)
+        return meta_loss
+
+    # MAML.step already averages the chunks' losses over the meta-batch.
+    return model, meta_backward, list(model.parameters()) + list(inner_optimizer.parameters()), 1.0
+
+
 def make_recipe(peer: str, cfg: dict[str, Any], **options: Any):
     """``(model, meta_backward, parameters, reduction)``; reduction "sum" or 1.0 (already the mean)."""
     recipes = {"learn2learn": learn2learn_recipe, "higher": higher_recipe, "torchopt": torchopt_recipe,
-               "torch.func": torch_func_recipe}
+               "torch.func": torch_func_recipe, "parallel-metalearn": parallel_metalearn_recipe}
     if peer not in recipes:
         raise ValueError(f"unknown peer {peer!r}; expected one of {', '.join(PEERS)}")
     if cfg["first_order"]:
@@ -239,6 +293,9 @@ def peer_version(peer: str) -> str:
         return l2l_baseline.import_learn2learn().version
     if peer == "torch.func":
         return torch.__version__
+    if peer == "parallel-metalearn":
+        __import__("metalearn")
+        return importlib.metadata.version(peer)
     __import__(peer)
     return importlib.metadata.version(peer)  # higher has no __version__
 
@@ -316,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--device", default="cpu", help="where to time: cpu (default), cuda, cuda:N")
     parser.add_argument("--check-file", type=Path, help="compare the meta-gradient with this file's instead")
-    parser.add_argument("--loop", action="store_true", help="--check-file, torch.func: loop instead of vmap")
+    parser.add_argument("--loop", action="store_true",
+                        help="--check-file, torch.func or parallel-metalearn: loop instead of vmap")
     parser.add_argument("--import-only", action="store_true", help="import the peer and build each network")
     args = parser.parse_args(argv)
     if args.import_only:

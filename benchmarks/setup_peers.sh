@@ -4,6 +4,7 @@
 #   .bench/l2l-venv      learn2learn 0.2.0   (also the baseline of compare_learn2learn.py)
 #   .bench/higher-venv   higher 0.2.1
 #   .bench/torchopt-venv TorchOpt 0.7.3
+#   .bench/pml-venv      parallel-metalearn 0.5.6 (imports as `metalearn`)
 #
 # Each venv gets torch first (the same version as metagrad's environment, so every library runs the same
 # kernels; a looser spec could pull a multi-GB CUDA build), then its peer from the package registry; nothing
@@ -15,7 +16,7 @@
 # build isolation and without its dependency list (which pulls torchvision, gym, qpth, gsutil...). Beside it:
 # numpy and scipy (learn2learn's CNN4 initialisation draws from scipy.stats.truncnorm).
 #
-# Usage: bash benchmarks/setup_peers.sh [PEER...]     # PEER in l2l higher torchopt; default: all three
+# Usage: bash benchmarks/setup_peers.sh [PEER...]     # PEER in l2l higher torchopt pml; default: all four
 #   Idempotent: a venv that imports its peer is kept. About 1-2 minutes per peer on 2 cores.
 #   Prints `PEER PYTHON` for each ready peer on stdout; says on stderr what failed and exits 1 if any did.
 # Environment: BENCH_DIR (default .bench), PEER_TORCH (torch version; default: the one importable by
@@ -29,6 +30,7 @@ torch_version="${PEER_TORCH:-$("$python" -c 'import torch; print(torch.__version
     || echo 2.13.0)}"
 higher_version="0.2.1"
 torchopt_version="0.7.3"
+pml_version="0.5.6"  # parallel-metalearn
 source "$root/benchmarks/l2l_source.sh"  # l2l_version, l2l_source
 
 # The import each venv must pass; learn2learn's goes through l2l_baseline (its package __init__ needs
@@ -39,6 +41,8 @@ check_command() {
         higher | torchopt)  # higher has no __version__: ask the installed distribution
             local version="${1}_version"
             echo "import $1, importlib.metadata as m; v = m.version('$1'); assert v == '${!version}', v" ;;
+        pml) echo "import metalearn, importlib.metadata as m; v = m.version('parallel-metalearn'); \
+assert v == '$pml_version', v" ;;
     esac
 }
 
@@ -73,6 +77,10 @@ setup() {  # setup PEER: creates or reuses .bench/PEER-venv; prints "PEER PYTHON
             "$venv/bin/python" -m pip --disable-pip-version-check -q install "torch==$torch_version" \
                 "$peer==${!version}" >&2 \
                 || { echo "FAILED $peer: pip install $peer==${!version}" >&2; return 1; } ;;
+        pml)
+            "$venv/bin/python" -m pip --disable-pip-version-check -q install "torch==$torch_version" \
+                "parallel-metalearn==$pml_version" >&2 \
+                || { echo "FAILED pml: pip install parallel-metalearn==$pml_version" >&2; return 1; } ;;
     esac
     if ! check "$peer" "$venv"; then
         echo "FAILED $peer: installed, but \`$(check_command "$peer")\` fails in $venv" >&2
@@ -85,11 +93,11 @@ setup() {  # setup PEER: creates or reuses .bench/PEER-venv; prints "PEER PYTHON
 
 mkdir -p "$bench_dir"
 peers=("$@")
-[[ ${#peers[@]} -eq 0 ]] && peers=(l2l higher torchopt)
+[[ ${#peers[@]} -eq 0 ]] && peers=(l2l higher torchopt pml)
 for peer in "${peers[@]}"; do  # before any download: a typo costs nothing
     case "$peer" in
-        l2l | higher | torchopt) ;;
-        *) echo "setup_peers.sh: unknown peer '$peer' (expected l2l, higher or torchopt)" >&2; exit 2 ;;
+        l2l | higher | torchopt | pml) ;;
+        *) echo "setup_peers.sh: unknown peer '$peer' (expected l2l, higher, torchopt or pml)" >&2; exit 2 ;;
     esac
 done
 failed=()

@@ -1,4 +1,5 @@
-"""Time to accuracy on the real Omniglot: metagrad's preset against learn2learn's ``maml_omniglot.py`` recipe.
+"""Time to accuracy on the real Omniglot: metagrad's preset against learn2learn, with its ``maml_omniglot.py``
+recipe and with metagrad's.
 
 Both libraries train one after the other on this machine, each in its own process, for ``--budget-s``
 seconds of training each. At fixed marks of the training clock (and at 0) each stops, scores the SAME
@@ -23,6 +24,12 @@ The recipes:
   example, both in learn2learn's favour: its tasks come from tensor indexing into the file's images rather
   than its ``TaskDataset`` of per-image transforms, and the 32 validation and 32 test tasks it adapts every
   iteration for its log are left out.
+* learn2learn-cnn: learn2learn 0.2.0 given the metagrad preset's network and recipe, the strongest
+  learn2learn baseline: its own ``OmniglotCNN`` (the preset's hidden size and 4 layers; BatchNorm eps 1e-3
+  as metagrad's network) in the same ``clone()``/``adapt()`` loop, with the preset's ways, shots, query
+  shots, inner rate and steps (test-time steps at test), Adam at its meta_lr (cosine-annealed when the
+  preset does, with metagrad's formula), meta-batch size and seed. Presets whose recipe learn2learn's
+  ``MAML`` cannot follow (learned inner rates, MAML++'s schedules, ANIL, the MLP) are refused by name.
 
 Outputs in ``--out``: ``<library>.jsonl`` (one line per mark, written as it goes, plus a checkpoint
 ``<library>.ckpt`` of the latest mark so that an interrupted run resumes from it), ``time_to_accuracy.json``
@@ -32,7 +39,8 @@ and ``time_to_accuracy.png`` (accuracy against training seconds, both curves).
 Usage::
 
     bash benchmarks/setup_peers.sh l2l                            # once: .bench/l2l-venv
-    python benchmarks/time_to_accuracy.py --budget-s 3600 --out runs/tta   # about 2 x (1 h + evaluations)
+    python benchmarks/time_to_accuracy.py --budget-s 3600 --out runs/tta   # about 3 x (1 h + evaluations)
+    python benchmarks/time_to_accuracy.py --libraries metagrad learn2learn-cnn --budget-s 1800 --out runs/cnn
     python benchmarks/time_to_accuracy.py --budget-s 60 --marks 20 40 --test-tasks 50 --out /tmp/tta
 """
 
@@ -51,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-LIBRARIES = ("metagrad", "learn2learn")
+LIBRARIES = ("metagrad", "learn2learn", "learn2learn-cnn")
 DEFAULT_MARKS = (30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200)
 DEFAULT_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.975, 0.987)  # 98.7: the MAML paper's 5w1s
 L2L_RECIPE = {"ways": 5, "shots": 1, "meta_lr": 0.003, "fast_lr": 0.5, "meta_batch_size": 32,
@@ -65,6 +73,31 @@ def metagrad_config(args: argparse.Namespace) -> Any:
     from metagrad.training.config import parse_assignment, resolve_config
 
     return resolve_config(preset=args.preset, overrides=dict(map(parse_assignment, args.set)))
+
+
+def preset_recipe(config: Any) -> dict[str, Any]:
+    """What learn2learn-cnn takes from metagrad's configuration.
+
+    Raises:
+        ValueError: the preset uses something learn2learn's ``MAML`` loop cannot follow (named).
+    """
+    data, model, meta = config.data, config.model, config.meta
+    refused = {
+        "model.name (learn2learn-cnn runs learn2learn's OmniglotCNN)": model.name != "omniglot-cnn",
+        "model.strided = false (learn2learn's OmniglotCNN has strided convolutions)": not model.strided,
+        "meta.algorithm (learn2learn-cnn is MAML or first-order MAML)": meta.algorithm != "maml",
+        "meta.learned_inner_lr": meta.learned_inner_lr != "none",
+        "meta.iterations_per_epoch / first_order_epochs / msl_epochs / per_step_bn (MAML++)":
+            bool(meta.iterations_per_epoch or meta.first_order_epochs or meta.msl_epochs or meta.per_step_bn),
+    }
+    if any(refused.values()):
+        raise ValueError(f"learn2learn-cnn cannot follow preset {config.preset}: "
+                         f"{'; '.join(k for k, bad in refused.items() if bad)}")
+    return {"ways": data.ways, "shots": data.shots, "query_shots": data.query_shots,
+            "hidden_size": model.hidden_size, "inner_lr": meta.inner_lr, "inner_steps": meta.inner_steps,
+            "test_inner_steps": meta.test_inner_steps, "first_order": meta.first_order,
+            "meta_lr": meta.meta_lr, "lr_schedule": meta.lr_schedule, "min_meta_lr": meta.min_meta_lr,
+            "iterations": meta.iterations, "meta_batch_size": meta.meta_batch_size, "seed": config.run.seed}
 
 
 class Clock:
@@ -184,6 +217,8 @@ def metagrad_worker(args: argparse.Namespace) -> None:
 
 
 def learn2learn_worker(args: argparse.Namespace) -> None:
+    """learn2learn's example as written (``args.worker == "learn2learn"``), or learn2learn with the
+    preset's network and recipe (``"learn2learn-cnn"``, ``args.recipe``)."""
     import numpy as np
     import torch
     from torch import nn
@@ -192,21 +227,45 @@ def learn2learn_worker(args: argparse.Namespace) -> None:
     import l2l_baseline
 
     l2l = l2l_baseline.import_learn2learn()
-    from learn2learn.vision.models.cnn4 import OmniglotFC
+    from learn2learn.vision.models.cnn4 import OmniglotCNN, OmniglotFC
 
-    recipe = L2L_RECIPE
-    ways, shots = recipe["ways"], recipe["shots"]
+    conv = args.worker == "learn2learn-cnn"
+    if conv:
+        preset = json.loads(args.recipe)
+        recipe = {"ways": preset["ways"], "shots": preset["shots"], "query_shots": preset["query_shots"],
+                  "fast_lr": preset["inner_lr"], "adaptation_steps": preset["inner_steps"],
+                  "test_adaptation_steps": preset["test_inner_steps"], "meta_lr": preset["meta_lr"],
+                  "meta_batch_size": preset["meta_batch_size"], "seed": preset["seed"],
+                  "first_order": preset["first_order"]}
+    else:
+        recipe = {**L2L_RECIPE, "query_shots": L2L_RECIPE["shots"], "first_order": False,
+                  "test_adaptation_steps": L2L_RECIPE["adaptation_steps"]}
+    ways, shots, queries = recipe["ways"], recipe["shots"], recipe["query_shots"]
     random.seed(recipe["seed"])
     np.random.seed(recipe["seed"])  # OmniglotFC's initialisation draws from scipy
     torch.manual_seed(recipe["seed"])
     files = torch.load(args.data, weights_only=True)
     images = files["train_images"]  # (classes, samples, 1, 28, 28) uint8
     generator = torch.Generator().manual_seed(recipe["seed"])
-    model = OmniglotFC(28**2, ways)
-    maml = l2l.MAML(model, lr=recipe["fast_lr"], first_order=False)
+    if conv:
+        model = OmniglotCNN(output_size=ways, hidden_size=preset["hidden_size"], layers=4)
+        for module in model.modules():  # metagrad's network's BatchNorm eps (learn2learn leaves torch's 1e-5)
+            if isinstance(module, nn.BatchNorm2d):
+                module.eps = 1e-3
+    else:
+        model = OmniglotFC(28**2, ways)
+    maml = l2l.MAML(model, lr=recipe["fast_lr"], first_order=recipe["first_order"])
     opt = torch.optim.Adam(maml.parameters(), recipe["meta_lr"])
     loss = nn.CrossEntropyLoss(reduction="mean")
-    clock = Clock("learn2learn", args)
+    clock = Clock(args.worker, args)
+
+    def meta_lr(iteration: int) -> float:
+        """metagrad.training.schedule.learning_rate without epochs (preset_recipe refuses those)."""
+        if not conv or preset["lr_schedule"] != "cosine":
+            return recipe["meta_lr"]
+        progress = min((iteration - 1) / preset["iterations"], 1.0)
+        floor = preset["min_meta_lr"]
+        return floor + (preset["meta_lr"] - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def save(path: Path, state: dict[str, Any]) -> None:
         torch.save({**state, "model": maml.state_dict(), "optimizer": opt.state_dict(),
@@ -219,28 +278,32 @@ def learn2learn_worker(args: argparse.Namespace) -> None:
         generator.set_state(state["generator"])
 
     def sample_task() -> tuple[torch.Tensor, torch.Tensor]:
-        """A task as the example's taskset yields it: 2 * shots images per class, labels 0..ways-1."""
+        """A task as the example's taskset yields it: shots + queries images per class, labels 0..ways-1."""
         classes = torch.randperm(images.shape[0], generator=generator)[:ways]
-        samples = torch.stack([torch.randperm(images.shape[1], generator=generator)[: 2 * shots]
-                               for _ in range(ways)])  # (ways, 2 * shots)
-        data = images[classes[:, None], samples].flatten(0, 1).float() / 255  # (ways*2*shots, 1, 28, 28)
-        return data, torch.arange(ways).repeat_interleave(2 * shots)
+        samples = torch.stack([torch.randperm(images.shape[1], generator=generator)[: shots + queries]
+                               for _ in range(ways)])  # (ways, shots + queries)
+        # (ways * (shots + queries), 1, 28, 28)
+        data = images[classes[:, None], samples].flatten(0, 1).float() / 255
+        return data, torch.arange(ways).repeat_interleave(shots + queries)
 
-    def fast_adapt(adaptation_data, adaptation_labels, evaluation_data, evaluation_labels, learner):
-        for _ in range(recipe["adaptation_steps"]):
+    def fast_adapt(adaptation_data, adaptation_labels, evaluation_data, evaluation_labels, learner,
+                   steps=recipe["adaptation_steps"]):
+        for _ in range(steps):
             learner.adapt(loss(learner(adaptation_data), adaptation_labels))
         predictions = learner(evaluation_data)
         accuracy = (predictions.argmax(dim=1) == evaluation_labels).float().mean()
         return loss(predictions, evaluation_labels), accuracy
 
     def step() -> None:
+        for group in opt.param_groups:
+            group["lr"] = meta_lr(clock.iterations + 1)
         opt.zero_grad()
         for _ in range(recipe["meta_batch_size"]):
             learner = maml.clone()
             data, labels = sample_task()
-            # The example's split: even positions adapt, odd ones evaluate (one of each per shot and class).
-            adaptation = torch.zeros(data.shape[0], dtype=torch.bool)
-            adaptation[torch.arange(shots * ways) * 2] = True
+            # The example's split: the first `shots` samples of each class adapt, the others evaluate
+            # (with 1 shot and 1 query: even positions adapt, odd ones evaluate, as the example).
+            adaptation = (torch.arange(data.shape[0]) % (shots + queries)) < shots
             error, accuracy = fast_adapt(data[adaptation], labels[adaptation], data[~adaptation],
                                          labels[~adaptation], learner)
             error.backward()
@@ -254,7 +317,8 @@ def learn2learn_worker(args: argparse.Namespace) -> None:
         for task in range(files["support_x"].shape[0]):
             learner = maml.clone()
             _, accuracy = fast_adapt(files["support_x"][task], files["support_y"][task],
-                                     files["query_x"][task], files["query_y"][task], learner)
+                                     files["query_x"][task], files["query_y"][task], learner,
+                                     steps=recipe["test_adaptation_steps"])
             accs.append(accuracy.item())
         return accs
 
@@ -289,9 +353,11 @@ def write_data(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 def worker_command(library: str, python: str, args: argparse.Namespace) -> list[str]:
     out = Path(args.out)
+    recipe = ([] if library != "learn2learn-cnn"
+              else ["--recipe", json.dumps(preset_recipe(metagrad_config(args)))])
     return [python, str(Path(__file__).resolve()), "--worker", library, "--data", str(out / "data.pt"),
             "--log", str(out / f"{library}.jsonl"), "--budget-s", str(args.budget_s), "--preset", args.preset,
-            "--marks", *map(str, args.marks), *(f"--set={text}" for text in args.set)]
+            "--marks", *map(str, args.marks), *(f"--set={text}" for text in args.set), *recipe]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -366,7 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override a setting of metagrad's preset, as `metagrad train --set` "
                              "(repeatable; learn2learn's recipe is fixed)")
     parser.add_argument("--test-tasks", type=int, default=600, help="test tasks (default 600)")
-    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--libraries", nargs="+", choices=LIBRARIES,
+                        help="default: all three, without learn2learn-cnn for a preset it cannot follow")
     parser.add_argument("--l2l-python", default=str(HERE.parent / ".bench" / "l2l-venv" / "bin" / "python"),
                         help="a python with learn2learn 0.2.0 (default: setup_peers.sh's .bench/l2l-venv)")
     parser.add_argument("--data-dir", help="data folder (default: the preset's, $METAGRAD_DATA)")
@@ -376,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)  # learn2learn-cnn: preset_recipe as JSON
     args = parser.parse_args(argv)
     if args.budget_s <= 0 or args.test_tasks < 1:
         parser.error("--budget-s must be positive and --test-tasks at least 1")
@@ -392,6 +460,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(error))
         if config.data.dataset != "omniglot":
             parser.error(f"--preset {args.preset}: an Omniglot preset is needed (learn2learn's recipe is)")
+        try:
+            preset_recipe(config)
+        except ValueError as error:
+            if args.libraries is not None and "learn2learn-cnn" in args.libraries:
+                parser.error(str(error))
+            args.libraries = args.libraries or ["metagrad", "learn2learn"]
+        args.libraries = args.libraries or list(LIBRARIES)
     return args
 
 
@@ -420,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         except MetagradError as error:  # no data: one message naming the fix, not a traceback
             print(f"time_to_accuracy.py: {error}", file=sys.stderr)
             return 2
-    pythons = {"metagrad": sys.executable, "learn2learn": args.l2l_python}
+    pythons = {"metagrad": sys.executable, "learn2learn": args.l2l_python, "learn2learn-cnn": args.l2l_python}
     failures = {}
     for library in args.libraries:
         rows = read_rows(out / f"{library}.jsonl")
@@ -443,8 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Omniglot, {args.test_tasks} test tasks: {' '.join([args.preset, *args.set])}"
     if "learn2learn" in curves:  # a metagrad-only run compares with nothing
         title += " vs learn2learn maml_omniglot.py"
+    if "learn2learn-cnn" in curves:
+        title += " vs learn2learn with the preset's CNN and recipe"
     plot(curves, out / "time_to_accuracy.png", title)
-    report = {**settings, "levels": args.levels, "l2l_recipe": L2L_RECIPE, "curves": curves,
+    cnn_recipe = preset_recipe(metagrad_config(args)) if "learn2learn-cnn" in args.libraries else None
+    report = {**settings, "levels": args.levels, "l2l_recipe": L2L_RECIPE, "l2l_cnn_recipe": cnn_recipe,
+              "curves": curves,
               "seconds_to_reach": {lib: {str(level): seconds_to_reach(rows, level) for level in args.levels}
                                    for lib, rows in curves.items()},
               "failures": failures, "cpus": os.cpu_count()}

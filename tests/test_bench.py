@@ -151,6 +151,64 @@ def test_compare_gives_learn2learn_the_allocator_setting_only_when_asked(
     assert not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & ({*envs["l2l"]} | {*envs["metagrad"]})
 
 
+def test_compare_loop_times_each_way_against_learn2learn_in_the_same_round(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    compare = load_script("benchmarks/compare_learn2learn.py")
+    commands: list[str] = []
+
+    def fake_run(command: list[str], timeout: float, env: dict[str, str]) -> dict:
+        text = " ".join(command)
+        commands.append(text)
+        network = command[command.index("--network") + 1] if "--network" in command else command[
+            command.index("--child-batched") + 1]
+        seconds = 2.0 if "--library learn2learn" in text else 1.0 if "--child-batched" in text else 2.5
+        return {"sec_per_iter": seconds * (3 if network == "user" else 1), "load_before": 0.0}
+
+    monkeypatch.setattr(compare, "setup_learn2learn", lambda python: ("l2l-python", None))
+    monkeypatch.setattr(compare, "run_json", fake_run)
+    assert compare.main(["--loop", "--rounds", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ratios = {(r["way"], r["network"]): r["speedup_vs_l2l"] for r in report["summaries"]}
+    assert ratios[("compat", "library")] == ratios[("compat", "user")] == 0.8
+    assert ratios[("batched", "library")] == ratios[("batched", "user")] == 2.0
+    assert ratios[("batched", "user-layers")] == 6.0  # against learn2learn on the user's own network
+    assert len(commands) == 2 * 7 and sum("l2l-python" in c for c in commands) == 2 * 2
+    assert all("--library metagrad" in c for c in commands
+               if "l2l_baseline.py" in c and "l2l-python" not in c)
+
+
+def test_loop_ways_compute_the_same_meta_gradient() -> None:
+    """The compat loop (l2l_baseline's code through metagrad's layer) and the batched rewrite's call give
+    the user network the same meta-gradient, in float64 on 2 tasks."""
+    import torch
+
+    compare = load_script("benchmarks/compare_learn2learn.py")
+    baseline = load_script("benchmarks/l2l_baseline.py")
+    import metagrad
+
+    cfg = {**baseline.CONFIGS["a"], "meta_batch_size": 2}
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        looped = baseline.user_network(cfg["ways"])
+        batched = compare.batched_network("user", cfg["ways"])
+        batched.load_state_dict(looped.state_dict())
+        tasks = [t.double() if t.is_floating_point() else t
+                 for t in baseline._random_tasks(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))]
+        meta_backward, _ = baseline.make_meta_backward(baseline.import_library("metagrad"), cfg, looped)
+        meta_backward(*tasks)
+        maml = metagrad.MAML(inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
+        out = metagrad.meta_batch_loss(maml, batched, dict(batched.named_parameters()),
+                                       dict(batched.named_buffers()), metagrad.Episode(*tasks))
+        out.loss.backward()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for (name, p), q in zip(looped.named_parameters(), batched.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for b, c in zip(looped.buffers(), batched.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-12)
+
+
 def test_chunk_budget_times_each_budget_and_puts_the_default_back(capsys) -> None:
     from metagrad.algorithms import strategies
 

@@ -134,7 +134,7 @@ def _venv_python(peer: str) -> Path | None:
 
 
 @pytest.mark.slow  # a float64 second-order step in a fresh process per case: about a minute in all
-@pytest.mark.parametrize("peer", ["learn2learn", "higher", "torchopt", "torch.func"])
+@pytest.mark.parametrize("peer", ["learn2learn", "higher", "torchopt", "torch.func", "parallel-metalearn"])
 @pytest.mark.parametrize("config", ["a", "c"])
 def test_peer_meta_gradient_equals_metagrads(peer: str, config: str, tmp_path: Path) -> None:
     python = _venv_python(peer) if peer != "torch.func" else Path(sys.executable)
@@ -144,7 +144,7 @@ def test_peer_meta_gradient_equals_metagrads(peer: str, config: str, tmp_path: P
     compare.write_check_file(config, path, tasks=1, ways=2)
     command = [str(python), str(ROOT / "benchmarks" / "peer_recipes.py"), "--peer", peer, "--check-file",
                str(path)]
-    if peer == "torch.func" and config == "a":
+    if peer in compare.VMAPPED and config == "a":
         command.append("--loop")  # under vmap torch's fused BatchNorm is inexact at second order
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
     assert json.loads(out.stdout.splitlines()[-1])["max_rel_diff"] < 1e-9
@@ -168,6 +168,24 @@ def test_time_to_accuracy_arguments_and_table() -> None:
     table = tta.markdown({"metagrad": rows, "learn2learn": rows[:1]}, [0.8, 0.95], [20, 50])
     assert "| 80% | 21 | not reached |" in table and "| 95% | not reached | not reached |" in table
     assert "| 20 | 85.00 ± 1.00% (1) | n/a |" in table
+
+
+def test_time_to_accuracy_learn2learn_cnn_takes_the_presets_recipe_or_refuses_it() -> None:
+    recipe = tta.preset_recipe(tta.metagrad_config(tta.parse_args(["--preset", "omniglot-maml-5w1s-fast"])))
+    assert recipe == {"ways": 5, "shots": 1, "query_shots": 1, "hidden_size": 64, "inner_lr": 0.4,
+                      "inner_steps": 1, "test_inner_steps": 10, "first_order": False, "meta_lr": 0.003,
+                      "lr_schedule": "cosine", "min_meta_lr": 0.0001, "iterations": 10000,
+                      "meta_batch_size": 16, "seed": 0}
+    assert tta.preset_recipe(tta.metagrad_config(tta.parse_args(["--preset", "omniglot-fomaml-5w1s"])))[
+        "first_order"]
+    for preset, named in [("omniglot-metasgd-5w1s", "learned_inner_lr"), ("omniglot-anil-5w1s", "algorithm"),
+                          ("omniglot-mamlpp-5w1s", "MAML++")]:
+        with pytest.raises(ValueError, match=named):
+            tta.preset_recipe(tta.metagrad_config(tta.parse_args(["--preset", preset])))
+        with pytest.raises(SystemExit):  # refused before anything runs
+            tta.parse_args(["--preset", preset, "--libraries", "learn2learn-cnn"])
+        assert tta.parse_args(["--preset", preset]).libraries == ["metagrad", "learn2learn"]
+    assert tta.parse_args([]).libraries == ["metagrad", "learn2learn", "learn2learn-cnn"]
 
 
 def test_time_to_accuracy_clock_evaluates_at_marks_and_resumes(tmp_path: Path,

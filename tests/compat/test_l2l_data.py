@@ -182,3 +182,61 @@ def test_partition_task() -> None:
     assert qy.tolist() == [0] * 3 + [1] * 3 + [2] * 3 and qx.flatten().tolist()[:3] == [4, 7, 10]
     with pytest.raises(ValueError, match="same number of samples per label"):
         l2l.data.partition_task(data[:5], labels[:5])
+
+
+def test_union_and_filtered_meta_datasets() -> None:
+    first = l2l.data.MetaDataset([(torch.tensor([float(i)]), "ab"[i % 2]) for i in range(4)])
+    second = l2l.data.MetaDataset(TensorDataset(torch.arange(6.0)[:, None], torch.tensor([7, 7, 3, 3, 7, 3])))
+    union = l2l.data.UnionMetaDataset([first, second])
+    # learn2learn's renumbering: each dataset's labels after the previous ones', in its labels' order
+    assert union.labels_to_indices == {0: [0, 2], 1: [1, 3], 2: [4, 5, 8], 3: [6, 7, 9]}
+    assert len(union) == 10 and union[6][1] == 3 and union[6][0].item() == 2.0 and union[1][0].item() == 1.0
+    with pytest.raises(IndexError, match="out of range"):
+        union[10]
+    filtered = l2l.data.FilteredMetaDataset(second, [3, 7])
+    assert filtered.labels == [3, 7] and filtered.labels_to_indices == {3: [0, 1, 2], 7: [3, 4, 5]}
+    assert [filtered[i][0].item() for i in range(6)] == [2.0, 3.0, 5.0, 0.0, 1.0, 4.0]
+    with pytest.raises(ValueError, match=r"labels \[5\] are not in the dataset"):
+        l2l.data.FilteredMetaDataset(second, [3, 5])
+    # both serve task transforms like any MetaDataset
+    tasks = l2l.data.Taskset(filtered, [T.NWays(filtered, 2), T.KShots(filtered, 2), T.LoadData(filtered)])
+    data, labels = tasks.sample()
+    assert data.shape == (4, 1) and sorted(labels.tolist()) == [3, 3, 7, 7]
+
+
+def test_on_device_dataset_stacks_the_samples() -> None:
+    pairs = [(torch.full((1, 2, 2), float(i)), torch.tensor(i % 3)) for i in range(9)]
+    dataset = l2l.data.OnDeviceDataset(pairs, device="cpu", transform=lambda x: x + 100)
+    data, labels = dataset.tensors
+    assert data.shape == (9, 1, 2, 2) and labels.tolist() == [i % 3 for i in range(9)]
+    assert torch.equal(data[4], pairs[4][0])  # stored as given; the transform acts on access
+    x, y = dataset[4]
+    assert torch.equal(x, pairs[4][0] + 100) and y.item() == 1 and len(dataset) == 9
+    meta = l2l.data.MetaDataset(dataset)  # labels read from the label tensor, not item by item
+    assert meta.labels_to_indices == {0: [0, 3, 6], 1: [1, 4, 7], 2: [2, 5, 8]}
+    # a metagrad image tensor converts in one operation, to what its items are one by one
+    images = l2l.data.ClassImages(_encoded().images)
+    whole = l2l.data.OnDeviceDataset(images)
+    assert torch.equal(whole.tensors[0], torch.stack([images[i][0] for i in range(len(images))]))
+    assert whole.tensors[1].tolist() == [images[i][1] for i in range(len(images))]
+    meta = l2l.data.MetaDataset(whole)
+    tasks = l2l.data.Taskset(meta, [T.NWays(meta, 3), T.KShots(meta, 2), T.LoadData(meta)])
+    data, labels = tasks.sample()
+    assert data.shape == (6, 1, 4, 4) and labels.unique().numel() == 3
+
+
+def test_on_device_dataset_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        l2l.data.OnDeviceDataset([])
+    with pytest.raises(TypeError, match="sample 1 is a list"):
+        l2l.data.OnDeviceDataset([(torch.zeros(2), 0), ([0.0, 1.0], 1)])
+    with pytest.raises(ValueError, match=r"sample 0 is \(2,\), sample 1 is \(3,\)"):
+        l2l.data.OnDeviceDataset([(torch.zeros(2), 0), (torch.zeros(3), 1)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_device_dataset_on_cuda() -> None:
+    dataset = l2l.data.OnDeviceDataset(l2l.data.ClassImages(_encoded().images), device="cuda")
+    assert dataset.tensors[0].is_cuda and dataset.tensors[1].is_cuda
+    assert dataset[5][0].is_cuda

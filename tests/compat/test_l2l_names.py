@@ -55,8 +55,7 @@ def test_magic_box_is_one_with_the_gradient_of_its_argument() -> None:
     (l2l, "optim", "MAML or MetaSGD"),
     (l2l.algorithms, "meta_sgd_update", "MetaSGD"),
     (l2l.algorithms, "LightningMAML", "metagrad train"),
-    (l2l.data, "OnDeviceDataset", "device="),
-    (l2l.vision.datasets, "CIFARFS", "load_dataset(\"folder\""),
+    (l2l.vision.datasets, "VGGFlower102", "load_dataset(\"folder\""),
     (l2l.vision.models, "ResNet12", "metagrad check"),
     (l2l.utils, "flatten_config", "dataclasses.asdict"),
 ])

@@ -3,8 +3,9 @@
 
 Provided: ``l2l.algorithms`` (``MAML``, ``MetaSGD``, ``maml_update``); ``l2l.clone_module`` /
 ``update_module`` / ``detach_module`` / ``clone_parameters``, ``l2l.accuracy``, ``l2l.magic_box`` (also
-under ``l2l.utils``); ``l2l.nn`` (``Lambda``, ``Flatten``); ``l2l.data`` (``MetaDataset``, ``Taskset`` /
-``TaskDataset``, the task transforms, ``partition_task``, ``InfiniteIterator``); ``l2l.vision`` (datasets
+under ``l2l.utils``); ``l2l.nn`` (``Lambda``, ``Flatten``); ``l2l.data`` (``MetaDataset``,
+``UnionMetaDataset``, ``FilteredMetaDataset``, ``OnDeviceDataset``, ``Taskset`` / ``TaskDataset``, the task
+transforms, ``partition_task``, ``InfiniteIterator``); ``l2l.vision`` (datasets
 ``FullOmniglot`` / ``MiniImagenet`` / ``CIFARFS`` / ``FC100`` / ``TieredImagenet`` / ``CUBirds200``,
 ``transforms.RandomClassRotation``, models ``OmniglotCNN`` / ``OmniglotFC`` / ``CNN4`` / ``MiniImagenetCNN``,
 ``benchmarks.get_tasksets`` for learn2learn's "omniglot", "mini-imagenet", "tiered-imagenet", "fc100",

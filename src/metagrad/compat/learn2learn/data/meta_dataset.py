@@ -1,4 +1,5 @@
-"""``l2l.data.MetaDataset``: any indexable ``(sample, label)`` dataset with its label bookkeeping.
+"""``l2l.data.MetaDataset``: any indexable ``(sample, label)`` dataset with its label bookkeeping, and
+learn2learn's two datasets made of others: ``UnionMetaDataset`` and ``FilteredMetaDataset``.
 
 Also :class:`ClassImages`, the ``(image, label)`` view of a metagrad image tensor (classes x images per
 class) that ``l2l.vision.datasets`` return and that ``MetaDataset`` makes of a metagrad
@@ -8,17 +9,18 @@ class) that ``l2l.vision.datasets`` return and that ``MetaDataset`` makes of a m
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from metagrad.data.datasets import FewShotDataset
 
-__all__ = ["ClassImages", "MetaDataset"]
+__all__ = ["ClassImages", "FilteredMetaDataset", "MetaDataset", "UnionMetaDataset"]
 
 
 class ClassImages(Dataset):
@@ -123,6 +125,8 @@ class MetaDataset(Dataset):
             if isinstance(self.dataset, ClassImages) and self.dataset.target_transform is None:
                 # the layout says it: no item is loaded
                 indices_to_labels = dict(enumerate(self.dataset.labels_of_items()))
+            elif _labels_tensor(self.dataset) is not None:  # a TensorDataset: its label column says it
+                indices_to_labels = dict(enumerate(_labels_tensor(self.dataset).tolist()))
             else:
                 indices_to_labels = {i: _scalar_label(self.dataset[i], i) for i in range(len(self.dataset))}
         if labels_to_indices is None:
@@ -134,6 +138,89 @@ class MetaDataset(Dataset):
         self.labels_to_indices = dict(labels_to_indices)
         self.indices_to_labels = dict(indices_to_labels)
         self.labels = list(self.labels_to_indices)
+
+
+def _labels_tensor(dataset: Any) -> Tensor | None:
+    """The 1-D label column of a plain ``TensorDataset`` (or ``OnDeviceDataset``, whose transform touches
+    only the samples), or None for any other dataset, whose labels only its items tell."""
+    from metagrad.compat.learn2learn.data.utils import OnDeviceDataset
+
+    if type(dataset) not in (TensorDataset, OnDeviceDataset) or len(dataset.tensors) != 2:
+        return None
+    labels = dataset.tensors[1]
+    return labels if labels.dim() == 1 else None
+
+
+class UnionMetaDataset(MetaDataset):
+    """The concatenation of several datasets, labels renumbered so that no two datasets share one.
+
+    Dataset ``d``'s labels become consecutive integers after those of the datasets before it, in the
+    order of its ``labels``; item ``i`` is the item of the dataset it falls in, with its new label.
+
+    Args:
+        datasets: ``MetaDataset`` s (anything else is wrapped in one).
+
+    Example:
+        >>> union = l2l.data.UnionMetaDataset([train, valid, test])  # 64 + 16 + 20 = 100 labels
+    """
+
+    def __init__(self, datasets: Iterable[Any]) -> None:
+        self.datasets = [ds if isinstance(ds, MetaDataset) else MetaDataset(ds) for ds in datasets]
+        self._starts: list[int] = []  # index of each dataset's first item in the union
+        indices_to_labels: dict[int, Hashable] = {}
+        first_index = first_label = 0
+        for dataset in self.datasets:
+            renumbered = {label: first_label + i for i, label in enumerate(dataset.labels)}
+            for index, label in dataset.indices_to_labels.items():
+                indices_to_labels[first_index + index] = renumbered[label]
+            self._starts.append(first_index)
+            first_index += len(dataset.indices_to_labels)
+            first_label += len(dataset.labels_to_indices)
+        self.create_bookkeeping(indices_to_labels=indices_to_labels)
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a union of {len(self)} items")
+        position = bisect.bisect_right(self._starts, index) - 1
+        item = list(self.datasets[position][index - self._starts[position]])
+        item[1] = self.indices_to_labels[index]
+        return item
+
+    def __len__(self) -> int:
+        return len(self.indices_to_labels)
+
+
+class FilteredMetaDataset(MetaDataset):
+    """The items of ``dataset`` whose label is in ``labels``, renumbered 0.. in the order of ``labels``
+    (each label's items in their original order); labels keep their values.
+
+    Args:
+        dataset: a ``MetaDataset`` (anything else is wrapped in one).
+        labels: the labels to keep.
+
+    Raises:
+        ValueError: a label of ``labels`` is not in ``dataset``.
+
+    Example:
+        >>> evens = l2l.data.FilteredMetaDataset(dataset, [0, 2, 4])
+    """
+
+    def __init__(self, dataset: Any, labels: Iterable[Hashable]) -> None:
+        self.dataset = dataset if isinstance(dataset, MetaDataset) else MetaDataset(dataset)
+        labels = list(labels)
+        unknown = [label for label in labels if label not in self.dataset.labels_to_indices]
+        if unknown:
+            raise ValueError(f"FilteredMetaDataset: labels {unknown[:5]} are not in the dataset, whose "
+                             f"labels include {self.dataset.labels[:5]}")
+        self.to_true_indices = [i for label in labels for i in self.dataset.labels_to_indices[label]]
+        self.create_bookkeeping(indices_to_labels={
+            new: self.dataset.indices_to_labels[true] for new, true in enumerate(self.to_true_indices)})
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.to_true_indices[index]]
+
+    def __len__(self) -> int:
+        return len(self.to_true_indices)
 
 
 def _scalar_label(item: Any, index: int) -> Hashable:

@@ -172,7 +172,7 @@ class _TensorTasks:
     @classmethod
     def match(cls, dataset: MetaDataset, transforms: Any, collate: Any) -> _TensorTasks | None:
         """The fast path for this pipeline, or None when only the per-sample path gives its tasks."""
-        source = dataset.dataset
+        source = getattr(dataset, "dataset", None)  # a UnionMetaDataset wraps several
         if (collate is not None or callable(transforms) or not isinstance(source, ClassImages)
                 or source.transform is not None or source.target_transform is not None
                 or any(getattr(t, "dataset", None) is not dataset for t in transforms)):
