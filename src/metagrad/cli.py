@@ -53,7 +53,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--ways", "data.ways", int, "N: classes per task"),
     ("--shots", "data.shots", int, "K: support samples per class"),
     ("--query-shots", "data.query_shots", int, "Q: query samples per class"),
-    ("--algorithm", "meta.algorithm", str, ", ".join(ALGORITHMS)),
+    ("--algorithm", "meta.algorithm", str, ", ".join(ALGORITHMS) + "; Meta-SGD and MAML++ are MAML with "
+     "learned rates: their presets (metagrad presets) or --set meta.learned_inner_lr=..."),
     ("--meta-batch-size", "meta.meta_batch_size", int, "tasks per outer step"),
     ("--inner-lr", "meta.inner_lr", float, "inner-loop (adaptation) step size"),
     ("--inner-steps", "meta.inner_steps", int, "inner steps in meta-training"),
@@ -463,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``metagrad`` argument parser (all subcommands)."""
     parser = argparse.ArgumentParser(
         prog="metagrad", formatter_class=_HelpFormatter,
-        description="Gradient-based meta-learning (MAML, first-order MAML, ANIL, Meta-SGD, MAML++) for "
-                    "few-shot vision, on Omniglot, Mini-ImageNet and your own image folders.",
+        description="Gradient-based meta-learning (MAML, first-order MAML, ANIL, BOIL, Reptile, Meta-SGD, "
+                    "MAML++) for few-shot vision, on Omniglot, Mini-ImageNet, CIFAR-FS, FC100, "
+                    "tiered-ImageNet, CUB and your own image folders.",
         epilog="environment:\n"
                "  METAGRAD_DATA      dataset folder when --data-dir is not given\n"
                "  METAGRAD_CACHE     decoded-dataset cache when --cache-dir is not given\n"
