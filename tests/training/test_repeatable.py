@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-WALL_CLOCK = ("sec_per_iter", "tasks_per_sec", "wall_time_s", "training_wall_time_s", "run_dir")
+# wall-clock columns, the process's peak memory and the folder: what a run measures of its machine
+WALL_CLOCK = ("sec_per_iter", "tasks_per_sec", "train_seconds", "wall_time_s", "training_wall_time_s",
+              "peak_mem_mb", "run_dir")
 
 BUSY = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    sum(range(10000))\n"
 
