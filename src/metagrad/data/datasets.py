@@ -128,61 +128,26 @@ class _Spec:
     sources_hint: Callable[[Path], str] | None = None  # where the files come from, for those not downloaded
 
 
+def _reader(module: Any, options: dict[str, tuple[Any, ...] | type],
+            root_options: tuple[str, ...] = ()) -> _Spec:
+    """The ``_Spec`` of a reader module: its ``find_root``, ``load_split``, ``info``, and its ``download``
+    where it has one, else its ``sources_hint`` (where the files are distributed) where it has one."""
+    download = getattr(module, "download", None)
+    return _Spec(find_root=module.find_root, load_split=module.load_split, info=module.info,
+                 download=download, options=options, root_options=root_options,
+                 sources_hint=None if download is not None else getattr(module, "sources_hint", None))
+
+
 DATASETS: dict[str, _Spec] = {
-    "omniglot": _Spec(
-        find_root=omniglot.find_root,
-        load_split=omniglot.load_split,
-        info=omniglot.info,
-        download=omniglot.download,
-        options={"split_scheme": omniglot.SPLIT_SCHEMES, "rotations": (True, False)},
-    ),
-    "mini-imagenet": _Spec(
-        find_root=miniimagenet.find_root,
-        load_split=miniimagenet.load_split,
-        info=miniimagenet.info,
-        download=None,
-        options={"split_scheme": ("ravi",)},  # Ravi & Larochelle's 64/16/20, the only one in use
-        sources_hint=miniimagenet.sources_hint,
-    ),
-    "cifar-fs": _Spec(
-        find_root=cifarfs.find_root,
-        load_split=cifarfs.load_split,
-        info=cifarfs.info,
-        download=None,
-        options={"split_scheme": ("bertinetto",)},  # Bertinetto et al.'s 64/16/20
-        sources_hint=cifarfs.sources_hint,
-    ),
-    "fc100": _Spec(
-        find_root=fc100.find_root,
-        load_split=fc100.load_split,
-        info=fc100.info,
-        download=None,
-        options={"split_scheme": ("oreshkin",)},  # Oreshkin et al.'s superclass split, 60/20/20
-        sources_hint=fc100.sources_hint,
-    ),
-    "tiered-imagenet": _Spec(
-        find_root=tieredimagenet.find_root,
-        load_split=tieredimagenet.load_split,
-        info=tieredimagenet.info,
-        download=None,
-        options={"split_scheme": ("ren",)},  # Ren et al.'s category split, 351/97/160
-        sources_hint=tieredimagenet.sources_hint,
-    ),
-    "cub": _Spec(
-        find_root=cub.find_root,
-        load_split=cub.load_split,
-        info=cub.info,
-        download=cub.download,
-        options={"split_scheme": cub.SPLIT_SCHEMES},  # Chen et al.'s 100/50/50, Meta-Dataset's 140/30/30
-    ),
-    "folder": _Spec(  # a user's own: <data_dir>/<folder>/{train,validation,test}/<class>/<image>
-        find_root=folder.find_root,
-        load_split=folder.load_split,
-        info=folder.info,
-        download=None,
-        options={"split_scheme": ("folders",), "folder": str},  # the split is the folder's own
-        root_options=("folder",),
-    ),
+    "omniglot": _reader(omniglot, {"split_scheme": omniglot.SPLIT_SCHEMES, "rotations": (True, False)}),
+    "mini-imagenet": _reader(miniimagenet, {"split_scheme": ("ravi",)}),  # Ravi & Larochelle's 64/16/20
+    "cifar-fs": _reader(cifarfs, {"split_scheme": ("bertinetto",)}),  # Bertinetto et al.'s 64/16/20
+    "fc100": _reader(fc100, {"split_scheme": ("oreshkin",)}),  # Oreshkin et al.'s superclass split, 60/20/20
+    "tiered-imagenet": _reader(tieredimagenet, {"split_scheme": ("ren",)}),  # Ren et al.'s, 351/97/160
+    # Chen et al.'s 100/50/50, Meta-Dataset's 140/30/30
+    "cub": _reader(cub, {"split_scheme": cub.SPLIT_SCHEMES}),
+    # a user's own: <data_dir>/<folder>/{train,validation,test}/<class>/<image>; the split is the folder's
+    "folder": _reader(folder, {"split_scheme": ("folders",), "folder": str}, root_options=("folder",)),
 }
 """Dataset name -> how to load it. ``name in DATASETS`` checks a name."""
 
