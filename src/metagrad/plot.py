@@ -143,18 +143,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     preset = config.get("preset") if isinstance(config.get("preset"), str) else None
     name = run_dir.resolve().name
     fig.suptitle(f"{name} ({preset})" if preset and preset != name else name)  # the preset once, not twice
-    path = Path(output) if output is not None else run_dir / "learning_curves.png"
-    try:
-        if output is None and path.is_symlink():  # the run's own file: replace a link, never write through
-            path.unlink()
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise FileError(describe_os_error(exc, "write the plot", path)) from None
-    except ValueError as exc:  # matplotlib: an output name whose extension is no image format it knows
-        raise ConfigError(f"cannot write the plot {path}: {exc}; name a .png, .pdf or .svg file") from None
-    finally:
-        plt.close(fig)
-    return path
+    own = output is None  # the run's own file: replace a link there, never write through it
+    return _save(fig, run_dir / "learning_curves.png" if own else Path(output), replace_link=own)
 
 
 def _settings(run_dir: Path) -> tuple[str | None, dict[str, Any]]:
@@ -299,8 +289,16 @@ def plot_comparison(run_dirs: Sequence[str | Path], output: str | Path | None = 
     fig.suptitle(f"validation accuracy of {len(curves)} runs" + (f" (all: {note})" if note else ""))
     fig.legend(loc="outside lower center", ncols=1 if len(curves) <= 4 else 2, fontsize="small",
                frameon=False)
-    path = Path(output) if output is not None else Path(COMPARISON_NAME)
+    return _save(fig, Path(output) if output is not None else Path(COMPARISON_NAME))
+
+
+def _save(fig: Any, path: Path, *, replace_link: bool = False) -> Path:
+    """Write ``fig`` to ``path`` and close it; errors as one FileError or ConfigError naming the file."""
+    import matplotlib.pyplot as plt
+
     try:
+        if replace_link and path.is_symlink():
+            path.unlink()
         fig.savefig(path, dpi=120)
     except OSError as exc:
         raise FileError(describe_os_error(exc, "write the plot", path)) from None
