@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from metagrad.algorithms.base import Algorithm, split_body_head
+from metagrad.algorithms.base import Algorithm, body_and_head_names
 
 __all__ = ["ANIL"]
 
@@ -29,8 +29,7 @@ class ANIL(Algorithm):
     name = "anil"
 
     def adapted(self, model: nn.Module, names: list[str]) -> list[str]:
-        head = split_body_head(model, dict.fromkeys(names))[1]  # type: ignore[arg-type]
-        return [k for k in names if k in head]
+        return body_and_head_names(model, names)[1]
 
 
 ALGORITHM = ANIL

@@ -40,7 +40,8 @@ from metagrad.functional import (
 from metagrad.models import HEAD_PREFIX
 from metagrad.types import Buffers, Episode, LearningRate, LossFn, Params, StepWeights
 
-__all__ = ["BODY_PREFIX", "Adapted", "Algorithm", "RunForward", "Tasks", "split_body_head"]
+__all__ = ["BODY_PREFIX", "Adapted", "Algorithm", "RunForward", "Tasks", "body_and_head_names",
+           "split_body_head"]
 
 BODY_PREFIX = "features."
 """Names of body parameters start with this (the ``features`` submodule); the head's with ``HEAD_PREFIX``."""
@@ -98,6 +99,12 @@ def split_body_head(model: nn.Module, params: Params) -> tuple[Params, Params]:
         raise ConfigError(f"parameters {other} belong to neither {BODY_PREFIX!r} nor {HEAD_PREFIX!r}")
     return ({k: v for k, v in params.items() if k.startswith(BODY_PREFIX)},
             {k: v for k, v in params.items() if k.startswith(HEAD_PREFIX)})
+
+
+def body_and_head_names(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
+    """``names`` split into the body's and the head's (``split_body_head``'s checks), in order."""
+    body, head = split_body_head(model, dict.fromkeys(names))  # type: ignore[arg-type]
+    return [k for k in names if k in body], [k for k in names if k in head]
 
 
 @dataclass(frozen=True, eq=False)

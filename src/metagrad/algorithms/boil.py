@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from metagrad.algorithms.base import Algorithm, split_body_head
+from metagrad.algorithms.base import Algorithm, body_and_head_names
 
 __all__ = ["BOIL"]
 
@@ -27,8 +27,7 @@ class BOIL(Algorithm):
     name = "boil"
 
     def adapted(self, model: nn.Module, names: list[str]) -> list[str]:
-        body = split_body_head(model, dict.fromkeys(names))[0]  # type: ignore[arg-type]
-        return [k for k in names if k in body]
+        return body_and_head_names(model, names)[0]
 
 
 ALGORITHM = BOIL
